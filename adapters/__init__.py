@@ -1,0 +1,1 @@
+"""Adapters exposing selproj reducers to TRAK and Captum (imported as ``selproj_plugin.adapters``)."""

@@ -1,0 +1,1 @@
+"""Retrieval benchmark for selproj-plugin: which gradient reduction finds training data best."""

@@ -1,0 +1,117 @@
+"""Component catalogue: which model component each trainable parameter belongs to.
+
+A *component* is the unit that gradient selection picks from: one module's own
+trainable tensors (a q/k/v/o projection, an MLP gate/up/down matrix, the
+embedding, a norm).  Kinds and layer indices are derived from Hugging Face
+parameter names, so the same catalogue serves Llama/SmolLM2, OLMo/OLMo2, Qwen2,
+Mistral, GPT-NeoX and GPT-2 checkpoints and the paper's reference tables.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+KINDS: tuple[str, ...] = (
+    "embed", "q", "k", "v", "o", "gate", "up", "down", "norm", "lm_head",
+    "qkv", "mlp_in", "mlp_out", "other",
+)
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)(?:\.|$)")
+
+# (regex over the module path, kind); first match wins, so specific before general.
+_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), kind)
+    for pattern, kind in (
+        (r"(?:^|\.)(?:embed_tokens|wte|wpe|embed_in|word_embeddings|embed_positions)$", "embed"),
+        (r"(?:^|\.)(?:lm_head|embed_out)$", "lm_head"),
+        (r"(?:^|\.)(?:q_norm|k_norm)$", "norm"),
+        (r"(?:norm|ln_f|ln_1|ln_2|layernorm|layer_norm)[^.]*$", "norm"),
+        (r"(?:^|\.)(?:q_proj|query)$", "q"),
+        (r"(?:^|\.)(?:k_proj|key)$", "k"),
+        (r"(?:^|\.)(?:v_proj|value)$", "v"),
+        (r"(?:^|\.)(?:c_attn|query_key_value|qkv_proj|Wqkv)$", "qkv"),
+        (r"(?:^|\.)(?:o_proj|out_proj)$", "o"),
+        (r"(?:attn|attention)\.(?:c_proj|dense)$", "o"),
+        (r"(?:^|\.)gate_proj$", "gate"),
+        (r"(?:^|\.)up_proj$", "up"),
+        (r"(?:^|\.)down_proj$", "down"),
+        (r"(?:^|\.)gate_up_proj$", "mlp_in"),
+        (r"mlp\.(?:c_fc|dense_h_to_4h|fc_in|fc1)$", "mlp_in"),
+        (r"mlp\.(?:c_proj|dense_4h_to_h|fc_out|fc2)$", "mlp_out"),
+    )
+)
+
+
+def kind_and_layer(name: str) -> tuple[str, int | None]:
+    """Kind and layer index of a module or parameter name (``.weight``/``.bias`` ignored)."""
+    module = re.sub(r"\.(?:weight|bias)$", "", name)
+    layer_match = _LAYER.search(module)
+    layer = int(layer_match.group(1)) if layer_match else None
+    for pattern, kind in _RULES:
+        if pattern.search(module):
+            return kind, layer
+    return "other", layer
+
+
+@dataclass(frozen=True)
+class Component:
+    """One selectable unit: a name, its kind and layer, the parameter tensors it owns."""
+
+    name: str
+    kind: str
+    layer: int | None
+    param_names: tuple[str, ...]
+    num_params: int
+
+    @property
+    def label(self) -> str:
+        """Short human label, e.g. ``L9 down`` or ``embed``."""
+        return self.kind if self.layer is None else f"L{self.layer} {self.kind}"
+
+
+def catalogue(model: torch.nn.Module) -> list[Component]:
+    """Every trainable parameter tensor of ``model`` in exactly one component, in model order.
+
+    Components are modules with their own trainable tensors, named by module path;
+    a tensor shared by two modules (a tied embedding / LM head) counts once, with the
+    module that owns it first.  Modules of unknown kind give one component per tensor.
+    """
+    seen: set[int] = set()
+    out: list[Component] = []
+    for module_name, module in model.named_modules():
+        own = [
+            (f"{module_name}.{p_name}" if module_name else p_name, p)
+            for p_name, p in module.named_parameters(recurse=False)
+            if p.requires_grad and id(p) not in seen
+        ]
+        if not own:
+            continue
+        seen.update(id(p) for _, p in own)
+        kind, layer = kind_and_layer(module_name)
+        if kind == "other":
+            out.extend(Component(n, "other", layer, (n,), p.numel()) for n, p in own)
+        else:
+            out.append(Component(module_name, kind, layer, tuple(n for n, _ in own),
+                                 sum(p.numel() for _, p in own)))
+    if not out:
+        raise ValueError(f"model {type(model).__name__} has no trainable parameters")
+    return out
+
+
+def select(components: Sequence[Component], names: Iterable[str]) -> list[Component]:
+    """The components named by ``names`` (component or parameter names), in model order.
+
+    Raises ``ValueError`` naming every name that matches no component.
+    """
+    wanted = list(names)
+    by_name = {c.name: c for c in components}
+    by_param = {p: c for c in components for p in c.param_names}
+    missing = [n for n in wanted if n not in by_name and n not in by_param]
+    if missing:
+        raise ValueError(f"selection names no existing component: {', '.join(missing)}")
+    chosen = {id(by_name.get(n) or by_param[n]) for n in wanted}
+    return [c for c in components if id(c) in chosen]

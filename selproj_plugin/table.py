@@ -1,0 +1,191 @@
+"""ComponentTable: per-component gradient dot products for queries x candidates.
+
+This is the one data type between the gradient engine and the strategies.  It is
+saved as ``.npz`` with the same array names as the paper's reference files, so both
+load through :meth:`ComponentTable.load` and are validated the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from selproj_plugin.components import Component, kind_and_layer
+
+FORMAT = "selproj-component-table/1"
+
+
+class TableError(ValueError):
+    """A component table that is missing, unreadable or inconsistent."""
+
+
+@dataclass
+class ComponentTable:
+    """Dot products <g_c(query), g_c(candidate)> for Q queries x K candidates x C components."""
+
+    cross: np.ndarray  # [Q, K, C] float64
+    query_self: np.ndarray  # [Q, C]
+    candidate_self: np.ndarray  # [Q, K, C]
+    is_original: np.ndarray  # [Q, K] bool, exactly one True per row
+    components: np.ndarray  # [C] str
+    num_params: np.ndarray  # [C] int64
+    kinds: np.ndarray | None = None  # [C] str, derived from names when absent
+    layers: np.ndarray | None = None  # [C] int64, -1 where a component has no layer
+    query_ids: np.ndarray | None = None  # [Q] str
+    candidate_ids: np.ndarray | None = None  # [Q, K] str
+    rp_dims: np.ndarray | None = None  # [R] int64: dimensions of stored random projections
+    rp_similarity: np.ndarray | None = None  # [R, Q, K] cosine under each projection
+    meta: dict = field(default_factory=dict)  # JSON-serialisable provenance
+
+    def __post_init__(self) -> None:
+        self.components = np.asarray(self.components).astype(str)
+        if self.kinds is None or self.layers is None:
+            derived = [kind_and_layer(n) for n in self.components]
+            self.kinds = np.array([k for k, _ in derived], dtype=str)
+            self.layers = np.array([-1 if l is None else l for _, l in derived], dtype=np.int64)
+        n_q, n_k = np.shape(self.is_original)[:2] if np.ndim(self.is_original) == 2 else (0, 0)
+        if self.query_ids is None:
+            self.query_ids = np.array([str(i) for i in range(n_q)])
+        if self.candidate_ids is None:
+            self.candidate_ids = np.array([[f"{q}:{k}" for k in range(n_k)] for q in range(n_q)]).reshape(n_q, n_k)
+        self.validate()
+
+    # ---- shape -------------------------------------------------------------------
+    @property
+    def n_queries(self) -> int:
+        return int(self.cross.shape[0])
+
+    @property
+    def n_candidates(self) -> int:
+        return int(self.cross.shape[1])
+
+    @property
+    def n_components(self) -> int:
+        return int(self.cross.shape[2])
+
+    @property
+    def total_params(self) -> int:
+        return int(np.sum(self.num_params))
+
+    @property
+    def labels(self) -> list[str]:
+        """Short labels (``L9 down``) for reports."""
+        return [k if l < 0 else f"L{l} {k}" for k, l in zip(self.kinds, self.layers)]
+
+    @property
+    def component_list(self) -> list[Component]:
+        """The table's components as catalogue entries, for reducers' ``select``."""
+        return [
+            Component(str(n), str(k), None if l < 0 else int(l), (str(n),), int(p))
+            for n, k, l, p in zip(self.components, self.kinds, self.layers, self.num_params)
+        ]
+
+    def take(self, rows: np.ndarray) -> "ComponentTable":
+        """A table of only the given query rows (for held-out folds)."""
+        return ComponentTable(
+            cross=self.cross[rows], query_self=self.query_self[rows], candidate_self=self.candidate_self[rows],
+            is_original=self.is_original[rows], components=self.components, num_params=self.num_params,
+            kinds=self.kinds, layers=self.layers, query_ids=self.query_ids[rows],
+            candidate_ids=self.candidate_ids[rows], rp_dims=self.rp_dims,
+            rp_similarity=None if self.rp_similarity is None else self.rp_similarity[:, rows], meta=self.meta,
+        )
+
+    def validate(self) -> None:
+        """Raise :class:`TableError` with a one-line message on the first inconsistency."""
+        if self.cross.ndim != 3:
+            raise TableError(f"cross must be [queries, candidates, components], got shape {self.cross.shape}")
+        q, k, c = self.cross.shape
+        expected = {
+            "query_self": (self.query_self, (q, c)),
+            "candidate_self": (self.candidate_self, (q, k, c)),
+            "is_original": (self.is_original, (q, k)),
+            "components": (self.components, (c,)),
+            "num_params": (self.num_params, (c,)),
+            "kinds": (self.kinds, (c,)),
+            "layers": (self.layers, (c,)),
+            "query_ids": (self.query_ids, (q,)),
+            "candidate_ids": (self.candidate_ids, (q, k)),
+        }
+        for name, (arr, shape) in expected.items():
+            if np.shape(arr) != shape:
+                raise TableError(f"shapes disagree: {name} is {np.shape(arr)}, expected {shape} from cross {self.cross.shape}")
+        if q == 0 or k == 0 or c == 0:
+            raise TableError(f"table is empty: cross has shape {self.cross.shape}")
+        originals = np.asarray(self.is_original, dtype=bool).sum(axis=1)
+        bad = np.flatnonzero(originals != 1)
+        if bad.size:
+            raise TableError(
+                f"query {self.query_ids[bad[0]]} (row {bad[0]}) has {originals[bad[0]]} originals among its "
+                f"candidates, expected exactly 1 ({bad.size} rows affected)"
+            )
+        for name in ("cross", "query_self", "candidate_self"):
+            arr = getattr(self, name)
+            if not np.all(np.isfinite(arr)):
+                where = np.argwhere(~np.isfinite(arr))[0]
+                raise TableError(f"{name} holds NaN or inf at index {tuple(int(i) for i in where)}")
+        for name in ("query_self", "candidate_self"):
+            arr = getattr(self, name)
+            if np.any(arr < 0):
+                where = np.argwhere(arr < 0)[0]
+                raise TableError(f"{name} is negative at index {tuple(int(i) for i in where)}; self dot products must be >= 0")
+        if np.any(np.asarray(self.num_params) <= 0):
+            raise TableError("num_params must be positive for every component")
+        if self.rp_similarity is not None:
+            r = len(self.rp_dims) if self.rp_dims is not None else -1
+            if np.shape(self.rp_similarity) != (r, q, k):
+                raise TableError(f"shapes disagree: rp_similarity is {np.shape(self.rp_similarity)}, expected {(r, q, k)}")
+            if not np.all(np.isfinite(self.rp_similarity)):
+                raise TableError("rp_similarity holds NaN or inf")
+        self.is_original = np.asarray(self.is_original, dtype=bool)
+
+    # ---- I/O ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the table atomically as ``.npz`` (a partial file never replaces a good one)."""
+        path = Path(path)
+        arrays = {
+            "format": np.array(FORMAT),
+            "cross": self.cross, "query_self": self.query_self, "candidate_self": self.candidate_self,
+            "is_original": self.is_original, "components": self.components, "num_params": self.num_params,
+            "kinds": self.kinds, "layers": self.layers, "query_ids": self.query_ids,
+            "candidate_ids": self.candidate_ids, "meta": np.array(json.dumps(self.meta, sort_keys=True)),
+        }
+        if self.rp_similarity is not None:
+            arrays.update(rp_dims=self.rp_dims, rp_similarity=self.rp_similarity)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ComponentTable":
+        """Load a table saved by :meth:`save` or one of the paper's reference ``.npz`` files."""
+        path = Path(path)
+        if not path.is_file():
+            raise TableError(f"table file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in data.files}
+        except Exception as exc:  # zip, pickle or header errors all mean "not a table"
+            raise TableError(f"cannot read table {path}: {exc}") from None
+        missing = [k for k in ("cross", "query_self", "candidate_self", "is_original", "components", "num_params")
+                   if k not in arrays]
+        if missing:
+            raise TableError(f"{path} is not a component table: missing arrays {', '.join(missing)}")
+        meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {"source": str(path)}
+        arrays.pop("format", None)
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(meta=meta, **{k: v for k, v in arrays.items() if k in known})
+        except TableError as exc:
+            raise TableError(f"{path}: {exc}") from None

@@ -1,0 +1,110 @@
+"""The plugin system: a third-party reducer through a real entry point, broken plugins, disabling."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from selproj_plugin import registry as registry_module
+from selproj_plugin.registry import StrategyError, get_strategy, list_strategies, plugin_errors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def contributing_plugin() -> str:
+    """The complete plugin shown in CONTRIBUTING.md, so the documented example stays true."""
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(block.splitlines()) < 30
+    return block
+
+
+PLUGIN = contributing_plugin()
+
+
+def install_plugin(site: Path, dist: str, entry: str, module: str, source: str) -> None:
+    """A real distribution on sys.path: a module plus dist-info with an entry_points.txt."""
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"  # wheel naming: one dash
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[selproj]\n{entry} = {module}\n")
+    importlib.invalidate_caches()  # importlib.metadata caches directory listings by mtime
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    registry_module.registry(reload=True)
+
+
+def test_entry_point_plugin_is_a_strategy(site, paraphrased):
+    install_plugin(site, "selproj-attn", "attn", "selproj_attn_plugin", PLUGIN)
+    registry_module.registry(reload=True)
+    assert list_strategies()["attention_only"] == "every attention projection (q, k, v, o)"
+    assert registry_module.registry().owners["attention_only"] == "attn"
+    result = get_strategy("attention_only").evaluate(paraphrased)
+    assert len(result.components) == 16 * 4
+    assert all("self_attn" in n for n in result.components)
+    first4 = get_strategy("attention_only", layers=4).evaluate(paraphrased)
+    assert len(first4.components) == 4 * 4 and first4.param_fraction < result.param_fraction
+
+
+def test_broken_plugins_are_reported_and_others_keep_working(site):
+    install_plugin(site, "selproj-broken-import", "broken_import", "selproj_broken_a", "import does_not_exist_xyz\n")
+    install_plugin(site, "selproj-broken-hook", "broken_hook", "selproj_broken_b", """
+        from selproj_plugin import hookimpl
+        @hookimpl
+        def selproj_strategies():
+            raise RuntimeError("boom")
+    """)
+    registry_module.registry(reload=True)
+    errors = plugin_errors()
+    assert "ModuleNotFoundError" in errors["broken_import"]
+    assert errors["broken_hook"] == "selproj_strategies raised RuntimeError: boom"
+    assert {"full", "greedy", "random_projection"} <= set(list_strategies())
+    with pytest.raises(StrategyError, match=r"unknown strategy 'nope'; registered: full, greedy.*plugins that failed: broken"):
+        get_strategy("nope")
+
+
+def test_disable_by_name(site, monkeypatch):
+    install_plugin(site, "selproj-attn", "attn", "selproj_attn_plugin2", PLUGIN)
+    monkeypatch.setenv("SELPROJ_DISABLE_PLUGINS", "attn")
+    registry_module.registry(reload=True)
+    assert "attention_only" not in list_strategies()
+
+
+def test_duplicate_strategy_name_is_refused(site):
+    install_plugin(site, "selproj-dupe", "dupe", "selproj_dupe", """
+        from dataclasses import dataclass
+        from selproj_plugin import Reducer, hookimpl
+        @dataclass
+        class Again(Reducer):
+            name = "greedy"
+        @hookimpl
+        def selproj_strategies():
+            return [Again]
+    """)
+    registry_module.registry(reload=True)
+    assert "already registered by builtin" in plugin_errors()["dupe"]
+    assert get_strategy("greedy").__class__.__module__ == "selproj_plugin.strategies.greedy"
+
+
+def test_cli_runs_a_plugin_strategy(tmp_path):
+    install_plugin(tmp_path, "selproj-attn", "attn", "selproj_attn_cli", PLUGIN)
+    from tests.conftest import reference_path
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmark.retrieval", "--table", str(reference_path("paraphrased")),
+         "--strategy", "attention_only,full"], capture_output=True, text=True, env=env, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "attention_only" in out.stdout

@@ -1,0 +1,105 @@
+"""Strategies on synthetic tables whose right answer is known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from selproj_plugin import StrategyError, get_strategy
+from selproj_plugin.strategies.random_projection import parse_dim
+from selproj_plugin.table import ComponentTable
+
+
+def signal_table(q=40, k=4, signal=(2,), noise_scale=1.0, seed=0, c=5, num_params=None):
+    """Components in ``signal`` rank each original first; the others are noise."""
+    rng = np.random.default_rng(seed)
+    cross = rng.normal(scale=noise_scale, size=(q, k, c))
+    original = rng.integers(0, k, size=q)
+    is_original = np.zeros((q, k), dtype=bool)
+    is_original[np.arange(q), original] = True
+    for s in signal:
+        cross[:, :, s] = 0.0
+        cross[np.arange(q), original, s] = 1.0
+    return ComponentTable(
+        cross=cross, query_self=np.ones((q, c)), candidate_self=np.ones((q, k, c)), is_original=is_original,
+        components=np.array([f"model.layers.{i}.self_attn.q_proj.weight" for i in range(c)]),
+        num_params=np.array(num_params or [100] * c, dtype=np.int64),
+    )
+
+
+def test_greedy_finds_the_signal_component():
+    result = get_strategy("greedy").evaluate(signal_table(noise_scale=3.0))
+    assert result.components == ["model.layers.2.self_attn.q_proj.weight"]
+    assert result.accuracy == 1.0
+    assert result.heldout_accuracy == 1.0
+    assert result.param_fraction == pytest.approx(0.2)
+
+
+def test_greedy_ties_go_to_model_order():
+    # components 1 and 3 are identical and perfect: the earlier one wins
+    result = get_strategy("greedy").evaluate(signal_table(signal=(3, 1)))
+    assert result.components == ["model.layers.1.self_attn.q_proj.weight"]
+
+
+def test_greedy_budget_by_params_excludes_large_components():
+    # the signal component is too large for a 30% parameter budget
+    table = signal_table(num_params=[100, 100, 500, 100, 100], noise_scale=3.0)
+    result = get_strategy("greedy", budget=0.3).evaluate(table)
+    assert "model.layers.2.self_attn.q_proj.weight" not in result.components
+    assert result.param_fraction <= 0.3
+
+
+def test_greedy_patience_controls_path_length():
+    table = signal_table(noise_scale=3.0)
+    short = get_strategy("greedy", patience=1).evaluate(table)
+    long = get_strategy("greedy", patience=3).evaluate(table)
+    assert len(short.path) == 2 and len(long.path) == 4
+    assert short.components == long.components  # the kept prefix is the best one
+
+
+def test_greedy_count_budget():
+    result = get_strategy("greedy", budget=2, patience=10).evaluate(signal_table(noise_scale=3.0))
+    assert len(result.path) == 2
+
+
+def test_greedy_fidelity_prefers_the_component_that_dominates_the_full_gradient():
+    table = signal_table(noise_scale=0.1)
+    table.cross[:, :, 4] *= 50  # component 4 dominates the summed dot products
+    table.query_self[:, 4] = 50
+    table.candidate_self[:, :, 4] = 50
+    result = get_strategy("greedy_fidelity", budget=1).evaluate(table)
+    assert result.components == ["model.layers.4.self_attn.q_proj.weight"]
+
+
+def test_greedy_with_given_selection_is_not_fitted(tmp_path):
+    path = tmp_path / "sel.json"
+    path.write_text('{"components": ["model.layers.0.self_attn.q_proj.weight"]}')
+    reducer = get_strategy("greedy", selection=str(path))
+    assert reducer.select([]) == ["model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_unfitted_greedy_cannot_select():
+    with pytest.raises(ValueError, match="no selection yet"):
+        get_strategy("greedy").select([])
+
+
+def test_bad_options_are_named():
+    with pytest.raises(StrategyError, match="has no option bogus; options: budget, patience, selection"):
+        get_strategy("greedy", bogus=1)
+    with pytest.raises(StrategyError, match="patience must be at least 1"):
+        get_strategy("greedy", patience=0)
+
+
+def test_random_projection_needs_stored_projections():
+    with pytest.raises(ValueError, match="holds no random projections"):
+        get_strategy("random_projection").evaluate(signal_table())
+
+
+@pytest.mark.parametrize("dim, total, expected", [("1%", 1000, 10), (64, 10, 64), ("2.5%", 400, 10)])
+def test_parse_dim(dim, total, expected):
+    assert parse_dim(dim, total) == expected
+
+
+def test_parse_dim_rejects_garbage():
+    with pytest.raises(ValueError, match="count or a percentage"):
+        parse_dim("lots", 100)

@@ -1,0 +1,79 @@
+"""ComponentTable: round trip, validation errors, reference files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from selproj_plugin.table import ComponentTable, TableError
+from tests.conftest import make_arrays
+
+
+def test_round_trip_keeps_every_array(tmp_path):
+    arrays = make_arrays()
+    table = ComponentTable(**arrays, rp_dims=np.array([7]), rp_similarity=np.ones((1, 6, 3)), meta={"model": "tiny"})
+    loaded = ComponentTable.load(table.save(tmp_path / "t.npz"))
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(getattr(loaded, key), value)
+    np.testing.assert_array_equal(loaded.rp_similarity, np.ones((1, 6, 3)))
+    assert loaded.meta == {"model": "tiny"}
+    assert list(loaded.kinds) == ["down"] * 4 and list(loaded.layers) == [0, 1, 2, 3]
+
+
+def test_reference_files_load_with_kinds(paraphrased):
+    assert paraphrased.cross.shape == (988, 5, 113)
+    assert paraphrased.kinds[0] == "embed" and paraphrased.layers[0] == -1
+    assert paraphrased.total_params == 1_176_764_416
+    assert paraphrased.labels[-1] == "L15 down"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(query_self=a["query_self"][:, :2]), "shapes disagree: query_self"),
+    (lambda a: a["is_original"].__setitem__((2, 1), True), "has 2 originals"),
+    (lambda a: a["is_original"].__setitem__((3, 0), False), "has 0 originals"),
+    (lambda a: a["cross"].__setitem__((1, 1, 1), np.nan), "cross holds NaN or inf at index (1, 1, 1)"),
+    (lambda a: a["candidate_self"].__setitem__((0, 2, 3), np.inf), "candidate_self holds NaN or inf"),
+    (lambda a: a["query_self"].__setitem__((4, 0), -1.0), "query_self is negative at index (4, 0)"),
+])
+def test_validation_errors_are_one_line(tmp_path, change, message):
+    arrays = make_arrays()
+    change(arrays)
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(TableError) as info:
+        ComponentTable.load(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(TableError, match="table file not found"):
+        ComponentTable.load(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(TableError, match="cannot read table"):
+        ComponentTable.load(tmp_path / "junk.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(TableError, match="missing arrays cross"):
+        ComponentTable.load(tmp_path / "other.npz")
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    table = ComponentTable(**make_arrays())
+    path = table.save(tmp_path / "t.npz")
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", boom)
+    with pytest.raises(OSError):
+        table.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["t.npz"]
+
+
+def test_take_selects_rows():
+    table = ComponentTable(**make_arrays())
+    part = table.take(np.array([1, 4]))
+    np.testing.assert_array_equal(part.cross, make_arrays()["cross"][[1, 4]])
+    assert list(part.query_ids) == ["1", "4"]
