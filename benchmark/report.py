@@ -40,16 +40,22 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:6.2f}"
 
 
-def format_setting(setting: str, results: Mapping[str, StrategyResult], baselines: Mapping[str, float]) -> str:
-    """A readable table of one setting's strategies and baselines."""
-    header = f"{'strategy':<22} {'acc %':>7} {'held-out %':>10} {'fidelity':>9} {'params %':>9} {'dim':>12} {'sec':>7}  components"
+def format_setting(setting: str, results: Mapping[str, StrategyResult], baselines: Mapping[str, float],
+                   labels: Mapping[str, str] | None = None) -> str:
+    """A readable table of one setting's strategies and baselines; components by short label."""
+    labels = labels or {}
+    header = f"{'strategy':<26} {'acc %':>7} {'held-out %':>10} {'fidelity':>9} {'params %':>9} {'dim':>12} {'sec':>7}  components"
     lines = [f"== {setting} ==", header, "-" * len(header)]
     for name, r in results.items():
-        shown = ", ".join(r.components[:3]) + (f", ... ({len(r.components)})" if len(r.components) > 3 else "")
+        if labels and len(r.components) == len(labels):
+            shown = f"all {len(labels)}"
+        else:
+            shown = ", ".join(labels.get(c, c) for c in r.components[:4])
+            shown += f", ... ({len(r.components)})" if len(r.components) > 4 else ""
         lines.append(
-            f"{name:<22} {_pct(r.accuracy):>7} {_pct(r.heldout_accuracy):>10} {r.fidelity:9.4f} "
+            f"{name:<26} {_pct(r.accuracy):>7} {_pct(r.heldout_accuracy):>10} {r.fidelity:9.4f} "
             f"{100 * r.param_fraction:9.3f} {r.dim:12d} {r.seconds:7.2f}  {shown}"
         )
     for name, value in baselines.items():
-        lines.append(f"{name + ' (baseline)':<22} {_pct(value):>7}")
+        lines.append(f"{name + ' (baseline)':<26} {_pct(value):>7}")
     return "\n".join(lines)

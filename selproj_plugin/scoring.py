@@ -61,3 +61,20 @@ def kfold_rows(n: int, folds: int, seed: int) -> list[np.ndarray]:
         raise ValueError(f"folds must be between 2 and the number of queries ({n}), got {folds}")
     order = np.random.default_rng(seed).permutation(n)
     return [np.sort(part) for part in np.array_split(order, folds)]
+
+
+def original_rank(similarity: np.ndarray, is_original: np.ndarray) -> np.ndarray:
+    """1-based rank of each query's original among its candidates (ties: earlier candidate first)."""
+    target = original_column(is_original)
+    rows = np.arange(similarity.shape[0])
+    own = similarity[rows, target][:, None]
+    before = np.arange(similarity.shape[1])[None, :] < target[:, None]
+    return 1 + np.sum((similarity > own) | ((similarity == own) & before), axis=1)
+
+
+def rank_metrics(similarity: np.ndarray, is_original: np.ndarray, cutoffs: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Mean reciprocal rank and recall@k of the originals (for full-set retrieval)."""
+    ranks = original_rank(similarity, is_original)
+    out = {"mrr": float(np.mean(1.0 / ranks))}
+    out.update({f"recall@{k}": float(np.mean(ranks <= k)) for k in cutoffs})
+    return out

@@ -1,0 +1,190 @@
+"""Shared plumbing of the TRAK and Captum adapters: reducer lookup, selection, loss, checks.
+
+Everything here maps a selproj reducer onto a concrete model: which parameter tensors
+its selected components own (:class:`Plan`), how per-parameter per-sample gradients
+become the reducer's ``{component: [N, d]}`` features and then its reduced ``[N, D]``
+vector (:func:`reduce_gradients`), and the response-masked per-sample loss written so
+``torch.func.vmap`` can batch it (:func:`response_loss`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from selproj_plugin.components import Component, catalogue, select
+from selproj_plugin.loss import IGNORE, collate, encode_samples, pad_token_id
+from selproj_plugin.registry import get_strategy
+from selproj_plugin.samples import Sample
+from selproj_plugin.strategies.base import Reducer
+
+
+class AdapterError(ValueError):
+    """A reducer, model or batch the TRAK/Captum adapters cannot use; the message is one line."""
+
+
+def resolve_reducer(strategy: str | Reducer, options: Mapping[str, Any] | None = None) -> Reducer:
+    """A reducer by registry name (plugins included) with ``options``, or a given instance."""
+    if isinstance(strategy, Reducer):
+        if options:
+            raise AdapterError("options apply to a strategy name; pass a configured reducer or a name, not both")
+        return strategy
+    if not isinstance(strategy, str):
+        raise AdapterError(f"strategy must be a registered name or a Reducer, got {type(strategy).__name__}")
+    return get_strategy(strategy, **dict(options or {}))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a reducer keeps on one model: its selected names, their components and tensors."""
+
+    reducer: Reducer
+    components: tuple[Component, ...]  # the model's whole catalogue
+    names: tuple[str, ...]  # the reducer's selection, as it names it
+    chosen: tuple[Component, ...]  # component of each name, same order
+    param_names: tuple[str, ...]  # parameter tensors to differentiate, model order
+
+    @property
+    def num_params(self) -> int:
+        """Gradient entries of the selected components."""
+        return sum(c.num_params for c in self.chosen)
+
+    @property
+    def dimension(self) -> int:
+        """Length of the reduced vector, as the reducer declares it."""
+        renamed = {c.name: n for n, c in zip(self.names, self.chosen)}
+        named = [dataclasses.replace(c, name=renamed.get(c.name, c.name)) for c in self.components]
+        return int(self.reducer.dimension(named))
+
+    def fingerprint(self) -> str:
+        """Stable JSON-safe id of reducer, options and selection (TRAK's ``proj_type``)."""
+        fields = {f.name: getattr(self.reducer, f.name) for f in dataclasses.fields(self.reducer) if f.init}
+        blob = json.dumps({"options": fields, "names": self.names, "dim": self.dimension}, sort_keys=True, default=str)
+        return f"selproj:{self.reducer.name or type(self.reducer).__name__}:{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def plan(model: nn.Module, reducer: Reducer) -> Plan:
+    """Resolve ``reducer``'s selection on ``model``; names matching nothing raise :class:`AdapterError`."""
+    components = catalogue(model)
+    try:
+        names = list(reducer.select(components))
+    except ValueError as exc:
+        raise AdapterError(f"strategy {reducer.name!r}: {exc}") from None
+    if not names:
+        raise AdapterError(f"strategy {reducer.name!r} selects no component of {type(model).__name__}")
+    try:
+        chosen = [select(components, [n])[0] for n in names]
+    except ValueError as exc:
+        raise AdapterError(f"strategy {reducer.name!r}: {exc}") from None
+    seen: dict[str, str] = {}
+    for name, comp in zip(names, chosen):
+        if comp.name in seen:
+            raise AdapterError(f"strategy {reducer.name!r} selects component {comp.name} twice ({seen[comp.name]}, {name})")
+        seen[comp.name] = name
+    wanted = {p for c in chosen for p in c.param_names}
+    order = [n for n, _ in model.named_parameters() if n in wanted]
+    return Plan(reducer, tuple(components), tuple(names), tuple(chosen), tuple(order))
+
+
+def features_from_params(plan_: Plan, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-parameter per-sample gradients ``{param: [N, ...]}`` -> ``{selected name: [N, d]}``."""
+    missing = [p for p in plan_.param_names if p not in grads]
+    if missing:
+        raise AdapterError(f"gradients lack selected parameter {missing[0]} ({len(missing)} missing)")
+    return {name: torch.cat([grads[p].flatten(1) for p in comp.param_names], dim=1)
+            for name, comp in zip(plan_.names, plan_.chosen)}
+
+
+def split_flat(flat: torch.Tensor, layouts: Sequence[Sequence[tuple[str, int]]]) -> dict[str, torch.Tensor]:
+    """Cut a flat ``[N, P]`` gradient into per-parameter blocks by the first layout (name, numel) of width P."""
+    if flat.dim() != 2:
+        raise AdapterError(f"a flat gradient must be [batch, params], got shape {tuple(flat.shape)}")
+    widths = [sum(n for _, n in layout) for layout in layouts]
+    if flat.shape[1] not in widths:
+        raise AdapterError(f"flat gradient has {flat.shape[1]} entries per sample, expected one of {widths}")
+    layout = layouts[widths.index(flat.shape[1])]
+    out, start = {}, 0
+    for name, n in layout:
+        out[name] = flat[:, start:start + n]
+        start += n
+    return out
+
+
+def reduce_gradients(plan_: Plan, grads: Mapping[str, torch.Tensor], dim: int) -> torch.Tensor:
+    """Apply the reducer to per-parameter per-sample gradients: ``[N, dim]`` tensor."""
+    features = features_from_params(plan_, grads)
+    out = plan_.reducer.reduce(features)
+    out = torch.as_tensor(out)
+    n = next(iter(features.values())).shape[0]
+    if out.dim() != 2 or out.shape[0] != n:
+        raise AdapterError(f"strategy {plan_.reducer.name!r} returned shape {tuple(out.shape)} for {n} samples; expected [{n}, D]")
+    if out.shape[1] != dim:
+        raise AdapterError(f"strategy {plan_.reducer.name!r} returned {out.shape[1]} dimensions but declares {dim}")
+    return out
+
+
+def require_eager(model: nn.Module, switch: bool = True) -> None:
+    """Make ``model`` use eager attention (sdpa/flash kernels break ``torch.func.vmap``)."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None) if config is not None else None
+    if impl in (None, "eager"):
+        return
+    if not switch or not hasattr(model, "set_attn_implementation"):
+        raise AdapterError(f"model uses {impl!r} attention, which vmap cannot batch; load it with attn_implementation='eager'")
+    model.set_attn_implementation("eager")
+    warnings.warn(f"switched the model from {impl!r} to eager attention for per-sample gradients", stacklevel=3)
+
+
+def device_name(device: str | torch.device | None, model: nn.Module) -> str:
+    """Device as a plain string (TRAK compares it with ``"cpu"``); default: the model's device."""
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AdapterError(f"not a torch device: {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AdapterError(f"device {dev} requested but CUDA is not available")
+    return str(dev)
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean cross-entropy over response tokens + EOS (labels -100 elsewhere): ``[B]``.
+
+    Same loss as :func:`selproj_plugin.loss.forward_losses`, without data-dependent
+    indexing, so it runs under ``torch.func.vmap``.
+    """
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = torch.gather(logp, -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_loss = -picked * valid
+    return token_loss.sum(-1) / valid.sum(-1).clamp(min=1).to(token_loss.dtype)
+
+
+def encode(tokenizer: Any, samples: Sequence[Sample], *, max_length: int = 512,
+           device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, labels)`` for samples: the engine's tokenisation, right-padded."""
+    if not samples:
+        raise AdapterError("no samples to encode")
+    encoded, _ = encode_samples(tokenizer, list(samples), max_length)
+    batch = collate(encoded, pad_token_id(tokenizer), device)
+    return batch.input_ids, batch.attention_mask, batch.labels
+
+
+def check_batch(batch: Sequence[torch.Tensor]) -> None:
+    """A batch is ``(input_ids, attention_mask, labels)`` of equal ``[B, T]`` shape."""
+    if len(batch) != 3:
+        raise AdapterError(f"a batch is (input_ids, attention_mask, labels); got {len(batch)} tensors")
+    shapes = {tuple(t.shape) for t in batch}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise AdapterError(f"input_ids, attention_mask and labels must share one [batch, length] shape, got {sorted(shapes)}")

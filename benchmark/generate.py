@@ -1,0 +1,53 @@
+"""Model-generated responses for the ``generated`` setting: greedy decoding, cached per batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmark.cache import StageCache
+
+
+def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of a user turn ready for the assistant's answer (chat template when there is one)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer(prompt)["input_ids"]
+
+
+@torch.no_grad()
+def _generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    rows = [_prompt_ids(tokenizer, p) for p in prompts]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # left padding
+    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                         do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def generate_responses(model: Any, tokenizer: Any, items: Sequence[tuple[str, str]], *, cache_path: Path,
+                       cache: StageCache, max_new_tokens: int = 96, batch_size: int = 8,
+                       progress: bool = True) -> dict[str, str]:
+    """Greedy answers ``{id: text}`` to ``(id, prompt)`` items; finished batches survive interruption."""
+    done: dict[str, str] = cache.load_json(cache_path) or {}
+    todo = [(i, p) for i, p in items if i not in done]
+    # shortest first keeps padding low; finished batches are cut from the front of this fixed
+    # order, so a resumed run forms exactly the batches an uninterrupted one would have
+    todo.sort(key=lambda item: len(item[1]))
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="sample", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        for (sample_id, _), text in zip(batch, _generate_batch(model, tokenizer, [p for _, p in batch], max_new_tokens)):
+            done[sample_id] = text
+        cache.save_json(cache_path, done)
+        bar.update(len(batch))
+    bar.close()
+    return {i: done[i] for i, _ in items}

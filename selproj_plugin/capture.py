@@ -1,0 +1,417 @@
+"""Capture per-sample gradient factors from one batched forward/backward pass.
+
+A linear layer's per-sample weight gradient is ``D^T X`` (output grads x inputs), so
+storing the two thin factors is enough to form any dot product or projection later.
+Hooks record ``X`` and ``D`` for ``nn.Linear``, transformers' ``Conv1D`` and
+``nn.Embedding`` (token ids stand for one-hot rows); every other parameterised module
+(norms, ...) gets exact per-sample gradients from ``torch.func`` (vmap of a vjp of that
+one module).  Parameters stay frozen during capture, so no weight gradient is ever
+computed, and the batch loss is the sum of per-sample mean losses, so each sample's
+``D`` is its own gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from selproj_plugin.components import Component
+from selproj_plugin.loss import Batch, SampleError, forward_losses, require_trainable
+from selproj_plugin.models import model_name
+
+try:  # GPT-2 style transposed linear layer
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()  # type: ignore[assignment]
+
+FACTOR_DTYPE = torch.float32
+
+
+class CaptureError(ValueError):
+    """A model structure the capture cannot split into per-sample factors."""
+
+
+@dataclass(frozen=True)
+class FactorUse:
+    """One use of a component's weight: its gradient contribution is ``L^T R`` (matrix form).
+
+    ``left``/``right`` are tensor keys in :attr:`SampleFactors.tensors` (``right`` None means
+    a bias-only use whose right factor is a single ones column).  ``left_index``: the left
+    factor is token ids standing for one-hot rows.  ``aug``: side ('left'/'right') that gets
+    an extra ones column carrying the bias gradient.
+    """
+
+    left: str
+    right: str | None
+    left_index: bool = False
+    aug: str | None = None
+
+
+@dataclass
+class ComponentSpec:
+    """How one component's per-sample gradient is obtained and laid out.
+
+    ``kind`` 'factor': matrix form ``[rows, cols]`` = sum over uses of ``L^T R``;
+    ``kind`` 'func': a flat vector from torch.func.  ``layout`` converts the matrix form
+    to the parameter layout (concatenated flattened tensors in ``param_names`` order).
+    """
+
+    component: Component
+    kind: str
+    rows: int
+    cols: int
+    layout: str  # 'plain' | 'bias_col' | 'bias_row' | 'bias_only' | 'flat'
+
+    @property
+    def name(self) -> str:
+        return self.component.name
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+
+@dataclass
+class SampleFactors:
+    """Everything needed to form one sample's component gradients, on CPU or device."""
+
+    sample_id: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    uses: dict[str, list[FactorUse]] = field(default_factory=dict)
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # matrix form, flattened
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.tensors.values(), *self.vectors.values()))
+
+    def rows(self, key: str) -> int:
+        return int(self.tensors[key].shape[0])
+
+    def to(self, device: str | torch.device) -> "SampleFactors":
+        return SampleFactors(self.sample_id, {k: t.to(device) for k, t in self.tensors.items()}, self.uses,
+                             {k: v.to(device) for k, v in self.vectors.items()})
+
+
+def matrix_form(spec: ComponentSpec, factors: SampleFactors) -> torch.Tensor:
+    """The component gradient ``[rows, cols]`` = sum over uses of ``L^T R`` (bias columns included)."""
+    if spec.name in factors.vectors:
+        return factors.vectors[spec.name].view(spec.rows, spec.cols)
+    out = None
+    for use in factors.uses[spec.name]:
+        left, right = _full_left(spec, factors, use), _full_right(spec, factors, use)
+        part = left.T @ right if left.shape[0] else None
+        if part is not None:
+            out = part if out is None else out + part
+    if out is None:
+        out = torch.zeros(spec.rows, spec.cols, dtype=FACTOR_DTYPE)
+    return out
+
+
+def _full_left(spec: ComponentSpec, f: SampleFactors, use: FactorUse) -> torch.Tensor:
+    t = f.tensors[use.left]
+    if use.left_index:
+        dense = torch.zeros(t.shape[0], spec.rows, dtype=FACTOR_DTYPE, device=t.device)
+        dense[torch.arange(t.shape[0], device=t.device), t] = 1.0
+        return dense
+    return _pad_cols(t, spec.rows, use.aug == "left")
+
+
+def _full_right(spec: ComponentSpec, f: SampleFactors, use: FactorUse) -> torch.Tensor:
+    n = f.rows(use.left)
+    t = f.tensors[use.right] if use.right is not None else torch.zeros(n, 0, device=f.tensors[use.left].device)
+    return _pad_cols(t, spec.cols, use.aug == "right")
+
+
+def _pad_cols(t: torch.Tensor, width: int, ones_last: bool) -> torch.Tensor:
+    if t.shape[1] == width:
+        return t
+    pad = torch.zeros(t.shape[0], width - t.shape[1], dtype=t.dtype, device=t.device)
+    if ones_last:
+        pad[:, -1] = 1.0
+    return torch.cat([t, pad], dim=1)
+
+
+def to_param_layout(spec: ComponentSpec, matrix: torch.Tensor) -> torch.Tensor:
+    """Flatten a matrix-form gradient into parameter order (weight then bias), as ``p.grad`` would be."""
+    if spec.layout == "bias_col":  # Linear: [out, in + 1]
+        return torch.cat([matrix[:, :-1].reshape(-1), matrix[:, -1]])
+    if spec.layout == "bias_row":  # Conv1D: [in + 1, out]
+        return torch.cat([matrix[:-1].reshape(-1), matrix[-1]])
+    return matrix.reshape(-1)
+
+
+# ---- hooks ------------------------------------------------------------------------
+@dataclass
+class _Handler:
+    """One module whose own parameters belong to selected components."""
+
+    name: str
+    module: nn.Module
+    kind: str  # 'linear' | 'conv1d' | 'embedding' | 'func'
+    params: dict[str, Component]  # local param name -> component
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Geometry:
+    """Batch shape, to split captured tensors into per-sample row blocks."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch_size, self.width = batch.input_ids.shape
+        self.lengths = batch.lengths
+        counts = batch.target_mask.sum(dim=1).tolist()
+        self.n_targets = sum(counts)
+        self.target_slices = []
+        start = 0
+        for c in counts:
+            self.target_slices.append(slice(start, start + c))
+            start += c
+
+    def split(self, t: torch.Tensor, where: str) -> list[torch.Tensor]:
+        """Per-sample rows of a [B, T, ...], [B*T, ...] or gathered [N, ...] tensor."""
+        b, w = self.batch_size, self.width
+        if t.dim() >= 2 and tuple(t.shape[:2]) == (b, w):
+            return [t[i, : self.lengths[i]].reshape(self.lengths[i], -1) if t.dim() > 2 else t[i, : self.lengths[i]]
+                    for i in range(b)]
+        if t.dim() >= 1 and t.shape[0] == b * w:
+            return self.split(t.reshape(b, w, *t.shape[1:]), where)
+        if t.dim() >= 1 and t.shape[0] == self.n_targets:
+            return [t[s].reshape(s.stop - s.start, -1) if t.dim() > 1 else t[s] for s in self.target_slices]
+        raise CaptureError(f"{where}: cannot split a tensor of shape {tuple(t.shape)} into the batch's samples")
+
+
+class GradientCapture:
+    """Per-sample gradient factors of selected components for batches of encoded samples."""
+
+    def __init__(self, model: nn.Module, components: Sequence[Component]) -> None:
+        require_trainable(model)
+        self.model = model
+        self.components = list(components)
+        wanted = {p: c for c in self.components for p in c.param_names}
+        named = dict(model.named_parameters(remove_duplicate=True))
+        by_id = {id(named[p]): c for p, c in wanted.items()}
+        self.handlers: list[_Handler] = []
+        for mod_name, module in model.named_modules(remove_duplicate=False):
+            own = {n: by_id[id(p)] for n, p in module._parameters.items() if p is not None and id(p) in by_id}
+            if own:
+                self.handlers.append(_Handler(mod_name, module, _module_kind(module, own), own))
+        self.specs: dict[str, ComponentSpec] = {c.name: self._spec(c) for c in self.components}
+
+    def _spec(self, comp: Component) -> ComponentSpec:
+        hs = [(h, n) for h in self.handlers for n, c in h.params.items() if c is comp]
+        kinds = {h.kind for h, _ in hs}
+        if kinds == {"func"} or not kinds <= {"linear", "conv1d", "embedding"}:
+            for h, _ in hs:
+                h.kind = "func"
+            return ComponentSpec(comp, "func", 1, comp.num_params, "flat")
+        h0, _ = next((h, n) for h, n in hs if n == "weight") if any(n == "weight" for _, n in hs) else hs[0]
+        has_w = any(n == "weight" for _, n in hs)
+        has_b = any(n == "bias" for _, n in hs)
+        w = h0.module.weight
+        if not has_w:  # bias only
+            return ComponentSpec(comp, "factor", h0.module.bias.shape[0], 1, "bias_only")
+        rows, cols = w.shape
+        if has_b and h0.kind == "linear":
+            return ComponentSpec(comp, "factor", rows, cols + 1, "bias_col")
+        if has_b and h0.kind == "conv1d":
+            return ComponentSpec(comp, "factor", rows + 1, cols, "bias_row")
+        return ComponentSpec(comp, "factor", rows, cols, "plain")
+
+    # ---- one batch ----------------------------------------------------------------
+    def run(self, batch: Batch, materialise: Sequence[str] = ()) -> tuple[list[SampleFactors], torch.Tensor]:
+        """Forward/backward one batch; returns per-sample factors (on CPU) and per-sample losses."""
+        geometry = _Geometry(batch)
+        for h in self.handlers:
+            h.calls = []
+        with self._frozen(), self._hooks(geometry):
+            losses = forward_losses(self.model, batch)
+            losses.sum().backward()
+        try:
+            out = [SampleFactors(sid) for sid in batch.sample_ids]
+            shared_inputs: dict = {}
+            for h in self.handlers:
+                self._collect(h, geometry, batch, out, shared_inputs)
+            for name in materialise:
+                spec = self.specs[name]
+                if spec.kind == "factor":
+                    for f in out:
+                        f.vectors[name] = matrix_form(spec, f).reshape(-1)
+                        del f.uses[name]
+            for f in out:
+                live = {k for uses in f.uses.values() for u in uses for k in (u.left, u.right) if k}
+                f.tensors = {k: t for k, t in f.tensors.items() if k in live}
+        finally:
+            for h in self.handlers:
+                h.calls = []
+        return out, losses.detach()
+
+    @contextlib.contextmanager
+    def _frozen(self) -> Iterator[None]:
+        params = list(self.model.parameters())
+        states = [p.requires_grad for p in params]
+        training = self.model.training
+        self.model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, s in zip(params, states):
+                p.requires_grad_(s)
+            self.model.train(training)
+
+    @contextlib.contextmanager
+    def _hooks(self, geometry: _Geometry) -> Iterator[None]:
+        handles = []
+        for h in self.handlers:
+            handles.append(h.module.register_forward_hook(self._make_hook(h, geometry), with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _make_hook(self, h: _Handler, geometry: _Geometry):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            x = args[0] if args else next(iter(kwargs.values()))
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(out, torch.Tensor):
+                raise CaptureError(f"module {h.name}: output is not a tensor, cannot capture its gradient")
+            if h.kind == "embedding" and x.dim() == 2 and x.shape[0] == 1 and geometry.batch_size > 1:
+                x = x.expand(geometry.batch_size, -1)  # broadcast position ids (GPT-2 wpe)
+                out = out.expand(geometry.batch_size, *out.shape[1:])
+            new_out = out if out.requires_grad else out.detach().clone().requires_grad_(True)
+            call: dict[str, Any] = {"x": x.detach(), "grad": None}
+            if h.kind == "func":
+                call["args"] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
+                call["kwargs"] = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+            h.calls.append(call)
+
+            def grab(grad: torch.Tensor) -> None:
+                call["grad"] = grad.detach()
+
+            new_out.register_hook(grab)
+            if new_out is out and out is (output[0] if isinstance(output, (tuple, list)) else output):
+                return None
+            if isinstance(output, tuple):
+                return (new_out,) + tuple(output[1:])
+            if isinstance(output, list):
+                return [new_out] + list(output[1:])
+            return new_out
+
+        return hook
+
+    # ---- per-sample assembly -----------------------------------------------------
+    def _collect(self, h: _Handler, geometry: _Geometry, batch: Batch, out: list[SampleFactors],
+                 shared_inputs: dict) -> None:
+        for call_no, call in enumerate(h.calls):
+            grad = call["grad"]
+            if grad is None:
+                grad = torch.zeros(0)
+                continue  # output did not reach the loss: zero gradient contribution
+            _check_finite(grad, geometry, batch, h.name)
+            if h.kind == "func":
+                self._collect_func(h, call, geometry, out)
+                continue
+            x_tensor = call["x"]
+            ident = (x_tensor.data_ptr(), tuple(x_tensor.shape), tuple(x_tensor.stride()))
+            xkey = shared_inputs.setdefault(ident, f"{h.name}#{call_no}:in")
+            xs = geometry.split(x_tensor, h.name)
+            ds = geometry.split(grad, h.name)
+            tag = f"{h.name}#{call_no}"
+            for comp in set(h.params.values()):
+                names = {n for n, c in h.params.items() if c is comp}
+                spec = self.specs[comp.name]
+                for f, x, d in zip(out, xs, ds):
+                    use = self._use(h, spec, names, tag, xkey, f, x, d)
+                    f.uses.setdefault(comp.name, []).append(use)
+
+    def _use(self, h: _Handler, spec: ComponentSpec, names: set[str], tag: str, xkey: str,
+             f: SampleFactors, x: torch.Tensor, d: torch.Tensor) -> FactorUse:
+        dkey = f"{tag}:out"
+        if h.kind == "embedding":
+            pad = getattr(h.module, "padding_idx", None)
+            if getattr(h.module, "scale_grad_by_freq", False):
+                raise CaptureError(f"module {h.name}: embeddings with scale_grad_by_freq are not supported")
+            if pad is not None:
+                keep = x != pad  # PyTorch never updates the padding row
+                x, d = x[keep], d[keep]
+            xkey = f"{tag}:ids"
+            f.tensors[xkey] = x.to(torch.long).contiguous()
+            f.tensors[dkey] = _own(d)
+            return FactorUse(xkey, dkey, left_index=True)
+        if xkey not in f.tensors:
+            f.tensors[xkey] = _own(x)
+        if dkey not in f.tensors:
+            f.tensors[dkey] = _own(d)
+        has_w, has_b = "weight" in names, "bias" in names
+        if h.kind == "linear":  # grad W = D^T X
+            if not has_w:
+                return FactorUse(dkey, None, aug="right")
+            return FactorUse(dkey, xkey, aug="right" if has_b else None)
+        # conv1d: grad W = X^T D (weight is in x out), bias is an extra row
+        if not has_w:
+            return FactorUse(dkey, None, aug="right")
+        return FactorUse(xkey, dkey, aug="left" if has_b else None)
+
+    def _collect_func(self, h: _Handler, call: dict[str, Any], geometry: _Geometry, out: list[SampleFactors]) -> None:
+        x, grad = call["x"], call["grad"]
+        b, w = geometry.batch_size, geometry.width
+        if not (x.dim() >= 2 and tuple(x.shape[:2]) == (b, w) and tuple(grad.shape[:2]) == (b, w)):
+            raise CaptureError(f"module {h.name}: per-sample gradients need [batch, tokens, ...] input and output")
+        mask = torch.zeros(b, w, dtype=grad.dtype, device=grad.device)
+        for i, n in enumerate(geometry.lengths):
+            mask[i, :n] = 1
+        grad = grad * mask.view(b, w, *([1] * (grad.dim() - 2)))
+        module, args, kwargs = h.module, call["args"], call["kwargs"]
+        params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n in h.params}
+
+        def one(xi: torch.Tensor, gi: torch.Tensor) -> dict[str, torch.Tensor]:
+            def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                o = torch.func.functional_call(module, p, (xi.unsqueeze(0),) + args, kwargs)
+                return o[0] if isinstance(o, (tuple, list)) else o
+
+            _, pull = torch.func.vjp(f, params)
+            return pull(gi.unsqueeze(0))[0]
+
+        grads = torch.func.vmap(one)(x, grad)
+        for comp in set(h.params.values()):
+            names = [n for n, c in h.params.items() if c is comp]
+            flat = torch.cat([grads[n].reshape(b, -1) for n in names], dim=1).to(FACTOR_DTYPE)
+            for i, f in enumerate(out):
+                prev = f.vectors.get(comp.name)
+                f.vectors[comp.name] = flat[i] if prev is None else prev + flat[i]
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A compact float32 copy, so a stored sample never keeps its whole batch's tensor alive."""
+    return t.to(FACTOR_DTYPE).contiguous().clone() if t.dtype == FACTOR_DTYPE else t.to(FACTOR_DTYPE).contiguous()
+
+
+def _module_kind(module: nn.Module, own: dict[str, Component]) -> str:
+    if set(own) <= {"weight", "bias"}:
+        if isinstance(module, nn.Linear):
+            return "linear"
+        if Conv1D and isinstance(module, Conv1D):
+            return "conv1d"
+        if isinstance(module, nn.Embedding) and set(own) == {"weight"}:
+            return "embedding"
+    return "func"
+
+
+def _check_finite(grad: torch.Tensor, geometry: _Geometry, batch: Batch, where: str) -> None:
+    if bool(torch.isfinite(grad.sum())):  # one reduction; NaN/inf anywhere makes the sum non-finite
+        return
+    for i, rows in enumerate(geometry.split(grad, where)):
+        if not bool(torch.isfinite(rows).all()):
+            raise SampleError(f"sample {batch.sample_ids[i]}: gradient is NaN or inf (at {where})")
+    if not bool(torch.isfinite(grad).all()):
+        raise SampleError(f"batch {batch.sample_ids}: gradient is NaN or inf (at {where})")
+
+
+def describe(model: nn.Module) -> str:
+    """Model name used in capture errors."""
+    return model_name(model)

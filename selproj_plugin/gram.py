@@ -1,0 +1,144 @@
+"""Per-component gradient dot products between samples, from captured factors.
+
+For a factor pair ``g = L^T R`` the dot product of two samples is
+``sum((L_i L_j^T) * (R_i R_j^T))``: two thin Gram matrices instead of two full
+gradients.  When sequences are long relative to a layer's width it is cheaper to
+materialise ``g`` once per sample and take plain dot products; :func:`choose_modes`
+picks per component by estimated flops.  Products are summed in float64.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from selproj_plugin.capture import ComponentSpec, FactorUse, SampleFactors
+
+# A materialised dot reads two full vectors from memory; weigh its flops as this many matmul flops.
+MEMORY_BOUND_WEIGHT = 8.0
+
+
+def choose_modes(specs: Iterable[ComponentSpec], lengths: Sequence[int], n_pairs: int) -> set[str]:
+    """Names of factor components cheaper to materialise than to keep factored.
+
+    ``lengths``: token counts of the distinct samples; ``n_pairs``: number of dot products
+    the caller will take (self pairs included).  Factored costs ~n_i n_j (rows + cols) per
+    pair; materialised costs n rows cols per sample plus rows cols per pair.
+    """
+    lengths = np.asarray(lengths, dtype=np.float64)
+    if lengths.size == 0 or n_pairs == 0:
+        return set()
+    mean_sq = float(np.mean(lengths)) ** 2
+    out = set()
+    for spec in specs:
+        if spec.kind != "factor" or spec.layout == "bias_only":
+            continue
+        size = spec.rows * spec.cols
+        factored = n_pairs * mean_sq * (spec.rows + spec.cols)
+        materialised = float(np.sum(lengths)) * size + n_pairs * size * MEMORY_BOUND_WEIGHT
+        if materialised < factored and size <= 64_000_000:
+            out.add(spec.name)
+    return out
+
+
+def _gram(a: torch.Tensor | None, a_index: bool, b: torch.Tensor | None, b_index: bool,
+          n_a: int, n_b: int) -> torch.Tensor:
+    """``A B^T`` for dense rows or one-hot rows given as ids ([n_a, n_b], float32)."""
+    if a is None or b is None:
+        device = (a if a is not None else b).device if (a is not None or b is not None) else "cpu"
+        return torch.zeros(n_a, n_b, device=device)
+    if a_index and b_index:
+        return (a[:, None] == b[None, :]).to(torch.float32)
+    if a_index:
+        return b[:, a].T
+    if b_index:
+        return a[:, b]
+    return a @ b.T
+
+
+def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence[ComponentSpec]) -> np.ndarray:
+    """Dot products ``<g_c(i), g_c(j)>`` for every j in ``fjs`` and component c: [J, C] float64."""
+    out = np.zeros((len(fjs), len(specs)), dtype=np.float64)
+    if not fjs:
+        return out
+    cat_cache: dict[str, tuple[torch.Tensor, list[int]]] = {}
+
+    def cat(key: str) -> tuple[torch.Tensor, list[int]]:
+        if key not in cat_cache:
+            parts = [f.tensors[key] for f in fjs]
+            cat_cache[key] = (parts[0] if len(parts) == 1 else torch.cat(parts), [p.shape[0] for p in parts])
+        return cat_cache[key]
+
+    # the same gram (shared inputs of q/k/v, gate/up) is used by several components: count uses, free after last
+    pending: dict[tuple, int] = {}
+    for spec in specs:
+        if spec.name in fi.vectors:
+            continue
+        for u in fi.uses[spec.name]:
+            for v in fjs[0].uses[spec.name]:
+                for key in ((u.left, v.left, u.left_index, v.left_index), (u.right, v.right, False, False)):
+                    pending[key] = pending.get(key, 0) + 1
+    grams: dict[tuple, torch.Tensor] = {}
+
+    def gram(ki: str | None, kj: str | None, i_index: bool, j_index: bool) -> torch.Tensor:
+        key = (ki, kj, i_index, j_index)
+        if key not in grams:
+            a = fi.tensors[ki] if ki is not None else None
+            b, _ = cat(kj) if kj is not None else (None, None)
+            n_a = a.shape[0] if a is not None else 0
+            grams[key] = _gram(a, i_index, b, j_index, n_a, b.shape[0] if b is not None else 0)
+        g = grams[key]
+        pending[key] -= 1
+        if pending[key] == 0:
+            del grams[key]
+        return g
+
+    for c, spec in enumerate(specs):
+        if spec.name in fi.vectors:
+            vi = fi.vectors[spec.name]
+            vj = torch.stack([f.vectors[spec.name] for f in fjs])
+            out[:, c] = (vj.double() @ vi.double()).cpu().numpy()
+            continue
+        total = torch.zeros(len(fjs), dtype=torch.float64, device=_device(fi))
+        for u in fi.uses[spec.name]:
+            for v in fjs[0].uses[spec.name]:
+                total += _use_pair(fi, u, v, cat, gram, len(fjs))
+        out[:, c] = total.cpu().numpy()
+    return out
+
+
+def _use_pair(fi: SampleFactors, u: FactorUse, v: FactorUse, cat, gram, n_j: int) -> torch.Tensor:
+    """Per-j sums of (L_i L_j^T + aug) * (R_i R_j^T + aug) for one pair of uses."""
+    n_i = fi.tensors[u.left].shape[0]
+    _, counts = cat(v.left)
+    gl = gram(u.left, v.left, u.left_index, v.left_index)
+    gr = gram(u.right, v.right, False, False) if (u.right is not None and v.right is not None) else None
+    if n_i == 0 or sum(counts) == 0:
+        return torch.zeros(n_j, dtype=torch.float64, device=_device(fi))
+    gl = gl.double()
+    if u.aug == "left" and v.aug == "left":
+        gl = gl + 1.0
+    if gr is None:
+        gr = torch.zeros(n_i, sum(counts), dtype=torch.float64, device=gl.device)
+    else:
+        gr = gr.double()
+    if u.aug == "right" and v.aug == "right":
+        gr = gr + 1.0
+    col = (gl * gr).sum(dim=0)
+    owner = torch.repeat_interleave(torch.arange(n_j, device=col.device), torch.tensor(counts, device=col.device))
+    return torch.zeros(n_j, dtype=torch.float64, device=col.device).index_add_(0, owner, col)
+
+
+def _device(f: SampleFactors) -> torch.device:
+    for t in f.tensors.values():
+        return t.device
+    for t in f.vectors.values():
+        return t.device
+    return torch.device("cpu")
+
+
+def self_dots(f: SampleFactors, specs: Sequence[ComponentSpec]) -> np.ndarray:
+    """Squared norms ``<g_c(i), g_c(i)>`` per component: [C] float64."""
+    return factor_dots(f, [f], specs)[0]

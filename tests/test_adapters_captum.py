@@ -1,0 +1,113 @@
+"""Captum adapter: TracInCP through a reducer against the engine's per-component dot products."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("captum")
+from captum.influence import TracInCP  # noqa: E402
+
+from selproj_plugin.adapters.captum import (  # noqa: E402
+    AdapterError, ReducedTracInCP, ResponseLoss, dataset, encode, tracin_layers,
+)
+from selproj_plugin.adapters.captum import _Logits  # noqa: E402
+from selproj_plugin.components import catalogue  # noqa: E402
+from test_adapters_trak import (  # noqa: E402,F401  (fixtures and helpers shared with the TRAK tests)
+    CANDIDATES, QUERIES, RP_MIN_CORRELATION, SELECTION, assert_same_retrieval, component_order, engine_cosines,
+    needs_project_features,
+    model, tokenizer, weighted_plugin,
+)
+from selproj_plugin.engine import EngineConfig, pairwise_dots  # noqa: E402
+
+LINEAR_SELECTION = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.v_proj", "model.layers.2.mlp.up_proj"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def tracin_scores(model, tokenizer, checkpoint, strategy, options=None, **kwargs) -> np.ndarray:
+    """[Q, K] influence of candidates (train) on queries (test) through ReducedTracInCP."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Captum warns that integer token ids take no gradient
+        tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), [checkpoint], strategy, options,
+                                 batch_size=4, **kwargs)
+        return tracin.influence(encode(tokenizer, QUERIES)).detach().double().numpy()
+
+
+@pytest.mark.parametrize("strategy", ["full", "selection"])
+def test_tracin_ranks_like_the_engine(model, tokenizer, checkpoint, strategy):
+    if strategy == "full":
+        scores = tracin_scores(model, tokenizer, checkpoint, "full")
+        expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES)
+    else:
+        scores = tracin_scores(model, tokenizer, checkpoint, "greedy", {"selection": SELECTION})
+        expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, component_order(model, SELECTION))
+    assert_same_retrieval(scores, expected)
+
+
+def test_per_sample_trick_on_linear_layers_matches(model, tokenizer, checkpoint):
+    expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, component_order(model, LINEAR_SELECTION))
+    trick = tracin_scores(model, tokenizer, checkpoint, "greedy", {"selection": LINEAR_SELECTION},
+                          sample_wise_grads_per_batch=True)
+    assert_same_retrieval(trick, expected)
+
+
+def test_per_sample_trick_refuses_non_linear_layers(model, tokenizer, checkpoint):
+    with pytest.raises(AdapterError, match=r"supports only nn.Linear/nn.Conv2d layers; model.norm is LlamaRMSNorm"):
+        ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), [checkpoint], "greedy", {"selection": SELECTION},
+                        sample_wise_grads_per_batch=True)
+
+
+def test_unnormalised_scores_are_gradient_dot_products(model, tokenizer, checkpoint):
+    names = component_order(model, LINEAR_SELECTION)
+    scores = tracin_scores(model, tokenizer, checkpoint, "greedy", {"selection": LINEAR_SELECTION}, normalize=False)
+    dots = pairwise_dots(model, tokenizer, QUERIES, CANDIDATES, names, EngineConfig(progress=False)).sum(-1)
+    np.testing.assert_allclose(scores, dots, rtol=1e-4, atol=1e-6 * np.abs(dots).max())
+
+
+@needs_project_features
+def test_random_projection_correlates(model, tokenizer, checkpoint):
+    scores = tracin_scores(model, tokenizer, checkpoint, "random_projection")
+    corr = np.corrcoef(scores.ravel(), engine_cosines(model, tokenizer, QUERIES, CANDIDATES).ravel())[0, 1]
+    print(f"captum random_projection (1%): correlation with exact cosines {corr:.4f}")
+    assert corr >= RP_MIN_CORRELATION
+
+
+def test_third_party_reducer_works_in_captum(model, tokenizer, checkpoint, weighted_plugin):
+    names, weights = weighted_plugin(model)
+    scores = tracin_scores(model, tokenizer, checkpoint, "weighted_mlp")
+    assert_same_retrieval(scores, engine_cosines(model, tokenizer, QUERIES, CANDIDATES, names, weights))
+
+
+def test_layers_for_plain_tracincp(model, tokenizer, checkpoint):
+    layers = tracin_layers(model, "greedy", {"selection": ["model.layers.1.mlp.down_proj.weight", "model.norm"]})
+    assert layers == ["model.layers.1.mlp.down_proj", "model.norm"]
+    assert tracin_layers(model, "full") == [c.name for c in catalogue(model)]
+    wrapped = tracin_layers(model, "greedy", {"selection": LINEAR_SELECTION}, prefix="model.")
+    assert wrapped == ["model." + n for n in component_order(model, LINEAR_SELECTION)]
+    # plain Captum with these layers computes the selected components' gradient dot products
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = TracInCP(_Logits(model), dataset(tokenizer, CANDIDATES), [checkpoint],
+                         checkpoints_load_func=lambda m, path: (m.model.load_state_dict(torch.load(path)), 1.0)[1],
+                         layers=wrapped, loss_fn=ResponseLoss("none"), batch_size=4)
+        scores = plain.influence(encode(tokenizer, QUERIES)).detach().double().numpy()
+    dots = pairwise_dots(model, tokenizer, QUERIES, CANDIDATES, component_order(model, LINEAR_SELECTION),
+                         EngineConfig(progress=False)).sum(-1)
+    np.testing.assert_allclose(scores, dots, rtol=1e-4, atol=1e-6 * np.abs(dots).max())
+
+
+def test_bad_input_is_a_one_line_error(model, tokenizer, checkpoint):
+    with pytest.raises(AdapterError, match=r"selection names no existing component: model\.layers\.9") as err:
+        tracin_layers(model, "greedy", {"selection": ["model.layers.9.mlp"]})
+    assert "\n" not in str(err.value)
+    with pytest.raises(AdapterError, match="reduction must be 'none' or 'sum'"):
+        ResponseLoss("mean")

@@ -1,0 +1,353 @@
+"""TRAK adapter: scores through TRAKer against the engine's per-component dot products.
+
+The expected cosines come from ``selproj_plugin.engine.pairwise_dots`` (hooked gradient
+factors, a different computation from the adapter's ``vmap(grad)``); TRAK's own
+``FunctionalGradientComputer`` is the reference for the selected-gradient computer.
+Helpers here (tiny model, samples, engine cosines, plugin install) are shared with
+``test_adapters_captum.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import tiny
+from selproj_plugin import registry as registry_module
+from selproj_plugin.components import catalogue, select
+from selproj_plugin.engine import EngineConfig, pairwise_dots
+from selproj_plugin.samples import Sample
+
+trak = pytest.importorskip("trak")
+from trak import TRAKer  # noqa: E402
+from trak.gradient_computers import FunctionalGradientComputer  # noqa: E402
+
+from selproj_plugin.adapters.trak import (  # noqa: E402
+    AdapterError, CausalLMOutput, CosineScoreComputer, ReducerProjector, SelectedGradientComputer,
+    check_fast_jl_dim, encode, traker_kwargs,
+)
+
+# RandomProjection.reduce calls selproj_plugin.projection.project_features; until the engine provides
+# it, random-projection tests must fail with exactly that ImportError (and run normally once it exists).
+needs_project_features = pytest.mark.xfail(
+    not hasattr(importlib.import_module("selproj_plugin.projection"), "project_features"),
+    reason="selproj_plugin.projection.project_features (used by RandomProjection.reduce) is missing",
+    raises=ImportError, strict=True,
+)
+
+SELECTION = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.v_proj.weight", "model.norm"]
+RP_MIN_CORRELATION = 0.95
+
+QUERIES = [
+    Sample("q0", "What is the capital of France?", "The capital of France is Paris."),
+    Sample("q1", "Give me a fruit", "An apple a day keeps the doctor away."),
+    Sample("q2", "Count to five", "one two three four five"),
+    Sample("q3", "Describe the sea", "The sea is wide, deep and blue."),
+]
+CANDIDATES = [
+    Sample("c0", "What's France's capital city?", "Paris is the capital of France."),
+    Sample("c1", "Name a fruit", "An apple a day keeps doctors away!"),
+    Sample("c2", "Count up to 5", "one, two, three, four, five"),
+    Sample("c3", "Tell me about the ocean", "The ocean is wide and deep and blue."),
+    Sample("c4", "Say something", "zzz qqq xxx"),
+    Sample("c5", "Random numbers", "8 1 9 3 3 7 2"),
+    Sample("c6", "Weather?", "It may rain tomorrow afternoon."),
+    Sample("c7", "Write code", "def f(x): return x * 2"),
+    Sample("c8", "A colour", "Green."),
+    Sample("c9", "Greeting", "Hello there, friend!"),
+]
+
+
+def make_model(seed: int = 0, attn: str = "eager") -> LlamaForCausalLM:
+    """Tiny random-init Llama (~150k parameters), fp32, eval mode."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, pad_token_id=0)
+    model = LlamaForCausalLM._from_config(config, attn_implementation=attn).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.mul_(3.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def model():
+    return make_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny.tokenizer(chat=True)
+
+
+def engine_cosines(model, tokenizer, queries, candidates, components=None, weights=None) -> np.ndarray:
+    """[Q, K] cosines of the (optionally per-component weighted) concatenated gradients, from the engine."""
+    config = EngineConfig(progress=False, batch_size=4)
+    cross = pairwise_dots(model, tokenizer, queries, candidates, components, config)
+    q_self = np.einsum("iic->ic", pairwise_dots(model, tokenizer, queries, queries, components, config))
+    k_self = np.einsum("iic->ic", pairwise_dots(model, tokenizer, candidates, candidates, components, config))
+    w = np.ones(cross.shape[2]) if weights is None else np.asarray(weights, dtype=np.float64) ** 2
+    num = (cross * w).sum(-1)
+    return num / np.sqrt(np.outer((q_self * w).sum(-1), (k_self * w).sum(-1)))
+
+
+def component_order(model, names) -> list[str]:
+    """Component names of a selection in model order (the engine's column order)."""
+    return [c.name for c in select(catalogue(model), names)]
+
+
+def trak_scores(model, tokenizer, queries, candidates, tmp_path, strategy, options=None, **kwargs) -> np.ndarray:
+    """[Q, K] scores from a TRAKer built with ``traker_kwargs``."""
+    traker = TRAKer(train_set_size=len(candidates), save_dir=str(tmp_path / "trak"), logging_level=logging.ERROR,
+                    **traker_kwargs(model, strategy, options, **kwargs))
+    traker.load_checkpoint(model.state_dict(), model_id=0)
+    device = next(model.parameters()).device
+    traker.featurize(batch=encode(tokenizer, candidates, device=device), num_samples=len(candidates))
+    traker.finalize_features()
+    traker.start_scoring_checkpoint(exp_name="queries", checkpoint=model.state_dict(), model_id=0,
+                                    num_targets=len(queries))
+    traker.score(batch=encode(tokenizer, queries, device=device), num_samples=len(queries))
+    return np.asarray(traker.finalize_scores(exp_name="queries"), dtype=np.float64).T
+
+
+def assert_same_retrieval(scores: np.ndarray, expected: np.ndarray) -> None:
+    """Same per-query ranking of candidates, correlation >= 0.999, same values to 1e-4."""
+    assert scores.shape == expected.shape
+    np.testing.assert_array_equal(np.argsort(-scores, axis=1), np.argsort(-expected, axis=1))
+    assert np.corrcoef(scores.ravel(), expected.ravel())[0, 1] >= 0.999
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
+
+
+# ---- a third-party reducer, installed as a real entry-point plugin ------------------
+PLUGIN = '''
+from dataclasses import dataclass
+import torch
+from selproj_plugin import Reducer, hookimpl
+
+@dataclass
+class WeightedMLP(Reducer):
+    """Every MLP matrix, the down projections weighted by ``down_weight``."""
+    name = "weighted_mlp"
+    summary = "MLP components, down projections up-weighted"
+    down_weight: float = 3.0
+
+    def select(self, components):
+        return [c.name for c in components if c.kind in ("gate", "up", "down")]
+
+    def dimension(self, components):
+        keep = set(self.select(components))
+        return sum(c.num_params for c in components if c.name in keep)
+
+    def reduce(self, features):
+        return torch.cat([v * (self.down_weight if n.endswith("down_proj") else 1.0) for n, v in features.items()], 1)
+
+@hookimpl
+def selproj_strategies():
+    return [WeightedMLP]
+'''
+
+
+@pytest.fixture
+def weighted_plugin(tmp_path, monkeypatch):
+    """Install ``weighted_mlp`` through the ``selproj`` entry-point group; yields (names, weights) for a model."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "selproj_weighted_plugin.py").write_text(textwrap.dedent(PLUGIN))
+    info = site / "selproj_weighted-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: selproj-weighted\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[selproj]\nweighted = selproj_weighted_plugin\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    registry_module.registry(reload=True)
+
+    def expected(model):
+        names = [c.name for c in catalogue(model) if c.kind in ("gate", "up", "down")]
+        return names, [3.0 if n.endswith("down_proj") else 1.0 for n in names]
+
+    yield expected
+    monkeypatch.undo()
+    registry_module.registry(reload=True)
+
+
+# ---- scores against the engine --------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["full", "selection"])
+def test_trak_ranks_like_the_engine(model, tokenizer, tmp_path, strategy):
+    if strategy == "full":
+        scores = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path, "full")
+        expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES)
+    else:
+        scores = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path, "greedy", {"selection": SELECTION})
+        expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, component_order(model, SELECTION))
+    assert_same_retrieval(scores, expected)
+    assert np.ptp(expected) > 0.2  # the check is not vacuous: candidates differ
+
+
+@needs_project_features
+def test_trak_random_projection_correlates(model, tokenizer, tmp_path):
+    kwargs = traker_kwargs(model, "random_projection")
+    total = sum(c.num_params for c in catalogue(model))
+    assert kwargs["proj_dim"] == round(0.01 * total)  # the default dimension, 1%
+    scores = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path, "random_projection")
+    expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES)
+    corr = np.corrcoef(scores.ravel(), expected.ravel())[0, 1]
+    print(f"random_projection dim={kwargs['proj_dim']}: correlation with exact cosines {corr:.4f}")
+    assert corr >= RP_MIN_CORRELATION
+
+
+def test_third_party_reducer_works_in_trak(model, tokenizer, tmp_path, weighted_plugin):
+    names, weights = weighted_plugin(model)
+    scores = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path, "weighted_mlp")
+    assert_same_retrieval(scores, engine_cosines(model, tokenizer, QUERIES, CANDIDATES, names, weights))
+    unweighted = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, names)
+    assert np.abs(scores - unweighted).max() > 1e-3  # the plugin's reduce was applied, not just its selection
+
+
+# ---- the pieces -------------------------------------------------------------------------
+def test_selected_gradients_equal_trak_grad_wrt(model, tokenizer):
+    wrt = ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.v_proj.weight"]
+    batch = encode(tokenizer, QUERIES)
+    ours = SelectedGradientComputer(model, CausalLMOutput(), None, torch.float32, "cpu", grad_wrt=wrt)
+    theirs = FunctionalGradientComputer(model, CausalLMOutput(), None, torch.float32, "cpu", grad_wrt=wrt)
+    got, want = ours.compute_per_sample_grad(batch), theirs.compute_per_sample_grad(batch)
+    assert list(got) == wrt and sorted(want) == sorted(wrt)
+    for name in wrt:
+        assert got[name].shape == (len(QUERIES), *dict(model.named_parameters())[name].shape)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+    assert got[wrt[0]].abs().sum() > 0
+
+
+def test_model_output_is_the_engine_loss(model, tokenizer):
+    from selproj_plugin.loss import collate, encode_samples, forward_losses, pad_token_id
+
+    input_ids, mask, labels = encode(tokenizer, QUERIES)
+    weights, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    ours = torch.stack([CausalLMOutput.get_output(model, weights, buffers, input_ids[i], mask[i], labels[i])
+                        for i in range(len(QUERIES))])
+    enc, _ = encode_samples(tokenizer, QUERIES, 512)
+    with torch.no_grad():
+        theirs = forward_losses(model, collate(enc, pad_token_id(tokenizer)))
+    torch.testing.assert_close(ours.detach(), theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(CausalLMOutput().get_out_to_loss_grad(model, weights, buffers, (input_ids,)),
+                               torch.ones(len(QUERIES), 1))
+
+
+def test_projector_takes_both_gradient_forms_and_survives_free_memory(model, tokenizer):
+    projector = ReducerProjector(model, "greedy", {"selection": SELECTION})
+    wrt = list(projector.plan.param_names)
+    grads = SelectedGradientComputer(model, CausalLMOutput(), grad_wrt=wrt).compute_per_sample_grad(
+        encode(tokenizer, QUERIES))
+    by_dict = projector.project(grads, model_id=0)
+    flat_selected = torch.cat([grads[n].flatten(1) for n in wrt], 1)
+    every = {n: torch.zeros(len(QUERIES), p.numel()) for n, p in model.named_parameters()}
+    every.update({n: g.flatten(1) for n, g in grads.items()})
+    flat_model = torch.cat(list(every.values()), 1)
+    assert by_dict.shape == (len(QUERIES), projector.proj_dim)
+    assert projector.proj_dim == sum(c.num_params for c in select(catalogue(model), SELECTION))
+    # greedy concatenates in selection order: the first selected component leads
+    first = grads["model.layers.1.mlp.down_proj.weight"].flatten(1)
+    torch.testing.assert_close(by_dict[:, :first.shape[1]], first)
+    torch.testing.assert_close(projector.project(flat_selected, model_id=0), by_dict)
+    torch.testing.assert_close(projector.project(flat_model, model_id=1), by_dict)
+    projector.free_memory()
+    torch.testing.assert_close(projector.project(grads, model_id=0), by_dict)
+    with pytest.raises(AdapterError, match=r"flat gradient has 7 entries per sample, expected one of \[\d+, \d+\]"):
+        projector.project(torch.zeros(2, 7), model_id=0)
+
+
+def test_proj_type_is_stable_json_and_tells_reducers_apart(model):
+    a = ReducerProjector(model, "greedy", {"selection": SELECTION}).proj_type
+    b = ReducerProjector(model, "greedy", {"selection": list(SELECTION)}).proj_type
+    c = ReducerProjector(model, "greedy", {"selection": SELECTION[:2]}).proj_type
+    d = ReducerProjector(model, "random_projection", {"dim": 64, "seed": 1}).proj_type
+    e = ReducerProjector(model, "random_projection", {"dim": 64, "seed": 2}).proj_type
+    assert a == b and len({a, c, d, e}) == 4
+    assert json.loads(json.dumps({"JL matrix type": a}))["JL matrix type"] == a
+    assert a.startswith("selproj:greedy:")
+    from selproj_plugin import get_strategy
+
+    instance = get_strategy("greedy", selection=SELECTION)  # a configured (e.g. fitted) reducer works too
+    assert ReducerProjector(model, instance).proj_type == a
+    with pytest.raises(AdapterError, match="pass a configured reducer or a name, not both"):
+        ReducerProjector(model, instance, {"selection": SELECTION})
+    with pytest.raises(AdapterError, match="greedy has no selection yet"):
+        ReducerProjector(model, "greedy")
+
+
+def test_cosine_score_computer():
+    rng = np.random.default_rng(0)
+    train, target = torch.tensor(rng.normal(size=(5, 8))), torch.tensor(rng.normal(size=(3, 8)))
+    sc = CosineScoreComputer(torch.float32, "cpu")
+    features = sc.get_x_xtx_inv(train.float(), sc.get_xtx(train.float()))
+    acc = torch.zeros(5, 3)
+    sc.get_scores(features, target.float(), acc)
+    a, b = train.numpy(), target.numpy()
+    want = (a @ b.T) / np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1))
+    np.testing.assert_allclose(acc.numpy(), want, atol=1e-6)
+
+
+# ---- pitfalls -----------------------------------------------------------------------------
+def test_sdpa_model_is_switched_to_eager(tokenizer):
+    sdpa = make_model(attn="sdpa")
+    assert sdpa.config._attn_implementation == "sdpa"
+    with pytest.warns(UserWarning, match="switched the model from 'sdpa' to eager attention"):
+        kwargs = traker_kwargs(sdpa, "full")
+    assert sdpa.config._attn_implementation == "eager" and kwargs["model"] is sdpa
+
+
+def test_device_object_becomes_a_string(model, tokenizer, tmp_path):
+    kwargs = traker_kwargs(model, "full", device=torch.device("cpu"))
+    assert kwargs["device"] == "cpu" and isinstance(kwargs["device"], str)
+    assert kwargs["projector"].device == "cpu"
+    assert kwargs["use_half_precision"] is False
+    # TRAKer compares the device with "cpu" (pinning memory otherwise): the whole run must work
+    options = {"selection": SELECTION}
+    with_object = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "a", "greedy", options,
+                              device=torch.device("cpu"))
+    expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, component_order(model, SELECTION))
+    assert_same_retrieval(with_object, expected)
+
+
+def test_bad_selections_are_one_line_errors(model):
+    with pytest.raises(AdapterError, match=r"selection names no existing component: model\.nope") as err:
+        traker_kwargs(model, "greedy", {"selection": ["model.nope"]})
+    assert "\n" not in str(err.value)
+    with pytest.raises(AdapterError, match="selects component model.norm twice"):
+        traker_kwargs(model, "greedy", {"selection": ["model.norm", "model.norm.weight"]})
+    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+        traker_kwargs(model, "nope")
+    with pytest.raises(ValueError, match="has no option dims"):
+        traker_kwargs(model, "random_projection", {"dims": 3})
+
+
+def test_projection_dimension_problems_are_one_line_errors(model):
+    with pytest.raises(AdapterError, match=r"dimension 300 does not suit TRAK's CudaProjector.*pick dim=512"):
+        check_fast_jl_dim(300)
+    check_fast_jl_dim(1024)
+    with pytest.raises(AdapterError, match="fast_jl=True needs a CUDA device"):
+        traker_kwargs(model, "random_projection", fast_jl=True)
+    with pytest.raises(AdapterError, match="fast_jl replaces a random projection"):
+        traker_kwargs(model, "full", fast_jl=True)
+    with pytest.raises(ValueError, match="projection dimension must be at least 1"):
+        traker_kwargs(model, "random_projection", {"dim": "0.0001%"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trak_on_cuda_matches_cpu(tokenizer, tmp_path):
+    cpu = make_model()
+    gpu = make_model().cuda()
+    want = trak_scores(cpu, tokenizer, QUERIES, CANDIDATES, tmp_path / "cpu", "greedy", {"selection": SELECTION})
+    got = trak_scores(gpu, tokenizer, QUERIES, CANDIDATES, tmp_path / "gpu", "greedy", {"selection": SELECTION},
+                      device=torch.device("cuda"))
+    np.testing.assert_allclose(got, want, atol=1e-4)

@@ -1,0 +1,211 @@
+"""The engine against an independent naive per-sample ``loss.backward()`` loop, and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from selproj_plugin.components import catalogue
+from selproj_plugin.engine import EngineConfig, build_table, pairwise_dots, sample_features
+from selproj_plugin.loss import IGNORE, ModelError, SampleError, encode_sample, encode_samples
+from selproj_plugin.samples import Sample
+
+TOL = 1e-5
+CFG = EngineConfig(batch_size=3, progress=False)
+CASES = [(f, False) for f in tiny.FAMILIES if f != "gpt2"] + [("llama", True), ("qwen2", True), ("gpt2", True)]
+
+
+def _naive(model, tok, samples, max_length=512):
+    enc, _ = encode_samples(tok, samples, max_length)
+    return [tiny.naive_grads(model, e) for e in enc]
+
+
+def _vec(model, grads, comp):
+    params = dict(model.named_parameters())
+    return torch.cat([grads[p].reshape(-1) if p in grads else torch.zeros(params[p].numel())
+                      for p in comp.param_names]).double()
+
+
+def _naive_dots(model, comps, ga, gb):
+    return np.array([[[float(_vec(model, a, c) @ _vec(model, b, c)) for c in comps] for b in gb] for a in ga])
+
+
+def _rel(got, ref, norms_a, norms_b):
+    """|got - ref| normalised by |g_a| |g_b| per component (dot products near 0 stay meaningful)."""
+    return np.max(np.abs(got - ref) / np.maximum(norms_a[:, None, :] * norms_b[None, :, :], 1e-30))
+
+
+@pytest.mark.parametrize("family,tied", CASES)
+def test_features_and_dots_match_naive_loop(family, tied):
+    model = tiny.model(family, tied)
+    tok = tiny.tokenizer(chat=family != "gpt2")
+    comps = catalogue(model)
+    naive = _naive(model, tok, tiny.SAMPLES)
+    feats = sample_features(model, tok, tiny.SAMPLES, config=CFG)
+    assert set(feats) == {c.name for c in comps}
+    for c in comps:
+        for i in range(len(tiny.SAMPLES)):
+            ref = _vec(model, naive[i], c)
+            err = float((feats[c.name][i].double() - ref).norm() / ref.norm())
+            assert err <= TOL, (c.name, i, err)
+    ref = _naive_dots(model, comps, naive[:2], naive)
+    norms = np.sqrt(np.stack([_naive_dots(model, comps, [g], [g])[0, 0] for g in naive]))
+    for mode in ("factored", "materialised", "auto"):
+        got = pairwise_dots(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES,
+                            config=EngineConfig(batch_size=2, progress=False, mode=mode))
+        assert got.shape == ref.shape
+        assert _rel(got, ref, norms[:2], norms) <= TOL, mode
+        self_err = np.max(np.abs(got[[0, 1], [0, 1]] - ref[[0, 1], [0, 1]]) / ref[[0, 1], [0, 1]])
+        assert self_err <= TOL, mode
+
+
+def test_tied_embedding_is_one_component_with_both_uses():
+    model = tiny.model("llama", tied=True)
+    tok = tiny.tokenizer()
+    comps = catalogue(model)
+    embed = [c for c in comps if c.kind == "embed"]
+    assert len(embed) == 1 and not any(c.kind == "lm_head" for c in comps)
+    naive = _naive(model, tok, tiny.SAMPLES[:1])[0]
+    feats = sample_features(model, tok, tiny.SAMPLES[:1], components=[embed[0].name], config=CFG)
+    ref = naive[embed[0].param_names[0]].reshape(-1).double()
+    # the LM-head use dominates the rows of tokens never seen in the input: both uses are needed
+    assert float((feats[embed[0].name][0].double() - ref).norm() / ref.norm()) <= TOL
+
+
+def test_build_table_matches_naive_and_dedupes():
+    model = tiny.model("qwen2", tied=True)
+    tok = tiny.tokenizer()
+    comps = catalogue(model)
+    queries = [Sample("q0", "Tell me about the sky", "It is blue."), tiny.SAMPLES[2]]  # second query is also a candidate
+    cands = tiny.SAMPLES
+    index = np.array([[0, 1, 2], [2, 3, 1]])  # s1 and s2 shared by both queries
+    original = np.array([0, 0])
+    table = build_table(model, tok, queries, cands, index, original, proj_dims=(64,), config=CFG)
+    gq = _naive(model, tok, queries)
+    gc = _naive(model, tok, cands)
+    ref = np.stack([_naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(2)])
+    qself = np.stack([_naive_dots(model, comps, [g], [g])[0, 0] for g in gq])
+    cself = np.stack([[_naive_dots(model, comps, [gc[j]], [gc[j]])[0, 0] for j in row] for row in index])
+    scale = np.sqrt(qself[:, None, :] * cself)
+    assert np.max(np.abs(table.cross - ref) / np.maximum(scale, 1e-30)) <= TOL
+    assert np.max(np.abs(table.query_self - qself) / qself) <= TOL
+    assert np.max(np.abs(table.candidate_self - cself) / cself) <= TOL
+    assert table.meta["distinct_samples"] == 5  # q0 + s0..s3; s2 is both a query and a candidate
+    assert table.is_original[:, 0].all() and table.is_original.sum() == 2
+    assert list(table.components) == [c.name for c in comps]
+    assert table.rp_similarity.shape == (1, 2, 3) and np.all(np.abs(table.rp_similarity) <= 1 + 1e-9)
+
+
+def test_spill_to_disk_gives_same_dots():
+    model = tiny.model("llama")
+    tok = tiny.tokenizer()
+    ram = pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[2:], config=CFG)
+    disk = pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[2:],
+                         config=EngineConfig(batch_size=3, progress=False, memory_limit_gb=0.0))
+    np.testing.assert_allclose(disk, ram, rtol=1e-12, atol=0)
+    table = build_table(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, np.array([[0, 1], [1, 2]]), np.array([0, 0]),
+                        config=EngineConfig(batch_size=2, progress=False, memory_limit_gb=0.0))
+    assert table.meta["spilled_bytes"] > 0
+
+
+def test_truncation_warns_counts_and_matches_truncated_naive():
+    model = tiny.model("mistral")
+    tok = tiny.tokenizer()
+    long = Sample("long", "short prompt", "a response that is much longer than the limit " * 3)
+    with pytest.warns(UserWarning, match="truncated"):
+        enc, count = encode_samples(tok, [long, tiny.SAMPLES[0]], 40)
+    assert count == 1 and len(enc[0].input_ids) == 40 and enc[0].labels[-1] != tok.eos_token_id
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = build_table(model, tok, [long], [tiny.SAMPLES[0], long], np.array([[0, 1]]), np.array([1]),
+                            config=EngineConfig(max_length=40, progress=False))
+        feats = sample_features(model, tok, [long], config=EngineConfig(max_length=40, progress=False))
+    assert table.meta["truncated"] == 1
+    ref = tiny.naive_grads(model, enc[0])
+    comp = catalogue(model)[3]
+    err = (feats[comp.name][0].double() - _vec(model, ref, comp)).norm() / _vec(model, ref, comp).norm()
+    assert float(err) <= TOL
+
+
+def test_loss_masks_prompt_and_adds_eos():
+    tok = tiny.tokenizer(chat=True)
+    enc = encode_sample(tok, Sample("a", "hi", "yo"), 512)
+    prefix = tok("<|user|>hi<|assistant|>", add_special_tokens=False)["input_ids"]
+    assert list(enc.input_ids) == prefix + tok("yo", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert list(enc.labels) == [IGNORE] * len(prefix) + list(enc.input_ids[len(prefix):])
+    plain = tiny.tokenizer(chat=False, bos=True)
+    enc = encode_sample(plain, Sample("b", "hi", "yo"), 512)
+    assert enc.input_ids[0] == plain.bos_token_id and enc.input_ids[-1] == plain.eos_token_id
+    assert enc.labels[:3] == (IGNORE,) * 3 and enc.n_targets == 3  # "y", "o", EOS
+
+
+# ---- bad input: one-line errors naming the sample or the model -------------------------
+def test_empty_response_text_names_sample():
+    with pytest.raises(SampleError, match=r"sample nores: prompt with no response") as info:
+        sample_features(tiny.model("llama"), tiny.tokenizer(), [tiny.SAMPLES[0], Sample("nores", "a prompt", "")],
+                        config=CFG)
+    assert "\n" not in str(info.value)
+
+
+def test_empty_response_after_masking_names_sample():
+    with pytest.raises(SampleError, match=r"sample longprompt: empty response after masking") as info:
+        pairwise_dots(tiny.model("llama"), tiny.tokenizer(), [Sample("longprompt", "p" * 100, "answer")],
+                      tiny.SAMPLES[:1], config=EngineConfig(max_length=30, progress=False))
+    assert "\n" not in str(info.value)
+
+
+def test_nan_loss_names_sample():
+    model = tiny.model("llama")
+    tok = tiny.tokenizer()
+    bad_token = tok("Z", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[bad_token] = float("nan")
+    samples = [tiny.SAMPLES[0], Sample("poisoned", "Zebra?", "yes")]
+    with pytest.raises(SampleError, match=r"sample poisoned: loss is nan") as info:
+        sample_features(model, tok, samples, config=CFG)
+    assert "\n" not in str(info.value)
+
+
+def test_nan_gradient_with_finite_loss_names_sample():
+    model = tiny.model("llama")
+    tok = tiny.tokenizer()
+
+    def poison(module, args, out):  # zero in value, NaN in gradient, for batch row 1 only
+        bad = torch.sqrt(out[1] * 0).sum() * 0
+        return out + torch.stack([torch.zeros((), dtype=out.dtype), bad]).view(-1, 1, 1)
+
+    model.model.layers[1].mlp.register_forward_hook(poison)
+    samples = [Sample("fine", "What?", "That is long enough a reply."), Sample("nangrad", "Hi", "ok")]
+    with pytest.raises(SampleError, match=r"sample nangrad: gradient is NaN or inf") as info:
+        sample_features(model, tok, samples, config=EngineConfig(batch_size=2, progress=False))
+    assert "\n" not in str(info.value)
+
+
+def test_model_without_trainable_parameters_names_model():
+    model = tiny.model("gpt_neox")
+    model.config._name_or_path = "frozen-neox"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ModelError, match=r"model frozen-neox has no trainable parameters") as info:
+        sample_features(model, tiny.tokenizer(), tiny.SAMPLES[:1], config=CFG)
+    assert "\n" not in str(info.value)
+
+
+def test_partially_frozen_model_and_parameters_restored():
+    model = tiny.model("qwen2")
+    for name, p in model.named_parameters():
+        if "layers.0" not in name or name.endswith("q_proj.weight"):
+            p.requires_grad_(False)  # q_proj keeps only its bias: a bias-only component
+    tok = tiny.tokenizer()
+    comps = catalogue(model)
+    feats = sample_features(model, tok, tiny.SAMPLES[:2], config=CFG)
+    naive = _naive(model, tok, tiny.SAMPLES[:2])
+    for c in comps:
+        for i in range(2):
+            ref = _vec(model, naive[i], c)
+            assert float((feats[c.name][i].double() - ref).norm() / ref.norm()) <= TOL, c.name
+    assert [p.requires_grad for p in model.parameters()].count(True) == sum(len(c.param_names) for c in comps)
