@@ -216,7 +216,7 @@ def build_table(
     """Component table for ``queries`` x their candidates ``candidates[candidate_index[q, k]]``.
 
     ``original``: [Q] column of each query's original, or [Q, K] bool.  Each distinct sample
-    is forward/backward'ed once; query factors are stored, candidates stream past.  With
+    is forward/backward'ed once; the smaller side's factors are kept, the other streams past.  With
     ``proj_dims``, ``rp_similarity`` holds cosines of tensor-sketched full gradients.
     """
     config = config or EngineConfig()
@@ -239,12 +239,17 @@ def build_table(
     c_of = np.array([[pos[candidates[j].id] for j in row] for row in candidate_index], dtype=np.int64).reshape(n_q, n_k)
     timings["encode_s"] = time.perf_counter() - t0
 
-    stored = sorted(set(q_of))
-    streamed = sorted(set(c_of.ravel().tolist()) - set(stored))
-    needs: dict[int, set[int]] = {}
+    # Keep the factors of the smaller side (queries or candidates) and stream the other past
+    # them: every pair has one member on the kept side, so each sample is captured once.
+    q_set, c_set = set(q_of), set(c_of.ravel().tolist())
+    kept = q_set if len(q_set) <= len(c_set) else c_set
+    stored = sorted(kept)
+    streamed = sorted((q_set | c_set) - kept)
+    partners: dict[int, set[int]] = {}  # sample -> kept samples it is paired with
     for q, row in zip(q_of, c_of):
-        for c in row:
-            needs.setdefault(int(c), set()).add(q)
+        for c in map(int, row):
+            held, other = (q, c) if q in kept else (c, q)
+            partners.setdefault(other, set()).add(held)
     n_pairs = len(stored) + len(streamed) + int(c_of.size)
     lengths = [len(encoded[i].input_ids) for i in stored + streamed]
     materialise = _modes(prep, config, lengths, n_pairs)
@@ -252,13 +257,20 @@ def build_table(
 
     n_c = len(prep.specs)
     self_dots = np.zeros((len(unique), n_c))
-    cross: dict[tuple[int, int], np.ndarray] = {}
+    cross: dict[tuple[int, int], np.ndarray] = {}  # keyed by the sorted pair of sample indices
     sketches: dict[int, list[torch.Tensor]] = {}
     store = FactorStore(config.memory_limit_gb * 2**30, config.spill_dir)
     t_capture = t_dots = 0.0
+
+    def pair_dots(i: int, f: SampleFactors) -> None:
+        held = sorted(partners.get(i, ()))
+        for j, row in zip(held, factor_dots(f, [store.get(j).to(config.device) for j in held], prep.specs)):
+            cross[(min(i, j), max(i, j))] = row
+
     try:
         t1 = time.perf_counter()
-        for i, f in iter_factors(prep, encoded, stored, config, materialise, "queries"):
+        for i, f in iter_factors(prep, encoded, stored, config, materialise,
+                                 "queries" if kept is q_set else "candidates"):
             t2 = time.perf_counter()
             t_capture += t2 - t1
             self_dots[i] = factor_dots(f, [f], prep.specs)[0]
@@ -268,23 +280,19 @@ def build_table(
             t1 = time.perf_counter()
             t_dots += t1 - t2
         t2 = time.perf_counter()
-        for c in sorted(set(needs) & set(stored)):  # a query that is also a candidate
-            qs = sorted(needs[c])
-            for q, row in zip(qs, factor_dots(store.get(c).to(config.device),
-                                              [store.get(q).to(config.device) for q in qs], prep.specs)):
-                cross[(q, c)] = row
+        for i in sorted(set(partners) & kept):  # pairs whose members are both kept
+            pair_dots(i, store.get(i).to(config.device))
         t1 = time.perf_counter()
         t_dots += t1 - t2
-        for c, f in iter_factors(prep, encoded, streamed, config, materialise, "candidates"):
+        for i, f in iter_factors(prep, encoded, streamed, config, materialise,
+                                 "candidates" if kept is q_set else "queries"):
             t2 = time.perf_counter()
             t_capture += t2 - t1
             f = f.to(config.device)
-            self_dots[c] = factor_dots(f, [f], prep.specs)[0]
-            qs = sorted(needs[c])
-            for q, row in zip(qs, factor_dots(f, [store.get(q).to(config.device) for q in qs], prep.specs)):
-                cross[(q, c)] = row
+            self_dots[i] = factor_dots(f, [f], prep.specs)[0]
+            pair_dots(i, f)
             if sketcher:
-                sketches[c] = sketcher(f)
+                sketches[i] = sketcher(f)
             t1 = time.perf_counter()
             t_dots += t1 - t2
         spilled = store.spilled
@@ -292,7 +300,8 @@ def build_table(
         store.close()
     timings.update(capture_s=t_capture, dots_s=t_dots, total_s=time.perf_counter() - t0)
 
-    cross_arr = np.stack([np.stack([cross[(q, int(c))] for c in row]) for q, row in zip(q_of, c_of)])
+    cross_arr = np.stack([np.stack([cross[(min(q, int(c)), max(q, int(c)))] for c in row])
+                          for q, row in zip(q_of, c_of)])
     rp_dims = rp_sim = None
     if sketcher:
         rp_dims = np.asarray(proj_dims, dtype=np.int64)

@@ -100,6 +100,22 @@ def test_build_table_matches_naive_and_dedupes():
     assert table.rp_similarity.shape == (1, 2, 3) and np.all(np.abs(table.rp_similarity) <= 1 + 1e-9)
 
 
+def test_build_table_keeps_the_smaller_side():
+    # four queries share two candidates: the candidates' factors are kept, the queries stream
+    model = tiny.model("llama", tied=True)
+    tok = tiny.tokenizer()
+    comps = catalogue(model)
+    queries = [Sample(f"q{i}", f"Question number {i}?", f"Answer {i} is here.") for i in range(4)]
+    cands = tiny.SAMPLES[:2]
+    index = np.array([[0, 1], [1, 0], [0, 1], [1, 0]])
+    table = build_table(model, tok, queries, cands, index, np.array([0, 0, 0, 0]), config=CFG)
+    gq, gc = _naive(model, tok, queries), _naive(model, tok, cands)
+    ref = np.stack([_naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(4)])
+    scale = np.sqrt(table.query_self[:, None, :] * table.candidate_self)
+    assert np.max(np.abs(table.cross - ref) / np.maximum(scale, 1e-30)) <= TOL
+    assert table.meta["distinct_samples"] == 6
+
+
 def test_spill_to_disk_gives_same_dots():
     model = tiny.model("llama")
     tok = tiny.tokenizer()
