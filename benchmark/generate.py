@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmark.cache import StageCache
+from selproj_plugin import distributed
 
 
 def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -36,18 +37,31 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
 def generate_responses(model: Any, tokenizer: Any, items: Sequence[tuple[str, str]], *, cache_path: Path,
                        cache: StageCache, max_new_tokens: int = 96, batch_size: int = 8,
                        progress: bool = True) -> dict[str, str]:
-    """Greedy answers ``{id: text}`` to ``(id, prompt)`` items; finished batches survive interruption."""
-    done: dict[str, str] = cache.load_json(cache_path) or {}
+    """Greedy answers ``{id: text}`` to ``(id, prompt)`` items; finished batches survive interruption.
+
+    Under torch.distributed the batches are dealt out to the ranks; each rank keeps its own
+    cache file, and rank 0 writes the merged one.
+    """
+    rank, world = distributed.rank_world()
+    done: dict[str, str] = {}
+    for path in [cache_path, *sorted(cache_path.parent.glob(f"{cache_path.name}.rank*"))]:
+        done.update(cache.load_json(path) or {})
     todo = [(i, p) for i, p in items if i not in done]
     # shortest first keeps padding low; finished batches are cut from the front of this fixed
     # order, so a resumed run forms exactly the batches an uninterrupted one would have
     todo.sort(key=lambda item: len(item[1]))
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="sample", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)][rank::world]
+    mine_path = cache_path if world == 1 else cache_path.with_name(f"{cache_path.name}.rank{rank}of{world}")
+    mine: dict[str, str] = dict(done) if world == 1 else {}
+    bar = tqdm(total=sum(map(len, batches)), desc=distributed.prefix("generate"), unit="sample", disable=not progress)
+    for batch in batches:
         for (sample_id, _), text in zip(batch, _generate_batch(model, tokenizer, [p for _, p in batch], max_new_tokens)):
-            done[sample_id] = text
-        cache.save_json(cache_path, done)
+            mine[sample_id] = text
+        cache.save_json(mine_path, mine)
         bar.update(len(batch))
     bar.close()
+    for part in distributed.gather(mine):
+        done.update(part)
+    if world > 1 and distributed.is_main():
+        cache.save_json(cache_path, done)
     return {i: done[i] for i, _ in items}

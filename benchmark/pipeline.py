@@ -32,7 +32,7 @@ class PipelineOptions:
     model: str | None = None
     dataset: str | None = None
     settings: tuple[str, ...] = SETTINGS
-    max_samples: int | None = 96
+    max_samples: int | None = 64
     candidates: int = 5
     full_set: bool = False
     proj_dims: tuple[str, ...] = ()
@@ -55,6 +55,7 @@ class PipelineResult:
     identity: dict[str, Any]
     stages: dict[str, float] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)  # where this run's files went: not part of the results
 
 
 def parse_settings(text: str) -> tuple[str, ...]:
@@ -79,10 +80,12 @@ def _queries(setting: str, dataset: Dataset, generations: dict[str, str]) -> lis
 def build_tables(opts: PipelineOptions) -> PipelineResult:
     """Run every stage, reusing the cache; returns one validated table per setting."""
     from selproj_plugin.components import catalogue
-    from selproj_plugin.engine import EngineConfig, build_table
+    from selproj_plugin import distributed
+    from selproj_plugin.engine import EngineConfig, build_table_distributed
     from selproj_plugin.models import DEFAULT_MODEL_NAME, load_model
 
     stages: dict[str, float] = {}
+    world = distributed.rank_world()[1]
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -93,7 +96,8 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
 
     dataset = load_dataset(opts.dataset, max_samples=opts.max_samples)
     lap("dataset")
-    model, tokenizer = load_model(opts.model, dtype=opts.dtype, device=opts.device, cache=opts.cache_dir)
+    model, tokenizer = load_model(opts.model, dtype=opts.dtype, device=distributed.local_device(opts.device),
+                                  cache=opts.cache_dir)
     lap("model")
     cache = StageCache(opts.cache_dir)
     identity = {
@@ -139,10 +143,13 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         reused = True
     else:
         config = EngineConfig(batch_size=opts.batch_size, max_length=opts.max_length,
-                              memory_limit_gb=opts.memory_limit_gb, device=opts.device, progress=opts.progress)
-        table = build_table(model, tokenizer, queries, pool, rows, is_original,
-                            proj_dims=proj_dims, seed=opts.seed, config=config)
-        table.save(table_path)
+                              memory_limit_gb=opts.memory_limit_gb, device=distributed.local_device(opts.device),
+                              progress=opts.progress)
+        table = build_table_distributed(
+            model, tokenizer, queries, pool, rows, is_original, proj_dims=proj_dims, seed=opts.seed, config=config,
+            shard_path=lambda rank, world: cache.path("table", table_key, f"shard{rank}of{world}.npz"))
+        if distributed.is_main():
+            table.save(table_path)
         reused = False
     lap("table")
 
@@ -153,12 +160,12 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         if count:
             tables[s] = table.take(np.arange(start, start + count))
         start += count
+    run = {"table_cache": str(table_path), "table_reused": reused, "world_size": world}
     notes = {
-        "table_cache": str(table_path), "table_reused": reused,
         "empty_generations": sum(1 for r in dataset.records if "generated" in opts.settings
                                  and not generations.get(r.id, "").strip()),
         "skipped_multiturn": dataset.skipped_multiturn,
         "truncated": table.meta.get("truncated", 0),
         "total_params": total_params, "proj_dims": proj_dims,
     }
-    return PipelineResult(tables=tables, identity=identity, stages=stages, notes=notes)
+    return PipelineResult(tables=tables, identity=identity, stages=stages, notes=notes, run=run)

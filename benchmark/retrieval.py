@@ -19,7 +19,7 @@ import numpy as np
 
 from benchmark.pipeline import SETTINGS, PipelineOptions, build_tables, parse_settings
 from benchmark.report import format_setting, write_atomic, write_json
-from selproj_plugin import scoring
+from selproj_plugin import distributed, scoring
 from selproj_plugin.registry import get_strategy, list_strategies, plugin_errors
 from selproj_plugin.strategies.base import StrategyResult
 from selproj_plugin.table import ComponentTable
@@ -45,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", default=None, help="Hugging Face model id or local path (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dataset", default=None, help="local .jsonl/.json/.csv/.parquet or hub dataset (default: embedded)")
     g.add_argument("--setting", default=",".join(SETTINGS), help="paraphrased, generated or both (default: both)")
-    g.add_argument("--max-samples", type=int, default=96, help="first N samples of the dataset (default 96; 0 = all)")
+    g.add_argument("--max-samples", type=int, default=64, help="first N samples of the dataset (default 64; 0 = all)")
     g.add_argument("--candidates", type=int, default=5, help="BM25 top-k candidates per query (default 5)")
     g.add_argument("--full-set", action="store_true", help="every original is a candidate; adds MRR and recall@1/5/10")
     g.add_argument("--max-new-tokens", type=int, default=64, help="generation length for the generated setting")
@@ -179,7 +179,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             memory_limit_gb=args.memory_limit_gb, cache_dir=args.cache_dir, progress=not args.no_progress,
         ))
         tables = built.tables
-        document.update(identity=built.identity, stages=dict(built.stages), notes=built.notes)
+        document.update(identity=built.identity, stages=dict(built.stages), notes=built.notes, run=built.run)
+        if not distributed.is_main():  # rank 0 reports for everyone
+            return document
     out = Path(args.out) if args.out else None
     images: dict[str, list[str]] = {}
     evaluate_start = time.perf_counter()
@@ -224,7 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for plugin, error in plugin_errors().items():
             print(f"(plugin {plugin} disabled: {error})")
         return 0
-    run(args)
+    rank, _ = distributed.init_from_env(args.device)
+    try:
+        run(args)
+    finally:
+        distributed.finish()
+    if rank != 0:
+        return 0
     for plugin, error in plugin_errors().items():
         print(f"warning: plugin {plugin} disabled: {error}", file=sys.stderr)
     return 0

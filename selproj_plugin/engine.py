@@ -14,12 +14,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from selproj_plugin.capture import ComponentSpec, GradientCapture, SampleFactors, matrix_form, to_param_layout
+from selproj_plugin import distributed
 from selproj_plugin.components import Component, catalogue, select
 from selproj_plugin.gram import choose_modes, factor_dots
 from selproj_plugin.loss import Encoded, ModelError, collate, encode_samples, pad_token_id, require_trainable
@@ -29,7 +30,7 @@ from selproj_plugin.samples import Sample
 from selproj_plugin.table import ComponentTable
 
 __all__ = [
-    "EngineConfig", "FactorStore", "build_table", "sample_features", "projected_features", "pairwise_dots",
+    "EngineConfig", "FactorStore", "build_table", "build_table_distributed", "sample_features", "projected_features", "pairwise_dots",
     "iter_factors", "factor_dots", "prepare",
 ]
 
@@ -143,6 +144,7 @@ def iter_factors(prep: Prepared, encoded: Sequence[Encoded], indices: Sequence[i
     This is the unit a distributed run shards: each rank passes its own subset of indices.
     """
     done, total, t0 = 0, len(indices), time.perf_counter()
+    label = distributed.prefix(label)
     for idx in _batches(encoded, indices, config.batch_size):
         batch = collate([encoded[i] for i in idx], prep.pad_id, config.device)
         factors, _ = prep.capture.run(batch, sorted(materialise))
@@ -327,6 +329,39 @@ def build_table(
         candidate_ids=np.array([[candidates[j].id for j in row] for row in candidate_index]).reshape(n_q, n_k),
         rp_dims=rp_dims, rp_similarity=rp_sim, meta=meta,
     )
+
+
+def build_table_distributed(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    queries: Sequence[Sample],
+    candidates: Sequence[Sample],
+    candidate_index: np.ndarray,
+    original: np.ndarray,
+    *,
+    shard_path: Callable[[int, int], Path] | None = None,
+    **kwargs: Any,
+) -> ComponentTable:
+    """:func:`build_table` with the queries split over torch.distributed ranks.
+
+    Each rank builds the rows of its own contiguous block of queries (saving them to
+    ``shard_path(rank, world)`` when given, and reusing a shard file that is already
+    there), then the rows are gathered so every rank returns the whole table.  With
+    one process this is :func:`build_table`.
+    """
+    rank, world = distributed.rank_world()
+    if world == 1:
+        return build_table(model, tokenizer, queries, candidates, candidate_index, original, **kwargs)
+    rows = distributed.shard(len(queries), rank, world)
+    path = shard_path(rank, world) if shard_path else None
+    if path is not None and path.is_file():
+        part = ComponentTable.load(path)
+    else:
+        part = build_table(model, tokenizer, [queries[i] for i in rows], candidates,
+                           np.asarray(candidate_index)[rows], np.asarray(original)[rows], **kwargs)
+        if path is not None:
+            part.save(path)
+    return ComponentTable.concat(distributed.gather(part))
 
 
 def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample],

@@ -18,6 +18,9 @@ from selproj_plugin.capture import ComponentSpec, FactorUse, SampleFactors
 
 # A materialised dot reads two full vectors from memory; weigh its flops as this many matmul flops.
 MEMORY_BOUND_WEIGHT = 8.0
+# A materialised gradient also takes 2-3x the memory of its factors at typical lengths, so
+# materialise only where it saves at least this share of the flops.
+MATERIALISE_MARGIN = 0.5
 
 
 def choose_modes(specs: Iterable[ComponentSpec], lengths: Sequence[int], n_pairs: int) -> set[str]:
@@ -25,7 +28,8 @@ def choose_modes(specs: Iterable[ComponentSpec], lengths: Sequence[int], n_pairs
 
     ``lengths``: token counts of the distinct samples; ``n_pairs``: number of dot products
     the caller will take (self pairs included).  Factored costs ~n_i n_j (rows + cols) per
-    pair; materialised costs n rows cols per sample plus rows cols per pair.
+    pair; materialised costs n rows cols per sample plus rows cols per pair, and is chosen
+    only when clearly cheaper (it holds rows x cols numbers per kept sample instead of n (rows + cols)).
     """
     lengths = np.asarray(lengths, dtype=np.float64)
     if lengths.size == 0 or n_pairs == 0:
@@ -38,7 +42,7 @@ def choose_modes(specs: Iterable[ComponentSpec], lengths: Sequence[int], n_pairs
         size = spec.rows * spec.cols
         factored = n_pairs * mean_sq * (spec.rows + spec.cols)
         materialised = float(np.sum(lengths)) * size + n_pairs * size * MEMORY_BOUND_WEIGHT
-        if materialised < factored and size <= 64_000_000:
+        if materialised < MATERIALISE_MARGIN * factored and size <= 64_000_000:
             out.add(spec.name)
     return out
 

@@ -41,7 +41,7 @@ def argv(model_dir, dataset, cache, *extra):
 
 def strip_timings(doc: dict) -> dict:
     doc = json.loads(json.dumps(doc))
-    for key in ("stages", "seconds", "peak_memory", "date", "notes"):
+    for key in ("stages", "seconds", "peak_memory", "date", "run"):
         doc.pop(key, None)
     for section in [doc] + list(doc["settings"].values()):
         for result in section["results"].values():
@@ -99,7 +99,7 @@ def test_interrupted_table_stage_resumes_to_the_same_json(tiny_model_dir, small_
 
     again = tmp_path / "again.json"
     assert cli(argv(tiny_model_dir, small_dataset, cache, "--json", str(again))) == 0
-    assert json.loads(again.read_text())["notes"]["table_reused"] is True
+    assert json.loads(again.read_text())["run"]["table_reused"] is True
     assert strip_timings(json.loads(again.read_text())) == strip_timings(json.loads(reference.read_text()))
 
 
