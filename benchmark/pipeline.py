@@ -42,7 +42,7 @@ class PipelineOptions:
     max_length: int = 512
     max_new_tokens: int = 64
     batch_size: int = 8
-    memory_limit_gb: float = 8.0
+    memory_limit_gb: float = 6.0
     cache_dir: str | None = None
     progress: bool = True
 

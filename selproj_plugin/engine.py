@@ -44,7 +44,7 @@ class EngineConfig:
 
     batch_size: int = 8
     max_length: int = 512
-    memory_limit_gb: float = 8.0  # factors kept in RAM beyond this are spilled to disk
+    memory_limit_gb: float = 6.0  # factors kept in RAM beyond this are spilled to disk
     device: str = "cpu"
     spill_dir: str | None = None
     progress: bool = True
@@ -52,13 +52,18 @@ class EngineConfig:
 
 
 class FactorStore:
-    """Sample factors by key, in RAM up to ``limit_bytes`` and as ``.npy`` memmaps beyond it."""
+    """Sample factors by key, in RAM up to ``limit_bytes`` and as ``.npy`` files beyond it.
+
+    Spilled factors are read back whole on each ``get`` and dropped after use, so the
+    process holds at most the limit plus the factors in use, however many are spilled.
+    """
 
     def __init__(self, limit_bytes: float, spill_dir: str | None = None) -> None:
         self.limit = limit_bytes
         self.in_ram = 0
         self.spilled = 0
         self._items: dict[Any, SampleFactors] = {}
+        self._files: dict[Any, tuple[SampleFactors, dict[str, Path], dict[str, Path]]] = {}
         self._parent = spill_dir
         self._dir: Path | None = None
 
@@ -72,27 +77,32 @@ class FactorStore:
             if self._parent is not None:
                 Path(self._parent).mkdir(parents=True, exist_ok=True)
             self._dir = Path(tempfile.mkdtemp(prefix="selproj-spill-", dir=self._parent))
-        base = self._dir / f"s{len(self._items)}"
+        base = self._dir / f"s{len(self._files)}"
         tensors = {k: self._spill(base, f"t{i}", t) for i, (k, t) in enumerate(f.tensors.items())}
         vectors = {k: self._spill(base, f"v{i}", t) for i, (k, t) in enumerate(f.vectors.items())}
         self.spilled += f.nbytes
-        self._items[key] = SampleFactors(f.sample_id, tensors, f.uses, vectors)
+        self._files[key] = (SampleFactors(f.sample_id, {}, f.uses, {}), tensors, vectors)
 
     @staticmethod
-    def _spill(base: Path, tag: str, t: torch.Tensor) -> torch.Tensor:
+    def _spill(base: Path, tag: str, t: torch.Tensor) -> Path:
         path = Path(f"{base}-{tag}.npy")
         np.save(path, t.numpy())
-        return torch.from_numpy(np.load(path, mmap_mode="c"))
+        return path
 
     def get(self, key: Any) -> SampleFactors:
-        return self._items[key]
+        if key in self._items:
+            return self._items[key]
+        shell, tensors, vectors = self._files[key]
+        load = lambda paths: {k: torch.from_numpy(np.load(p)) for k, p in paths.items()}  # noqa: E731
+        return SampleFactors(shell.sample_id, load(tensors), shell.uses, load(vectors))
 
     def __contains__(self, key: Any) -> bool:
-        return key in self._items
+        return key in self._items or key in self._files
 
     def close(self) -> None:
         """Drop everything and delete spilled files."""
         self._items.clear()
+        self._files.clear()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
