@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmark import pipeline
+from benchmark.scaleout import comparable as strip_timings
 from benchmark.retrieval import cli
 from tests import tiny
 
@@ -37,16 +38,6 @@ def small_dataset(tmp_path_factory) -> Path:
 def argv(model_dir, dataset, cache, *extra):
     return ["--model", str(model_dir), "--dataset", str(dataset), "--cache-dir", str(cache), "--max-length", "160",
             "--max-new-tokens", "6", "--no-progress", *extra]
-
-
-def strip_timings(doc: dict) -> dict:
-    doc = json.loads(json.dumps(doc))
-    for key in ("stages", "seconds", "peak_memory", "date", "run"):
-        doc.pop(key, None)
-    for section in [doc] + list(doc["settings"].values()):
-        for result in section["results"].values():
-            result.pop("seconds")
-    return doc
 
 
 def test_end_to_end_outputs(tiny_model_dir, small_dataset, tmp_path, capsys):
