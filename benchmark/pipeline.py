@@ -143,7 +143,8 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         reused = True
     else:
         config = EngineConfig(batch_size=opts.batch_size, max_length=opts.max_length,
-                              memory_limit_gb=opts.memory_limit_gb, device=distributed.local_device(opts.device),
+                              memory_limit_gb=opts.memory_limit_gb / distributed.local_world(),  # per machine
+                              device=distributed.local_device(opts.device),
                               progress=opts.progress)
         table = build_table_distributed(
             model, tokenizer, queries, pool, rows, is_original, proj_dims=proj_dims, seed=opts.seed, config=config,

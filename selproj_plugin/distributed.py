@@ -45,6 +45,11 @@ def local_device(device: str) -> str:
     return str(device)
 
 
+def local_world() -> int:
+    """Processes on this machine (torchrun's ``LOCAL_WORLD_SIZE``): they share its memory."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if rank_world()[1] > 1 else 1
+
+
 def shard(n: int, rank: int, world: int) -> np.ndarray:
     """The contiguous block of ``range(n)`` that ``rank`` owns."""
     return np.array_split(np.arange(n), world)[rank]

@@ -36,6 +36,7 @@ __all__ = [
 
 
 A_CHUNK = 16  # stored samples concatenated per Gram call in pairwise_dots
+FFT_MAX_BUCKETS = 2048  # sketch blocks wider than this sketch the materialised gradient instead
 
 
 @dataclass
@@ -203,6 +204,9 @@ class _Sketcher:
                 blk = sk.block(s.name)
                 if s.name in f.vectors:
                     part = sk.sketch_matrix(s.name, f.vectors[s.name].view(s.rows, s.cols))
+                elif s.kind == "factor" and blk.stop - blk.start > FFT_MAX_BUCKETS:
+                    # wide blocks: forming D^T X once is cheaper than FFTs of every token's rows
+                    part = sk.sketch_matrix(s.name, matrix_form(s, f))
                 else:
                     part = sk.sketch_factors(s.name, [
                         (f.tensors[u.left], u.left_index, f.tensors[u.right] if u.right else None, u.aug)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 
-DENSE_HASH_LIMIT = 4_000_000  # widths x buckets up to this use a cached dense hash matrix
+DENSE_HASH_LIMIT = 4_000_000  # widths x buckets up to this use a cached dense hash matrix ...
+DENSE_HASH_MAX_BUCKETS = 256  # ... when buckets are few: the matmul costs rows x width x buckets, a scatter rows x width
 
 
 def split_dims(num_params: Sequence[int], dim: int) -> list[int]:
@@ -92,7 +93,7 @@ class TensorSketch:
             t = t.to(self.device)
             if index:
                 out[torch.arange(n, device=self.device), h[t]] = s[t]
-            elif t.shape[1] * d <= DENSE_HASH_LIMIT:  # small: one matmul with the dense signed hash matrix
+            elif d <= DENSE_HASH_MAX_BUCKETS and t.shape[1] * d <= DENSE_HASH_LIMIT:  # one matmul, dense signed hash
                 out += t.float() @ self._dense(h, s, d, t.shape[1])
             else:  # wide: scatter columns into buckets
                 width = t.shape[1]

@@ -115,3 +115,15 @@ def test_bad_input_errors(tiny_model_dir, small_dataset, tmp_path, capsys):
     assert "unknown setting paraphrase; choose from paraphrased, generated" in err
     err = one_line_error(capsys, argv(tiny_model_dir, small_dataset, cache, "--strategy", "gredy"))
     assert "unknown strategy 'gredy'" in err
+
+
+def test_full_set_reports_rank_metrics(tiny_model_dir, small_dataset, tmp_path):
+    out = tmp_path / "full.json"
+    assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--setting", "paraphrased", "--full-set",
+                    "--strategy", "full", "--json", str(out))) == 0
+    section = json.loads(out.read_text())["settings"]["paraphrased"]
+    assert section["candidates"] == 6  # every original is a candidate of every query
+    full = section["results"]["full"]
+    assert {"mrr", "recall@1", "recall@5", "recall@10"} <= set(full)
+    assert full["recall@1"] == full["accuracy"] and full["recall@10"] == 1.0
+    assert 1 / 6 <= full["mrr"] <= 1.0
