@@ -75,10 +75,15 @@ def barrier() -> None:
 
 
 def finish() -> None:
-    """Leave the process group (no-op outside one)."""
+    """Wait for every rank, then leave the process group (no-op outside one).
+
+    Without the barrier a rank that is done early tears down its gloo connections while
+    rank 0 still works, and the peer can abort.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
