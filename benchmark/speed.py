@@ -52,11 +52,11 @@ def worker_engine(args: argparse.Namespace) -> dict:
     from selproj_plugin.engine import EngineConfig, build_table
     from selproj_plugin.models import load_model
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     queries, pool, index, original = _setup(args)
     t0 = time.perf_counter()
     table = build_table(model, tok, queries, pool, index, original, proj_dims=(args.proj_dim,),
-                        config=EngineConfig(batch_size=args.batch_size, progress=True))
+                        config=EngineConfig(batch_size=args.batch_size, device=args.device, progress=True))
     seconds = time.perf_counter() - t0
     table.save(args.out)
     return {"seconds": seconds, "timings": table.meta["timings"], "distinct_samples": table.meta["distinct_samples"],
@@ -72,15 +72,15 @@ def worker_loop(args: argparse.Namespace) -> dict:
     from selproj_plugin.loss import IGNORE, encode_sample
     from selproj_plugin.models import load_model
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     queries, pool, index, _ = _setup(args)
     comps = catalogue(model)
     params = dict(model.named_parameters())
 
     def grads(sample) -> list[torch.Tensor]:
         enc = encode_sample(tok, sample, 512)
-        ids = torch.tensor([enc.input_ids])
-        labels = torch.tensor([enc.labels])
+        ids = torch.tensor([enc.input_ids], device=args.device)
+        labels = torch.tensor([enc.labels], device=args.device)
         model.zero_grad(set_to_none=True)
         logits = model(input_ids=ids).logits[0, :-1]
         target = labels[0, 1:]
@@ -163,7 +163,8 @@ def _run_worker(name: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, "-m", "benchmark.speed", "--worker", name, "--out", str(out),
            "--queries", str(args.queries), "--k", str(args.k), "--loop-queries", str(args.loop_queries),
            "--batch-size", str(args.batch_size), "--proj-dim", str(args.proj_dim),
-           "--proj-samples", str(args.proj_samples), "--trak-slice", str(args.trak_slice), "--seed", str(args.seed)]
+           "--proj-samples", str(args.proj_samples), "--trak-slice", str(args.trak_slice), "--seed", str(args.seed),
+           "--device", args.device]
     if args.model:
         cmd += ["--model", args.model]
     result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proj-samples", type=int, default=8)
     parser.add_argument("--trak-slice", type=int, default=2_000_000, help="gradient coordinates timed for TRAK")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu",
+                        help="device of the engine and the loop (the projection comparison stays on CPU)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
