@@ -163,8 +163,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         start += count
     run = {"table_cache": str(table_path), "table_reused": reused, "world_size": world}
     notes = {
-        "empty_generations": sum(1 for r in dataset.records if "generated" in opts.settings
-                                 and not generations.get(r.id, "").strip()),
+        "empty_generations": len(dataset) - len(per_setting["generated"]) if "generated" in per_setting else 0,
         "skipped_multiturn": dataset.skipped_multiturn,
         "truncated": table.meta.get("truncated", 0),
         "total_params": total_params, "proj_dims": proj_dims,

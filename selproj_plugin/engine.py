@@ -330,7 +330,8 @@ def build_table(
                     rp_sim[r, qi, k] = float(a @ b) / denom if denom > 0 else 0.0
     comps = [s.component for s in prep.specs]
     meta = {
-        "model": model_name(model), "truncated": n_truncated, "max_length": config.max_length,
+        "model": model_name(model), "truncated": n_truncated,
+        "truncated_ids": [e.sample_id for e in encoded if e.truncated], "max_length": config.max_length,
         "distinct_samples": len(stored) + len(streamed), "batch_size": config.batch_size,
         "materialised_components": len(materialise), "mode": config.mode, "spilled_bytes": int(spilled),
         "timings": timings, "seed": seed, "engine": "selproj factor engine",
@@ -375,7 +376,11 @@ def build_table_distributed(
                            np.asarray(candidate_index)[rows], np.asarray(original)[rows], **kwargs)
         if path is not None:
             part.save(path)
-    return ComponentTable.concat(distributed.gather(part))
+    table = ComponentTable.concat(distributed.gather(part))
+    # ranks share candidates, so the whole table's truncated samples are the union of theirs
+    truncated = sorted({i for shard in table.meta["shards"] for i in shard.get("truncated_ids", [])})
+    table.meta.update(truncated=len(truncated), truncated_ids=truncated)
+    return table
 
 
 def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample],

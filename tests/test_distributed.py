@@ -17,8 +17,10 @@ from tests import tiny
 from tests.test_benchmark_pipeline import argv, small_dataset, strip_timings, tiny_model_dir  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
-QUERIES = [tiny.Sample(f"q{i}", f"Question {i} about trees?", f"Reply {i}: they grow.") for i in range(5)]
+QUERIES = [tiny.Sample(f"q{i}", f"Question {i} about trees?", f"Reply {i}: they grow.") for i in range(4)] + [
+    tiny.Sample("q4", "Question 4 about tall trees in old forests?", "Reply 4: they grow slowly but surely.")]
 INDEX = np.array([[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 0], [4, 0, 1]])
+MAX_LENGTH = 70  # truncates s3 (a candidate on both ranks) and q4 (a query of rank 1 only)
 
 
 def free_port() -> int:
@@ -37,7 +39,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         shard = lambda r, w: Path(out).with_name(f"shard{r}of{w}.npz")  # noqa: E731
         table = build_table_distributed(tiny.model("llama", tied=True), tiny.tokenizer(), QUERIES, tiny.SAMPLES,
                                         INDEX, np.zeros(5, dtype=int), proj_dims=(32,), shard_path=shard,
-                                        config=EngineConfig(batch_size=2, progress=False))
+                                        config=EngineConfig(batch_size=2, max_length=MAX_LENGTH, progress=False))
         if rank == 0:
             table.save(out)
     finally:
@@ -52,11 +54,14 @@ def test_two_processes_build_the_same_table(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     two = ComponentTable.load(out)
     one = build_table(tiny.model("llama", tied=True), tiny.tokenizer(), QUERIES, tiny.SAMPLES, INDEX,
-                      np.zeros(5, dtype=int), proj_dims=(32,), config=EngineConfig(batch_size=2, progress=False))
+                      np.zeros(5, dtype=int), proj_dims=(32,),
+                      config=EngineConfig(batch_size=2, max_length=MAX_LENGTH, progress=False))
     assert list(two.query_ids) == [q.id for q in QUERIES]
     for name in ("cross", "query_self", "candidate_self", "rp_similarity"):
         np.testing.assert_allclose(getattr(two, name), getattr(one, name), rtol=1e-6, atol=1e-9, err_msg=name)
     np.testing.assert_array_equal(two.is_original, one.is_original)
+    assert one.meta["truncated"] == 2 and two.meta["truncated"] == 2  # the union: s3 once, q4 from rank 1
+    assert two.meta["truncated_ids"] == ["q4", "s3"]
     # each rank left its finished shard behind for a rerun, and no two ranks wrote the same file
     assert sorted(p.name for p in tmp_path.glob("shard*")) == ["shard0of2.npz", "shard1of2.npz"]
     assert ComponentTable.load(tmp_path / "shard1of2.npz").n_queries == 2
