@@ -79,6 +79,8 @@ def _queries(setting: str, dataset: Dataset, generations: dict[str, str]) -> lis
 
 def build_tables(opts: PipelineOptions) -> PipelineResult:
     """Run every stage, reusing the cache; returns one validated table per setting."""
+    import torch
+
     from selproj_plugin.components import catalogue
     from selproj_plugin import distributed
     from selproj_plugin.engine import EngineConfig, build_table_distributed
@@ -161,7 +163,8 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         if count:
             tables[s] = table.take(np.arange(start, start + count))
         start += count
-    run = {"table_cache": str(table_path), "table_reused": reused, "world_size": world}
+    run = {"table_cache": str(table_path), "table_reused": reused, "world_size": world,
+           "threads_per_process": torch.get_num_threads()}
     notes = {
         "empty_generations": len(dataset) - len(per_setting["generated"]) if "generated" in per_setting else 0,
         "skipped_multiturn": dataset.skipped_multiturn,

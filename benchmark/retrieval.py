@@ -53,6 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--memory-limit-gb", type=float, default=6.0, help="gradient factors kept in RAM beyond this spill to disk (default 6; shared by the processes of a machine)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default: torch's; torchrun gives 1). Runs with equal threads per "
+                        "process give bit-identical results however many processes share the work")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--cache-dir", default=None, help="cache root (default $SELPROJ_CACHE or ~/.cache/selproj)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -226,6 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for plugin, error in plugin_errors().items():
             print(f"(plugin {plugin} disabled: {error})")
         return 0
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     rank, _ = distributed.init_from_env(args.device)
     try:
         run(args)

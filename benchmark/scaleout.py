@@ -2,7 +2,10 @@
 
 Both runs get their own fresh stage cache (the model cache is shared), so each computes
 everything; the script prints both wall times and whether the two JSON documents agree
-apart from timings and run bookkeeping.  Extra arguments go to ``benchmark.retrieval``.
+apart from timings and run bookkeeping.  Both runs use the same threads per process
+(``--threads``, default: the machine's cores shared by the torchrun processes): BLAS splits
+fp32 sums by thread, so only equal threads can give equal bits.  Extra arguments go to
+``benchmark.retrieval``.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
-def run(nproc: int, extra: list[str], cache: Path, out: Path) -> float:
+def run(nproc: int, threads: int, extra: list[str], cache: Path, out: Path) -> float:
     model_cache = Path(os.environ.get("SELPROJ_CACHE", Path.home() / ".cache" / "selproj"))
     cache.mkdir(parents=True, exist_ok=True)
     for entry in model_cache.glob("SmolLM2-*"):  # reuse the converted default model, nothing else
@@ -52,7 +55,7 @@ def run(nproc: int, extra: list[str], cache: Path, out: Path) -> float:
             target.symlink_to(entry.resolve())
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "benchmark.retrieval", "--json", str(out), "--no-progress", *extra]
+    cmd = [*launcher, "-m", "benchmark.retrieval", "--json", str(out), "--no-progress", "--threads", str(threads), *extra]
     env = {**os.environ, "SELPROJ_CACHE": str(cache)}
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
@@ -64,15 +67,19 @@ def run(nproc: int, extra: list[str], cache: Path, out: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmark.scaleout", description=__doc__.splitlines()[0])
     p.add_argument("--nproc", type=int, default=2, help="processes for the torchrun run (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process in both runs (default: cores // nproc, at least 1)")
     p.add_argument("--json", dest="json_out", help="write wall times and the comparison here")
     args, extra = p.parse_known_args(argv)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+    print(f"{threads} thread(s) per process in both runs")
     work = Path(tempfile.mkdtemp(prefix="selproj-scaleout-"))
     try:
         walls = {}
         docs = {}
         for n in (1, args.nproc):
             out = work / f"n{n}.json"
-            walls[n] = run(n, extra, work / f"cache{n}", out)
+            walls[n] = run(n, threads, extra, work / f"cache{n}", out)
             docs[n] = json.loads(out.read_text())
             print(f"{n} process(es): {walls[n]:.1f} s wall")
         diffs = differences(comparable(docs[1]), comparable(docs[args.nproc]))
@@ -81,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             print("  " + line)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps({"wall_seconds": walls, "differences": diffs,
-                                                       "identical": not diffs, "args": extra}, indent=2))
+                                                       "identical": not diffs, "threads_per_process": threads,
+                                                       "args": extra}, indent=2))
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

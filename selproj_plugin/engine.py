@@ -2,8 +2,8 @@
 
 Every distinct sample (by id) goes through one batched forward/backward; its gradient
 factors are kept (in RAM up to a memory limit, then spilled to disk) only for the side
-that is needed again, while the other side streams past.  The per-subset functions
-(:func:`iter_factors`, :func:`factor_dots`) are what a distributed run would shard.
+that is needed again, while the other side streams past.  Under torch.distributed the
+streamed side's batches are dealt out to the ranks (:func:`build_table_distributed`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from selproj_plugin.loss import Encoded, ModelError, collate, encode_samples, pa
 from selproj_plugin.models import model_name
 from selproj_plugin.projection import TensorSketch, TrakCudaJL, trak_cuda_available
 from selproj_plugin.samples import Sample
+from selproj_plugin.shards import TableShard, pair_key
 from selproj_plugin.table import ComponentTable
 
 __all__ = [
@@ -150,13 +151,16 @@ def _batches(encoded: Sequence[Encoded], order: Sequence[int], batch_size: int) 
 
 def iter_factors(prep: Prepared, encoded: Sequence[Encoded], indices: Sequence[int], config: EngineConfig,
                  materialise: set[str] = frozenset(), label: str = "samples") -> Iterator[tuple[int, SampleFactors]]:
-    """Factors of ``encoded[i]`` for each i in ``indices``: one forward/backward per batch.
+    """Factors of ``encoded[i]`` for each i in ``indices``: one forward/backward per length-sorted batch."""
+    return _capture(prep, encoded, list(_batches(encoded, indices, config.batch_size)), config, materialise, label)
 
-    This is the unit a distributed run shards: each rank passes its own subset of indices.
-    """
-    done, total, t0 = 0, len(indices), time.perf_counter()
+
+def _capture(prep: Prepared, encoded: Sequence[Encoded], batches: Sequence[Sequence[int]], config: EngineConfig,
+             materialise: set[str] = frozenset(), label: str = "samples") -> Iterator[tuple[int, SampleFactors]]:
+    """Factors of each sample of ``batches``, one forward/backward per batch, with progress on stderr."""
+    done, total, t0 = 0, sum(map(len, batches)), time.perf_counter()
     label = distributed.prefix(label)
-    for idx in _batches(encoded, indices, config.batch_size):
+    for idx in batches:
         batch = collate([encoded[i] for i in idx], prep.pad_id, config.device)
         factors, _ = prep.capture.run(batch, sorted(materialise))
         for i, f in zip(idx, factors):
@@ -216,6 +220,182 @@ class _Sketcher:
         return out
 
 
+@dataclass
+class _Plan:
+    """What every rank derives alike from the inputs: samples, batches, pairs and dot modes.
+
+    The batches are those of one process; ranks deal whole batches out, so every sample is
+    captured in the same batch (and so with the same fp32 rounding) however many ranks run.
+    """
+
+    unique: list[Sample]
+    encoded: list[Encoded]
+    q_of: list[int]
+    c_of: np.ndarray
+    kept_queries: bool
+    kept: set[int]
+    kept_batches: list[list[int]]
+    streamed_batches: list[list[int]]
+    partners: dict[int, list[int]]  # sample -> the kept samples it is paired with
+    materialise: set[str]
+
+    def share(self, rank: int, world: int) -> tuple[list[list[int]], list[int]]:
+        """A rank's streamed batches and the kept samples whose kept-kept pairs it computes."""
+        return self.streamed_batches[rank::world], sorted(set(self.partners) & self.kept)[rank::world]
+
+    def expected(self, rank: int, world: int) -> tuple[set[str], set[tuple[str, str]]]:
+        """Sample ids and pairs a rank's shard holds (every rank computes the kept samples' self dots)."""
+        batches, kept_pairs = self.share(rank, world)
+        mine = [i for b in batches for i in b] + kept_pairs
+        ids = {self.unique[i].id for i in self.kept} | {self.unique[i].id for b in batches for i in b}
+        return ids, {pair_key(self.unique[i].id, self.unique[j].id) for i in mine for j in self.partners.get(i, ())}
+
+
+def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
+          candidate_index: np.ndarray, config: EngineConfig) -> tuple[_Plan, int]:
+    unique, pos = _dedupe(list(queries) + list(candidates))
+    encoded, n_truncated = encode_samples(tokenizer, unique, config.max_length)
+    n_q, n_k = candidate_index.shape
+    q_of = [pos[s.id] for s in queries]
+    c_of = np.array([[pos[candidates[j].id] for j in row] for row in candidate_index], dtype=np.int64).reshape(n_q, n_k)
+    # Keep the factors of the smaller side (queries or candidates) and stream the other past
+    # them: every pair has one member on the kept side, so each sample is captured once.
+    q_set, c_set = set(q_of), set(c_of.ravel().tolist())
+    kept = q_set if len(q_set) <= len(c_set) else c_set
+    stored = sorted(kept)
+    streamed = sorted((q_set | c_set) - kept)
+    partners: dict[int, set[int]] = {}
+    for q, row in zip(q_of, c_of):
+        for c in map(int, row):
+            held, other = (q, c) if q in kept else (c, q)
+            partners.setdefault(other, set()).add(held)
+    lengths = [len(encoded[i].input_ids) for i in stored + streamed]
+    materialise = _modes(prep, config, lengths, len(stored) + len(streamed) + int(c_of.size))
+    plan = _Plan(unique, encoded, q_of, c_of, kept is q_set, kept,
+                 list(_batches(encoded, stored, config.batch_size)), list(_batches(encoded, streamed, config.batch_size)),
+                 {i: sorted(js) for i, js in partners.items()}, materialise)
+    return plan, n_truncated
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    denom = float(a.norm() * b.norm())
+    return float(a @ b) / denom if denom > 0 else 0.0
+
+
+def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: EngineConfig,
+                   sketcher: "_Sketcher | None") -> TableShard:
+    """This rank's share: every kept sample (all ranks need their factors), its dealt streamed batches."""
+    ids = [s.id for s in plan.unique]
+    shard = TableShard(components=[s.name for s in prep.specs])
+    kept_sketches: dict[int, list[torch.Tensor]] = {}
+    store = FactorStore(config.memory_limit_gb * 2**30, config.spill_dir)
+    streamed_batches, kept_pairs = plan.share(rank, world)
+    kept_label, streamed_label = ("queries", "candidates") if plan.kept_queries else ("candidates", "queries")
+    t_capture = t_dots = 0.0
+
+    def pairs(i: int, f: SampleFactors, sketch: list[torch.Tensor] | None) -> None:
+        held = plan.partners.get(i, [])
+        for j, row in zip(held, factor_dots(f, [store.get(j).to(config.device) for j in held], prep.specs)):
+            key = pair_key(ids[i], ids[j])
+            shard.cross[key] = row
+            if sketch is not None:
+                shard.rp[key] = np.array([_cosine(a, b) for a, b in zip(sketch, kept_sketches[j])])
+
+    try:
+        t1 = time.perf_counter()
+        for i, f in _capture(prep, plan.encoded, plan.kept_batches, config, plan.materialise, kept_label):
+            t2 = time.perf_counter()
+            t_capture += t2 - t1
+            shard.self_dots[ids[i]] = factor_dots(f, [f], prep.specs)[0]
+            if sketcher:
+                kept_sketches[i] = sketcher(f)
+            store.put(i, f)
+            t1 = time.perf_counter()
+            t_dots += t1 - t2
+        for i in kept_pairs:  # pairs whose members are both kept
+            pairs(i, store.get(i).to(config.device), kept_sketches.get(i))
+        t2 = time.perf_counter()
+        t_dots += t2 - t1
+        t1 = t2
+        for i, f in _capture(prep, plan.encoded, streamed_batches, config, plan.materialise, streamed_label):
+            t2 = time.perf_counter()
+            t_capture += t2 - t1
+            f = f.to(config.device)
+            shard.self_dots[ids[i]] = factor_dots(f, [f], prep.specs)[0]
+            pairs(i, f, sketcher(f) if sketcher else None)
+            t1 = time.perf_counter()
+            t_dots += t1 - t2
+        spilled = store.spilled
+    finally:
+        store.close()
+    shard.meta = {"rank": rank, "world": world, "spilled_bytes": int(spilled),
+                  "timings": {"capture_s": t_capture, "dots_s": t_dots}}
+    return shard
+
+
+def _build(model: torch.nn.Module, tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
+           candidate_index: np.ndarray, original: np.ndarray, *, components: Sequence[str] | None,
+           proj_dims: Sequence[int], seed: int, config: EngineConfig | None, rank: int, world: int,
+           shard_file: Path | None) -> ComponentTable:
+    config = config or EngineConfig()
+    t0 = time.perf_counter()
+    candidate_index = np.asarray(candidate_index, dtype=np.int64)
+    n_q, n_k = candidate_index.shape if candidate_index.ndim == 2 else (len(queries), -1)
+    if candidate_index.ndim != 2 or n_q != len(queries):
+        raise ValueError(f"candidate_index must be [queries={len(queries)}, K], got shape {candidate_index.shape}")
+    if candidate_index.size and (candidate_index.min() < 0 or candidate_index.max() >= len(candidates)):
+        raise ValueError(f"candidate_index holds indices outside 0..{len(candidates) - 1}")
+    original = np.asarray(original)
+    is_original = original.astype(bool) if original.shape == (n_q, n_k) else \
+        (np.arange(n_k)[None, :] == original.astype(np.int64)[:, None])
+
+    prep = prepare(model, tokenizer, components)
+    plan, n_truncated = _plan(prep, tokenizer, queries, candidates, candidate_index, config)
+    encode_s = time.perf_counter() - t0
+    names = [s.name for s in prep.specs]
+    if shard_file is not None and shard_file.is_file():
+        shard = TableShard.load(shard_file)
+        shard.check(shard_file, names, *plan.expected(rank, world), len(proj_dims))
+    else:
+        sketcher = _Sketcher(prep.specs, proj_dims, seed, config.device) if proj_dims else None
+        shard = _compute_shard(prep, plan, rank, world, config, sketcher)
+        if shard_file is not None:
+            shard.save(shard_file)
+    merged = TableShard.merge(distributed.gather(shard))
+
+    ids = [s.id for s in plan.unique]
+    keys = [[pair_key(ids[q], ids[int(c)]) for c in row] for q, row in zip(plan.q_of, plan.c_of)]
+    def self_dots(rows: np.ndarray) -> np.ndarray:
+        return np.array([merged.self_dots[ids[i]] for i in rows.ravel()]).reshape(*rows.shape, len(names))
+
+    rp_dims = rp_sim = None
+    if proj_dims:
+        rp_dims = np.asarray(proj_dims, dtype=np.int64)
+        rp_sim = np.array([[merged.rp[k] for k in row] for row in keys]).reshape(n_q, n_k, len(proj_dims))
+        rp_sim = np.ascontiguousarray(rp_sim.transpose(2, 0, 1))
+    timings = {"encode_s": encode_s, **shard.meta["timings"], "total_s": time.perf_counter() - t0}
+    comps = [s.component for s in prep.specs]
+    meta = {
+        "model": model_name(model), "truncated": n_truncated,
+        "truncated_ids": sorted(e.sample_id for e in plan.encoded if e.truncated), "max_length": config.max_length,
+        "distinct_samples": len(plan.kept) + sum(map(len, plan.streamed_batches)), "batch_size": config.batch_size,
+        "materialised_components": len(plan.materialise), "mode": config.mode,
+        "spilled_bytes": shard.meta["spilled_bytes"], "timings": timings, "seed": seed,
+        "engine": "selproj factor engine", "world_size": world,
+    }
+    if world > 1:
+        meta["ranks"] = merged.meta["shards"]
+    return ComponentTable(
+        cross=np.array([[merged.cross[k] for k in row] for row in keys]).reshape(n_q, n_k, len(names)),
+        query_self=self_dots(np.asarray(plan.q_of, dtype=np.int64)), candidate_self=self_dots(plan.c_of),
+        is_original=is_original, components=np.array([c.name for c in comps]),
+        num_params=np.array([c.num_params for c in comps], dtype=np.int64),
+        query_ids=np.array([s.id for s in queries]),
+        candidate_ids=np.array([[candidates[j].id for j in row] for row in candidate_index]).reshape(n_q, n_k),
+        rp_dims=rp_dims, rp_similarity=rp_sim, meta=meta,
+    )
+
+
 def build_table(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -235,115 +415,8 @@ def build_table(
     is forward/backward'ed once; the smaller side's factors are kept, the other streams past.  With
     ``proj_dims``, ``rp_similarity`` holds cosines of tensor-sketched full gradients.
     """
-    config = config or EngineConfig()
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    candidate_index = np.asarray(candidate_index, dtype=np.int64)
-    n_q, n_k = candidate_index.shape if candidate_index.ndim == 2 else (len(queries), -1)
-    if candidate_index.ndim != 2 or n_q != len(queries):
-        raise ValueError(f"candidate_index must be [queries={len(queries)}, K], got shape {candidate_index.shape}")
-    if candidate_index.size and (candidate_index.min() < 0 or candidate_index.max() >= len(candidates)):
-        raise ValueError(f"candidate_index holds indices outside 0..{len(candidates) - 1}")
-    original = np.asarray(original)
-    is_original = original.astype(bool) if original.shape == (n_q, n_k) else \
-        (np.arange(n_k)[None, :] == original.astype(np.int64)[:, None])
-
-    prep = prepare(model, tokenizer, components)
-    unique, pos = _dedupe(list(queries) + list(candidates))
-    encoded, n_truncated = encode_samples(tokenizer, unique, config.max_length)
-    q_of = [pos[s.id] for s in queries]
-    c_of = np.array([[pos[candidates[j].id] for j in row] for row in candidate_index], dtype=np.int64).reshape(n_q, n_k)
-    timings["encode_s"] = time.perf_counter() - t0
-
-    # Keep the factors of the smaller side (queries or candidates) and stream the other past
-    # them: every pair has one member on the kept side, so each sample is captured once.
-    q_set, c_set = set(q_of), set(c_of.ravel().tolist())
-    kept = q_set if len(q_set) <= len(c_set) else c_set
-    stored = sorted(kept)
-    streamed = sorted((q_set | c_set) - kept)
-    partners: dict[int, set[int]] = {}  # sample -> kept samples it is paired with
-    for q, row in zip(q_of, c_of):
-        for c in map(int, row):
-            held, other = (q, c) if q in kept else (c, q)
-            partners.setdefault(other, set()).add(held)
-    n_pairs = len(stored) + len(streamed) + int(c_of.size)
-    lengths = [len(encoded[i].input_ids) for i in stored + streamed]
-    materialise = _modes(prep, config, lengths, n_pairs)
-    sketcher = _Sketcher(prep.specs, proj_dims, seed, config.device) if proj_dims else None
-
-    n_c = len(prep.specs)
-    self_dots = np.zeros((len(unique), n_c))
-    cross: dict[tuple[int, int], np.ndarray] = {}  # keyed by the sorted pair of sample indices
-    sketches: dict[int, list[torch.Tensor]] = {}
-    store = FactorStore(config.memory_limit_gb * 2**30, config.spill_dir)
-    t_capture = t_dots = 0.0
-
-    def pair_dots(i: int, f: SampleFactors) -> None:
-        held = sorted(partners.get(i, ()))
-        for j, row in zip(held, factor_dots(f, [store.get(j).to(config.device) for j in held], prep.specs)):
-            cross[(min(i, j), max(i, j))] = row
-
-    try:
-        t1 = time.perf_counter()
-        for i, f in iter_factors(prep, encoded, stored, config, materialise,
-                                 "queries" if kept is q_set else "candidates"):
-            t2 = time.perf_counter()
-            t_capture += t2 - t1
-            self_dots[i] = factor_dots(f, [f], prep.specs)[0]
-            if sketcher:
-                sketches[i] = sketcher(f)
-            store.put(i, f)
-            t1 = time.perf_counter()
-            t_dots += t1 - t2
-        t2 = time.perf_counter()
-        for i in sorted(set(partners) & kept):  # pairs whose members are both kept
-            pair_dots(i, store.get(i).to(config.device))
-        t1 = time.perf_counter()
-        t_dots += t1 - t2
-        for i, f in iter_factors(prep, encoded, streamed, config, materialise,
-                                 "candidates" if kept is q_set else "queries"):
-            t2 = time.perf_counter()
-            t_capture += t2 - t1
-            f = f.to(config.device)
-            self_dots[i] = factor_dots(f, [f], prep.specs)[0]
-            pair_dots(i, f)
-            if sketcher:
-                sketches[i] = sketcher(f)
-            t1 = time.perf_counter()
-            t_dots += t1 - t2
-        spilled = store.spilled
-    finally:
-        store.close()
-    timings.update(capture_s=t_capture, dots_s=t_dots, total_s=time.perf_counter() - t0)
-
-    cross_arr = np.stack([np.stack([cross[(min(q, int(c)), max(q, int(c)))] for c in row])
-                          for q, row in zip(q_of, c_of)])
-    rp_dims = rp_sim = None
-    if sketcher:
-        rp_dims = np.asarray(proj_dims, dtype=np.int64)
-        rp_sim = np.zeros((len(proj_dims), n_q, n_k))
-        for r in range(len(proj_dims)):
-            for qi, (q, row) in enumerate(zip(q_of, c_of)):
-                for k, c in enumerate(row):
-                    a, b = sketches[q][r], sketches[int(c)][r]
-                    denom = float(a.norm() * b.norm())
-                    rp_sim[r, qi, k] = float(a @ b) / denom if denom > 0 else 0.0
-    comps = [s.component for s in prep.specs]
-    meta = {
-        "model": model_name(model), "truncated": n_truncated,
-        "truncated_ids": [e.sample_id for e in encoded if e.truncated], "max_length": config.max_length,
-        "distinct_samples": len(stored) + len(streamed), "batch_size": config.batch_size,
-        "materialised_components": len(materialise), "mode": config.mode, "spilled_bytes": int(spilled),
-        "timings": timings, "seed": seed, "engine": "selproj factor engine",
-    }
-    return ComponentTable(
-        cross=cross_arr, query_self=self_dots[q_of], candidate_self=self_dots[c_of],
-        is_original=is_original, components=np.array([c.name for c in comps]),
-        num_params=np.array([c.num_params for c in comps], dtype=np.int64),
-        query_ids=np.array([s.id for s in queries]),
-        candidate_ids=np.array([[candidates[j].id for j in row] for row in candidate_index]).reshape(n_q, n_k),
-        rp_dims=rp_dims, rp_similarity=rp_sim, meta=meta,
-    )
+    return _build(model, tokenizer, queries, candidates, candidate_index, original, components=components,
+                  proj_dims=proj_dims, seed=seed, config=config, rank=0, world=1, shard_file=None)
 
 
 def build_table_distributed(
@@ -355,32 +428,22 @@ def build_table_distributed(
     original: np.ndarray,
     *,
     shard_path: Callable[[int, int], Path] | None = None,
-    **kwargs: Any,
+    components: Sequence[str] | None = None,
+    proj_dims: Sequence[int] = (),
+    seed: int = 0,
+    config: EngineConfig | None = None,
 ) -> ComponentTable:
-    """:func:`build_table` with the queries split over torch.distributed ranks.
+    """:func:`build_table` with the work split over torch.distributed ranks; every rank returns the table.
 
-    Each rank builds the rows of its own contiguous block of queries (saving them to
-    ``shard_path(rank, world)`` when given, and reusing a shard file that is already
-    there), then the rows are gathered so every rank returns the whole table.  With
-    one process this is :func:`build_table`.
+    Ranks deal out the single-process batches of the streamed (larger) side; each rank also
+    captures the kept (smaller) side, whose factors all its pairs need.  The result equals
+    :func:`build_table`'s bit for bit at equal threads per process.  A rank saves its share
+    to ``shard_path(rank, world)`` when given, and reuses a shard file already there.
     """
     rank, world = distributed.rank_world()
-    if world == 1:
-        return build_table(model, tokenizer, queries, candidates, candidate_index, original, **kwargs)
-    rows = distributed.shard(len(queries), rank, world)
-    path = shard_path(rank, world) if shard_path else None
-    if path is not None and path.is_file():
-        part = ComponentTable.load(path)
-    else:
-        part = build_table(model, tokenizer, [queries[i] for i in rows], candidates,
-                           np.asarray(candidate_index)[rows], np.asarray(original)[rows], **kwargs)
-        if path is not None:
-            part.save(path)
-    table = ComponentTable.concat(distributed.gather(part))
-    # ranks share candidates, so the whole table's truncated samples are the union of theirs
-    truncated = sorted({i for shard in table.meta["shards"] for i in shard.get("truncated_ids", [])})
-    table.meta.update(truncated=len(truncated), truncated_ids=truncated)
-    return table
+    shard_file = Path(shard_path(rank, world)) if shard_path is not None and world > 1 else None
+    return _build(model, tokenizer, queries, candidates, candidate_index, original, components=components,
+                  proj_dims=proj_dims, seed=seed, config=config, rank=rank, world=world, shard_file=shard_file)
 
 
 def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample],

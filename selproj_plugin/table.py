@@ -24,6 +24,21 @@ class TableError(ValueError):
     """A component table that is missing, unreadable or inconsistent."""
 
 
+def savez_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
+    """``np.savez`` through a temporary file and a rename: a partial file never replaces a good one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 @dataclass
 class ComponentTable:
     """Dot products <g_c(query), g_c(candidate)> for Q queries x K candidates x C components."""
@@ -172,16 +187,7 @@ class ComponentTable:
         }
         if self.rp_similarity is not None:
             arrays.update(rp_dims=self.rp_dims, rp_similarity=self.rp_similarity)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return savez_atomic(path, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ComponentTable":

@@ -115,6 +115,8 @@ def test_bad_input_errors(tiny_model_dir, small_dataset, tmp_path, capsys):
     assert "unknown setting paraphrase; choose from paraphrased, generated" in err
     err = one_line_error(capsys, argv(tiny_model_dir, small_dataset, cache, "--strategy", "gredy"))
     assert "unknown strategy 'gredy'" in err
+    err = one_line_error(capsys, argv(tiny_model_dir, small_dataset, cache, "--threads", "0"))
+    assert "--threads must be at least 1, got 0" in err
 
 
 def test_full_set_reports_rank_metrics(tiny_model_dir, small_dataset, tmp_path):

@@ -1,4 +1,4 @@
-"""Scale-out on torch.distributed: 2 CPU processes (gloo) give the table and JSON of 1 process."""
+"""Scale-out on torch.distributed: 2 CPU processes (gloo) give the table and JSON of 1 process, bit for bit."""
 
 from __future__ import annotations
 
@@ -20,7 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 QUERIES = [tiny.Sample(f"q{i}", f"Question {i} about trees?", f"Reply {i}: they grow.") for i in range(4)] + [
     tiny.Sample("q4", "Question 4 about tall trees in old forests?", "Reply 4: they grow slowly but surely.")]
 INDEX = np.array([[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 0], [4, 0, 1]])
-MAX_LENGTH = 70  # truncates s3 (a candidate on both ranks) and q4 (a query of rank 1 only)
+MAX_LENGTH = 70  # truncates s3 and q4
+
+
+def config():
+    from selproj_plugin.engine import EngineConfig
+
+    return EngineConfig(batch_size=2, max_length=MAX_LENGTH, progress=False)
+
+
 
 
 def free_port() -> int:
@@ -29,7 +37,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, seed: int = 0) -> None:
     import torch.distributed as dist
 
     from selproj_plugin.engine import EngineConfig, build_table_distributed
@@ -37,34 +45,78 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         shard = lambda r, w: Path(out).with_name(f"shard{r}of{w}.npz")  # noqa: E731
-        table = build_table_distributed(tiny.model("llama", tied=True), tiny.tokenizer(), QUERIES, tiny.SAMPLES,
-                                        INDEX, np.zeros(5, dtype=int), proj_dims=(32,), shard_path=shard,
-                                        config=EngineConfig(batch_size=2, max_length=MAX_LENGTH, progress=False))
+        table = build_table_distributed(tiny.model("llama", tied=True, seed=seed), tiny.tokenizer(), QUERIES,
+                                        tiny.SAMPLES, INDEX, np.zeros(5, dtype=int), proj_dims=(32,),
+                                        shard_path=shard, config=config())
         if rank == 0:
             table.save(out)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_build_the_same_table(tmp_path):
-    from selproj_plugin.engine import EngineConfig, build_table
+ARRAYS = ("cross", "query_self", "candidate_self", "rp_similarity", "is_original", "candidate_ids", "query_ids")
+
+
+def test_two_processes_build_the_same_table_bit_for_bit(tmp_path):
+    from selproj_plugin.engine import build_table
+    from selproj_plugin.shards import TableShard
     from selproj_plugin.table import ComponentTable
 
     out = tmp_path / "two.npz"
     mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     two = ComponentTable.load(out)
     one = build_table(tiny.model("llama", tied=True), tiny.tokenizer(), QUERIES, tiny.SAMPLES, INDEX,
-                      np.zeros(5, dtype=int), proj_dims=(32,),
-                      config=EngineConfig(batch_size=2, max_length=MAX_LENGTH, progress=False))
-    assert list(two.query_ids) == [q.id for q in QUERIES]
-    for name in ("cross", "query_self", "candidate_self", "rp_similarity"):
-        np.testing.assert_allclose(getattr(two, name), getattr(one, name), rtol=1e-6, atol=1e-9, err_msg=name)
-    np.testing.assert_array_equal(two.is_original, one.is_original)
-    assert one.meta["truncated"] == 2 and two.meta["truncated"] == 2  # the union: s3 once, q4 from rank 1
-    assert two.meta["truncated_ids"] == ["q4", "s3"]
-    # each rank left its finished shard behind for a rerun, and no two ranks wrote the same file
+                      np.zeros(5, dtype=int), proj_dims=(32,), config=config())
+    # ranks capture each sample in the batch one process would use: the same fp32 sums, so equal bits
+    for name in ARRAYS:
+        np.testing.assert_array_equal(getattr(two, name), getattr(one, name), err_msg=name)
+    assert float(np.abs(one.cross).max()) > 0
+    assert one.meta["truncated"] == 2 and two.meta["truncated"] == 2
+    assert two.meta["truncated_ids"] == ["q4", "s3"] and two.meta["world_size"] == 2
+    # each rank left its own finished shard; together they hold every pair exactly once
     assert sorted(p.name for p in tmp_path.glob("shard*")) == ["shard0of2.npz", "shard1of2.npz"]
-    assert ComponentTable.load(tmp_path / "shard1of2.npz").n_queries == 2
+    shards = [TableShard.load(tmp_path / f"shard{r}of2.npz") for r in range(2)]
+    assert shards[0].cross and shards[1].cross and not set(shards[0].cross) & set(shards[1].cross)
+    assert set(shards[0].cross) | set(shards[1].cross) == {
+        tuple(sorted((q.id, tiny.SAMPLES[c].id))) for q, row in zip(QUERIES, INDEX) for c in row}
+
+
+def test_rerun_reuses_the_finished_shard_of_a_rank(tmp_path):
+    """A run where rank 0's shard is lost: rank 1 reuses its shard, rank 0 recomputes (here with other weights)."""
+    from selproj_plugin.shards import TableShard
+    from selproj_plugin.table import ComponentTable
+
+    out = tmp_path / "two.npz"
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    first = ComponentTable.load(out)
+    kept = TableShard.load(tmp_path / "shard1of2.npz")
+    (tmp_path / "shard0of2.npz").unlink()
+    mp.spawn(_worker, args=(2, free_port(), str(out), 1), nprocs=2, join=True)
+    second = ComponentTable.load(out)
+    reused = np.array([[tuple(sorted((q, c))) in kept.cross for c in row]
+                       for q, row in zip(first.query_ids, first.candidate_ids)])
+    assert reused.any() and not reused.all()
+    np.testing.assert_array_equal(second.cross[reused], first.cross[reused])
+    assert not np.isclose(second.cross[~reused], first.cross[~reused]).all()
+
+
+def test_a_shard_from_another_run_is_refused(tmp_path):
+    from selproj_plugin.shards import TableShard
+    from selproj_plugin.table import TableError
+
+    shard = TableShard(["a", "b"], {"x": np.ones(2)}, {("x", "y"): np.ones(2)}, {}, {})
+    path = shard.save(tmp_path / "s.npz")
+    loaded = TableShard.load(path)
+    loaded.check(path, ["a", "b"], {"x"}, {("x", "y")}, 0)  # the share it was written for
+    with pytest.raises(TableError, match="other components; delete it"):
+        loaded.check(path, ["a"], {"x"}, {("x", "y")}, 0)
+    with pytest.raises(TableError, match="other samples"):
+        loaded.check(path, ["a", "b"], {"x"}, {("x", "z")}, 0)
+    with pytest.raises(TableError, match="other projection dimensions"):
+        loaded.check(path, ["a", "b"], {"x"}, {("x", "y")}, 1)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(TableError, match="cannot read table shard"):
+        TableShard.load(tmp_path / "bad.npz")
 
 
 def test_torchrun_benchmark_json_equals_single_process(tiny_model_dir, small_dataset, tmp_path):  # noqa: F811
@@ -80,21 +132,6 @@ def test_torchrun_benchmark_json_equals_single_process(tiny_model_dir, small_dat
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert b["run"]["world_size"] == 2
-    assert _same(strip_timings(a), strip_timings(b))
+    assert strip_timings(a) == strip_timings(b)  # every float equal, not merely close
     assert sorted(p.name.split(".", 1)[1] for p in (tmp_path / "c2" / "benchmark").glob("table-*.shard*")) == \
         ["shard0of2.npz", "shard1of2.npz"]
-
-
-def _same(a, b, tol=1e-6) -> bool:
-    """Equal JSON; floats to a relative ``tol``: shards batch samples differently, so fp32 sums differ in the last bits."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        return all(_same(a[k], b[k], tol) for k in a)
-    if isinstance(a, list):
-        assert len(a) == len(b)
-        return all(_same(x, y, tol) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        assert a == pytest.approx(b, rel=tol, abs=tol)
-        return True
-    assert a == b
-    return True
