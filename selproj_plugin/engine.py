@@ -446,45 +446,76 @@ def build_table_distributed(
                   proj_dims=proj_dims, seed=seed, config=config, rank=rank, world=world, shard_file=shard_file)
 
 
+def _mine(batches: list[list[int]], across_ranks: bool) -> list[list[int]]:
+    """The batches this rank computes: all of them, or its round-robin deal under torch.distributed."""
+    rank, world = distributed.rank_world() if across_ranks else (0, 1)
+    return batches[rank::world]
+
+
+def _gathered(rows: dict[int, Any], across_ranks: bool) -> dict[int, Any]:
+    """Every rank's rows, on every rank (the rows themselves outside a process group)."""
+    if not across_ranks:
+        return rows
+    merged: dict[int, Any] = {}
+    for part in distributed.gather(rows):
+        merged.update(part)
+    return merged
+
+
 def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample],
-                    components: Sequence[str] | None = None, config: EngineConfig | None = None
-                    ) -> dict[str, torch.Tensor]:
+                    components: Sequence[str] | None = None, config: EngineConfig | None = None,
+                    *, across_ranks: bool = False) -> dict[str, torch.Tensor]:
     """Materialised per-sample gradients ``{component: [N, num_params]}`` in parameter layout.
 
     Layout matches concatenating ``p.grad.flatten()`` over the component's ``param_names``.
-    Memory is N x (selected parameters): select components for large models.
+    Memory is N x (selected parameters): select components for large models.  With
+    ``across_ranks`` the torch.distributed ranks share the batches and all return every row.
     """
     config = config or EngineConfig()
     prep = prepare(model, tokenizer, components)
     encoded, _ = encode_samples(tokenizer, samples, config.max_length)
+    batches = _mine(list(_batches(encoded, range(len(samples)), config.batch_size)), across_ranks)
     out = {s.name: torch.zeros(len(samples), s.component.num_params) for s in prep.specs}
-    for i, f in iter_factors(prep, encoded, range(len(samples)), config, label="features"):
+    done = []
+    for i, f in _capture(prep, encoded, batches, config, label="features"):
         for s in prep.specs:
             out[s.name][i] = to_param_layout(s, matrix_form(s, f)).cpu()
+        done.append(i)
+    if across_ranks:
+        for i, row in _gathered({i: {name: t[i] for name, t in out.items()} for i in done}, True).items():
+            for name, t in out.items():
+                t[i] = row[name]
     return out
 
 
 def projected_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample], dim: int,
                        components: Sequence[str] | None = None, seed: int = 0,
-                       config: EngineConfig | None = None) -> torch.Tensor:
+                       config: EngineConfig | None = None, *, across_ranks: bool = False) -> torch.Tensor:
     """Randomly projected full gradients ``[N, dim]`` (float64) with ``E<Pa, Pb> = <a, b>``.
 
     Deterministic for a given ``seed``; never materialises a gradient or a projection matrix
-    on CPU (tensor sketch of the factors).
+    on CPU (tensor sketch of the factors).  ``across_ranks``: as in :func:`sample_features`.
     """
     config = config or EngineConfig()
     prep = prepare(model, tokenizer, components)
     encoded, _ = encode_samples(tokenizer, samples, config.max_length)
     sketcher = _Sketcher(prep.specs, [dim], seed, config.device)
+    batches = _mine(list(_batches(encoded, range(len(samples)), config.batch_size)), across_ranks)
+    rows = _gathered({i: sketcher(f)[0] for i, f in _capture(prep, encoded, batches, config, label="projection")},
+                     across_ranks)
     out = torch.zeros(len(samples), dim, dtype=torch.float64)
-    for i, f in iter_factors(prep, encoded, range(len(samples)), config, label="projection"):
-        out[i] = sketcher(f)[0]
+    for i, row in rows.items():
+        out[i] = row
     return out
 
 
 def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sample], samples_b: Sequence[Sample],
-                  components: Sequence[str] | None = None, config: EngineConfig | None = None) -> np.ndarray:
-    """Every ``<g_c(a), g_c(b)>``: [A, B, C] float64 (``samples_a`` factors stored, ``samples_b`` streamed)."""
+                  components: Sequence[str] | None = None, config: EngineConfig | None = None,
+                  *, across_ranks: bool = False) -> np.ndarray:
+    """Every ``<g_c(a), g_c(b)>``: [A, B, C] float64 (``samples_a`` factors stored, ``samples_b`` streamed).
+
+    With ``across_ranks`` every torch.distributed rank stores A and streams its deal of B's batches.
+    """
     config = config or EngineConfig()
     prep = prepare(model, tokenizer, components)
     unique, pos = _dedupe(list(samples_a) + list(samples_b))
@@ -506,11 +537,13 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
                 factor_dots(f, [store.get(i).to(config.device) for i in stored[s:s + A_CHUNK]], prep.specs)
                 for s in range(0, len(stored), A_CHUNK)])
 
-        for b in sorted(set(b_of) & set(stored)):
-            dots[b] = against_a(store.get(b))
-        for b, f in iter_factors(prep, encoded, streamed, config, materialise, "set B"):
+        for b in _mine([[b] for b in sorted(set(b_of) & set(stored))], across_ranks):
+            dots[b[0]] = against_a(store.get(b[0]))
+        b_batches = _mine(list(_batches(encoded, streamed, config.batch_size)), across_ranks)
+        for b, f in _capture(prep, encoded, b_batches, config, materialise, "set B"):
             dots[b] = against_a(f)
     finally:
         store.close()
+    dots = _gathered(dots, across_ranks)
     col = {i: n for n, i in enumerate(stored)}
     return np.stack([np.stack([dots[b][col[a]] for b in b_of]) for a in a_of])

@@ -119,6 +119,40 @@ def test_a_shard_from_another_run_is_refused(tmp_path):
         TableShard.load(tmp_path / "bad.npz")
 
 
+def _features_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        arrays = _features(across_ranks=True)
+        if rank == 0:
+            np.savez(out, **arrays)
+    finally:
+        dist.destroy_process_group()
+
+
+def _features(across_ranks: bool) -> dict[str, np.ndarray]:
+    from selproj_plugin.engine import pairwise_dots, projected_features, sample_features
+
+    model, tok = tiny.model("qwen2"), tiny.tokenizer()
+    samples = QUERIES + tiny.SAMPLES
+    kw = dict(config=config(), across_ranks=across_ranks)
+    feats = sample_features(model, tok, samples, components=["model.layers.1.mlp.down_proj"], **kw)
+    return {"features": feats["model.layers.1.mlp.down_proj"].numpy(),
+            "projected": projected_features(model, tok, samples, 48, seed=3, **kw).numpy(),
+            "dots": pairwise_dots(model, tok, QUERIES[:2], samples, **kw)}
+
+
+def test_library_features_shard_over_ranks(tmp_path):
+    out = tmp_path / "features.npz"
+    mp.spawn(_features_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    one = _features(across_ranks=False)
+    with np.load(out) as two:
+        for name, value in one.items():
+            assert np.abs(value).sum(axis=tuple(range(1, value.ndim))).min() > 0, name  # every row was filled
+            np.testing.assert_array_equal(two[name], value, err_msg=name)
+
+
 def test_torchrun_benchmark_json_equals_single_process(tiny_model_dir, small_dataset, tmp_path):  # noqa: F811
     from benchmark.retrieval import cli
 
