@@ -83,7 +83,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
 
     from selproj_plugin.components import catalogue
     from selproj_plugin import distributed
-    from selproj_plugin.engine import EngineConfig, build_table_distributed
+    from selproj_plugin.engine import EngineConfig, build_table
     from selproj_plugin.models import DEFAULT_MODEL_NAME, load_model
 
     stages: dict[str, float] = {}
@@ -148,8 +148,9 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
                               memory_limit_gb=opts.memory_limit_gb / distributed.local_world(),  # per machine
                               device=distributed.local_device(opts.device),
                               progress=opts.progress)
-        table = build_table_distributed(
+        table = build_table(
             model, tokenizer, queries, pool, rows, is_original, proj_dims=proj_dims, seed=opts.seed, config=config,
+            across_ranks=True,
             shard_path=lambda rank, world: cache.path("table", table_key, f"shard{rank}of{world}.npz"))
         if distributed.is_main():
             table.save(table_path)

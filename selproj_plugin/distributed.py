@@ -1,8 +1,8 @@
 """Sharding over torch.distributed ranks, as launched by ``torchrun``.
 
 A run with ``WORLD_SIZE > 1`` in its environment joins the process group (gloo on CPU,
-nccl on CUDA); work is split into contiguous shards by rank, and shards are gathered
-with ``all_gather_object`` so every rank ends with the same result.  With one process
+nccl on CUDA); callers deal work out by rank, and results are gathered with
+``all_gather_object`` so every rank ends with the same result.  With one process
 every function here is the identity, so library code calls them unconditionally.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any, TypeVar
 
-import numpy as np
 
 T = TypeVar("T")
 
@@ -48,11 +47,6 @@ def local_device(device: str) -> str:
 def local_world() -> int:
     """Processes on this machine (torchrun's ``LOCAL_WORLD_SIZE``): they share its memory."""
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if rank_world()[1] > 1 else 1
-
-
-def shard(n: int, rank: int, world: int) -> np.ndarray:
-    """The contiguous block of ``range(n)`` that ``rank`` owns."""
-    return np.array_split(np.arange(n), world)[rank]
 
 
 def gather(obj: T) -> list[T]:

@@ -3,7 +3,7 @@
 Every distinct sample (by id) goes through one batched forward/backward; its gradient
 factors are kept (in RAM up to a memory limit, then spilled to disk) only for the side
 that is needed again, while the other side streams past.  Under torch.distributed the
-streamed side's batches are dealt out to the ranks (:func:`build_table_distributed`).
+streamed side's batches are dealt out to the ranks (``across_ranks=True``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -30,8 +30,10 @@ from selproj_plugin.samples import Sample
 from selproj_plugin.shards import TableShard, pair_key
 from selproj_plugin.table import ComponentTable
 
+T = TypeVar("T")
+
 __all__ = [
-    "EngineConfig", "FactorStore", "build_table", "build_table_distributed", "sample_features", "projected_features", "pairwise_dots",
+    "EngineConfig", "FactorStore", "build_table", "sample_features", "projected_features", "pairwise_dots",
     "iter_factors", "factor_dots", "prepare",
 ]
 
@@ -333,10 +335,35 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
     return shard
 
 
-def _build(model: torch.nn.Module, tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
-           candidate_index: np.ndarray, original: np.ndarray, *, components: Sequence[str] | None,
-           proj_dims: Sequence[int], seed: int, config: EngineConfig | None, rank: int, world: int,
-           shard_file: Path | None) -> ComponentTable:
+def build_table(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    queries: Sequence[Sample],
+    candidates: Sequence[Sample],
+    candidate_index: np.ndarray,
+    original: np.ndarray,
+    *,
+    components: Sequence[str] | None = None,
+    proj_dims: Sequence[int] = (),
+    seed: int = 0,
+    config: EngineConfig | None = None,
+    across_ranks: bool = False,
+    shard_path: Callable[[int, int], Path] | None = None,
+) -> ComponentTable:
+    """Component table for ``queries`` x their candidates ``candidates[candidate_index[q, k]]``.
+
+    ``original``: [Q] column of each query's original, or [Q, K] bool.  Each distinct sample
+    is forward/backward'ed once; the smaller side's factors are kept, the other streams past.  With
+    ``proj_dims``, ``rp_similarity`` holds cosines of tensor-sketched full gradients.
+
+    ``across_ranks``: the torch.distributed ranks deal out the single-process batches of the
+    streamed side (each also captures the kept side, whose factors its pairs need) and every
+    rank returns the whole table, equal to one process's bit for bit at equal threads per
+    process.  A rank then saves its share to ``shard_path(rank, world)`` when given, and
+    reuses a shard file already there.
+    """
+    rank, world = distributed.rank_world() if across_ranks else (0, 1)
+    shard_file = Path(shard_path(rank, world)) if shard_path is not None and world > 1 else None
     config = config or EngineConfig()
     t0 = time.perf_counter()
     candidate_index = np.asarray(candidate_index, dtype=np.int64)
@@ -396,60 +423,10 @@ def _build(model: torch.nn.Module, tokenizer: Any, queries: Sequence[Sample], ca
     )
 
 
-def build_table(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    queries: Sequence[Sample],
-    candidates: Sequence[Sample],
-    candidate_index: np.ndarray,
-    original: np.ndarray,
-    *,
-    components: Sequence[str] | None = None,
-    proj_dims: Sequence[int] = (),
-    seed: int = 0,
-    config: EngineConfig | None = None,
-) -> ComponentTable:
-    """Component table for ``queries`` x their candidates ``candidates[candidate_index[q, k]]``.
-
-    ``original``: [Q] column of each query's original, or [Q, K] bool.  Each distinct sample
-    is forward/backward'ed once; the smaller side's factors are kept, the other streams past.  With
-    ``proj_dims``, ``rp_similarity`` holds cosines of tensor-sketched full gradients.
-    """
-    return _build(model, tokenizer, queries, candidates, candidate_index, original, components=components,
-                  proj_dims=proj_dims, seed=seed, config=config, rank=0, world=1, shard_file=None)
-
-
-def build_table_distributed(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    queries: Sequence[Sample],
-    candidates: Sequence[Sample],
-    candidate_index: np.ndarray,
-    original: np.ndarray,
-    *,
-    shard_path: Callable[[int, int], Path] | None = None,
-    components: Sequence[str] | None = None,
-    proj_dims: Sequence[int] = (),
-    seed: int = 0,
-    config: EngineConfig | None = None,
-) -> ComponentTable:
-    """:func:`build_table` with the work split over torch.distributed ranks; every rank returns the table.
-
-    Ranks deal out the single-process batches of the streamed (larger) side; each rank also
-    captures the kept (smaller) side, whose factors all its pairs need.  The result equals
-    :func:`build_table`'s bit for bit at equal threads per process.  A rank saves its share
-    to ``shard_path(rank, world)`` when given, and reuses a shard file already there.
-    """
-    rank, world = distributed.rank_world()
-    shard_file = Path(shard_path(rank, world)) if shard_path is not None and world > 1 else None
-    return _build(model, tokenizer, queries, candidates, candidate_index, original, components=components,
-                  proj_dims=proj_dims, seed=seed, config=config, rank=rank, world=world, shard_file=shard_file)
-
-
-def _mine(batches: list[list[int]], across_ranks: bool) -> list[list[int]]:
-    """The batches this rank computes: all of them, or its round-robin deal under torch.distributed."""
+def _mine(items: list[T], across_ranks: bool) -> list[T]:
+    """The items (batches) this rank computes: all of them, or its round-robin deal under torch.distributed."""
     rank, world = distributed.rank_world() if across_ranks else (0, 1)
-    return batches[rank::world]
+    return items[rank::world]
 
 
 def _gathered(rows: dict[int, Any], across_ranks: bool) -> dict[int, Any]:
@@ -537,8 +514,8 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
                 factor_dots(f, [store.get(i).to(config.device) for i in stored[s:s + A_CHUNK]], prep.specs)
                 for s in range(0, len(stored), A_CHUNK)])
 
-        for b in _mine([[b] for b in sorted(set(b_of) & set(stored))], across_ranks):
-            dots[b[0]] = against_a(store.get(b[0]))
+        for b in _mine(sorted(set(b_of) & set(stored)), across_ranks):
+            dots[b] = against_a(store.get(b))
         b_batches = _mine(list(_batches(encoded, streamed, config.batch_size)), across_ranks)
         for b, f in _capture(prep, encoded, b_batches, config, materialise, "set B"):
             dots[b] = against_a(f)

@@ -110,22 +110,6 @@ class ComponentTable:
             rp_similarity=None if self.rp_similarity is None else self.rp_similarity[:, rows], meta=self.meta,
         )
 
-    @classmethod
-    def concat(cls, parts: "list[ComponentTable]") -> "ComponentTable":
-        """Stack tables of the same components along the query axis (shards of one table)."""
-        first = parts[0]
-        for part in parts[1:]:
-            if list(part.components) != list(first.components):
-                raise TableError("cannot concatenate tables of different components")
-        cat = lambda name, axis=0: np.concatenate([getattr(p, name) for p in parts], axis=axis)  # noqa: E731
-        return cls(
-            cross=cat("cross"), query_self=cat("query_self"), candidate_self=cat("candidate_self"),
-            is_original=cat("is_original"), components=first.components, num_params=first.num_params,
-            kinds=first.kinds, layers=first.layers, query_ids=cat("query_ids"), candidate_ids=cat("candidate_ids"),
-            rp_dims=first.rp_dims, rp_similarity=None if first.rp_similarity is None else cat("rp_similarity", 1),
-            meta={**first.meta, "shards": [p.meta for p in parts]},
-        )
-
     def validate(self) -> None:
         """Raise :class:`TableError` with a one-line message on the first inconsistency."""
         if self.cross.ndim != 3:

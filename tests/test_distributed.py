@@ -40,14 +40,14 @@ def free_port() -> int:
 def _worker(rank: int, world: int, port: int, out: str, seed: int = 0) -> None:
     import torch.distributed as dist
 
-    from selproj_plugin.engine import EngineConfig, build_table_distributed
+    from selproj_plugin.engine import build_table
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         shard = lambda r, w: Path(out).with_name(f"shard{r}of{w}.npz")  # noqa: E731
-        table = build_table_distributed(tiny.model("llama", tied=True, seed=seed), tiny.tokenizer(), QUERIES,
-                                        tiny.SAMPLES, INDEX, np.zeros(5, dtype=int), proj_dims=(32,),
-                                        shard_path=shard, config=config())
+        table = build_table(tiny.model("llama", tied=True, seed=seed), tiny.tokenizer(), QUERIES, tiny.SAMPLES,
+                            INDEX, np.zeros(5, dtype=int), proj_dims=(32,), config=config(), across_ranks=True,
+                            shard_path=shard)
         if rank == 0:
             table.save(out)
     finally:
