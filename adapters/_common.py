@@ -19,11 +19,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from selproj_plugin.components import Component, catalogue, select
+from selproj_plugin.components import Component, catalogue
 from selproj_plugin.loss import IGNORE, collate, encode_samples, pad_token_id
 from selproj_plugin.registry import get_strategy
 from selproj_plugin.samples import Sample
-from selproj_plugin.strategies.base import Reducer
+from selproj_plugin.strategies.base import Reducer, Reduction, reduction
 
 
 class AdapterError(ValueError):
@@ -43,54 +43,52 @@ def resolve_reducer(strategy: str | Reducer, options: Mapping[str, Any] | None =
 
 @dataclass(frozen=True)
 class Plan:
-    """What a reducer keeps on one model: its selected names, their components and tensors."""
+    """A reducer's reduction on one model, plus the parameter tensors its selection owns."""
 
-    reducer: Reducer
-    components: tuple[Component, ...]  # the model's whole catalogue
-    names: tuple[str, ...]  # the reducer's selection, as it names it
-    chosen: tuple[Component, ...]  # component of each name, same order
+    reduction: Reduction
     param_names: tuple[str, ...]  # parameter tensors to differentiate, model order
+
+    @property
+    def reducer(self) -> Reducer:
+        return self.reduction.reducer
+
+    @property
+    def chosen(self) -> tuple[Component, ...]:
+        """Selected components, in the reducer's order."""
+        return self.reduction.selected
+
+    @property
+    def components(self) -> tuple[Component, ...]:
+        """The model's whole catalogue."""
+        return self.reduction.catalogue
 
     @property
     def num_params(self) -> int:
         """Gradient entries of the selected components."""
-        return sum(c.num_params for c in self.chosen)
+        return self.reduction.num_params
 
     @property
     def dimension(self) -> int:
-        """Length of the reduced vector, as the reducer declares it."""
-        renamed = {c.name: n for n, c in zip(self.names, self.chosen)}
-        named = [dataclasses.replace(c, name=renamed.get(c.name, c.name)) for c in self.components]
-        return int(self.reducer.dimension(named))
+        """Length of the reduced vector, as the transform declares it."""
+        return int(self.reduction.transform.dim)
 
     def fingerprint(self) -> str:
-        """Stable JSON-safe id of reducer, options and selection (TRAK's ``proj_type``)."""
-        fields = {f.name: getattr(self.reducer, f.name) for f in dataclasses.fields(self.reducer) if f.init}
-        blob = json.dumps({"options": fields, "names": self.names, "dim": self.dimension}, sort_keys=True, default=str)
-        return f"selproj:{self.reducer.name or type(self.reducer).__name__}:{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+        """Stable JSON-safe id of reducer, options, selection and transform (TRAK's ``proj_type``)."""
+        reducer = self.reducer
+        fields = {f.name: getattr(reducer, f.name) for f in dataclasses.fields(reducer) if f.init}
+        blob = json.dumps({"options": fields, "key": self.reduction.transform.key}, sort_keys=True, default=str)
+        return f"selproj:{reducer.name or type(reducer).__name__}:{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def plan(model: nn.Module, reducer: Reducer) -> Plan:
-    """Resolve ``reducer``'s selection on ``model``; names matching nothing raise :class:`AdapterError`."""
-    components = catalogue(model)
+    """Run the reducer's select and transform once on ``model``'s catalogue; errors are one line."""
     try:
-        names = list(reducer.select(components))
+        red = reduction(reducer, catalogue(model))
     except ValueError as exc:
-        raise AdapterError(f"strategy {reducer.name!r}: {exc}") from None
-    if not names:
-        raise AdapterError(f"strategy {reducer.name!r} selects no component of {type(model).__name__}")
-    try:
-        chosen = [select(components, [n])[0] for n in names]
-    except ValueError as exc:
-        raise AdapterError(f"strategy {reducer.name!r}: {exc}") from None
-    seen: dict[str, str] = {}
-    for name, comp in zip(names, chosen):
-        if comp.name in seen:
-            raise AdapterError(f"strategy {reducer.name!r} selects component {comp.name} twice ({seen[comp.name]}, {name})")
-        seen[comp.name] = name
-    wanted = {p for c in chosen for p in c.param_names}
+        raise AdapterError(str(exc)) from None
+    wanted = {p for c in red.selected for p in c.param_names}
     order = [n for n, _ in model.named_parameters() if n in wanted]
-    return Plan(reducer, tuple(components), tuple(names), tuple(chosen), tuple(order))
+    return Plan(red, tuple(order))
 
 
 def features_from_params(plan_: Plan, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -98,8 +96,7 @@ def features_from_params(plan_: Plan, grads: Mapping[str, torch.Tensor]) -> dict
     missing = [p for p in plan_.param_names if p not in grads]
     if missing:
         raise AdapterError(f"gradients lack selected parameter {missing[0]} ({len(missing)} missing)")
-    return {name: torch.cat([grads[p].flatten(1) for p in comp.param_names], dim=1)
-            for name, comp in zip(plan_.names, plan_.chosen)}
+    return {comp.name: torch.cat([grads[p].flatten(1) for p in comp.param_names], dim=1) for comp in plan_.chosen}
 
 
 def split_flat(flat: torch.Tensor, layouts: Sequence[Sequence[tuple[str, int]]]) -> dict[str, torch.Tensor]:
@@ -120,7 +117,7 @@ def split_flat(flat: torch.Tensor, layouts: Sequence[Sequence[tuple[str, int]]])
 def reduce_gradients(plan_: Plan, grads: Mapping[str, torch.Tensor], dim: int) -> torch.Tensor:
     """Apply the reducer to per-parameter per-sample gradients: ``[N, dim]`` tensor."""
     features = features_from_params(plan_, grads)
-    out = plan_.reducer.reduce(features)
+    out = plan_.reduction.transform(features)
     out = torch.as_tensor(out)
     n = next(iter(features.values())).shape[0]
     if out.dim() != 2 or out.shape[0] != n:

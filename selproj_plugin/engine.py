@@ -28,7 +28,8 @@ from selproj_plugin.models import model_name
 from selproj_plugin.projection import TensorSketch, TrakCudaJL, trak_cuda_available
 from selproj_plugin.samples import Sample
 from selproj_plugin.shards import TableShard, pair_key
-from selproj_plugin.table import ComponentTable
+from selproj_plugin.table import PAPER_PROJECTION, ComponentTable
+from selproj_plugin.transforms import selection_digest
 
 T = TypeVar("T")
 
@@ -420,6 +421,8 @@ def build_table(
         query_ids=np.array([s.id for s in queries]),
         candidate_ids=np.array([[candidates[j].id for j in row] for row in candidate_index]).reshape(n_q, n_k),
         rp_dims=rp_dims, rp_similarity=rp_sim, meta=meta,
+        rp_keys=None if rp_dims is None else np.array(
+            [f"{PAPER_PROJECTION}@{int(d)}:{selection_digest(comps)}:seed{seed}" for d in rp_dims]),
     )
 
 

@@ -20,14 +20,23 @@ def cosine_from_sums(cross: np.ndarray, query_self: np.ndarray, candidate_self: 
 
 
 def subset_similarity(table: ComponentTable, components: Sequence[int] | np.ndarray | None = None,
-                      rows: np.ndarray | None = None) -> np.ndarray:
-    """[Q, K] cosine using only ``components`` (indices; None = all), for ``rows`` of queries."""
+                      rows: np.ndarray | None = None, weights: np.ndarray | None = None) -> np.ndarray:
+    """[Q, K] cosine using only ``components`` (indices; None = all), for ``rows`` of queries.
+
+    ``weights`` (one per listed component) multiply each component's dot products: the
+    cosine of gradients whose component c is scaled by sqrt(weights[c]).
+    """
     idx = np.arange(table.n_components) if components is None else np.asarray(components, dtype=int)
     rows = slice(None) if rows is None else rows
+    if weights is None:
+        total = lambda a: a.sum(axis=-1)  # noqa: E731
+    else:
+        w = np.asarray(weights, dtype=np.float64)
+        total = lambda a: a @ w  # noqa: E731
     return cosine_from_sums(
-        table.cross[rows][:, :, idx].sum(axis=2),
-        table.query_self[rows][:, idx].sum(axis=1),
-        table.candidate_self[rows][:, :, idx].sum(axis=2),
+        total(table.cross[rows][:, :, idx]),
+        total(table.query_self[rows][:, idx]),
+        total(table.candidate_self[rows][:, :, idx]),
     )
 
 

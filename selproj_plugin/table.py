@@ -16,8 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from selproj_plugin.components import Component, kind_and_layer
+from selproj_plugin.transforms import selection_digest
 
 FORMAT = "selproj-component-table/1"
+# Projection keys read KIND@DIM:SELECTION_DIGEST:SEED; the paper's reference files hold TRAK
+# projections per component block at a share of its size, stored under this kind and seed "paper".
+PAPER_PROJECTION = "per_component"
 
 
 class TableError(ValueError):
@@ -54,7 +58,8 @@ class ComponentTable:
     query_ids: np.ndarray | None = None  # [Q] str
     candidate_ids: np.ndarray | None = None  # [Q, K] str
     rp_dims: np.ndarray | None = None  # [R] int64: dimensions of stored random projections
-    rp_similarity: np.ndarray | None = None  # [R, Q, K] cosine under each projection
+    rp_similarity: np.ndarray | None = None  # [R, Q, K] cosine under each stored transform
+    rp_keys: np.ndarray | None = None  # [R] str: the Transform.key each similarity was computed under
     meta: dict = field(default_factory=dict)  # JSON-serialisable provenance
 
     def __post_init__(self) -> None:
@@ -64,6 +69,10 @@ class ComponentTable:
             self.kinds = np.array([k for k, _ in derived], dtype=str)
             self.layers = np.array([-1 if l is None else l for _, l in derived], dtype=np.int64)
         n_q, n_k = np.shape(self.is_original)[:2] if np.ndim(self.is_original) == 2 else (0, 0)
+        if self.rp_similarity is not None and self.rp_keys is None and self.rp_dims is not None:
+            # the paper's reference files: TRAK projections per component block at a share of its size
+            digest = selection_digest(self.component_list)
+            self.rp_keys = np.array([f"{PAPER_PROJECTION}@{int(d)}:{digest}:paper" for d in self.rp_dims])
         if self.query_ids is None:
             self.query_ids = np.array([str(i) for i in range(n_q)])
         if self.candidate_ids is None:
@@ -100,13 +109,51 @@ class ComponentTable:
             for n, k, l, p in zip(self.components, self.kinds, self.layers, self.num_params)
         ]
 
+    def indices(self, names: list[str]) -> np.ndarray:
+        """Column of each named component; one-line :class:`TableError` for a name the table lacks."""
+        index = {str(n): i for i, n in enumerate(self.components)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise TableError(f"the table has no component {missing[0]} ({len(missing)} of {len(names)} names missing)")
+        return np.array([index[n] for n in names], dtype=int)
+
+    def projection(self, key: str) -> np.ndarray | None:
+        """[Q, K] similarity stored under transform ``key`` (``KIND@DIM:DIGEST:SEED``), or None.
+
+        Without an exact match, a stored one of the same kind and selection whose dimension is
+        within 1% (rounding of a percentage) is used, whatever its seed: another draw of the same map.
+        """
+        if self.rp_similarity is None or self.rp_keys is None:
+            return None
+        keys = [str(k) for k in self.rp_keys]
+        if key in keys:
+            return np.asarray(self.rp_similarity[keys.index(key)], dtype=np.float64)
+
+        def parts(k: str) -> tuple[str, float, str] | None:
+            head, _, rest = k.partition(":")
+            kind, at, dim = head.partition("@")
+            digest = rest.split(":")[0]
+            try:
+                return (kind, float(dim), digest) if at else None
+            except ValueError:
+                return None
+
+        want = parts(key)
+        if want is None:
+            return None
+        for i, k in enumerate(keys):
+            have = parts(k)
+            if have and have[0] == want[0] and have[2] == want[2] and abs(have[1] - want[1]) <= 0.01 * want[1]:
+                return np.asarray(self.rp_similarity[i], dtype=np.float64)
+        return None
+
     def take(self, rows: np.ndarray) -> "ComponentTable":
         """A table of only the given query rows (for held-out folds)."""
         return ComponentTable(
             cross=self.cross[rows], query_self=self.query_self[rows], candidate_self=self.candidate_self[rows],
             is_original=self.is_original[rows], components=self.components, num_params=self.num_params,
             kinds=self.kinds, layers=self.layers, query_ids=self.query_ids[rows],
-            candidate_ids=self.candidate_ids[rows], rp_dims=self.rp_dims,
+            candidate_ids=self.candidate_ids[rows], rp_dims=self.rp_dims, rp_keys=self.rp_keys,
             rp_similarity=None if self.rp_similarity is None else self.rp_similarity[:, rows], meta=self.meta,
         )
 
@@ -154,6 +201,8 @@ class ComponentTable:
             r = len(self.rp_dims) if self.rp_dims is not None else -1
             if np.shape(self.rp_similarity) != (r, q, k):
                 raise TableError(f"shapes disagree: rp_similarity is {np.shape(self.rp_similarity)}, expected {(r, q, k)}")
+            if self.rp_keys is None or np.shape(self.rp_keys) != (r,):
+                raise TableError(f"rp_keys must name each of the {r} stored similarities")
             if not np.all(np.isfinite(self.rp_similarity)):
                 raise TableError("rp_similarity holds NaN or inf")
         self.is_original = np.asarray(self.is_original, dtype=bool)
@@ -170,7 +219,7 @@ class ComponentTable:
             "candidate_ids": self.candidate_ids, "meta": np.array(json.dumps(self.meta, sort_keys=True)),
         }
         if self.rp_similarity is not None:
-            arrays.update(rp_dims=self.rp_dims, rp_similarity=self.rp_similarity)
+            arrays.update(rp_dims=self.rp_dims, rp_similarity=self.rp_similarity, rp_keys=self.rp_keys)
         return savez_atomic(path, arrays)
 
     @classmethod

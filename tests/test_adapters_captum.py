@@ -106,7 +106,7 @@ def test_layers_for_plain_tracincp(model, tokenizer, checkpoint):
 
 
 def test_bad_input_is_a_one_line_error(model, tokenizer, checkpoint):
-    with pytest.raises(AdapterError, match=r"selection names no existing component: model\.layers\.9") as err:
+    with pytest.raises(AdapterError, match=r"selects 'model\.layers\.9\.mlp', which is not a component") as err:
         tracin_layers(model, "greedy", {"selection": ["model.layers.9.mlp"]})
     assert "\n" not in str(err.value)
     with pytest.raises(AdapterError, match="reduction must be 'none' or 'sum'"):

@@ -132,8 +132,7 @@ def assert_same_retrieval(scores: np.ndarray, expected: np.ndarray) -> None:
 # ---- a third-party reducer, installed as a real entry-point plugin ------------------
 PLUGIN = '''
 from dataclasses import dataclass
-import torch
-from selproj_plugin import Reducer, hookimpl
+from selproj_plugin import Concatenate, Reducer, hookimpl
 
 @dataclass
 class WeightedMLP(Reducer):
@@ -145,12 +144,8 @@ class WeightedMLP(Reducer):
     def select(self, components):
         return [c.name for c in components if c.kind in ("gate", "up", "down")]
 
-    def dimension(self, components):
-        keep = set(self.select(components))
-        return sum(c.num_params for c in components if c.name in keep)
-
-    def reduce(self, features):
-        return torch.cat([v * (self.down_weight if n.endswith("down_proj") else 1.0) for n, v in features.items()], 1)
+    def transform(self, selected):
+        return Concatenate(selected, weights=[self.down_weight if c.kind == "down" else 1.0 for c in selected])
 
 @hookimpl
 def selproj_strategies():
@@ -320,7 +315,7 @@ def test_device_object_becomes_a_string(model, tokenizer, tmp_path):
 
 
 def test_bad_selections_are_one_line_errors(model):
-    with pytest.raises(AdapterError, match=r"selection names no existing component: model\.nope") as err:
+    with pytest.raises(AdapterError, match=r"selects 'model\.nope', which is not a component") as err:
         traker_kwargs(model, "greedy", {"selection": ["model.nope"]})
     assert "\n" not in str(err.value)
     with pytest.raises(AdapterError, match="selects component model.norm twice"):

@@ -62,7 +62,7 @@ def test_captum_example(tmp_path, monkeypatch):
     config = EngineConfig(progress=False)
 
     def projected(samples) -> torch.Tensor:  # the reducer on the engine's materialised gradients
-        out = torch.as_tensor(reducer.reduce(sample_features(model, tokenizer, samples, config=config))).double()
+        out = torch.as_tensor(ns["tracin"].plan.reduction.transform(sample_features(model, tokenizer, samples, config=config))).double()
         return out / out.norm(dim=1, keepdim=True)
 
     expected = (projected(ns["queries"]) @ projected(ns["train"]).T).numpy()

@@ -45,7 +45,7 @@ def test_greedy_fidelity_first_pick(setting, first, value, request):
 def test_paper_random_projection_fidelity(setting, value, request):
     table = request.getfixturevalue(setting)
     result = get_strategy("random_projection", dim="1%").evaluate(table)
-    assert result.dim == 11_767_808
+    assert abs(result.dim - 11_767_808) <= 0.01 * 11_767_808
     assert round(result.fidelity, 4) == value
 
 

@@ -91,7 +91,7 @@ def test_bad_options_are_named():
 
 
 def test_random_projection_needs_stored_projections():
-    with pytest.raises(ValueError, match="holds no random projections"):
+    with pytest.raises(ValueError, match="cannot be scored from a component table"):
         get_strategy("random_projection").evaluate(signal_table())
 
 

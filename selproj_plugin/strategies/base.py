@@ -1,10 +1,17 @@
 """Reducer: the one interface every gradient-reduction strategy implements.
 
-A reducer decides which components' gradients are kept (``select``), how a kept
-per-sample gradient becomes the vector that is compared (``reduce``), and how it scores
-a component table (``similarity``).  Strategies that learn from data (greedy selection)
-override ``fit``; the base class then reports held-out accuracy by k-fold over queries.
-Options are dataclass fields, so ``get_strategy(name, **options)`` can check them.
+The contract has two steps, the same in table scoring, the engine, TRAK and Captum:
+
+1. ``select(catalogue)`` gets the model's real component catalogue (names, kinds, layers,
+   sizes; from a table, the table's components) and returns the names it keeps, in
+   order.  It is called once per model, never on its own output.
+2. ``transform(selected)`` gets those components and returns a
+   :class:`~selproj_plugin.transforms.Transform`, built once per model, that maps each
+   sample's selected gradients ``{name: [N, d_c]}`` to ``[N, transform.dim]``.
+
+:func:`reduction` runs both steps and checks the answers; every consumer goes through it.
+Strategies that learn from data override ``fit`` (and set ``fitted = True``); held-out
+accuracy is then reported by k-fold over queries.  Options are dataclass fields.
 """
 
 from __future__ import annotations
@@ -13,13 +20,18 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
 from selproj_plugin import scoring
 from selproj_plugin.components import Component
 from selproj_plugin.table import ComponentTable
+from selproj_plugin.transforms import Concatenate, Transform, TransformError
+
+
+class ReducerError(ValueError):
+    """A reducer that breaks the contract on a model or table; the message is one line."""
 
 
 @dataclass
@@ -54,8 +66,9 @@ class StrategyResult:
 class Reducer:
     """Base reducer: keeps every component, concatenated (the full gradient).
 
-    Subclass and set ``name``; override ``select`` for a fixed choice of components,
-    ``fit`` (and set ``fitted = True``) to learn the choice from a table.
+    Subclass, set ``name`` and ``summary``, and override ``select`` (which components),
+    ``transform`` (what is done to their per-sample gradients), or ``fit`` (learn the
+    selection from a table; set ``fitted = True``).
     """
 
     name: ClassVar[str] = ""
@@ -63,49 +76,39 @@ class Reducer:
     fitted: ClassVar[bool] = False
     folds: ClassVar[int] = 5
 
-    # ---- what to keep ---------------------------------------------------------------
     def fit(self, table: ComponentTable) -> None:
         """Learn from a table; the base reducer has nothing to learn."""
 
     def select(self, components: Sequence[Component]) -> list[str]:
-        """Names of the components this reducer keeps, in selection order."""
+        """Names of the components kept from the model's catalogue ``components``, in order."""
         return [c.name for c in components]
 
-    # ---- how to compare -------------------------------------------------------------
-    def similarity(self, table: ComponentTable) -> np.ndarray:
-        """[Q, K] cosine of queries and candidates under this reducer."""
-        index = {str(n): i for i, n in enumerate(table.components)}
-        return scoring.subset_similarity(table, [index[n] for n in self.select(table.component_list)])
+    def transform(self, selected: Sequence[Component]) -> Transform:
+        """The per-sample map of the selected gradients; default: concatenate them."""
+        return Concatenate(selected)
 
-    def dimension(self, components: Sequence[Component]) -> int:
-        """Length of the reduced vector for a model with these components."""
-        keep = set(self.select(components))
-        return int(sum(c.num_params for c in components if c.name in keep))
+    # ---- evaluation on a component table ------------------------------------------
+    def evaluate(self, table: ComponentTable, *, folds: int | None = None, seed: int = 0,
+                 similarity: "Similarity | None" = None) -> StrategyResult:
+        """Score on ``table``: accuracy, fidelity to the full gradient, cost, held-out accuracy.
 
-    def reduce(self, features: Mapping[str, Any]) -> Any:
-        """Per-sample component gradients ``{name: [N, d]}`` -> reduced ``[N, D]`` (kept ones, in order)."""
-        import torch
-
-        names = list(features)
-        keep = self.select([Component(n, "other", None, (n,), int(features[n].shape[1])) for n in names])
-        return torch.cat([features[n].flatten(1) for n in keep], dim=1)
-
-    # ---- evaluation -----------------------------------------------------------------
-    def evaluate(self, table: ComponentTable, *, folds: int | None = None, seed: int = 0) -> StrategyResult:
-        """Score this reducer on ``table``: accuracy, fidelity to the full gradient, cost, held-out accuracy."""
+        ``similarity(reduction, rows)`` gives [len(rows), K] cosines from per-sample gradients
+        for transforms a table cannot express (the benchmark passes the engine's); without it
+        such a reducer raises :class:`ReducerError`.
+        """
         start = time.perf_counter()
         self.fit(table)
-        sim = self.similarity(table)
-        chosen = self.select(table.component_list)
-        heldout = self.heldout_accuracy(table, folds or self.folds, seed) if self.fitted else None
+        red = reduction(self, table.component_list)
+        sim = table_similarity(red, table, similarity)
+        heldout = self.heldout_accuracy(table, folds or self.folds, seed, similarity) if self.fitted else None
         full = scoring.subset_similarity(table)
         return StrategyResult(
             name=self.name,
             accuracy=scoring.accuracy(sim, table.is_original),
             fidelity=scoring.fidelity(sim, full),
-            components=chosen,
-            param_fraction=self.dimension(table.component_list) / table.total_params,
-            dim=self.dimension(table.component_list),
+            components=red.names,
+            param_fraction=red.transform.dim / table.total_params,
+            dim=red.transform.dim,
             seconds=time.perf_counter() - start,
             heldout_accuracy=heldout,
             similarity=sim,
@@ -113,15 +116,17 @@ class Reducer:
             extra=self.extra_json(table),
         )
 
-    def heldout_accuracy(self, table: ComponentTable, folds: int, seed: int) -> float:
+    def heldout_accuracy(self, table: ComponentTable, folds: int, seed: int,
+                         similarity: "Similarity | None" = None) -> float:
         """k-fold over queries: fit a fresh copy on the other folds, score the held-out fold."""
-        hits = 0
+        hits = 0.0
         for test in scoring.kfold_rows(table.n_queries, folds, seed):
             train = np.setdiff1d(np.arange(table.n_queries), test)
             fresh = copy.deepcopy(self)
             fresh.fit(table.take(train))
             held = table.take(test)
-            hits += int(scoring.correct(fresh.similarity(held), held.is_original).sum())
+            sim = table_similarity(reduction(fresh, held.component_list), held, similarity, rows=test)
+            hits += float(np.sum(scoring.correct(sim, held.is_original)))
         return hits / table.n_queries
 
     def path_json(self) -> list[dict[str, Any]] | None:
@@ -135,4 +140,90 @@ class Reducer:
     @classmethod
     def options(cls) -> dict[str, Any]:
         """Option names and defaults (the dataclass fields)."""
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(cls)}
+        return {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                for f in dataclasses.fields(cls) if f.init}
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """What one reducer does on one model or table: the catalogue, its selection, its transform."""
+
+    reducer: Reducer
+    catalogue: tuple[Component, ...]
+    selected: tuple[Component, ...]
+    transform: Transform
+
+    @property
+    def names(self) -> list[str]:
+        """Selected component names, in the reducer's order."""
+        return [c.name for c in self.selected]
+
+    @property
+    def num_params(self) -> int:
+        """Gradient entries the selection keeps (before the transform)."""
+        return int(sum(c.num_params for c in self.selected))
+
+
+Similarity = Callable[[Reduction, np.ndarray], np.ndarray]
+
+
+def _label(reducer: Reducer) -> str:
+    return reducer.name or type(reducer).__name__
+
+
+def reduction(reducer: Reducer, catalogue: Sequence[Component]) -> Reduction:
+    """Run the contract's two steps once on ``catalogue`` and check every answer (one-line errors)."""
+    catalogue = tuple(catalogue)
+    label = _label(reducer)
+    try:
+        names = reducer.select(catalogue)
+    except ReducerError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ReducerError(f"strategy {label!r}: select failed: {_one_line(exc)}") from None
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names or ()):
+        raise ReducerError(f"strategy {label!r}: select must return a list of component names, got {names!r:.80}")
+    names = list(names)
+    if not names:
+        raise ReducerError(f"strategy {label!r} selects no component of the {len(catalogue)} in the catalogue")
+    by_name = {c.name: c for c in catalogue}
+    by_param = {p: c for c in catalogue for p in c.param_names}
+    unknown = [n for n in names if n not in by_name and n not in by_param]
+    if unknown:
+        raise ReducerError(f"strategy {label!r} selects {unknown[0]!r}, which is not a component here "
+                           f"({len(unknown)} unknown; list them with --list-components)")
+    selected = tuple(by_name.get(n) or by_param[n] for n in names)
+    if len({c.name for c in selected}) != len(selected):
+        dup = next(c.name for i, c in enumerate(selected) if c.name in {d.name for d in selected[:i]})
+        raise ReducerError(f"strategy {label!r} selects component {dup} twice")
+    try:
+        transform = reducer.transform(selected)
+    except (ValueError, TypeError) as exc:
+        raise ReducerError(f"strategy {label!r}: transform failed: {_one_line(exc)}") from None
+    if not isinstance(transform, Transform):
+        raise ReducerError(f"strategy {label!r}: transform must return a selproj_plugin.transforms.Transform, "
+                           f"got {type(transform).__name__}")
+    if not isinstance(transform.dim, (int, np.integer)) or transform.dim < 1:
+        raise ReducerError(f"strategy {label!r}: transform declares dimension {transform.dim!r}; need a positive int")
+    if tuple(transform.components) != selected:
+        raise ReducerError(f"strategy {label!r}: transform was built for other components than the selection")
+    return Reduction(reducer, catalogue, selected, transform)
+
+
+def table_similarity(red: Reduction, table: ComponentTable, similarity: Similarity | None = None,
+                     rows: np.ndarray | None = None) -> np.ndarray:
+    """[Q, K] cosine of a reduction on ``table``: from the table when the transform allows, else from gradients."""
+    sim = red.transform.on_table(table)
+    if sim is not None:
+        return np.asarray(sim, dtype=np.float64)
+    if similarity is None:
+        raise ReducerError(
+            f"strategy {_label(red.reducer)!r}: its transform ({type(red.transform).__name__}, {red.transform.key}) "
+            "cannot be scored from a component table; run it on a model (without --table) so per-sample gradients are used")
+    rows = np.arange(table.n_queries) if rows is None else rows
+    return np.asarray(similarity(red, rows), dtype=np.float64)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -125,10 +125,6 @@ class Greedy(Reducer):
             raise ValueError(f"{self.name} has no selection yet: fit it on a component table or pass selection=FILE")
         return list(self._chosen)
 
-    def dimension(self, components: Sequence[Component]) -> int:
-        sizes = {c.name: c.num_params for c in components}
-        return int(sum(sizes[n] for n in self.select(components)))
-
     def path_json(self) -> list[dict[str, Any]] | None:
         return list(self._path) if self._path else None
 

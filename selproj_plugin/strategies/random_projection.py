@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from selproj_plugin.components import Component
 from selproj_plugin.strategies.base import Reducer
-from selproj_plugin.table import ComponentTable
+from selproj_plugin.table import PAPER_PROJECTION
+from selproj_plugin.transforms import Transform, selection_digest
 
 
 def parse_dim(dim: int | str, total_params: int) -> int:
@@ -29,6 +28,22 @@ def parse_dim(dim: int | str, total_params: int) -> int:
     return int(round(value))
 
 
+class SketchTransform(Transform):
+    """Seeded count sketch of the selected gradients to ``dim`` (interim: blocks per component)."""
+
+    kind = PAPER_PROJECTION
+
+    def __init__(self, components: Sequence[Component], dim: int, seed: int) -> None:
+        self.components, self.dim, self.seed = tuple(components), int(dim), int(seed)
+        self.key = f"{self.kind}@{self.dim}:{selection_digest(self.components)}:seed{self.seed}"
+
+    def __call__(self, features: Mapping[str, Any]) -> Any:
+        from selproj_plugin.projection import project_features
+
+        self.check(features)
+        return project_features(features, self.dim, seed=self.seed)
+
+
 @dataclass
 class RandomProjection(Reducer):
     """Seeded random projection of the full gradient to ``dim`` dimensions (count or percent)."""
@@ -39,31 +54,8 @@ class RandomProjection(Reducer):
     dim: int | str = "1%"
     seed: int = 0
 
-    def _stored_index(self, table: ComponentTable) -> int:
-        if table.rp_similarity is None or table.rp_dims is None or len(table.rp_dims) == 0:
-            raise ValueError("this table holds no random projections: build it with --proj-dim to score random_projection")
-        want = parse_dim(self.dim, table.total_params)
-        dims = np.asarray(table.rp_dims)
-        index = int(np.argmin(np.abs(dims - want)))
-        if abs(int(dims[index]) - want) > 0.01 * want:
-            raise ValueError(f"this table holds random projections at {', '.join(map(str, dims))} dims, not {want}")
-        return index
+    def __post_init__(self) -> None:
+        parse_dim(self.dim, 100)  # a malformed dimension fails when the option is given
 
-    def similarity(self, table: ComponentTable) -> np.ndarray:
-        return np.asarray(table.rp_similarity[self._stored_index(table)], dtype=np.float64)
-
-    def dimension(self, components: Sequence[Component]) -> int:
-        return parse_dim(self.dim, sum(c.num_params for c in components))
-
-    def evaluate(self, table: ComponentTable, **kwargs: Any):
-        result = super().evaluate(table, **kwargs)
-        result.dim = int(table.rp_dims[self._stored_index(table)])
-        result.param_fraction = result.dim / table.total_params
-        return result
-
-    def reduce(self, features: Mapping[str, Any]) -> Any:
-        """Project the concatenated per-sample gradients ``{name: [N, d]}`` to ``[N, dim]``."""
-        from selproj_plugin.projection import project_features
-
-        total = sum(int(v[0].numel()) for v in features.values())
-        return project_features(features, parse_dim(self.dim, total), seed=self.seed)
+    def transform(self, selected: Sequence[Component]) -> Transform:
+        return SketchTransform(selected, parse_dim(self.dim, sum(c.num_params for c in selected)), self.seed)
