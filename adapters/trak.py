@@ -143,8 +143,8 @@ class ReducerProjector(AbstractProjector):
 
     def __init__(self, model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
                  *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 seed: int = 0, fast_jl: bool | None = None, max_batch_size: int = 32) -> None:
-        self.plan: Plan = plan(model, resolve_reducer(strategy, options))
+                 seed: int = 0, fast_jl: bool | None = None, max_batch_size: int = 32, scope: str = "paper") -> None:
+        self.plan: Plan = plan(model, resolve_reducer(strategy, options), scope)
         dim = self.plan.dimension
         if dim < 1:
             raise AdapterError(f"strategy {self.plan.reducer.name!r} reduces to {dim} dimensions; TRAK needs at least 1")
@@ -218,12 +218,13 @@ class CosineScoreComputer(AbstractScoreComputer):
 
 def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
                   *, device: str | torch.device | None = None, score: str = "cosine",
-                  use_half_precision: bool = False, fast_jl: bool | None = None) -> dict[str, Any]:
+                  use_half_precision: bool = False, fast_jl: bool | None = None, scope: str = "paper") -> dict[str, Any]:
     """Keyword arguments for ``trak.TRAKer`` (add ``train_set_size`` and ``save_dir``).
 
     ``strategy`` is a registered reducer name (``options`` are its options) or a
     configured :class:`~selproj_plugin.Reducer`; ``score`` is ``"cosine"`` (retrieval, the
-    selproj default) or ``"trak"`` (TRAK's whitened inner product).  Switches an sdpa
+    selproj default) or ``"trak"`` (TRAK's whitened inner product); ``scope`` is the component
+    set the reducer selects from (``"paper"``: embedding and weight matrices; ``"all"``).  Switches an sdpa
     model to eager attention and turns ``device`` into the string TRAK expects.
     """
     if score not in ("cosine", "trak"):
@@ -231,7 +232,7 @@ def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: M
     device = device_name(device, model)
     require_eager(model)
     dtype = torch.float16 if use_half_precision else torch.float32
-    projector = ReducerProjector(model, strategy, options, device=device, dtype=dtype, fast_jl=fast_jl)
+    projector = ReducerProjector(model, strategy, options, device=device, dtype=dtype, fast_jl=fast_jl, scope=scope)
     return {
         "model": model,
         "task": CausalLMOutput(),

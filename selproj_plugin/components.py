@@ -73,13 +73,29 @@ class Component:
         return self.kind if self.layer is None else f"L{self.layer} {self.kind}"
 
 
-def catalogue(model: torch.nn.Module) -> list[Component]:
-    """Every trainable parameter tensor of ``model`` in exactly one component, in model order.
+# The paper's gradient: the embedding (or the tied embedding / LM head) and the weight
+# matrices of attention and MLP. Norms, biases and modules of unknown kind are opt-in ("all").
+PAPER_KINDS = frozenset({"embed", "lm_head", "q", "k", "v", "o", "gate", "up", "down", "qkv", "mlp_in", "mlp_out"})
+COMPONENT_SETS = ("paper", "all")
+
+
+def check_scope(scope: str) -> str:
+    """A component set name, or a one-line ``ValueError`` listing the valid ones."""
+    if scope not in COMPONENT_SETS:
+        raise ValueError(f"unknown component set {scope!r}; choose from {', '.join(COMPONENT_SETS)}")
+    return scope
+
+
+def catalogue(model: torch.nn.Module, scope: str = "paper") -> list[Component]:
+    """The model's components in model order: ``scope="paper"`` (default) or ``"all"`` trainable tensors.
 
     Components are modules with their own trainable tensors, named by module path;
     a tensor shared by two modules (a tied embedding / LM head) counts once, with the
-    module that owns it first.  Modules of unknown kind give one component per tensor.
+    module that owns it first.  Under ``"all"`` every trainable tensor is in exactly one
+    component, and modules of unknown kind give one component per tensor; ``"paper"``
+    keeps the weight matrices of :data:`PAPER_KINDS` only (the paper's full gradient).
     """
+    paper = check_scope(scope) == "paper"
     seen: set[int] = set()
     out: list[Component] = []
     for module_name, module in model.named_modules():
@@ -92,13 +108,18 @@ def catalogue(model: torch.nn.Module) -> list[Component]:
             continue
         seen.update(id(p) for _, p in own)
         kind, layer = kind_and_layer(module_name)
+        if paper:
+            own = [(n, p) for n, p in own if n.endswith("weight")]
+            if kind not in PAPER_KINDS or not own:
+                continue
         if kind == "other":
             out.extend(Component(n, "other", layer, (n,), p.numel()) for n, p in own)
         else:
             out.append(Component(module_name, kind, layer, tuple(n for n, _ in own),
                                  sum(p.numel() for _, p in own)))
     if not out:
-        raise ValueError(f"model {type(model).__name__} has no trainable parameters")
+        raise ValueError(f"model {type(model).__name__} has no trainable parameters"
+                         + (" in the paper's component set (try scope 'all')" if paper else ""))
     return out
 
 

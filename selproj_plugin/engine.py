@@ -21,7 +21,7 @@ import torch
 
 from selproj_plugin.capture import ComponentSpec, GradientCapture, SampleFactors, matrix_form, to_param_layout
 from selproj_plugin import distributed
-from selproj_plugin.components import Component, catalogue, select
+from selproj_plugin.components import Component, catalogue, check_scope, select
 from selproj_plugin.gram import choose_modes, factor_dots
 from selproj_plugin.loss import Encoded, ModelError, collate, encode_samples, pad_token_id, require_trainable
 from selproj_plugin.models import model_name
@@ -132,13 +132,13 @@ def _modes(prep: "Prepared", config: EngineConfig, lengths: Sequence[int], n_pai
     return choose_modes(prep.specs, lengths, n_pairs)
 
 
-def prepare(model: torch.nn.Module, tokenizer: Any, components: Sequence[str] | None) -> Prepared:
-    """Catalogue and select components, check the model can give gradients, build the capture."""
+def prepare(model: torch.nn.Module, tokenizer: Any, components: Sequence[str] | None, scope: str = "paper") -> Prepared:
+    """Catalogue (component set ``scope``) and select components, check the model can give gradients, build the capture."""
     require_trainable(model)
     try:
-        comps = catalogue(model)
-    except ValueError:
-        raise ModelError(f"model {model_name(model)} has no trainable parameters") from None
+        comps = catalogue(model, check_scope(scope))
+    except ValueError as exc:
+        raise ModelError(f"model {model_name(model)}: {exc}") from None
     if components is not None:
         comps = select(comps, components)
     capture = GradientCapture(model, comps)
@@ -345,6 +345,7 @@ def build_table(
     original: np.ndarray,
     *,
     components: Sequence[str] | None = None,
+    scope: str = "paper",
     proj_dims: Sequence[int] = (),
     seed: int = 0,
     config: EngineConfig | None = None,
@@ -353,7 +354,9 @@ def build_table(
 ) -> ComponentTable:
     """Component table for ``queries`` x their candidates ``candidates[candidate_index[q, k]]``.
 
-    ``original``: [Q] column of each query's original, or [Q, K] bool.  Each distinct sample
+    ``original``: [Q] column of each query's original, or [Q, K] bool.  ``components`` names
+    columns from the component set ``scope`` (``"paper"``: embedding and weight matrices;
+    ``"all"``: norms and biases too); None keeps the whole set.  Each distinct sample
     is forward/backward'ed once; the smaller side's factors are kept, the other streams past.  With
     ``proj_dims``, ``rp_similarity`` holds cosines of tensor-sketched full gradients.
 
@@ -377,7 +380,7 @@ def build_table(
     is_original = original.astype(bool) if original.shape == (n_q, n_k) else \
         (np.arange(n_k)[None, :] == original.astype(np.int64)[:, None])
 
-    prep = prepare(model, tokenizer, components)
+    prep = prepare(model, tokenizer, components, scope)
     plan, n_truncated = _plan(prep, tokenizer, queries, candidates, candidate_index, config)
     encode_s = time.perf_counter() - t0
     names = [s.name for s in prep.specs]
@@ -409,7 +412,7 @@ def build_table(
         "distinct_samples": len(plan.kept) + sum(map(len, plan.streamed_batches)), "batch_size": config.batch_size,
         "materialised_components": len(plan.materialise), "mode": config.mode,
         "spilled_bytes": shard.meta["spilled_bytes"], "timings": timings, "seed": seed,
-        "engine": "selproj factor engine", "world_size": world,
+        "engine": "selproj factor engine", "world_size": world, "component_set": scope,
     }
     if world > 1:
         meta["ranks"] = merged.meta["shards"]
@@ -444,7 +447,7 @@ def _gathered(rows: dict[int, Any], across_ranks: bool) -> dict[int, Any]:
 
 def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample],
                     components: Sequence[str] | None = None, config: EngineConfig | None = None,
-                    *, across_ranks: bool = False) -> dict[str, torch.Tensor]:
+                    *, scope: str = "paper", across_ranks: bool = False) -> dict[str, torch.Tensor]:
     """Materialised per-sample gradients ``{component: [N, num_params]}`` in parameter layout.
 
     Layout matches concatenating ``p.grad.flatten()`` over the component's ``param_names``.
@@ -452,7 +455,7 @@ def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sa
     ``across_ranks`` the torch.distributed ranks share the batches and all return every row.
     """
     config = config or EngineConfig()
-    prep = prepare(model, tokenizer, components)
+    prep = prepare(model, tokenizer, components, scope)
     encoded, _ = encode_samples(tokenizer, samples, config.max_length)
     batches = _mine(list(_batches(encoded, range(len(samples)), config.batch_size)), across_ranks)
     out = {s.name: torch.zeros(len(samples), s.component.num_params) for s in prep.specs}
@@ -470,14 +473,15 @@ def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sa
 
 def projected_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample], dim: int,
                        components: Sequence[str] | None = None, seed: int = 0,
-                       config: EngineConfig | None = None, *, across_ranks: bool = False) -> torch.Tensor:
+                       config: EngineConfig | None = None, *, scope: str = "paper",
+                       across_ranks: bool = False) -> torch.Tensor:
     """Randomly projected full gradients ``[N, dim]`` (float64) with ``E<Pa, Pb> = <a, b>``.
 
     Deterministic for a given ``seed``; never materialises a gradient or a projection matrix
     on CPU (tensor sketch of the factors).  ``across_ranks``: as in :func:`sample_features`.
     """
     config = config or EngineConfig()
-    prep = prepare(model, tokenizer, components)
+    prep = prepare(model, tokenizer, components, scope)
     encoded, _ = encode_samples(tokenizer, samples, config.max_length)
     sketcher = _Sketcher(prep.specs, [dim], seed, config.device)
     batches = _mine(list(_batches(encoded, range(len(samples)), config.batch_size)), across_ranks)
@@ -491,13 +495,13 @@ def projected_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence
 
 def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sample], samples_b: Sequence[Sample],
                   components: Sequence[str] | None = None, config: EngineConfig | None = None,
-                  *, across_ranks: bool = False) -> np.ndarray:
+                  *, scope: str = "paper", across_ranks: bool = False) -> np.ndarray:
     """Every ``<g_c(a), g_c(b)>``: [A, B, C] float64 (``samples_a`` factors stored, ``samples_b`` streamed).
 
     With ``across_ranks`` every torch.distributed rank stores A and streams its deal of B's batches.
     """
     config = config or EngineConfig()
-    prep = prepare(model, tokenizer, components)
+    prep = prepare(model, tokenizer, components, scope)
     unique, pos = _dedupe(list(samples_a) + list(samples_b))
     encoded, _ = encode_samples(tokenizer, unique, config.max_length)
     a_of = [pos[s.id] for s in samples_a]
