@@ -123,16 +123,26 @@ def catalogue(model: torch.nn.Module, scope: str = "paper") -> list[Component]:
     return out
 
 
-def select(components: Sequence[Component], names: Iterable[str]) -> list[Component]:
-    """The components named by ``names`` (component or parameter names), in model order.
+def resolve(components: Sequence[Component], names: Iterable[str]) -> list[Component]:
+    """The component each name means, in the order given: a component name, one of its
+    parameter names, or its report label (``L3 down``, ``embed``) where that label is unique.
 
     Raises ``ValueError`` naming every name that matches no component.
     """
     wanted = list(names)
     by_name = {c.name: c for c in components}
     by_param = {p: c for c in components for p in c.param_names}
-    missing = [n for n in wanted if n not in by_name and n not in by_param]
+    labels: dict[str, list[Component]] = {}
+    for c in components:
+        labels.setdefault(c.label, []).append(c)
+    by_label = {label: cs[0] for label, cs in labels.items() if len(cs) == 1}
+    missing = [n for n in wanted if n not in by_name and n not in by_param and n not in by_label]
     if missing:
         raise ValueError(f"selection names no existing component: {', '.join(missing)}")
-    chosen = {id(by_name.get(n) or by_param[n]) for n in wanted}
+    return [by_name.get(n) or by_param.get(n) or by_label[n] for n in wanted]
+
+
+def select(components: Sequence[Component], names: Iterable[str]) -> list[Component]:
+    """The components named by ``names`` (see :func:`resolve`), in model order."""
+    chosen = {id(c) for c in resolve(components, names)}
     return [c for c in components if id(c) in chosen]

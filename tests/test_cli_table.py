@@ -74,5 +74,7 @@ def test_broken_plugin_exits_nonzero_without_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmark.retrieval", "--table", "x.npz", "--strategy", "bad"],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 2
-    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr and [line.split(":")[0] for line in lines] == ["warning", "error"]
+    assert lines[0] == "warning: selproj plugin bad disabled: failed to load: RuntimeError: plugin exploded"
     assert "unknown strategy 'bad'" in out.stderr and "bad (failed to load: RuntimeError: plugin exploded)" in out.stderr
