@@ -151,15 +151,22 @@ def _peak_memory() -> dict[str, float]:
     return peak
 
 
-def _selection_files(out: Path, setting: str, results: dict[str, StrategyResult], identity: dict[str, Any]) -> list[str]:
-    """One JSON per fitted selection, readable by ``get_strategy("greedy", selection=FILE)`` and the adapters."""
+def _selection_files(out: Path, setting: str, results: dict[str, StrategyResult], table: ComponentTable,
+                     identity: dict[str, Any]) -> list[str]:
+    """One JSON per fitted selection: readable by ``get_strategy("greedy", selection=FILE)`` and the adapters,
+    with the same components as module names, parameter names and globs for other tools (``export``)."""
+    from selproj_plugin.components import resolve
+    from selproj_plugin.export import selection_export
+
     written = []
     for name, result in results.items():
         if result.heldout_accuracy is None or not result.components:
             continue
         path = out / f"selection-{setting}-{name}.json"
+        catalogue = table.component_list
         write_json(path, {"strategy": name, "setting": setting, "components": result.components,
-                          "accuracy": result.accuracy, "heldout_accuracy": result.heldout_accuracy, **identity})
+                          "accuracy": result.accuracy, "heldout_accuracy": result.heldout_accuracy,
+                          "export": selection_export(resolve(catalogue, result.components), catalogue), **identity})
         written.append(path.name)
     return written
 
@@ -231,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 plots.component_heatmap(table, out / f"components-{setting}.png", f"{setting}: each component alone").name,
                 plots.greedy_path(results, base, out / f"greedy-{setting}.png", f"{setting}: greedy path").name,
             ]
-            section["selection_files"] = _selection_files(out, setting, results, document.get("identity", {}))
+            section["selection_files"] = _selection_files(out, setting, results, table, document.get("identity", {}))
         document["settings"][setting] = section
     document.setdefault("stages", {})["evaluate"] = round(time.perf_counter() - evaluate_start, 3)
     document["seconds"] = round(time.perf_counter() - started, 3)

@@ -413,6 +413,7 @@ def build_table(
         "materialised_components": len(plan.materialise), "mode": config.mode,
         "spilled_bytes": shard.meta["spilled_bytes"], "timings": timings, "seed": seed,
         "engine": "selproj factor engine", "world_size": world, "component_set": scope,
+        "param_names": {c.name: list(c.param_names) for c in comps},
     }
     if world > 1:
         meta["ranks"] = merged.meta["shards"]
