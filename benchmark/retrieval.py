@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmark.pipeline import SETTINGS, PipelineOptions, build_tables, parse_settings
+from benchmark.pipeline import PROJECTION_STRATEGIES, SETTINGS, PipelineOptions, build_tables, parse_settings
 from benchmark.report import format_setting, write_atomic, write_json
 from selproj_plugin import distributed, scoring
 from selproj_plugin.registry import (
@@ -128,7 +128,7 @@ def evaluate(table: ComponentTable, names: Sequence[str], options: dict[str, dic
     results: dict[str, StrategyResult] = {}
     for name in names:
         runs = [(name, options.get(name, {}))]
-        if name == "random_projection" and proj_dims:
+        if name in PROJECTION_STRATEGIES and proj_dims:
             runs = [(name if len(proj_dims) == 1 else f"{name}@{d}", {**options.get(name, {}), "dim": d}) for d in proj_dims]
         for label, opts in runs:
             result = get_strategy(name, **opts).evaluate(table, folds=folds, seed=seed)
@@ -195,10 +195,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = strategy_names(args.strategy)
     options = parse_options(args.option, names)
     for name in names:  # unknown names and options fail before any expensive work
-        if not (name == "random_projection" and "dim" in options[name]):
+        if not (name in PROJECTION_STRATEGIES and "dim" in options[name]):
             get_strategy(name, **options[name])
     proj_dims = [d.strip() for d in args.proj_dim.split(",") if d.strip()] if args.proj_dim else []
-    if "random_projection" in names and not proj_dims and not args.table:
+    proj_strategies = tuple(n for n in names if n in PROJECTION_STRATEGIES)
+    if proj_strategies and not proj_dims and not args.table:
         proj_dims = ["1%"]
     started = time.perf_counter()
     document: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "settings": {}}
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         built = build_tables(PipelineOptions(
             model=args.model, dataset=args.dataset, settings=settings,
             max_samples=args.max_samples or None, candidates=args.candidates, full_set=args.full_set,
-            proj_dims=tuple(proj_dims), seed=args.seed, dtype=args.dtype, device=args.device,
+            proj_dims=tuple(proj_dims), proj_strategies=proj_strategies, seed=args.seed, dtype=args.dtype, device=args.device,
             max_length=args.max_length, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             memory_limit_gb=args.memory_limit_gb, cache_dir=args.cache_dir, progress=not args.no_progress,
         ))
