@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from benchmark.cache import StageCache, digest
-from benchmark.candidates import bm25_topk
+from benchmark.candidates import bm25_scores, top_k
 from benchmark.data import Dataset, load_dataset
 from benchmark.generate import generate_responses
 from selproj_plugin.samples import Sample
@@ -36,6 +36,7 @@ class PipelineOptions:
     candidates: int = 5
     full_set: bool = False
     proj_dims: tuple[str, ...] = ()
+    scope: str = "paper"  # component set: "paper" (embedding + weight matrices) or "all" (norms, biases too)
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
@@ -56,6 +57,7 @@ class PipelineResult:
     stages: dict[str, float] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)  # where this run's files went: not part of the results
+    bm25: dict[str, np.ndarray] = field(default_factory=dict)  # per setting, [Q, K] BM25 score of each candidate
 
 
 def parse_settings(text: str) -> tuple[str, ...]:
@@ -107,17 +109,16 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         "dataset": dataset.name, "dataset_samples": len(dataset),
         "dataset_digest": digest([dataclasses.asdict(r) for r in dataset.records]),
     }
-    total_params = sum(c.num_params for c in catalogue(model))
+    total_params = sum(c.num_params for c in catalogue(model, opts.scope))
     proj_dims = sorted({parse_dim(d, total_params) for d in opts.proj_dims})
 
     n = len(dataset)
     pool = [r.original for r in dataset.records]
+    bm25 = bm25_scores([r.paraphrased_prompt for r in dataset.records], [r.prompt for r in dataset.records])
     if opts.full_set:
         candidate_index = np.tile(np.arange(n), (n, 1))
     else:
-        k = min(opts.candidates, n)
-        candidate_index = bm25_topk([r.paraphrased_prompt for r in dataset.records],
-                                    [r.prompt for r in dataset.records], k, force=list(range(n)))
+        candidate_index = top_k(bm25, min(opts.candidates, n), force=list(range(n)))
     lap("candidates")
 
     generations: dict[str, str] = {}
@@ -135,7 +136,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     originals = np.array([i for s in opts.settings for i, _ in per_setting[s]], dtype=int)
     rows = candidate_index[originals]
     is_original = rows == originals[:, None]
-    table_key = {**identity, "settings": opts.settings, "full_set": opts.full_set, "candidates": opts.candidates,
+    table_key = {**identity, "component_set": opts.scope, "settings": opts.settings, "full_set": opts.full_set, "candidates": opts.candidates,
                  "proj_dims": proj_dims, "seed": opts.seed, "max_length": opts.max_length,
                  "max_new_tokens": opts.max_new_tokens if "generated" in opts.settings else None,
                  "queries": [q.id for q in queries]}
@@ -150,7 +151,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
                               progress=opts.progress)
         table = build_table(
             model, tokenizer, queries, pool, rows, is_original, proj_dims=proj_dims, seed=opts.seed, config=config,
-            across_ranks=True,
+            scope=opts.scope, across_ranks=True,
             shard_path=lambda rank, world: cache.path("table", table_key, f"shard{rank}of{world}.npz"))
         if distributed.is_main():
             table.save(table_path)
@@ -158,11 +159,13 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     lap("table")
 
     tables: dict[str, ComponentTable] = {}
+    bm25_rows: dict[str, np.ndarray] = {}
     start = 0
     for s in opts.settings:
         count = len(per_setting[s])
         if count:
             tables[s] = table.take(np.arange(start, start + count))
+            bm25_rows[s] = np.take_along_axis(bm25[originals[start:start + count]], rows[start:start + count], axis=1)
         start += count
     run = {"table_cache": str(table_path), "table_reused": reused, "world_size": world,
            "threads_per_process": torch.get_num_threads()}
@@ -172,4 +175,4 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         "truncated": table.meta.get("truncated", 0),
         "total_params": total_params, "proj_dims": proj_dims,
     }
-    return PipelineResult(tables=tables, identity=identity, stages=stages, notes=notes, run=run)
+    return PipelineResult(tables=tables, identity=identity, stages=stages, notes=notes, run=run, bm25=bm25_rows)
