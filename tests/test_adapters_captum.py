@@ -18,7 +18,6 @@ from selproj_plugin.adapters.captum import _Logits  # noqa: E402
 from selproj_plugin.components import catalogue  # noqa: E402
 from test_adapters_trak import (  # noqa: E402,F401  (fixtures and helpers shared with the TRAK tests)
     CANDIDATES, QUERIES, RP_MIN_CORRELATION, SELECTION, assert_same_retrieval, component_order, engine_cosines,
-    needs_project_features,
     model, tokenizer, weighted_plugin,
 )
 from selproj_plugin.engine import EngineConfig, pairwise_dots  # noqa: E402
@@ -73,7 +72,6 @@ def test_unnormalised_scores_are_gradient_dot_products(model, tokenizer, checkpo
     np.testing.assert_allclose(scores, dots, rtol=1e-4, atol=1e-6 * np.abs(dots).max())
 
 
-@needs_project_features
 def test_random_projection_correlates(model, tokenizer, checkpoint):
     scores = tracin_scores(model, tokenizer, checkpoint, "random_projection")
     corr = np.corrcoef(scores.ravel(), engine_cosines(model, tokenizer, QUERIES, CANDIDATES).ravel())[0, 1]

@@ -34,14 +34,6 @@ from selproj_plugin.adapters.trak import (  # noqa: E402
     check_fast_jl_dim, encode, traker_kwargs,
 )
 
-# RandomProjection.reduce calls selproj_plugin.projection.project_features; until the engine provides
-# it, random-projection tests must fail with exactly that ImportError (and run normally once it exists).
-needs_project_features = pytest.mark.xfail(
-    not hasattr(importlib.import_module("selproj_plugin.projection"), "project_features"),
-    reason="selproj_plugin.projection.project_features (used by RandomProjection.reduce) is missing",
-    raises=ImportError, strict=True,
-)
-
 SELECTION = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.v_proj.weight", "model.norm"]
 RP_MIN_CORRELATION = 0.95
 
@@ -190,7 +182,6 @@ def test_trak_ranks_like_the_engine(model, tokenizer, tmp_path, strategy):
     assert np.ptp(expected) > 0.2  # the check is not vacuous: candidates differ
 
 
-@needs_project_features
 def test_trak_random_projection_correlates(model, tokenizer, tmp_path):
     kwargs = traker_kwargs(model, "random_projection")
     total = sum(c.num_params for c in catalogue(model))
