@@ -42,14 +42,20 @@ def component_heatmap(table: ComponentTable, path: Path, title: str) -> Path:
 
 def greedy_path(results: Mapping[str, StrategyResult], baselines: Mapping[str, Any], path: Path, title: str) -> Path:
     """In-sample accuracy along each greedy path against the fraction of parameters (95% intervals as bars),
-    with the other strategies' headline accuracies and the baselines as lines and interval bands."""
+    its selection's held-out accuracy as a star, and the other strategies' headline accuracies and the
+    baselines as lines with interval bands."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, result in results.items():
         if result.path:
             x = [step["param_fraction"] for step in result.path]
             y = np.array([step["accuracy"] for step in result.path])
             ci = np.array([step["accuracy_ci"] for step in result.path])
-            ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], marker="o", capsize=3, label=f"{name} path")
+            bars = ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], marker="o", capsize=3, label=f"{name} path")
+            if result.heldout_accuracy is not None:  # the selection's held-out figure, the one to read
+                held, (low, high) = result.heldout_accuracy, result.heldout_accuracy_ci
+                ax.errorbar([result.param_fraction], [held], yerr=[[held - low], [high - held]], marker="*",
+                            markersize=12, capsize=3, linestyle="none", color=bars.lines[0].get_color(),
+                            label=f"{name} held-out ({held:.3f})")
     styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3))])
     lines = [(f"{name} ({basis} {value:.3f})", value, interval, next(styles, "--"), "gray")
              for name, result in results.items() if not result.path for value, interval, basis in [result.headline]]

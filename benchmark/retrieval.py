@@ -173,7 +173,8 @@ def _selection_files(out: Path, setting: str, results: dict[str, StrategyResult]
             continue
         path = out / f"selection-{setting}-{name}.json"
         write_json(path, {"strategy": name, "setting": setting, "components": result.components,
-                          "accuracy": result.accuracy, "heldout_accuracy": result.heldout_accuracy, **identity})
+                          "accuracy": result.accuracy, "heldout_accuracy": result.heldout_accuracy,
+                          "heldout_accuracy_ci": result.heldout_accuracy_ci, **identity})
         written.append(path.name)
     return written
 
