@@ -13,13 +13,13 @@ import numpy as np  # noqa: E402
 
 from selproj_plugin.components import KINDS  # noqa: E402
 from selproj_plugin.strategies.base import StrategyResult  # noqa: E402
-from selproj_plugin.strategies.single import per_component_scores  # noqa: E402
+from selproj_plugin.strategies.single import per_component_accuracy  # noqa: E402
 from selproj_plugin.table import ComponentTable  # noqa: E402
 
 
 def component_heatmap(table: ComponentTable, path: Path, title: str) -> Path:
     """Accuracy of each component alone; rows are layers, columns kinds (non-layer components on top)."""
-    acc = per_component_scores(table)[0]
+    acc = per_component_accuracy(table)
     kinds = [k for k in KINDS if k in set(table.kinds)]
     layers = sorted({int(l) for l in table.layers})
     grid = np.full((len(layers), len(kinds)), np.nan)

@@ -8,7 +8,7 @@ cosine with m - 1 other candidates earns 1/m (a component that scores every cand
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -69,8 +69,13 @@ def recall_at(similarity: np.ndarray, is_original: np.ndarray, k: int = 1) -> np
 
 
 def hits(similarity: np.ndarray, is_original: np.ndarray) -> np.ndarray:
-    """Per-query top-1 credit: 1 for a clear hit, 1/m for an m-way tie at the top, else 0; [Q] or [Q, R]."""
-    return recall_at(similarity, is_original, 1)
+    """Per-query top-1 credit: 1 for a clear hit, 1/m for an m-way tie at the top, else 0; [Q] or [Q, R].
+
+    Equal to ``recall_at(similarity, is_original, 1)``, in two passes over the similarities (greedy's inner loop).
+    """
+    top = np.max(similarity, axis=1)
+    tied = np.sum(similarity == top[:, None], axis=1)
+    return np.where(_own(similarity, is_original)[:, 0] == top, 1.0 / tied, 0.0)
 
 
 def accuracy(similarity: np.ndarray, is_original: np.ndarray) -> float:
@@ -91,11 +96,16 @@ def mean_margin(similarity: np.ndarray, is_original: np.ndarray) -> np.ndarray:
     return np.mean(_own(similarity, is_original)[:, 0] - best_other, axis=0)
 
 
-def best_of(scores: np.ndarray, margins: np.ndarray) -> tuple[int, int]:
-    """Index of the best score, ties (within :data:`TIE_TOLERANCE`) broken by the larger margin, then
-    by position (model order); and how many indices tied on the score."""
+def best_of(scores: np.ndarray, margins: Callable[[np.ndarray], np.ndarray]) -> tuple[int, int]:
+    """Index of the best score and how many indices tied on it (within :data:`TIE_TOLERANCE`).
+
+    Ties go to the largest ``margins(tied_indices)``, then to the first index (model order);
+    margins are computed only for the tied indices, and only when there is a tie.
+    """
     tied = np.flatnonzero(scores >= np.max(scores) - TIE_TOLERANCE)
-    return int(tied[np.argmax(margins[tied])]), int(tied.size)
+    if tied.size == 1:
+        return int(tied[0]), 1
+    return int(tied[np.argmax(margins(tied))]), int(tied.size)
 
 
 def fidelity(similarity: np.ndarray, reference: np.ndarray) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -25,11 +26,16 @@ DRAWS = 10_000  # Monte Carlo draws of the sign-flip test and the bootstrap
 _CHUNK = 500
 
 
+@lru_cache(maxsize=64)
+def _log_comb(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """log C(n, k) and k for k = 0..n."""
+    k = np.arange(1, n + 1)
+    return np.concatenate([[0.0], np.cumsum(np.log(n - k + 1) - np.log(k))]), np.arange(n + 1)
+
+
 def _log_binom_pmf(n: int, p: float) -> np.ndarray:
     """log P(X = k) for k = 0..n, X ~ Binomial(n, p), 0 < p < 1."""
-    k = np.arange(1, n + 1)
-    log_comb = np.concatenate([[0.0], np.cumsum(np.log(n - k + 1) - np.log(k))])
-    j = np.arange(n + 1)
+    log_comb, j = _log_comb(n)
     return log_comb + j * math.log(p) + (n - j) * math.log1p(-p)
 
 
@@ -48,7 +54,7 @@ def _tail(n: int, p: float, x: int, upper: bool) -> float:
 def _solve(f, target: float) -> float:
     """p in [0, 1] with f(p) = target for f increasing in p (bisection to machine precision)."""
     lo, hi = 0.0, 1.0
-    for _ in range(60):
+    for _ in range(50):  # 2^-50: below any printed digit
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
     return (lo + hi) / 2
@@ -57,10 +63,13 @@ def _solve(f, target: float) -> float:
 def proportion_ci(credits: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     """Clopper-Pearson interval of the mean of per-query credits in [0, 1]."""
     credits = np.asarray(credits, dtype=np.float64).ravel()
-    n = credits.size
-    if n == 0:
+    return binomial_ci(float(credits.sum()), credits.size, level)
+
+
+def binomial_ci(total: float, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """Clopper-Pearson interval of ``total`` hits (possibly fractional) in ``n`` queries."""
+    if n < 1:
         raise ValueError("an interval needs at least one query")
-    total = float(credits.sum())
     low_hits, high_hits = math.floor(total + 1e-9), math.ceil(total - 1e-9)
     alpha = (1 - level) / 2
     low = 0.0 if low_hits <= 0 else _solve(lambda p: _tail(n, p, low_hits, upper=True), alpha)

@@ -32,6 +32,7 @@ def test_batched_hits_match_one_subset_at_a_time():
     batched = scoring.hits(sims, is_original)
     for r in range(5):
         assert np.array_equal(batched[:, r], scoring.hits(sims[:, :, r], is_original))
+    assert np.array_equal(batched, scoring.recall_at(sims, is_original, 1))
 
 
 def test_ranks_are_expectations_over_tie_breaks():
@@ -50,7 +51,8 @@ def test_mean_margin_and_best_of():
     is_original = np.array([[True, False, False], [False, False, True]])
     assert scoring.mean_margin(sim, is_original) == pytest.approx(((0.9 - 0.5) + (0.4 - 0.6)) / 2)
     # three tie on the best accuracy; the largest margin wins, and among equal margins the first
-    index, tied = scoring.best_of(np.array([0.5, 0.9, 0.9, 0.9]), np.array([9.0, 0.1, 0.3, 0.3]))
+    margins = np.array([9.0, 0.1, 0.3, 0.3])
+    index, tied = scoring.best_of(np.array([0.5, 0.9, 0.9, 0.9]), lambda idx: margins[idx])
     assert (index, tied) == (2, 3)
 
 

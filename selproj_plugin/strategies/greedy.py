@@ -54,6 +54,7 @@ class Greedy(Reducer):
     selection: str | list[str] | None = None
     _chosen: list[str] = field(default_factory=list, init=False, repr=False)
     _path: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+    _queries: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.patience < 1:
@@ -76,7 +77,7 @@ class Greedy(Reducer):
             return
         chosen, path = self._forward(table)
         self._chosen = [str(table.components[i]) for i in chosen]
-        self._path = path
+        self._path, self._queries = path, table.n_queries
 
     def _forward(self, table: ComponentTable) -> tuple[list[int], list[dict[str, Any]]]:
         q, k, c = table.cross.shape
@@ -97,7 +98,7 @@ class Greedy(Reducer):
                 sum_c[:, :, None] + table.candidate_self[:, :, remaining],
             )
             scores = self.objective(sims, table, full)
-            pick, tied = scoring.best_of(scores, scoring.mean_margin(sims, table.is_original))
+            pick, tied = scoring.best_of(scores, lambda idx: scoring.mean_margin(sims[:, :, idx], table.is_original))
             i = int(remaining[pick])
             order.append(i)
             params += int(table.num_params[i])
@@ -105,9 +106,8 @@ class Greedy(Reducer):
             sum_q += table.query_self[:, i]
             sum_c += table.candidate_self[:, :, i]
             chosen = sims[:, :, pick]
-            hits = scoring.hits(chosen, table.is_original)
             path.append({"component": str(table.components[i]), "objective": float(scores[pick]),
-                         "accuracy": float(np.mean(hits)), "accuracy_ci": list(stats.proportion_ci(hits)),
+                         "accuracy": scoring.accuracy(chosen, table.is_original),
                          "margin": float(scoring.mean_margin(chosen, table.is_original)), "tied": tied,
                          "fidelity": scoring.fidelity(chosen, full),
                          "param_fraction": params / table.total_params})
@@ -133,7 +133,11 @@ class Greedy(Reducer):
         return list(self._chosen)
 
     def path_json(self) -> list[dict[str, Any]] | None:
-        return list(self._path) if self._path else None
+        """The path with each step's 95% interval (computed here, not in every cross-validation fit)."""
+        if not self._path:
+            return None
+        return [{**step, "accuracy_ci": list(stats.binomial_ci(step["accuracy"] * self._queries, self._queries))}
+                for step in self._path]
 
 
 @dataclass

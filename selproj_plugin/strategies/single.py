@@ -20,10 +20,14 @@ from selproj_plugin.strategies.base import Reducer
 from selproj_plugin.table import ComponentTable
 
 
-def per_component_scores(table: ComponentTable) -> tuple[np.ndarray, np.ndarray]:
-    """[C] top-1 accuracy (ties credited 1/m) and [C] mean margin of each component used alone."""
-    sims = scoring.cosine_from_sums(table.cross, table.query_self, table.candidate_self)
-    return scoring.hits(sims, table.is_original).mean(axis=0), scoring.mean_margin(sims, table.is_original)
+def per_component_similarity(table: ComponentTable) -> np.ndarray:
+    """[Q, K, C] cosine of each component used alone."""
+    return scoring.cosine_from_sums(table.cross, table.query_self, table.candidate_self)
+
+
+def per_component_accuracy(table: ComponentTable) -> np.ndarray:
+    """[C] top-1 accuracy (ties credited 1/m) of each component used alone."""
+    return scoring.hits(per_component_similarity(table), table.is_original).mean(axis=0)
 
 
 @dataclass
@@ -38,7 +42,9 @@ class SingleComponent(Reducer):
     _tied: int = field(default=0, init=False, repr=False)
 
     def fit(self, table: ComponentTable) -> None:
-        best, self._tied = scoring.best_of(*per_component_scores(table))
+        sims = per_component_similarity(table)
+        accuracy = scoring.hits(sims, table.is_original).mean(axis=0)
+        best, self._tied = scoring.best_of(accuracy, lambda idx: scoring.mean_margin(sims[:, :, idx], table.is_original))
         self._best = str(table.components[best])
 
     def select(self, components: Sequence[Component]) -> list[str]:
@@ -47,7 +53,8 @@ class SingleComponent(Reducer):
         return [self._best]
 
     def extra_json(self, table: ComponentTable) -> dict[str, Any]:
-        acc, margin = per_component_scores(table)
+        sims = per_component_similarity(table)
+        acc, margin = scoring.hits(sims, table.is_original).mean(axis=0), scoring.mean_margin(sims, table.is_original)
         groups: dict[str, dict[str, list[float]]] = {"by_kind": defaultdict(list), "by_layer": defaultdict(list)}
         for a, kind, layer in zip(acc, table.kinds, table.layers):
             groups["by_kind"][str(kind)].append(float(a))
