@@ -4,9 +4,9 @@ Each step adds the component that most raises the objective on the table.  Equal
 objectives (accuracy ties are common: at 64 queries dozens of components reach the best
 accuracy) go to the larger mean margin of the originals over the best other candidate
 (:func:`~selproj_plugin.scoring.mean_margin`), then to the earlier component in model
-order; each step records how many components tied on the objective.  Selection stops at a budget (a count, or a
-fraction of parameters when below 1) or after ``patience`` steps without improvement,
-and keeps the shortest prefix that reached the best objective.
+order; each step records how many components tied on the objective.  Selection stops
+at a budget (a count, or a fraction of parameters when below 1) or after ``patience``
+steps without improvement, and keeps the shortest prefix that reached the best objective.
 """
 
 from __future__ import annotations
