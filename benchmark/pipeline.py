@@ -15,15 +15,63 @@ from typing import Any, Sequence
 import numpy as np
 
 from benchmark.cache import StageCache, digest
-from benchmark.candidates import bm25_topk
+from benchmark.candidates import bm25_scores, top_k
 from benchmark.data import Dataset, load_dataset
 from benchmark.generate import generate_responses
+from selproj_plugin.components import Component
 from selproj_plugin.samples import Sample
+from selproj_plugin.strategies.base import Reducer, Reduction, Similarity, reduction
 from selproj_plugin.table import ComponentTable
+from selproj_plugin.transforms import Transform
 
 SETTINGS = ("paraphrased", "generated")
-# Strategies whose similarities the table stores, computed by the engine at each of --proj-dim.
+# Strategies run once per --proj-dim value (their ``dim`` option).
 PROJECTION_STRATEGIES = ("random_projection", "random_projection_per_component")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One strategy to score: its label in the report, its registered name and its options."""
+
+    label: str
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def reducer(self) -> "Reducer":
+        from selproj_plugin.registry import get_strategy
+
+        return get_strategy(self.name, **dict(self.options))
+
+
+def strategy_runs(names: Sequence[str], options: dict[str, dict[str, Any]], proj_dims: Sequence[str]) -> list[Run]:
+    """Each requested strategy once, a projection strategy once per requested dimension."""
+    runs = []
+    for name in names:
+        opts = options.get(name, {})
+        if name in PROJECTION_STRATEGIES and proj_dims:
+            runs += [Run(name if len(proj_dims) == 1 else f"{name}@{d}", name, tuple({**opts, "dim": d}.items()))
+                     for d in proj_dims]
+        else:
+            runs.append(Run(name, name, tuple(opts.items())))
+    return runs
+
+
+def stored_transforms(runs: Sequence[Run], catalogue: Sequence[Component]) -> dict[str, Transform]:
+    """By key, the transforms of unfitted runs that a table can give only if it stores their similarities.
+
+    The engine computes them while it builds the table (one gradient pass for everything);
+    a fitted strategy's selection is known only after the table, so its transform, when a table
+    cannot express it, goes through :func:`gradient_similarity` instead.
+    """
+    out: dict[str, Transform] = {}
+    for run in runs:
+        reducer = run.reducer()
+        if reducer.fitted:
+            continue
+        t = reduction(reducer, catalogue).transform
+        if type(t).on_table is Transform.on_table:  # no table form of its own: the engine stores its cosines
+            out.setdefault(t.key, t)
+    return out
 
 
 @dataclass
@@ -37,7 +85,8 @@ class PipelineOptions:
     candidates: int = 5
     full_set: bool = False
     proj_dims: tuple[str, ...] = ()
-    proj_strategies: tuple[str, ...] = ("random_projection",)  # projected at each of proj_dims
+    runs: tuple["Run", ...] = ()  # strategies to score: the transforms a table cannot express are computed with it
+    scope: str = "paper"  # component set: "paper" (embedding + weight matrices) or "all" (norms, biases too)
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
@@ -58,6 +107,8 @@ class PipelineResult:
     stages: dict[str, float] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)  # where this run's files went: not part of the results
+    bm25: dict[str, np.ndarray] = field(default_factory=dict)  # per setting, [Q, K] BM25 score of each candidate
+    similarity: dict[str, Similarity] = field(default_factory=dict)  # per setting, cosines from per-sample gradients
 
 
 def parse_settings(text: str) -> tuple[str, ...]:
@@ -87,8 +138,6 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     from selproj_plugin import distributed
     from selproj_plugin.engine import EngineConfig, build_table
     from selproj_plugin.models import DEFAULT_MODEL_NAME, load_model
-    from selproj_plugin.registry import get_strategy
-    from selproj_plugin.strategies.base import reduction
 
     stages: dict[str, float] = {}
     world = distributed.rank_world()[1]
@@ -111,23 +160,18 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         "dataset": dataset.name, "dataset_samples": len(dataset),
         "dataset_digest": digest([dataclasses.asdict(r) for r in dataset.records]),
     }
-    comps = catalogue(model)
+    comps = catalogue(model, opts.scope)
     total_params = sum(c.num_params for c in comps)
-    transforms = {}  # by key: the maps whose similarities the table stores, built once on the model
-    for name in opts.proj_strategies:
-        for d in opts.proj_dims:
-            t = reduction(get_strategy(name, dim=d, seed=opts.seed), comps).transform
-            transforms.setdefault(t.key, t)
+    transforms = stored_transforms(opts.runs, comps)
     proj_dims = sorted({t.dim for t in transforms.values()})
 
     n = len(dataset)
     pool = [r.original for r in dataset.records]
+    bm25 = bm25_scores([r.paraphrased_prompt for r in dataset.records], [r.prompt for r in dataset.records])
     if opts.full_set:
         candidate_index = np.tile(np.arange(n), (n, 1))
     else:
-        k = min(opts.candidates, n)
-        candidate_index = bm25_topk([r.paraphrased_prompt for r in dataset.records],
-                                    [r.prompt for r in dataset.records], k, force=list(range(n)))
+        candidate_index = top_k(bm25, min(opts.candidates, n), force=list(range(n)))
     lap("candidates")
 
     generations: dict[str, str] = {}
@@ -145,8 +189,8 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     originals = np.array([i for s in opts.settings for i, _ in per_setting[s]], dtype=int)
     rows = candidate_index[originals]
     is_original = rows == originals[:, None]
-    table_key = {**identity, "settings": opts.settings, "full_set": opts.full_set, "candidates": opts.candidates,
-                 "projections": sorted(transforms), "max_length": opts.max_length,
+    table_key = {**identity, "component_set": opts.scope, "settings": opts.settings, "full_set": opts.full_set,
+                 "candidates": opts.candidates, "projections": sorted(transforms), "max_length": opts.max_length,
                  "max_new_tokens": opts.max_new_tokens if "generated" in opts.settings else None,
                  "queries": [q.id for q in queries]}
     table_path = cache.path("table", table_key, "npz")
@@ -160,7 +204,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
                               progress=opts.progress)
         table = build_table(
             model, tokenizer, queries, pool, rows, is_original, transforms=list(transforms.values()), config=config,
-            across_ranks=True,
+            scope=opts.scope, across_ranks=True,
             shard_path=lambda rank, world: cache.path("table", table_key, f"shard{rank}of{world}.npz"))
         if distributed.is_main():
             table.save(table_path)
@@ -168,11 +212,13 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     lap("table")
 
     tables: dict[str, ComponentTable] = {}
+    bm25_rows: dict[str, np.ndarray] = {}
     start = 0
     for s in opts.settings:
         count = len(per_setting[s])
         if count:
             tables[s] = table.take(np.arange(start, start + count))
+            bm25_rows[s] = np.take_along_axis(bm25[originals[start:start + count]], rows[start:start + count], axis=1)
         start += count
     run = {"table_cache": str(table_path), "table_reused": reused, "world_size": world,
            "threads_per_process": torch.get_num_threads()}
@@ -182,4 +228,33 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         "truncated": table.meta.get("truncated", 0),
         "total_params": total_params, "proj_dims": proj_dims,
     }
-    return PipelineResult(tables=tables, identity=identity, stages=stages, notes=notes, run=run)
+    similarity = {}
+    start = 0
+    for s in opts.settings:
+        count = len(per_setting[s])
+        part = slice(start, start + count)
+        similarity[s] = gradient_similarity(model, tokenizer, queries[part], pool, rows[part], is_original[part],
+                                            opts.scope, EngineConfig(batch_size=opts.batch_size,
+                                                                     max_length=opts.max_length,
+                                                                     memory_limit_gb=opts.memory_limit_gb,
+                                                                     device=distributed.local_device(opts.device),
+                                                                     progress=opts.progress))
+        start += count
+    return PipelineResult(tables=tables, identity=identity, stages=stages, notes=notes, run=run, bm25=bm25_rows,
+                          similarity=similarity)
+
+
+def gradient_similarity(model: Any, tokenizer: Any, queries: Sequence[Sample], pool: Sequence[Sample],
+                        rows: np.ndarray, is_original: np.ndarray, scope: str, config: Any) -> Similarity:
+    """``similarity(reduction, query_rows)``: [len(rows), K] cosines of the reduction's transform applied to
+    the per-sample gradients of those queries and their candidates (the engine, in this process)."""
+    from selproj_plugin.engine import build_table
+
+    def similarity(red: Reduction, query_rows: np.ndarray) -> np.ndarray:
+        t = red.transform
+        table = build_table(model, tokenizer, [queries[i] for i in query_rows], pool, rows[query_rows],
+                            is_original[query_rows], components=[c.name for c in t.components], scope=scope,
+                            transforms=[t], config=config)
+        return table.projection(t.key)
+
+    return similarity

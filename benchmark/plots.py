@@ -1,9 +1,9 @@
-"""PNG plots of a setting: per-component accuracy as a layer x kind heatmap, and the greedy path."""
+"""PNG plots of a setting: per-component accuracy as a layer x kind heatmap, and the greedy path with intervals."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import matplotlib
 
@@ -40,23 +40,34 @@ def component_heatmap(table: ComponentTable, path: Path, title: str) -> Path:
     return path
 
 
-def greedy_path(results: Mapping[str, StrategyResult], baselines: Mapping[str, float], path: Path, title: str) -> Path:
-    """Accuracy along each greedy path against the fraction of parameters, with reference lines."""
+def greedy_path(results: Mapping[str, StrategyResult], baselines: Mapping[str, Any], path: Path, title: str) -> Path:
+    """In-sample accuracy along each greedy path against the fraction of parameters (95% intervals as bars),
+    its selection's held-out accuracy as a star, and the other strategies' headline accuracies and the
+    baselines as lines with interval bands."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, result in results.items():
         if result.path:
             x = [step["param_fraction"] for step in result.path]
-            y = [step["accuracy"] for step in result.path]
-            ax.plot(x, y, marker="o", label=f"{name} path")
+            y = np.array([step["accuracy"] for step in result.path])
+            ci = np.array([step["accuracy_ci"] for step in result.path])
+            bars = ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], marker="o", capsize=3, label=f"{name} path")
+            if result.heldout_accuracy is not None:  # the selection's held-out figure, the one to read
+                held, (low, high) = result.heldout_accuracy, result.heldout_accuracy_ci
+                ax.errorbar([result.param_fraction], [held], yerr=[[held - low], [high - held]], marker="*",
+                            markersize=12, capsize=3, linestyle="none", color=bars.lines[0].get_color(),
+                            label=f"{name} held-out ({held:.3f})")
     styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3))])
-    for name, result in results.items():
-        if not result.path:
-            ax.axhline(result.accuracy, linestyle=next(styles, "--"), color="gray", label=f"{name} ({result.accuracy:.3f})")
-    for name, value in baselines.items():
-        ax.axhline(value, linestyle=":", color="black" if name == "bm25" else "lightgray", label=f"{name} ({value:.3f})")
+    lines = [(f"{name} ({basis} {value:.3f})", value, interval, next(styles, "--"), "gray")
+             for name, result in results.items() if not result.path for value, interval, basis in [result.headline]]
+    lines += [(f"{name} ({b.accuracy:.3f})", b.accuracy, b.accuracy_ci, ":", "black" if name == "bm25" else "lightgray")
+              for name, b in baselines.items()]
+    for label, value, interval, style, color in lines:
+        ax.axhline(value, linestyle=style, color=color, label=label)
+        if interval is not None:
+            ax.axhspan(interval[0], interval[1], color=color, alpha=0.12, linewidth=0)
     ax.set_xscale("log")
     ax.set_xlabel("fraction of parameters selected")
-    ax.set_ylabel("top-1 accuracy")
+    ax.set_ylabel("top-1 accuracy (95% interval)")
     ax.set_title(title)
     ax.legend(fontsize="small")
     fig.tight_layout()

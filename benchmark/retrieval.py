@@ -18,12 +18,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmark.pipeline import PROJECTION_STRATEGIES, SETTINGS, PipelineOptions, build_tables, parse_settings
-from benchmark.report import format_setting, write_atomic, write_json
-from selproj_plugin import distributed, scoring
-from selproj_plugin.registry import (
-    PluginWarning, convert_options, get_strategy, get_strategy_class, list_strategies, plugin_errors, plugin_names,
+from benchmark.pipeline import (
+    PROJECTION_STRATEGIES, SETTINGS, PipelineOptions, Run, build_tables, parse_settings, strategy_runs,
 )
+from benchmark.report import METHODS, Baseline, ci_text, format_setting, vs_full_text, write_atomic, write_json
+from selproj_plugin import distributed, scoring, stats
+from selproj_plugin.components import COMPONENT_SETS, PAPER_KINDS
+from selproj_plugin.registry import (
+    convert_options, get_strategy, get_strategy_class, list_strategies, plugin_errors, plugin_names,
+)
+from selproj_plugin.strategies.base import Similarity
 from selproj_plugin.strategies.base import StrategyResult
 from selproj_plugin.table import ComponentTable
 
@@ -54,6 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-samples", type=int, default=64, help="first N samples of the dataset (default 64; 0 = all)")
     g.add_argument("--candidates", type=int, default=5, help="BM25 top-k candidates per query (default 5)")
     g.add_argument("--full-set", action="store_true", help="every original is a candidate; adds MRR and recall@1/5/10")
+    g.add_argument("--components", default=None, choices=COMPONENT_SETS,
+                   help="component set of the gradient: paper (default: the embedding and the attention and MLP "
+                        "weight matrices, as the paper) or all (norms and biases too)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="generation length for the generated setting")
     g.add_argument("--max-length", type=int, default=512, help="truncate longer samples (counted in the report)")
     g.add_argument("--batch-size", type=int, default=8)
@@ -113,30 +120,62 @@ def strategy_names(text: str) -> list[str]:
     return names
 
 
-def baselines(table: ComponentTable) -> dict[str, float]:
-    """The floors every strategy is read against: BM25's first candidate, chance, and the full gradient."""
-    return {
-        "bm25": float(np.mean(table.is_original[:, 0])),
-        "chance": 1.0 / table.n_candidates,
-        "full_gradient": scoring.accuracy(scoring.subset_similarity(table), table.is_original),
+def rank_figures(similarity: np.ndarray, is_original: np.ndarray, seed: int, basis: str) -> dict[str, Any]:
+    """MRR and recall@1/5/10 with 95% intervals (full-set runs), and which similarities they come from."""
+    out: dict[str, Any] = {"rank_basis": basis}
+    for name, credits in scoring.rank_credits(similarity, is_original).items():
+        out[name] = float(np.mean(credits))
+        out[f"{name}_ci"] = list(stats.bootstrap_ci(credits, seed) if name == "mrr" else stats.proportion_ci(credits))
+    return out
+
+
+def baselines(table: ComponentTable, bm25: np.ndarray | None = None, seed: int = 0,
+              full_set: bool = False) -> dict[str, Baseline]:
+    """The floors every strategy is read against: BM25, chance, and the full gradient.
+
+    ``bm25`` holds BM25's score of each candidate [Q, K] (the benchmark computes it): BM25's
+    own top-1, ties credited, over the candidates or, with ``--full-set``, the whole pool.  A
+    stored table has no scores but lists its candidates in BM25 order, so BM25's hit is its first.
+    """
+    full = scoring.hits(scoring.subset_similarity(table), table.is_original)
+    if bm25 is None:
+        bm25_hits, basis = table.is_original[:, 0].astype(np.float64), "first candidate (stored tables list BM25's top-k in order)"
+    else:
+        bm25_hits = scoring.hits(bm25, table.is_original)
+        basis = "BM25 scores over the whole pool" if full_set else "BM25 scores of the candidates"
+    out = {
+        "bm25": Baseline("bm25", float(np.mean(bm25_hits)), basis, stats.proportion_ci(bm25_hits),
+                         stats.paired_test(bm25_hits, full, seed)),
+        "chance": Baseline("chance", 1.0 / table.n_candidates, "1 / candidates"),
+        "full_gradient": Baseline("full_gradient", float(np.mean(full)), "every component of the table",
+                                  stats.proportion_ci(full)),
     }
+    if full_set and bm25 is not None:
+        out["bm25"].ranks = rank_figures(bm25, table.is_original, seed, basis)
+    return out
 
 
-def evaluate(table: ComponentTable, names: Sequence[str], options: dict[str, dict[str, Any]],
-             proj_dims: Sequence[str], folds: int, seed: int, rank_metrics: bool = False) -> dict[str, StrategyResult]:
-    """Every requested strategy on one table; random projection once per requested dimension."""
+def evaluate(table: ComponentTable, runs: Sequence[Run], folds: int, seed: int, rank_metrics: bool = False,
+             similarity: Similarity | None = None) -> dict[str, StrategyResult]:
+    """Every requested run on one table (``similarity``: cosines from gradients, for transforms a table cannot express).
+
+    With ``rank_metrics`` (full-set runs) a fitted strategy's MRR and recall@k are held-out, like its accuracy.
+    """
     results: dict[str, StrategyResult] = {}
-    for name in names:
-        runs = [(name, options.get(name, {}))]
-        if name in PROJECTION_STRATEGIES and proj_dims:
-            runs = [(name if len(proj_dims) == 1 else f"{name}@{d}", {**options.get(name, {}), "dim": d}) for d in proj_dims]
-        for label, opts in runs:
-            result = get_strategy(name, **opts).evaluate(table, folds=folds, seed=seed)
-            result.name = label
-            if rank_metrics:
-                result.extra.update(scoring.rank_metrics(result.similarity, table.is_original))
-            results[label] = result
+    for run in runs:
+        result = run.reducer().evaluate(table, folds=folds, seed=seed, similarity=similarity)
+        result.name = run.label
+        if rank_metrics:
+            held = result.heldout_similarity
+            sim, basis = (result.similarity, "in-sample") if held is None else (held, "held-out")
+            result.extra.update(rank_figures(sim, table.is_original, seed, basis))
+        results[run.label] = result
     return results
+
+
+def component_set(table: ComponentTable) -> str:
+    """The component set a table was built with (recorded by the engine; else judged by its kinds)."""
+    return str(table.meta.get("component_set") or ("paper" if set(map(str, table.kinds)) <= PAPER_KINDS else "all"))
 
 
 def _peak_memory() -> dict[str, float]:
@@ -166,6 +205,7 @@ def _selection_files(out: Path, setting: str, results: dict[str, StrategyResult]
         catalogue = table.component_list
         write_json(path, {"strategy": name, "setting": setting, "components": result.components,
                           "accuracy": result.accuracy, "heldout_accuracy": result.heldout_accuracy,
+                          "heldout_accuracy_ci": result.heldout_accuracy_ci,
                           "export": selection_export(resolve(catalogue, result.components), catalogue), **identity})
         written.append(path.name)
     return written
@@ -177,16 +217,34 @@ def _markdown(document: dict[str, Any], images: dict[str, list[str]]) -> str:
     if ident:
         lines += [f"Model `{ident.get('model')}`, dataset `{ident.get('dataset')}` "
                   f"({ident.get('dataset_samples')} samples), {document.get('date', '')}.", ""]
+    lines += [f"- **{key}**: {text}" for key, text in document["methods"].items()] + [""]
     for setting, section in document["settings"].items():
-        lines += [f"## {setting}", "", "| strategy | accuracy | held-out | fidelity | params % | dim |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"## {setting}", "",
+                  f"{section['queries']} queries x {section['candidates']} candidates; component set "
+                  f"`{section['component_set']}` ({section['components']} components).", "",
+                  "| strategy | accuracy | 95% CI | scored | in-sample (95% CI) | vs full | fidelity | params % | dim |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, r in section["results"].items():
-            held = "-" if r["heldout_accuracy"] is None else f"{r['heldout_accuracy']:.4f}"
-            lines.append(f"| {name} | {r['accuracy']:.4f} | {held} | {r['fidelity']:.4f} | "
+            held = r["heldout_accuracy"] is not None
+            value, interval = (r["heldout_accuracy"], r["heldout_accuracy_ci"]) if held else (r["accuracy"], r["accuracy_ci"])
+            sample = f"{r['accuracy']:.4f} {ci_text(r['accuracy_ci'], False)}" if held else ""
+            lines.append(f"| {name} | **{value:.4f}** | {ci_text(interval, False)} | {'held-out' if held else 'in-sample'} | "
+                         f"{sample} | {vs_full_text(r['vs_full'], False)} | {r['fidelity']:.4f} | "
                          f"{100 * r['param_fraction']:.3f} | {r['dim']} |")
-        for name, value in section["baselines"].items():
-            lines.append(f"| {name} (baseline) | {value:.4f} | | | | |")
+        for name, b in section["baselines"].items():
+            lines.append(f"| {name} (baseline) | {b['accuracy']:.4f} | {ci_text(b['accuracy_ci'], False)} | | | "
+                         f"{vs_full_text(b['vs_full'], False)} | | | |")
         lines.append("")
+        for name, r in section["results"].items():
+            if r.get("path"):
+                lines += [f"{name} path (in-sample; *tied*: components that shared the step's best objective, "
+                          "ranked by mean margin, then model order):", "",
+                          "| step | component | accuracy | 95% CI | mean margin | tied |", "|---|---|---|---|---|---|"]
+                lines += [f"| {i} | `{step['component']}` | {step['accuracy']:.4f} | {ci_text(step['accuracy_ci'], False)} | "
+                          f"{step['margin']:.4f} | {step['tied']} |" for i, step in enumerate(r["path"], 1)]
+                lines.append("")
+            elif "tied" in r:
+                lines += [f"{name}: picked among {r['tied']} components tied on the best accuracy, by mean margin.", ""]
         lines += [f"![{img}]({img})" for img in images.get(setting, [])] + [""]
     return "\n".join(lines)
 
@@ -194,16 +252,20 @@ def _markdown(document: dict[str, Any], images: dict[str, list[str]]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     names = strategy_names(args.strategy)
     options = parse_options(args.option, names)
-    for name in names:  # unknown names and options fail before any expensive work
-        if not (name in PROJECTION_STRATEGIES and "dim" in options[name]):
-            get_strategy(name, **options[name])
     proj_dims = [d.strip() for d in args.proj_dim.split(",") if d.strip()] if args.proj_dim else []
-    proj_strategies = tuple(n for n in names if n in PROJECTION_STRATEGIES)
-    if proj_strategies and not proj_dims and not args.table:
+    if any(n in PROJECTION_STRATEGIES for n in names) and not proj_dims and not args.table:
         proj_dims = ["1%"]
+    runs = strategy_runs(names, options, proj_dims)
+    for r in runs:  # unknown names and bad options fail before any expensive work
+        r.reducer()
     started = time.perf_counter()
-    document: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "settings": {}}
+    document: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "methods": METHODS, "settings": {}}
+    bm25: dict[str, np.ndarray] = {}
+    gradient_similarity: dict[str, Similarity] = {}  # --table mode has no gradients
     if args.table:
+        if args.components:
+            raise ValueError("--components applies when building tables; a stored table keeps the component set "
+                             "it was built with")
         tables = {Path(p).stem: ComponentTable.load(p) for p in args.table}
         document["tables"] = {Path(p).stem: str(p) for p in args.table}
     else:
@@ -211,11 +273,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         built = build_tables(PipelineOptions(
             model=args.model, dataset=args.dataset, settings=settings,
             max_samples=args.max_samples or None, candidates=args.candidates, full_set=args.full_set,
-            proj_dims=tuple(proj_dims), proj_strategies=proj_strategies, seed=args.seed, dtype=args.dtype, device=args.device,
+            runs=tuple(runs), scope=args.components or "paper", seed=args.seed, dtype=args.dtype, device=args.device,
             max_length=args.max_length, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             memory_limit_gb=args.memory_limit_gb, cache_dir=args.cache_dir, progress=not args.no_progress,
         ))
-        tables = built.tables
+        tables, bm25, gradient_similarity = built.tables, built.bm25, built.similarity
         document.update(identity=built.identity, stages=dict(built.stages), notes=built.notes, run=built.run)
         if not distributed.is_main():  # rank 0 reports for everyone
             return document
@@ -223,13 +285,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     images: dict[str, list[str]] = {}
     evaluate_start = time.perf_counter()
     for setting, table in tables.items():
-        results = evaluate(table, names, options, proj_dims, args.folds, args.seed, rank_metrics=args.full_set)
-        base = baselines(table)
+        results = evaluate(table, runs, args.folds, args.seed, rank_metrics=args.full_set,
+                           similarity=gradient_similarity.get(setting))
+        base = baselines(table, bm25.get(setting), args.seed, full_set=args.full_set)
         print(format_setting(setting, results, base, dict(zip(map(str, table.components), table.labels))), end="\n\n")
         section = {
             "queries": table.n_queries, "candidates": table.n_candidates, "components": table.n_components,
-            "total_params": table.total_params, "results": {n: r.to_json() for n, r in results.items()},
-            "baselines": base,
+            "component_set": component_set(table), "total_params": table.total_params,
+            "results": {n: r.to_json() for n, r in results.items()},
+            "baselines": {n: b.to_json() for n, b in base.items()},
         }
         if out is not None:
             from benchmark import plots
@@ -261,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_strategies()
         return 0
     if args.list_components:
-        print_components(args.model, getattr(args, "components", "paper"))
+        print_components(args.model, args.components or "paper")
         return 0
     if args.threads is not None:
         import torch

@@ -223,8 +223,11 @@ def _convert(text: str, tp: Any) -> Any:
     """``text`` as a value of annotation ``tp``; ValueError when it is none."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        # exact scalars first; then str (a strategy may parse its own text form); lists last
-        for arg in sorted(args, key=lambda a: 2 if typing.get_origin(a) is not None else int(a is str)):
+        # exact scalars first; then str (a strategy may parse its own text form); lists last,
+        # unless the text is a JSON list
+        listed = text.strip().startswith("[")
+        for arg in sorted(args, key=lambda a: (-1 if listed else 2) if typing.get_origin(a) is not None
+                          else int(a is str)):
             try:
                 return _convert(text, arg)
             except ValueError:

@@ -1,16 +1,21 @@
-"""Retrieval scores on a component table: subset cosines, top-1 accuracy, fidelity.
+"""Retrieval scores on a component table: subset cosines, tie-credited accuracy and ranks, fidelity.
 
-Cosine for a set L of components is sum_L cross / (sqrt(sum_L query_self) * sqrt(sum_L candidate_self));
-a query is correct when its original has the highest cosine (ties: the earlier candidate wins).
+Cosine for a set L of components is sum_L cross / (sqrt(sum_L query_self) * sqrt(sum_L candidate_self)).
+A query's credit is its expected score under a random tie-break: an original that shares the top
+cosine with m - 1 other candidates earns 1/m (a component that scores every candidate alike earns
+1/K, not BM25's top-1 rate); ranks, MRR and recall@k are expectations the same way.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from selproj_plugin.table import ComponentTable
+
+# Accuracies (means of credits) closer than this are equal: they differ only by summation order.
+TIE_TOLERANCE = 1e-9
 
 
 def cosine_from_sums(cross: np.ndarray, query_self: np.ndarray, candidate_self: np.ndarray) -> np.ndarray:
@@ -45,16 +50,62 @@ def original_column(is_original: np.ndarray) -> np.ndarray:
     return np.argmax(is_original, axis=1)
 
 
-def correct(similarity: np.ndarray, is_original: np.ndarray) -> np.ndarray:
-    """Whether each query ranks its original first; works on [Q, K] or batched [Q, K, R]."""
-    target = original_column(is_original)
-    target = target.reshape(target.shape + (1,) * (similarity.ndim - 2))
-    return np.argmax(similarity, axis=1) == target
+def _own(similarity: np.ndarray, is_original: np.ndarray) -> np.ndarray:
+    """The original's similarity, [Q, 1, ...]; works on [Q, K] or batched [Q, K, R]."""
+    target = original_column(is_original).reshape((-1, 1) + (1,) * (similarity.ndim - 2))
+    return np.take_along_axis(similarity, target, axis=1)
+
+
+def _standing(similarity: np.ndarray, is_original: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates scored above the original, and the size of its tie group (itself included)."""
+    own = _own(similarity, is_original)
+    return np.sum(similarity > own, axis=1), np.sum(similarity == own, axis=1)
+
+
+def recall_at(similarity: np.ndarray, is_original: np.ndarray, k: int = 1) -> np.ndarray:
+    """Per query, the probability that a random tie-break ranks the original within the top ``k``."""
+    above, tied = _standing(similarity, is_original)
+    return np.clip(k - above, 0, tied) / tied
+
+
+def hits(similarity: np.ndarray, is_original: np.ndarray) -> np.ndarray:
+    """Per-query top-1 credit: 1 for a clear hit, 1/m for an m-way tie at the top, else 0; [Q] or [Q, R].
+
+    Equal to ``recall_at(similarity, is_original, 1)``, in two passes over the similarities (greedy's inner loop).
+    """
+    top = np.max(similarity, axis=1)
+    tied = np.sum(similarity == top[:, None], axis=1)
+    return np.where(_own(similarity, is_original)[:, 0] == top, 1.0 / tied, 0.0)
 
 
 def accuracy(similarity: np.ndarray, is_original: np.ndarray) -> float:
-    """Top-1 retrieval accuracy of a [Q, K] similarity."""
-    return float(np.mean(correct(similarity, is_original)))
+    """Top-1 retrieval accuracy of a [Q, K] similarity, ties credited 1/m."""
+    return float(np.mean(hits(similarity, is_original)))
+
+
+def mean_margin(similarity: np.ndarray, is_original: np.ndarray) -> np.ndarray:
+    """Mean over queries of the original's cosine minus the best other candidate's; [] or [R].
+
+    The continuous score that breaks ties between equal accuracies: 0 for a component
+    that scores every candidate alike, positive when originals lead by a wide margin.
+    """
+    if similarity.shape[1] < 2:
+        return np.zeros(similarity.shape[2:])
+    mask = np.asarray(is_original, dtype=bool).reshape(is_original.shape + (1,) * (similarity.ndim - 2))
+    best_other = np.max(np.where(mask, -np.inf, similarity), axis=1)
+    return np.mean(_own(similarity, is_original)[:, 0] - best_other, axis=0)
+
+
+def best_of(scores: np.ndarray, margins: Callable[[np.ndarray], np.ndarray]) -> tuple[int, int]:
+    """Index of the best score and how many indices tied on it (within :data:`TIE_TOLERANCE`).
+
+    Ties go to the largest ``margins(tied_indices)``, then to the first index (model order);
+    margins are computed only for the tied indices, and only when there is a tie.
+    """
+    tied = np.flatnonzero(scores >= np.max(scores) - TIE_TOLERANCE)
+    if tied.size == 1:
+        return int(tied[0]), 1
+    return int(tied[np.argmax(margins(tied))]), int(tied.size)
 
 
 def fidelity(similarity: np.ndarray, reference: np.ndarray) -> float:
@@ -73,17 +124,22 @@ def kfold_rows(n: int, folds: int, seed: int) -> list[np.ndarray]:
 
 
 def original_rank(similarity: np.ndarray, is_original: np.ndarray) -> np.ndarray:
-    """1-based rank of each query's original among its candidates (ties: earlier candidate first)."""
-    target = original_column(is_original)
-    rows = np.arange(similarity.shape[0])
-    own = similarity[rows, target][:, None]
-    before = np.arange(similarity.shape[1])[None, :] < target[:, None]
-    return 1 + np.sum((similarity > own) | ((similarity == own) & before), axis=1)
+    """Expected 1-based rank of each query's original among its candidates under a random tie-break."""
+    above, tied = _standing(similarity, is_original)
+    return 1 + above + (tied - 1) / 2
 
 
-def rank_metrics(similarity: np.ndarray, is_original: np.ndarray, cutoffs: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Mean reciprocal rank and recall@k of the originals (for full-set retrieval)."""
-    ranks = original_rank(similarity, is_original)
-    out = {"mrr": float(np.mean(1.0 / ranks))}
-    out.update({f"recall@{k}": float(np.mean(ranks <= k)) for k in cutoffs})
+def reciprocal_rank(similarity: np.ndarray, is_original: np.ndarray) -> np.ndarray:
+    """Per query, the expected 1/rank of the original under a random tie-break (mean of 1/r over its tie group)."""
+    above, tied = _standing(similarity, is_original)
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, similarity.shape[1] + 1))])
+    return (harmonic[above + tied] - harmonic[above]) / tied
+
+
+def rank_credits(similarity: np.ndarray, is_original: np.ndarray,
+                 cutoffs: tuple[int, ...] = (1, 5, 10)) -> dict[str, np.ndarray]:
+    """Per-query reciprocal rank and recall@k of the originals (full-set retrieval); their means are MRR and recall@k."""
+    out = {"mrr": reciprocal_rank(similarity, is_original)}
+    out.update({f"recall@{k}": recall_at(similarity, is_original, k) for k in cutoffs})
     return out
+

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmark import pipeline
@@ -51,8 +53,14 @@ def test_end_to_end_outputs(tiny_model_dir, small_dataset, tmp_path, capsys):
     assert para["queries"] == 6 and para["candidates"] == 5
     assert set(para["results"]) == {"full", "greedy", "random_projection@64", "random_projection@1%"}
     assert para["results"]["random_projection@64"]["dim"] == 64
-    assert para["results"]["greedy"]["heldout_accuracy"] is not None
+    greedy = para["results"]["greedy"]
+    assert greedy["heldout_accuracy_ci"][0] <= greedy["heldout_accuracy"] <= greedy["heldout_accuracy_ci"][1]
+    assert greedy["vs_full"]["basis"] == "held-out" and 0 < greedy["vs_full"]["p_value"] <= 1
     assert set(para["baselines"]) == {"bm25", "chance", "full_gradient"}
+    assert para["baselines"]["bm25"]["basis"] == "BM25 scores of the candidates"
+    # the paper's gradient by default: embedding and weight matrices, no norm
+    assert para["component_set"] == "paper"
+    assert not [c for c in para["results"]["full"]["components"] if "norm" in c]
     assert doc["identity"]["dataset_samples"] == 6 and doc["identity"]["model"] == str(tiny_model_dir)
     assert {"dataset", "model", "candidates", "generate", "table", "evaluate"} <= set(doc["stages"])
     assert doc["peak_memory"]["rss_gb"] > 0
@@ -62,38 +70,62 @@ def test_end_to_end_outputs(tiny_model_dir, small_dataset, tmp_path, capsys):
     selection = json.loads((out / "selection-paraphrased-greedy.json").read_text())
     assert selection["components"] == para["results"]["greedy"]["components"]
     # the same selection for other tools: module names and parameters the model really has
-    import torch  # noqa: F401  (the tiny model is reloaded from disk for its names)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert selection["export"]["modules"] == selection["components"]
     assert set(selection["export"]["modules"]) <= dict(model.named_modules()).keys()
     assert set(selection["export"]["parameters"]) <= dict(model.named_parameters()).keys()
-    assert "![components-paraphrased.png]" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "![components-paraphrased.png]" in report and "component set `paper`" in report
+    ci = greedy["heldout_accuracy_ci"]
+    assert f"**{greedy['heldout_accuracy']:.4f}** | [{ci[0]:.3f}, {ci[1]:.3f}] | held-out" in report
     printed = capsys.readouterr().out
     assert "== paraphrased ==" in printed and "bm25 (baseline)" in printed
 
 
-def test_interrupted_table_stage_resumes_to_the_same_json(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
+def test_components_all_adds_norms_under_its_own_cache_key(tiny_model_dir, small_dataset, tmp_path):
+    cache = tmp_path / "cache"
+    docs = {}
+    for scope in ("paper", "all"):
+        out = tmp_path / f"{scope}.json"
+        assert cli(argv(tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full",
+                        "--components", scope, "--json", str(out))) == 0
+        docs[scope] = json.loads(out.read_text())
+    assert docs["all"]["run"]["table_reused"] is False  # not the paper table from the same cache
+    paper, every = (docs[s]["settings"]["paraphrased"] for s in ("paper", "all"))
+    assert paper["component_set"] == "paper" and every["component_set"] == "all"
+    norms = [c for c in every["results"]["full"]["components"] if "norm" in c]
+    assert "model.norm" in norms and every["components"] == paper["components"] + len(norms)
+
+
+def test_interrupted_table_save_leaves_no_table_and_resumes(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     reference = tmp_path / "reference.json"
     assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "other-cache", "--json", str(reference))) == 0
 
-    real = pipeline.ComponentTable.save
+    real = np.savez
+    written = []
 
-    def killed(self, path):  # the run dies while the table is being written
-        Path(str(path) + ".partial").write_bytes(b"garbage")
+    def killed(file, **arrays):  # the real ComponentTable.save runs; the run dies halfway through its bytes
+        buffer = io.BytesIO()
+        real(buffer, **arrays)
+        file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        file.flush()
+        written.append(len(buffer.getvalue()) // 2)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.ComponentTable, "save", killed)
+    monkeypatch.setattr(np, "savez", killed)
     assert cli(argv(tiny_model_dir, small_dataset, cache, "--json", str(tmp_path / "never.json"))) == 130
+    monkeypatch.setattr(np, "savez", real)
+    assert written and written[0] > 1000  # the table's bytes were being written when the run died
     assert not (tmp_path / "never.json").exists()
-    assert not list((cache / "benchmark").glob("table-*.npz"))  # no table file, so no corrupt one
-    assert list((cache / "benchmark").glob("generations-*.json"))  # the finished stage survived
+    left = sorted(p.name for p in (cache / "benchmark").iterdir())
+    assert [n for n in left if n.startswith("generations-")] and all(n.startswith("generations-") for n in left), left
 
-    monkeypatch.setattr(pipeline.ComponentTable, "save", real)
     resumed = tmp_path / "resumed.json"
     assert cli(argv(tiny_model_dir, small_dataset, cache, "--json", str(resumed))) == 0
+    assert json.loads(resumed.read_text())["run"]["table_reused"] is False
     assert strip_timings(json.loads(resumed.read_text())) == strip_timings(json.loads(reference.read_text()))
 
     again = tmp_path / "again.json"
@@ -130,10 +162,17 @@ def test_bad_input_errors(tiny_model_dir, small_dataset, tmp_path, capsys):
 def test_full_set_reports_rank_metrics(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "full.json"
     assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--setting", "paraphrased", "--full-set",
-                    "--strategy", "full", "--json", str(out))) == 0
+                    "--strategy", "full,greedy", "--json", str(out))) == 0
     section = json.loads(out.read_text())["settings"]["paraphrased"]
     assert section["candidates"] == 6  # every original is a candidate of every query
     full = section["results"]["full"]
-    assert {"mrr", "recall@1", "recall@5", "recall@10"} <= set(full)
-    assert full["recall@1"] == full["accuracy"] and full["recall@10"] == 1.0
-    assert 1 / 6 <= full["mrr"] <= 1.0
+    assert {"mrr", "recall@1", "recall@5", "recall@10", "mrr_ci", "recall@1_ci"} <= set(full)
+    assert full["recall@1"] == full["accuracy"] and full["recall@10"] == 1.0 and full["rank_basis"] == "in-sample"
+    assert 1 / 6 <= full["mrr"] <= 1.0 and full["mrr_ci"][0] <= full["mrr"] <= full["mrr_ci"][1]
+    greedy = section["results"]["greedy"]
+    assert greedy["rank_basis"] == "held-out" and greedy["recall@1"] == greedy["heldout_accuracy"]
+    # BM25 ranks the whole pool itself; its first column (sample t0) is the original of one query in six
+    bm25 = section["baselines"]["bm25"]
+    assert bm25["basis"] == "BM25 scores over the whole pool"
+    assert bm25["accuracy"] >= 0.5 and bm25["recall@1"] == bm25["accuracy"] and bm25["recall@10"] == 1.0
+    assert bm25["accuracy"] <= bm25["mrr"] <= 1.0

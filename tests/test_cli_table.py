@@ -22,14 +22,32 @@ def test_json_schema_on_reference(tmp_path, capsys):
                 "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     greedy = doc["results"]["greedy"]
-    for key in ("accuracy", "heldout_accuracy", "components", "param_fraction", "fidelity", "seconds"):
+    for key in ("accuracy", "accuracy_ci", "heldout_accuracy", "heldout_accuracy_ci", "vs_full", "components",
+                "param_fraction", "fidelity", "seconds"):
         assert key in greedy
     assert greedy["components"][:2] == ["model.layers.1.self_attn.o_proj.weight", "model.layers.2.self_attn.q_proj.weight"]
-    assert round(doc["results"]["full"]["accuracy"], 4) == 0.2176
-    assert doc["results"]["full"]["heldout_accuracy"] is None
-    assert round(doc["settings"]["model_generated"]["baselines"]["bm25"], 4) == 0.8360
+    low, high = greedy["heldout_accuracy_ci"]
+    assert low < greedy["heldout_accuracy"] < high and high - low < 0.07  # 988 queries: about +-0.03
+    assert greedy["vs_full"]["basis"] == "held-out" and greedy["vs_full"]["p_value"] < 1e-6
+    assert [step["tied"] for step in greedy["path"]] == [1, 1, 1]
+    full = doc["results"]["full"]
+    assert round(full["accuracy"], 4) == 0.2176 and full["heldout_accuracy"] is None
+    assert full["heldout_accuracy_ci"] is None and full["vs_full"]["p_value"] == 1.0
+    bm25 = doc["settings"]["model_generated"]["baselines"]["bm25"]
+    assert round(bm25["accuracy"], 4) == 0.8360 and bm25["accuracy_ci"][0] < 0.8360 < bm25["accuracy_ci"][1]
+    assert doc["settings"]["model_generated"]["component_set"] == "paper"
+    assert {"ties", "intervals", "vs_full", "headline"} <= set(doc["methods"])
     printed = capsys.readouterr().out
-    assert "greedy" in printed and "bm25 (baseline)" in printed
+    assert "greedy" in printed and "bm25 (baseline)" in printed and "held-out" in printed
+
+
+def test_fixed_selection_reports_no_heldout(tmp_path):
+    out = tmp_path / "r.json"
+    assert cli(["--table", str(reference_path("paraphrased")), "--strategy", "greedy",
+                "--option", 'greedy.selection=["model.layers.9.mlp.down_proj.weight"]', "--json", str(out)]) == 0
+    greedy = json.loads(out.read_text())["results"]["greedy"]
+    assert greedy["heldout_accuracy"] is None and greedy["heldout_accuracy_ci"] is None
+    assert round(greedy["accuracy"], 4) == 0.9980 and greedy["vs_full"]["basis"] == "in-sample"
 
 
 def one_line_error(capsys, argv) -> str:
@@ -52,6 +70,11 @@ def test_wrong_shapes_and_nan(capsys, tmp_path):
     arrays["cross"][0, 0, 0] = np.nan
     np.savez(tmp_path / "nan.npz", **arrays)
     assert "NaN" in one_line_error(capsys, ["--table", str(tmp_path / "nan.npz")])
+
+
+def test_components_needs_a_model(capsys):
+    err = one_line_error(capsys, ["--table", str(reference_path("paraphrased")), "--components", "all"])
+    assert "--components applies when building tables" in err
 
 
 def test_unknown_strategy_lists_registered(capsys, tmp_path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from selproj_plugin import get_strategy
+from selproj_plugin import get_strategy, stats
+from selproj_plugin.table import ComponentTable
 
 L = "model.layers.{}.{}.weight"
 
@@ -58,3 +60,37 @@ def test_single_component_baseline_by_kind(paraphrased):
     assert set(result.extra["by_kind"]) == {"embed", "q", "k", "v", "o", "gate", "up", "down"}
     assert len(result.extra["per_component"]) == 113
     assert len(result.extra["by_layer"]) == 17  # 16 layers + the embedding
+
+
+def with_constant_component(table: ComponentTable) -> ComponentTable:
+    """The table with a first component that scores every candidate alike (no information)."""
+    q, k, _ = table.cross.shape
+    return ComponentTable(
+        cross=np.concatenate([np.full((q, k, 1), 2.0), table.cross], axis=2),
+        query_self=np.concatenate([np.full((q, 1), 3.0), table.query_self], axis=1),
+        candidate_self=np.concatenate([np.full((q, k, 1), 3.0), table.candidate_self], axis=2),
+        is_original=table.is_original, components=np.r_[["model.constant.weight"], table.components],
+        num_params=np.r_[[1000], table.num_params],
+    )
+
+
+@pytest.mark.parametrize("setting", ["paraphrased", "model_generated"])
+def test_a_constant_component_is_worth_chance_and_never_picked(setting, request):
+    table = with_constant_component(request.getfixturevalue(setting))
+    single = get_strategy("single_component").evaluate(table)
+    # before ties were credited it scored BM25's top-1 rate, 0.836, and beat most components
+    assert single.extra["per_component"]["model.constant.weight"] <= 0.25
+    greedy = get_strategy("greedy", patience=3).evaluate(table)
+    assert "model.constant.weight" not in [step["component"] for step in greedy.path]
+
+
+@pytest.mark.parametrize("setting, full_hits", [("paraphrased", 981), ("model_generated", 215)])
+def test_every_figure_has_an_interval_and_a_paired_test(setting, full_hits, request):
+    table = request.getfixturevalue(setting)
+    full = get_strategy("full").evaluate(table)
+    assert round(full.accuracy * 988) == full_hits
+    assert full.accuracy_ci == stats.proportion_ci(np.r_[np.ones(full_hits), np.zeros(988 - full_hits)])
+    greedy = get_strategy("greedy").evaluate(table)
+    assert greedy.vs_full.basis == "held-out"
+    assert greedy.vs_full.difference == pytest.approx(greedy.heldout_accuracy - full.accuracy)
+    assert greedy.vs_full.p_value == pytest.approx(stats.mcnemar_p(int(greedy.vs_full.better), int(greedy.vs_full.worse)))

@@ -36,9 +36,62 @@ def test_greedy_finds_the_signal_component():
 
 
 def test_greedy_ties_go_to_model_order():
-    # components 1 and 3 are identical and perfect: the earlier one wins
+    # components 1 and 3 are identical and perfect: equal accuracy and margin, so the earlier one wins
     result = get_strategy("greedy").evaluate(signal_table(signal=(3, 1)))
     assert result.components == ["model.layers.1.self_attn.q_proj.weight"]
+    assert result.path[0]["tied"] == 2
+
+
+def test_greedy_and_single_break_accuracy_ties_by_margin():
+    # components 1 and 3 both rank every original first; 3 by a wider margin, so it wins despite model order
+    table = signal_table(signal=(1, 3), noise_scale=0.1)
+    table.cross[:, :, 1] *= 0.5
+    greedy = get_strategy("greedy").evaluate(table)
+    assert greedy.components == ["model.layers.3.self_attn.q_proj.weight"]
+    assert greedy.path[0]["tied"] == 2 and greedy.path[0]["margin"] == pytest.approx(1.0)
+    single = get_strategy("single_component").evaluate(table)
+    assert single.components == greedy.components and single.extra["tied"] == 2
+
+
+def first_column_table(q=40, k=5, seed=1):
+    """Originals always in the first column (as BM25 orders them); component 0 is constant, the rest noisy signal."""
+    rng = np.random.default_rng(seed)
+    cross = rng.normal(size=(q, k, 4))
+    cross[:, 0, 1:] += 1.5  # informative, imperfect
+    cross[:, :, 0] = 0.3  # no information: every candidate alike
+    is_original = np.zeros((q, k), dtype=bool)
+    is_original[:, 0] = True
+    return ComponentTable(
+        cross=cross, query_self=np.ones((q, 4)), candidate_self=np.ones((q, k, 4)), is_original=is_original,
+        components=np.array(["model.embed_tokens"] + [f"model.layers.{i}.mlp.down_proj" for i in range(3)]),
+        num_params=np.full(4, 100, dtype=np.int64),
+    )
+
+
+def test_a_constant_component_scores_chance_and_is_never_picked():
+    table = first_column_table()
+    single = get_strategy("single_component").evaluate(table)
+    assert single.extra["per_component"]["model.embed_tokens"] <= 0.25
+    assert single.components != ["model.embed_tokens"]
+    greedy = get_strategy("greedy", patience=3).evaluate(table)
+    assert "model.embed_tokens" not in greedy.components
+    assert "model.embed_tokens" not in [step["component"] for step in greedy.path[:3]]
+
+
+def test_results_carry_intervals_and_a_paired_test_against_full():
+    table = signal_table(noise_scale=3.0)
+    greedy = get_strategy("greedy").evaluate(table)
+    assert greedy.accuracy_ci[0] <= greedy.accuracy <= greedy.accuracy_ci[1]
+    assert greedy.heldout_accuracy_ci[0] <= greedy.heldout_accuracy <= greedy.heldout_accuracy_ci[1]
+    full = get_strategy("full").evaluate(table)
+    assert full.heldout_accuracy is None and full.heldout_accuracy_ci is None
+    # the greedy pick is perfect held-out; the full gradient drowns the signal in noise
+    hits_full = round(full.accuracy * 40)
+    assert greedy.vs_full.basis == "held-out" and greedy.vs_full.method == "exact McNemar"
+    assert (greedy.vs_full.better, greedy.vs_full.worse) == (40 - hits_full, 0)
+    assert greedy.vs_full.p_value < 1e-3 and greedy.headline == (1.0, greedy.heldout_accuracy_ci, "held-out")
+    json = greedy.to_json()
+    assert json["vs_full"]["p_value"] == greedy.vs_full.p_value and len(json["heldout_accuracy_ci"]) == 2
 
 
 def test_greedy_budget_by_params_excludes_large_components():
@@ -76,6 +129,10 @@ def test_greedy_with_given_selection_is_not_fitted(tmp_path):
     path.write_text('{"components": ["model.layers.0.self_attn.q_proj.weight"]}')
     reducer = get_strategy("greedy", selection=str(path))
     assert reducer.select([]) == ["model.layers.0.self_attn.q_proj.weight"]
+    result = reducer.evaluate(signal_table())
+    # a fixed selection learned nothing from the table: no held-out figure, tested in-sample
+    assert result.heldout_accuracy is None and result.heldout_accuracy_ci is None
+    assert result.vs_full.basis == "in-sample" and result.path is None
 
 
 def test_unfitted_greedy_cannot_select():

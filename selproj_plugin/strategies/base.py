@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
-from selproj_plugin import scoring
+from selproj_plugin import scoring, stats
 from selproj_plugin.components import Component, resolve
 from selproj_plugin.table import ComponentTable
 from selproj_plugin.transforms import Concatenate, Transform, TransformError
@@ -36,7 +36,12 @@ class ReducerError(ValueError):
 
 @dataclass
 class StrategyResult:
-    """What one strategy achieved on one table; ``to_json`` gives the CLI's ``results.<name>``."""
+    """What one strategy achieved on one table; ``to_json`` gives the CLI's ``results.<name>``.
+
+    Accuracies credit an m-way tie at the top 1/m; intervals are 95% exact binomial over
+    queries (:mod:`selproj_plugin.stats`).  ``vs_full`` pairs the headline credits (held-out
+    for a fitted strategy, else in-sample) with the full gradient's on the same queries.
+    """
 
     name: str
     accuracy: float
@@ -49,10 +54,24 @@ class StrategyResult:
     similarity: np.ndarray | None = field(default=None, repr=False)
     path: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    accuracy_ci: tuple[float, float] | None = None
+    heldout_accuracy_ci: tuple[float, float] | None = None
+    vs_full: stats.PairedTest | None = None
+    hits: np.ndarray | None = field(default=None, repr=False)  # [Q] in-sample credit per query
+    heldout_similarity: np.ndarray | None = field(default=None, repr=False)  # [Q, K], each row fitted without it
+
+    @property
+    def headline(self) -> tuple[float, tuple[float, float] | None, str]:
+        """The figure to read first: held-out accuracy for a fitted strategy, else in-sample; its interval; which."""
+        if self.heldout_accuracy is not None:
+            return self.heldout_accuracy, self.heldout_accuracy_ci, "held-out"
+        return self.accuracy, self.accuracy_ci, "in-sample"
 
     def to_json(self) -> dict[str, Any]:
         out = {
-            "accuracy": self.accuracy, "heldout_accuracy": self.heldout_accuracy,
+            "accuracy": self.accuracy, "accuracy_ci": _pair(self.accuracy_ci),
+            "heldout_accuracy": self.heldout_accuracy, "heldout_accuracy_ci": _pair(self.heldout_accuracy_ci),
+            "vs_full": None if self.vs_full is None else self.vs_full.to_json(),
             "components": self.components, "param_fraction": self.param_fraction,
             "fidelity": self.fidelity, "dim": self.dim, "seconds": self.seconds,
         }
@@ -60,6 +79,10 @@ class StrategyResult:
             out["path"] = self.path
         out.update(self.extra)
         return out
+
+
+def _pair(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None else [float(interval[0]), float(interval[1])]
 
 
 @dataclass
@@ -100,34 +123,41 @@ class Reducer:
         self.fit(table)
         red = reduction(self, table.component_list)
         sim = table_similarity(red, table, similarity)
-        heldout = self.heldout_accuracy(table, folds or self.folds, seed, similarity) if self.fitted else None
+        held = self.heldout_similarity(table, folds or self.folds, seed, similarity) if self.fitted else None
         full = scoring.subset_similarity(table)
+        hits = scoring.hits(sim, table.is_original)
+        held_hits = None if held is None else scoring.hits(held, table.is_original)
+        headline, basis = (hits, "in-sample") if held_hits is None else (held_hits, "held-out")
         return StrategyResult(
             name=self.name,
-            accuracy=scoring.accuracy(sim, table.is_original),
+            accuracy=float(np.mean(hits)),
             fidelity=scoring.fidelity(sim, full),
             components=red.names,
             param_fraction=red.transform.dim / table.total_params,
             dim=red.transform.dim,
             seconds=time.perf_counter() - start,
-            heldout_accuracy=heldout,
+            heldout_accuracy=None if held_hits is None else float(np.mean(held_hits)),
             similarity=sim,
             path=self.path_json(),
             extra=self.extra_json(table),
+            accuracy_ci=stats.proportion_ci(hits),
+            heldout_accuracy_ci=None if held_hits is None else stats.proportion_ci(held_hits),
+            vs_full=stats.paired_test(headline, scoring.hits(full, table.is_original), seed=seed, basis=basis),
+            hits=hits,
+            heldout_similarity=held,
         )
 
-    def heldout_accuracy(self, table: ComponentTable, folds: int, seed: int,
-                         similarity: "Similarity | None" = None) -> float:
-        """k-fold over queries: fit a fresh copy on the other folds, score the held-out fold."""
-        hits = 0.0
+    def heldout_similarity(self, table: ComponentTable, folds: int, seed: int,
+                           similarity: "Similarity | None" = None) -> np.ndarray:
+        """[Q, K] similarities by k-fold over queries: each fold scored by a fresh copy fitted on the others."""
+        out = np.zeros(table.is_original.shape)
         for test in scoring.kfold_rows(table.n_queries, folds, seed):
             train = np.setdiff1d(np.arange(table.n_queries), test)
             fresh = copy.deepcopy(self)
             fresh.fit(table.take(train))
             held = table.take(test)
-            sim = table_similarity(reduction(fresh, held.component_list), held, similarity, rows=test)
-            hits += float(np.sum(scoring.correct(sim, held.is_original)))
-        return hits / table.n_queries
+            out[test] = table_similarity(reduction(fresh, held.component_list), held, similarity, rows=test)
+        return out
 
     def path_json(self) -> list[dict[str, Any]] | None:
         """The fitting path, where a strategy has one."""

@@ -1,9 +1,12 @@
 """Greedy forward selection of components, by retrieval accuracy or by fidelity to the full gradient.
 
-Each step adds the component that most raises the objective on the table; ties go to
-the earlier component in model order.  Selection stops at a budget (a count, or a
-fraction of parameters when below 1) or after ``patience`` steps without improvement,
-and keeps the shortest prefix that reached the best objective.
+Each step adds the component that most raises the objective on the table.  Equal
+objectives (accuracy ties are common: at 64 queries dozens of components reach the best
+accuracy) go to the larger mean margin of the originals over the best other candidate
+(:func:`~selproj_plugin.scoring.mean_margin`), then to the earlier component in model
+order; each step records how many components tied on the objective.  Selection stops
+at a budget (a count, or a fraction of parameters when below 1) or after ``patience``
+steps without improvement, and keeps the shortest prefix that reached the best objective.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from selproj_plugin import scoring
+from selproj_plugin import scoring, stats
 from selproj_plugin.components import Component
 from selproj_plugin.strategies.base import Reducer
 from selproj_plugin.table import ComponentTable
@@ -51,6 +54,7 @@ class Greedy(Reducer):
     selection: str | list[str] | None = None
     _chosen: list[str] = field(default_factory=list, init=False, repr=False)
     _path: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+    _queries: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.patience < 1:
@@ -61,18 +65,19 @@ class Greedy(Reducer):
             self._chosen = load_selection(self.selection)
             if not self._chosen:
                 raise ValueError("selection names no component")
+            self.fitted = False  # a given selection learns nothing: no held-out figure to report
 
     # ---- objective over a batch of candidate subsets --------------------------------
     def objective(self, sims: np.ndarray, table: ComponentTable, full: np.ndarray) -> np.ndarray:
         """Score of each candidate subset; ``sims`` is [Q, K, R] for R candidate components."""
-        return scoring.correct(sims, table.is_original).mean(axis=0)
+        return scoring.hits(sims, table.is_original).mean(axis=0)
 
     def fit(self, table: ComponentTable) -> None:
         if self.selection is not None:
             return
         chosen, path = self._forward(table)
         self._chosen = [str(table.components[i]) for i in chosen]
-        self._path = path
+        self._path, self._queries = path, table.n_queries
 
     def _forward(self, table: ComponentTable) -> tuple[list[int], list[dict[str, Any]]]:
         q, k, c = table.cross.shape
@@ -93,18 +98,20 @@ class Greedy(Reducer):
                 sum_c[:, :, None] + table.candidate_self[:, :, remaining],
             )
             scores = self.objective(sims, table, full)
-            pick = int(np.argmax(scores))  # first maximum = earliest in model order
+            pick, tied = scoring.best_of(scores, lambda idx: scoring.mean_margin(sims[:, :, idx], table.is_original))
             i = int(remaining[pick])
             order.append(i)
             params += int(table.num_params[i])
             sum_x += table.cross[:, :, i]
             sum_q += table.query_self[:, i]
             sum_c += table.candidate_self[:, :, i]
+            chosen = sims[:, :, pick]
             path.append({"component": str(table.components[i]), "objective": float(scores[pick]),
-                         "accuracy": scoring.accuracy(sims[:, :, pick], table.is_original),
-                         "fidelity": scoring.fidelity(sims[:, :, pick], full),
+                         "accuracy": scoring.accuracy(chosen, table.is_original),
+                         "margin": float(scoring.mean_margin(chosen, table.is_original)), "tied": tied,
+                         "fidelity": scoring.fidelity(chosen, full),
                          "param_fraction": params / table.total_params})
-            if scores[pick] > best:
+            if scores[pick] > best + scoring.TIE_TOLERANCE:
                 best, best_len = float(scores[pick]), len(order)
             elif len(order) - best_len >= self.patience:
                 break
@@ -126,7 +133,11 @@ class Greedy(Reducer):
         return list(self._chosen)
 
     def path_json(self) -> list[dict[str, Any]] | None:
-        return list(self._path) if self._path else None
+        """The path with each step's 95% interval (computed here, not in every cross-validation fit)."""
+        if not self._path:
+            return None
+        return [{**step, "accuracy_ci": list(stats.binomial_ci(step["accuracy"] * self._queries, self._queries))}
+                for step in self._path]
 
 
 @dataclass
