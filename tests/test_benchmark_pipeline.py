@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from benchmark import pipeline
 from benchmark.scaleout import comparable as strip_timings
@@ -176,3 +177,110 @@ def test_full_set_reports_rank_metrics(tiny_model_dir, small_dataset, tmp_path):
     assert bm25["basis"] == "BM25 scores over the whole pool"
     assert bm25["accuracy"] >= 0.5 and bm25["recall@1"] == bm25["accuracy"] and bm25["recall@10"] == 1.0
     assert bm25["accuracy"] <= bm25["mrr"] <= 1.0
+
+
+CUSTOM_PLUGIN = '''
+from dataclasses import dataclass
+import torch
+from selproj_plugin import Reducer, Transform, hookimpl
+from selproj_plugin.strategies.greedy import Greedy
+
+
+class SignOf(Transform):
+    """sign(g) of the selected gradients: no component table can express it."""
+    def __init__(self, components):
+        self.components = tuple(components)
+        self.dim = sum(c.num_params for c in self.components)
+        self.key = "sign@%d" % self.dim
+
+    def __call__(self, features):
+        self.check(features)
+        return torch.cat([torch.sign(features[c.name]) for c in self.components], dim=1)
+
+
+@dataclass
+class SignMLP(Reducer):
+    name = "sign_mlp"
+    summary = "signs of the MLP gradients"
+
+    def select(self, components):
+        return [c.name for c in components if c.kind in ("gate", "up", "down")]
+
+    def transform(self, selected):
+        return SignOf(selected)
+
+
+@dataclass
+class SignGreedy(Greedy):
+    name = "sign_greedy"
+    summary = "greedy selection, then signs of the selected gradients"
+
+    def transform(self, selected):
+        return SignOf(selected)
+
+
+@hookimpl
+def selproj_strategies():
+    return [SignMLP, SignGreedy]
+'''
+
+
+def test_a_transform_no_table_can_express_is_scored_from_gradients(tiny_model_dir, small_dataset, tmp_path,
+                                                                   monkeypatch, capsys):
+    from selproj_plugin import registry as registry_module
+    from selproj_plugin.engine import EngineConfig, sample_features
+    from selproj_plugin.samples import Sample
+    from tests.test_registry import install_plugin
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    install_plugin(tmp_path, "selproj-sign", "sign", "selproj_sign_plugin", CUSTOM_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry_module.registry(reload=True)
+    try:
+        out = tmp_path / "r.json"
+        assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--setting", "paraphrased",
+                        "--strategy", "sign_mlp,sign_greedy,full", "--json", str(out))) == 0
+        result = json.loads(out.read_text())["settings"]["paraphrased"]["results"]
+        # by hand: signs of the engine's per-sample MLP gradients, cosine of each query with its candidates
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        rows = [json.loads(line) for line in small_dataset.read_text().splitlines()]
+        names = [n for n in result["sign_mlp"]["components"]]
+        config = EngineConfig(progress=False, max_length=160)
+
+        def signs(samples):
+            feats = sample_features(model, tokenizer, samples, names, config)
+            v = torch.cat([torch.sign(feats[n]) for n in names], dim=1).double()
+            return v / v.norm(dim=1, keepdim=True)
+
+        queries = signs([Sample(r["id"], r["paraphrased_prompt"], r["paraphrased_response"]) for r in rows])
+        originals = signs([Sample(r["id"], r["prompt"], r["response"]) for r in rows])
+        cos = (queries @ originals.T).numpy()
+        table = pipeline.ComponentTable.load(next((tmp_path / "cache").rglob("table-*.npz")))
+        index = {r["id"]: i for i, r in enumerate(rows)}
+        credits = []
+        for q, (qid, cands, orig) in enumerate(zip(table.query_ids, table.candidate_ids, table.is_original)):
+            scores = np.array([cos[index[str(qid).split("#")[0]], index[str(c)]] for c in cands])
+            top = np.isclose(scores, scores.max(), rtol=0, atol=1e-9)
+            credits.append(top[orig.argmax()] / top.sum())
+        assert result["sign_mlp"]["accuracy"] == pytest.approx(np.mean(credits))
+        assert result["sign_mlp"]["dim"] == sum(p.numel() for n, p in model.named_parameters()
+                                                if any(n.startswith(m) for m in names))
+        assert result["sign_mlp"]["fidelity"] < 0.999  # not the plain concatenation
+        assert result["sign_greedy"]["heldout_accuracy"] is not None  # fitted: held-out from gradients per fold
+        # the run's table stores the unfitted transform's cosines, so --table mode scores it the same ...
+        stored = tmp_path / "stored.json"
+        table_file = next((tmp_path / "cache").rglob("table-*.npz"))
+        assert cli(["--table", str(table_file), "--strategy", "sign_mlp", "--json", str(stored)]) == 0
+        again = json.loads(stored.read_text())["results"]["sign_mlp"]
+        assert again["accuracy"] == pytest.approx(result["sign_mlp"]["accuracy"])
+        # ... and a table without them has no gradients to fall back on: one line, never scored as something else
+        from tests.conftest import reference_path
+
+        assert cli(["--table", str(reference_path("paraphrased")), "--strategy", "sign_mlp"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: strategy 'sign_mlp': its transform (SignOf, sign@") \
+            and "cannot be scored from a component table" in err[-1]
+    finally:
+        monkeypatch.undo()
+        registry_module.registry(reload=True)
