@@ -1,13 +1,19 @@
-"""Speed benchmark: the factor engine vs the paper's per-pair loop, and tensor sketch vs TRAK.
+"""Speed benchmark: the factor engine vs the paper's per-pair loop, and random projection's distortion.
 
 ``python -m benchmark.speed --json OUT.json`` builds the component table for 64 paraphrased
 queries x 5 BM25 candidates (originals) on SmolLM2-135M-Instruct twice: with the engine,
 and with the paper's procedure (batch size 1, full parameter gradients of the query and
 each of its candidates, per-component dot products) on a subset of queries, extrapolated
 per query.  Each method runs in its own subprocess so its peak RSS (VmHWM) is its own.
-It then times random projection of the same gradients: tensor sketch from factors vs
-TRAK's ``BasicProjector`` (timed on a slice of the gradient, extrapolated linearly in
-gradient length, which is how its cost scales), and prints the sketch's distortion.
+The engine's table also stores ``random_projection`` at each ``--proj-dim`` (projection time
+is reported apart).  A third worker projects the gradients of ``--proj-queries`` paraphrases
+and their originals with ``random_projection`` (``--proj-seeds`` seeds) and the paper's
+``random_projection_per_component``, and measures the mean absolute distortion of every
+pair's dot product (as a fraction of |a||b|) against what a dense Gaussian JL projection
+gives at the same dimension, computed from the exact norms and dots:
+``E|err| = sqrt(2/pi) sqrt((|a|^2|b|^2 + <a,b>^2) / dim)``; their ratio is
+``distortion_vs_dense_jl`` (with a bootstrap interval over samples).  It also times TRAK's
+``BasicProjector`` on a slice of the same gradients, extrapolated linearly in gradient length.
 """
 
 from __future__ import annotations
@@ -48,19 +54,35 @@ def _setup(args: argparse.Namespace):
     return queries, pool, index, original
 
 
+def _projections(model, text: str, seed: int, strategy: str = "random_projection") -> dict:
+    """``{dim text: transform}`` of ``strategy`` at each of ``--proj-dim``, built on the model's catalogue."""
+    from selproj_plugin.components import catalogue
+    from selproj_plugin.registry import get_strategy
+    from selproj_plugin.strategies.base import reduction
+
+    comps = catalogue(model)
+    return {d: reduction(get_strategy(strategy, dim=d, seed=seed), comps).transform for d in _dims(text)}
+
+
+def _dims(text: str) -> list[str]:
+    return [d.strip() for d in text.split(",") if d.strip()]
+
+
 def worker_engine(args: argparse.Namespace) -> dict:
     from selproj_plugin.engine import EngineConfig, build_table
     from selproj_plugin.models import load_model
 
     model, tok = load_model(args.model, device=args.device)
     queries, pool, index, original = _setup(args)
+    transforms = _projections(model, args.proj_dim, args.seed)
     t0 = time.perf_counter()
-    table = build_table(model, tok, queries, pool, index, original, proj_dims=(args.proj_dim,),
+    table = build_table(model, tok, queries, pool, index, original, transforms=list(transforms.values()),
                         config=EngineConfig(batch_size=args.batch_size, device=args.device, progress=True))
     seconds = time.perf_counter() - t0
     table.save(args.out)
     return {"seconds": seconds, "timings": table.meta["timings"], "distinct_samples": table.meta["distinct_samples"],
-            "materialised_components": table.meta["materialised_components"], "peak_rss_mb": _peak_rss_mb()}
+            "materialised_components": table.meta["materialised_components"], "peak_rss_mb": _peak_rss_mb(),
+            "projections": list(transforms)}
 
 
 def worker_loop(args: argparse.Namespace) -> dict:
@@ -107,53 +129,114 @@ def worker_loop(args: argparse.Namespace) -> dict:
     return {"seconds": seconds, "queries_timed": n, "seconds_per_query": seconds / n, "peak_rss_mb": _peak_rss_mb()}
 
 
+def dense_jl_pair_error(cos: np.ndarray, dim: int) -> np.ndarray:
+    """E|<Pa,Pb> - <a,b>| / (|a||b|) of a dense Gaussian map with E<Pa,Pb> = <a,b>, from the exact cosine."""
+    return np.sqrt(2 / np.pi) * np.sqrt((1 + cos ** 2) / dim)
+
+
+def dense_jl_cosine_error(cos: np.ndarray, dim: int) -> np.ndarray:
+    """E|cos(Pa,Pb) - cos(a,b)| of a dense Gaussian map (delta method: std (1 - cos^2) / sqrt(dim))."""
+    return np.sqrt(2 / np.pi) * (1 - cos ** 2) / np.sqrt(dim)
+
+
+def pair_distortion(approx: np.ndarray, exact: np.ndarray, dim: int, seed: int = 0, boot: int = 2000) -> dict:
+    """Distortion of every pair's dot product under one map drawn with several seeds, against dense JL.
+
+    ``approx``: [S, N, N] projected Gram matrices (one per seed); ``exact``: [N, N].  The
+    interval resamples samples (pairs sharing a sample are not independent).
+    """
+    n = exact.shape[0]
+    scale = np.sqrt(np.outer(np.diag(exact), np.diag(exact)))
+    err = np.abs(approx - exact) / scale
+    expected = dense_jl_pair_error(exact / scale, dim)
+    iu = np.triu_indices(n, 1)
+    ratio = float(err[:, iu[0], iu[1]].mean() / expected[iu].mean())
+    off = 1 - np.eye(n)
+    mean_err = err.mean(axis=0) * off
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(boot):
+        c = rng.multinomial(n, np.full(n, 1 / n)).astype(np.float64)
+        w = np.outer(c, c)
+        if np.count_nonzero(c) > 1:  # at least one pair
+            boots.append(float((w * mean_err).sum() / (w * expected * off).sum()))
+    diag = np.diagonal(approx, axis1=1, axis2=2)
+    return {
+        "dim": int(dim), "pairs": int(iu[0].size), "seeds": int(approx.shape[0]),
+        "pair_distortion_mean": float(err[:, iu[0], iu[1]].mean()), "pair_distortion_max": float(err[:, iu[0], iu[1]].max()),
+        "dense_jl_expected_mean": float(expected[iu].mean()), "distortion_vs_dense_jl": ratio,
+        "distortion_vs_dense_jl_95ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+        "distortion_vs_dense_jl_by_seed": [float(e[iu].mean() / expected[iu].mean()) for e in err],
+        "norm_distortion_mean": float(np.mean(np.abs(diag - np.diag(exact)) / np.diag(exact))),
+    }
+
+
 def worker_projection(args: argparse.Namespace) -> dict:
-    """Tensor sketch from factors vs TRAK BasicProjector on the materialised gradients."""
+    """Pair distortion of the projections vs dense JL on exact dots, and TRAK's BasicProjector timed."""
     import torch
     from trak.projectors import BasicProjector, ProjectionType
 
-    from selproj_plugin.capture import matrix_form
-    from selproj_plugin.engine import EngineConfig, factor_dots, iter_factors, prepare, _Sketcher
+    from benchmark.data import load_records
+    from selproj_plugin.capture import matrix_form, to_param_layout
+    from selproj_plugin.engine import EngineConfig, FactorStore, factor_dots, iter_factors, prepare
     from selproj_plugin.loss import encode_samples
     from selproj_plugin.models import load_model
 
     model, tok = load_model(args.model)
-    queries, _, _, _ = _setup(args)
-    samples = queries[: args.proj_samples]
+    samples = [s for r in load_records()[: args.proj_queries] for s in (r.paraphrase, r.original)]
     prep = prepare(model, tok, None)
+    maps = {f"random_projection@{d}": [t] + [_projections(model, d, args.seed + k)[d] for k in range(1, args.proj_seeds)]
+            for d, t in _projections(model, args.proj_dim, args.seed).items()}
+    maps.update({f"random_projection_per_component@{d}": [t] for d, t in
+                 _projections(model, args.proj_dim, args.seed, "random_projection_per_component").items()})
+    outputs = {label: [[None] * len(samples) for _ in ts] for label, ts in maps.items()}
+    seconds = dict.fromkeys(maps, 0.0)
+    exact = np.zeros((len(samples), len(samples)))
     encoded, _ = encode_samples(tok, samples, 512)
-    factors = [f for _, f in sorted(iter_factors(prep, encoded, range(len(samples)), EngineConfig(progress=False)),
-                                    key=lambda x: x[0])]
-    sketcher = _Sketcher(prep.specs, [args.proj_dim], args.seed, "cpu")
-    t0 = time.perf_counter()
-    sketches = torch.stack([sketcher(f)[0] for f in factors])
-    sketch_s = time.perf_counter() - t0
-    exact = np.stack([factor_dots(f, factors, prep.specs).sum(axis=1) for f in factors])  # [N, N] full-gradient dots
-    approx = (sketches @ sketches.T).numpy()
-    norms = np.sqrt(np.diag(exact))
-    scale = np.outer(norms, norms)
-    off = ~np.eye(len(factors), dtype=bool)
-    pair_err = np.abs(approx - exact)[off] / scale[off]
-    norm_err = np.abs(np.diag(approx) - np.diag(exact)) / np.diag(exact)
+    store = FactorStore(args.memory_limit_gb * 2**30)
+    slices: list[torch.Tensor] = []
+    materialise_s, done = 0.0, []
+    try:
+        for i, f in iter_factors(prep, encoded, range(len(samples)), EngineConfig(batch_size=args.batch_size),
+                                 label="projection"):
+            t0 = time.perf_counter()
+            grads = {s.name: to_param_layout(s, matrix_form(s, f))[None] for s in prep.specs}
+            materialise_s += time.perf_counter() - t0
+            if len(slices) < args.trak_samples:
+                slices.append(torch.cat([g[0] for g in grads.values()])[: args.trak_slice].clone())
+            for label, transforms in maps.items():
+                for k, t in enumerate(transforms):
+                    t0 = time.perf_counter()
+                    outputs[label][k][i] = t(grads)[0].float()
+                    seconds[label] += time.perf_counter() - t0
+            del grads
+            row = factor_dots(f, [f] + [store.get(j) for j in done], prep.specs).sum(axis=1)
+            exact[i, [i] + done] = exact[[i] + done, i] = row
+            store.put(i, f)
+            done.append(i)
+    finally:
+        store.close()
+    result = {"samples": len(samples), "grad_dim": int(sum(s.component.num_params for s in prep.specs)),
+              "materialise_seconds_per_sample": materialise_s / len(samples), "maps": {}}
+    for label, per_seed in outputs.items():
+        approx = np.stack([(lambda p: (p @ p.T).numpy())(torch.stack(rows).double()) for rows in per_seed])
+        result["maps"][label] = {**pair_distortion(approx, exact, maps[label][0].dim, args.seed),
+                                 "key": maps[label][0].key,
+                                 "seconds_per_sample": seconds[label] / (len(samples) * len(per_seed))}
 
-    # TRAK BasicProjector on a slice of the materialised full gradients, extrapolated to the full length.
-    full = torch.stack([torch.cat([matrix_form(s, f).reshape(-1) for s in prep.specs]) for f in factors])
-    grad_dim = full.shape[1]
-    slice_dim = min(grad_dim, args.trak_slice)
-    projector = BasicProjector(slice_dim, args.proj_dim, args.seed, ProjectionType.rademacher, torch.device("cpu"),
-                               block_size=min(args.proj_dim, 512))
+    # TRAK BasicProjector on a slice of the same materialised gradients, extrapolated to the full length.
+    first = next(iter(result["maps"].values()))
+    full = torch.stack(slices)
+    projector = BasicProjector(full.shape[1], first["dim"], args.seed, ProjectionType.rademacher, torch.device("cpu"),
+                               block_size=min(first["dim"], 512))
     t0 = time.perf_counter()
-    projector.project(full[:, :slice_dim].contiguous(), model_id=0)
+    projector.project(full.contiguous(), model_id=0)
     trak_slice_s = time.perf_counter() - t0
-    trak_s = trak_slice_s * grad_dim / slice_dim
-    return {
-        "samples": len(factors), "dim": args.proj_dim, "grad_dim": int(grad_dim),
-        "sketch_seconds": sketch_s, "trak_seconds_extrapolated": trak_s, "trak_slice_dim": int(slice_dim),
-        "trak_slice_seconds": trak_slice_s, "speedup_vs_trak": trak_s / sketch_s,
-        "distortion_pair_mean": float(pair_err.mean()), "distortion_pair_max": float(pair_err.max()),
-        "distortion_norm_mean": float(norm_err.mean()), "distortion_norm_max": float(norm_err.max()),
-        "peak_rss_mb": _peak_rss_mb(),
-    }
+    trak_s = trak_slice_s / len(slices) * result["grad_dim"] / full.shape[1]
+    result.update(trak_dim=first["dim"], trak_seconds_per_sample_extrapolated=trak_s, trak_slice_dim=int(full.shape[1]),
+                  trak_slice_seconds=trak_slice_s, speedup_vs_trak=trak_s / first["seconds_per_sample"],
+                  peak_rss_mb=_peak_rss_mb())
+    return result
 
 
 WORKERS = {"engine": worker_engine, "loop": worker_loop, "projection": worker_projection}
@@ -162,9 +245,10 @@ WORKERS = {"engine": worker_engine, "loop": worker_loop, "projection": worker_pr
 def _run_worker(name: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, "-m", "benchmark.speed", "--worker", name, "--out", str(out),
            "--queries", str(args.queries), "--k", str(args.k), "--loop-queries", str(args.loop_queries),
-           "--batch-size", str(args.batch_size), "--proj-dim", str(args.proj_dim),
-           "--proj-samples", str(args.proj_samples), "--trak-slice", str(args.trak_slice), "--seed", str(args.seed),
-           "--device", args.device]
+           "--batch-size", str(args.batch_size), "--proj-dim", args.proj_dim, "--proj-queries", str(args.proj_queries),
+           "--proj-seeds", str(args.proj_seeds), "--trak-slice", str(args.trak_slice),
+           "--trak-samples", str(args.trak_samples), "--memory-limit-gb", str(args.memory_limit_gb),
+           "--seed", str(args.seed), "--device", args.device]
     if args.model:
         cmd += ["--model", args.model]
     result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -181,9 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--loop-queries", type=int, default=8, help="queries timed with the per-pair loop")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--proj-dim", type=int, default=4096)
-    parser.add_argument("--proj-samples", type=int, default=8)
+    parser.add_argument("--proj-dim", default="4096,1%", help="random projection dimensions (counts or percentages)")
+    parser.add_argument("--proj-queries", type=int, default=12,
+                        help="queries whose paraphrase and original are projected (all pairs of the 2x samples)")
+    parser.add_argument("--proj-seeds", type=int, default=3, help="seeds of random_projection per dimension")
     parser.add_argument("--trak-slice", type=int, default=2_000_000, help="gradient coordinates timed for TRAK")
+    parser.add_argument("--trak-samples", type=int, default=2, help="samples timed for TRAK")
+    parser.add_argument("--memory-limit-gb", type=float, default=6.0, help="projection worker: factors kept in RAM")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu",
                         help="device of the engine and the loop (the projection comparison stays on CPU)")
@@ -208,35 +296,50 @@ def main(argv: list[str] | None = None) -> int:
             max_rel = float(np.max(diff / np.maximum(scale, 1e-300)))
             self_rel = float(max(np.max(np.abs(table.query_self[:n] - ref["query_self"]) / ref["query_self"]),
                                  np.max(np.abs(table.candidate_self[:n] - ref["candidate_self"]) / ref["candidate_self"])))
-        exact_cos = table.cross.sum(-1) / np.sqrt(table.query_self.sum(-1)[:, None] * table.candidate_self.sum(-1))
-        rp_cos_err = np.abs(table.rp_similarity[0] - exact_cos)
+    exact_cos = table.cross.sum(-1) / np.sqrt(table.query_self.sum(-1)[:, None] * table.candidate_self.sum(-1))
+    table_rp = {}
+    for text, dim, sim in zip(engine["projections"], table.rp_dims, table.rp_similarity):
+        err, expected = np.abs(sim - exact_cos), dense_jl_cosine_error(exact_cos, int(dim))
+        table_rp[text] = {"dim": int(dim), "cosine_abs_error_mean": float(err.mean()),
+                          "cosine_abs_error_max": float(err.max()), "dense_jl_expected_mean": float(expected.mean()),
+                          "ratio": float(err.mean() / expected.mean())}
     loop_total = loop["seconds_per_query"] * args.queries
+    engine_s = engine["seconds"] - engine["timings"]["project_s"]
+    maps = proj["maps"]
     result = {
         "model": args.model or "SmolLM2-135M-Instruct", "queries": args.queries, "k": args.k,
-        "engine_seconds": engine["seconds"], "engine_timings": engine["timings"],
-        "engine_distinct_samples": engine["distinct_samples"],
+        "engine_seconds": engine_s, "engine_projection_seconds": engine["timings"]["project_s"],
+        "engine_timings": engine["timings"], "engine_distinct_samples": engine["distinct_samples"],
         "engine_materialised_components": engine["materialised_components"],
         "loop_seconds_measured": loop["seconds"], "loop_queries_timed": loop["queries_timed"],
         "loop_seconds_extrapolated": loop_total,
-        "speedup_vs_loop": loop_total / engine["seconds"],
+        "speedup_vs_loop": loop_total / engine_s,
         "max_rel_error": max_rel, "max_rel_error_self": self_rel,
         "engine_peak_rss_mb": engine["peak_rss_mb"], "loop_peak_rss_mb": loop["peak_rss_mb"],
         "projection": proj, "projection_speedup_vs_trak": proj["speedup_vs_trak"],
-        "table_rp_cosine_abs_error_mean": float(rp_cos_err.mean()),
-        "table_rp_cosine_abs_error_max": float(rp_cos_err.max()),
+        "distortion_vs_dense_jl": {d: maps[f"random_projection@{d}"]["distortion_vs_dense_jl"] for d in _dims(args.proj_dim)},
+        "table_rp_cosine": table_rp,
     }
-    print(f"engine: {engine['seconds']:.1f}s for {args.queries}x{args.k} ({engine['distinct_samples']} distinct samples), "
-          f"peak RSS {engine['peak_rss_mb']:.0f} MiB")
+    print(f"engine: {engine_s:.1f}s for {args.queries}x{args.k} ({engine['distinct_samples']} distinct samples; "
+          f"plus {engine['timings']['project_s']:.1f}s projecting), peak RSS {engine['peak_rss_mb']:.0f} MiB")
     print(f"paper loop: {loop['seconds']:.1f}s for {loop['queries_timed']} queries -> {loop_total:.1f}s extrapolated "
           f"to {args.queries}, peak RSS {loop['peak_rss_mb']:.0f} MiB")
     print(f"speedup vs loop: {result['speedup_vs_loop']:.2f}x; largest relative difference: {max_rel:.2e} "
           f"(cross, normalised by norms), {self_rel:.2e} (self dots)")
-    print(f"projection to {proj['dim']}: sketch {proj['sketch_seconds']:.2f}s vs TRAK BasicProjector "
-          f"{proj['trak_seconds_extrapolated']:.1f}s (timed on {proj['trak_slice_dim']} of {proj['grad_dim']} coords, "
-          f"extrapolated linearly) -> {proj['speedup_vs_trak']:.0f}x; distortion: pair dot mean "
-          f"{proj['distortion_pair_mean']:.3f} max {proj['distortion_pair_max']:.3f} (of |a||b|), norm mean "
-          f"{proj['distortion_norm_mean']:.3f} max {proj['distortion_norm_max']:.3f}; table rp cosine abs error mean "
-          f"{result['table_rp_cosine_abs_error_mean']:.3f}")
+    print(f"projection of {proj['samples']} samples ({proj['grad_dim']:,} coords; materialising {proj['materialise_seconds_per_sample']:.2f}"
+          f"s/sample): pair dot distortion as a fraction of |a||b|, mean over {next(iter(maps.values()))['pairs']} pairs:")
+    for label, m in maps.items():
+        lo, hi = m["distortion_vs_dense_jl_95ci"]
+        print(f"  {label} (dim {m['dim']}, {m['seeds']} seed(s)): measured {m['pair_distortion_mean']:.5f} (max "
+              f"{m['pair_distortion_max']:.4f}), dense Gaussian JL expects {m['dense_jl_expected_mean']:.5f} -> "
+              f"distortion_vs_dense_jl {m['distortion_vs_dense_jl']:.3f} (95% bootstrap {lo:.3f}-{hi:.3f}); "
+              f"{m['seconds_per_sample']:.2f}s/sample")
+    print(f"TRAK BasicProjector to {proj['trak_dim']}: {proj['trak_seconds_per_sample_extrapolated']:.1f}s/sample "
+          f"(timed on {proj['trak_slice_dim']} coords, extrapolated linearly) -> sketch {proj['speedup_vs_trak']:.0f}x faster")
+    for text, r in table_rp.items():
+        print(f"table random_projection@{text} (dim {r['dim']}): cosine abs error mean {r['cosine_abs_error_mean']:.5f} "
+              f"(max {r['cosine_abs_error_max']:.4f}), dense Gaussian JL expects {r['dense_jl_expected_mean']:.5f} -> "
+              f"ratio {r['ratio']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

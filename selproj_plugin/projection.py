@@ -25,7 +25,7 @@ from selproj_plugin.components import Component
 from selproj_plugin.table import PAPER_PROJECTION
 from selproj_plugin.transforms import Transform, TransformError, selection_digest
 
-MAX_DIM = 2**30  # bucket and sign share one int32 code in [0, 2 * dim)
+MAX_DIM = 2**30 - 1  # bucket and sign share one int32 code in [0, 2 * dim)
 
 
 def split_dims(num_params: Sequence[int], dim: int) -> list[int]:
@@ -72,9 +72,10 @@ class CountSketch(Transform):
             start, width = self.blocks()[index]
             name = int.from_bytes(hashlib.sha256(comp.name.encode()).digest()[:16], "little")
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, name])))
-            draw = rng.integers(0, 2 * width, size=comp.num_params, dtype=np.int64)
-            negative = draw >= width
-            codes = torch.from_numpy((start + draw - width * negative + self.dim * negative).astype(np.int32))
+            draw = rng.integers(0, 2 * width, size=comp.num_params, dtype=np.int32)  # bucket, then sign
+            if width != self.dim:  # a block: [0, width) -> start + bucket, [width, 2 width) -> dim + start + bucket
+                draw += np.int32(start) + np.int32(self.dim - width) * (draw >= width)
+            codes = torch.from_numpy(draw)
         if codes.device != torch.device(device):
             codes = codes.to(device)
         self._codes[comp.name] = codes

@@ -45,15 +45,18 @@ def argv(model_dir, dataset, cache, *extra):
 
 def test_end_to_end_outputs(tiny_model_dir, small_dataset, tmp_path, capsys):
     out = tmp_path / "out"
-    code = cli(argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--strategy", "full,greedy,random_projection",
-                    "--proj-dim", "64,1%", "--out", str(out)))
+    code = cli(argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--strategy",
+                    "full,greedy,random_projection,random_projection_per_component", "--proj-dim", "64,1%",
+                    "--out", str(out)))
     assert code == 0
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["settings"]) == {"paraphrased", "generated"}
     para = doc["settings"]["paraphrased"]
     assert para["queries"] == 6 and para["candidates"] == 5
-    assert set(para["results"]) == {"full", "greedy", "random_projection@64", "random_projection@1%"}
+    assert set(para["results"]) == {"full", "greedy", "random_projection@64", "random_projection@1%",
+                                    "random_projection_per_component@64", "random_projection_per_component@1%"}
     assert para["results"]["random_projection@64"]["dim"] == 64
+    assert para["results"]["random_projection_per_component@64"]["dim"] == 64
     greedy = para["results"]["greedy"]
     assert greedy["heldout_accuracy_ci"][0] <= greedy["heldout_accuracy"] <= greedy["heldout_accuracy_ci"][1]
     assert greedy["vs_full"]["basis"] == "held-out" and 0 < greedy["vs_full"]["p_value"] <= 1

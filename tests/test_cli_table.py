@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_json_schema_on_reference(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert cli(["--table", str(reference_path("model_generated")), "--strategy", "full,greedy,random_projection_per_component",
+    assert cli(["--table", str(reference_path("model_generated")),
+                "--strategy", "full,greedy,random_projection_per_component",
                 "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     greedy = doc["results"]["greedy"]
