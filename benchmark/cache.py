@@ -1,7 +1,9 @@
-"""On-disk cache of expensive stages, keyed by model, dataset and options.
+"""On-disk cache of expensive stages, keyed by model (weights included), dataset and options.
 
-Every file is written atomically (temp file + rename), so an interrupted run leaves
-either the finished file or nothing, and a rerun reuses what was finished.
+Every file is written atomically (temp file + rename, the rename last), so an interrupted
+run leaves either the finished file or nothing, and a rerun reuses what was finished.  A
+file that does not read back (damaged on disk, or not ours) is reported in one line and
+recomputed.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+import sys
+from typing import Any, Callable, TypeVar
 
 from benchmark.report import write_atomic
+
+T = TypeVar("T")
 
 
 def digest(value: Any, length: int = 16) -> str:
@@ -36,12 +41,21 @@ class StageCache:
     def path(self, stage: str, key: Any, suffix: str) -> Path:
         return self.root / f"{stage}-{digest(key)}.{suffix}"
 
+    def load(self, path: Path, read: Callable[[Path], T]) -> T | None:
+        """``read(path)``, or None when the file is absent or unreadable (reported, deleted, then recomputed)."""
+        if not path.is_file():
+            return None
+        try:
+            return read(path)
+        except (OSError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"[selproj] cached {path.name} is unreadable ({reason}): recomputing it", file=sys.stderr)
+            path.unlink(missing_ok=True)
+            return None
+
     def load_json(self, path: Path) -> Any | None:
         """The cached document, or None when absent or unreadable (then it is recomputed)."""
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
+        return self.load(path, lambda p: json.loads(p.read_text(encoding="utf-8")))
 
     def save_json(self, path: Path, value: Any) -> Path:
         return write_atomic(path, json.dumps(value, sort_keys=True))

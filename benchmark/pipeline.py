@@ -137,7 +137,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     from selproj_plugin.components import catalogue
     from selproj_plugin import distributed
     from selproj_plugin.engine import EngineConfig, build_table
-    from selproj_plugin.models import DEFAULT_MODEL_NAME, load_model
+    from selproj_plugin.models import DEFAULT_MODEL_NAME, load_model, weights_fingerprint
 
     stages: dict[str, float] = {}
     world = distributed.rank_world()[1]
@@ -156,7 +156,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     lap("model")
     cache = StageCache(opts.cache_dir)
     identity = {
-        "model": opts.model or DEFAULT_MODEL_NAME, "dtype": opts.dtype,
+        "model": opts.model or DEFAULT_MODEL_NAME, "weights": weights_fingerprint(model), "dtype": opts.dtype,
         "dataset": dataset.name, "dataset_samples": len(dataset),
         "dataset_digest": digest([dataclasses.asdict(r) for r in dataset.records]),
     }
@@ -194,10 +194,9 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
                  "max_new_tokens": opts.max_new_tokens if "generated" in opts.settings else None,
                  "queries": [q.id for q in queries]}
     table_path = cache.path("table", table_key, "npz")
-    if table_path.is_file():
-        table = ComponentTable.load(table_path)
-        reused = True
-    else:
+    table = cache.load(table_path, ComponentTable.load)
+    reused = table is not None
+    if not reused:
         config = EngineConfig(batch_size=opts.batch_size, max_length=opts.max_length,
                               memory_limit_gb=opts.memory_limit_gb / distributed.local_world(),  # per machine
                               device=distributed.local_device(opts.device),

@@ -153,11 +153,12 @@ class _Handler:
     module: nn.Module
     kind: str  # 'linear' | 'conv1d' | 'embedding' | 'func'
     params: dict[str, Component]  # local param name -> component
+    layout: str = "tokens"  # of its input and output: 'tokens' ([B, T, ...]) or 'targets' (the LM head's [N, ...])
     calls: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _Geometry:
-    """Batch shape, to split captured tensors into per-sample row blocks."""
+    """Batch shape, to split captured tensors into per-sample row blocks by their known layout."""
 
     def __init__(self, batch: Batch) -> None:
         self.batch_size, self.width = batch.input_ids.shape
@@ -170,16 +171,20 @@ class _Geometry:
             self.target_slices.append(slice(start, start + c))
             start += c
 
-    def split(self, t: torch.Tensor, where: str) -> list[torch.Tensor]:
-        """Per-sample rows of a [B, T, ...], [B*T, ...] or gathered [N, ...] tensor."""
+    def split(self, t: torch.Tensor, layout: str, where: str) -> list[torch.Tensor]:
+        """Per-sample rows of a 'tokens' tensor ([B, T, ...] or [B*T, ...]) or a 'targets' one ([N, ...]).
+
+        The layout comes from the module, not from the shape: shapes alone are ambiguous
+        when dimensions coincide (N = B with features = T).
+        """
         b, w = self.batch_size, self.width
-        if t.dim() >= 2 and tuple(t.shape[:2]) == (b, w):
+        if layout == "targets" and t.dim() >= 1 and t.shape[0] == self.n_targets:
+            return [t[s].reshape(s.stop - s.start, -1) if t.dim() > 1 else t[s] for s in self.target_slices]
+        if layout == "tokens" and t.dim() >= 2 and tuple(t.shape[:2]) == (b, w):
             return [t[i, : self.lengths[i]].reshape(self.lengths[i], -1) if t.dim() > 2 else t[i, : self.lengths[i]]
                     for i in range(b)]
-        if t.dim() >= 1 and t.shape[0] == b * w:
-            return self.split(t.reshape(b, w, *t.shape[1:]), where)
-        if t.dim() >= 1 and t.shape[0] == self.n_targets:
-            return [t[s].reshape(s.stop - s.start, -1) if t.dim() > 1 else t[s] for s in self.target_slices]
+        if layout == "tokens" and t.dim() >= 1 and t.shape[0] == b * w:
+            return self.split(t.reshape(b, w, *t.shape[1:]), layout, where)
         raise CaptureError(f"{where}: cannot split a tensor of shape {tuple(t.shape)} into the batch's samples")
 
 
@@ -193,11 +198,15 @@ class GradientCapture:
         wanted = {p: c for c in self.components for p in c.param_names}
         named = dict(model.named_parameters(remove_duplicate=True))
         by_id = {id(named[p]): c for p, c in wanted.items()}
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.handlers: list[_Handler] = []
-        for mod_name, module in model.named_modules(remove_duplicate=False):
+        # each module once, even when registered under two names: a second hook would count its gradient twice
+        for mod_name, module in model.named_modules():
             own = {n: by_id[id(p)] for n, p in module._parameters.items() if p is not None and id(p) in by_id}
             if own:
-                self.handlers.append(_Handler(mod_name, module, _module_kind(module, own), own))
+                # forward_losses hands the LM head only the trained positions (loss.logits_at)
+                layout = "targets" if module is head else "tokens"
+                self.handlers.append(_Handler(mod_name, module, _module_kind(module, own), own, layout))
         self.specs: dict[str, ComponentSpec] = {c.name: self._spec(c) for c in self.components}
 
     def _spec(self, comp: Component) -> ComponentSpec:
@@ -234,6 +243,12 @@ class GradientCapture:
             shared_inputs: dict = {}
             for h in self.handlers:
                 self._collect(h, geometry, batch, out, shared_inputs)
+            for f in out:  # a component the loss never reached has a zero gradient
+                for spec in self.specs.values():
+                    if spec.kind == "factor":
+                        f.uses.setdefault(spec.name, [])
+                    elif spec.name not in f.vectors:
+                        f.vectors[spec.name] = torch.zeros(spec.cols, dtype=FACTOR_DTYPE)
             for name in materialise:
                 spec = self.specs[name]
                 if spec.kind == "factor":
@@ -310,17 +325,16 @@ class GradientCapture:
         for call_no, call in enumerate(h.calls):
             grad = call["grad"]
             if grad is None:
-                grad = torch.zeros(0)
                 continue  # output did not reach the loss: zero gradient contribution
-            _check_finite(grad, geometry, batch, h.name)
+            _check_finite(grad, geometry, batch, h)
             if h.kind == "func":
                 self._collect_func(h, call, geometry, out)
                 continue
             x_tensor = call["x"]
             ident = (x_tensor.data_ptr(), tuple(x_tensor.shape), tuple(x_tensor.stride()))
             xkey = shared_inputs.setdefault(ident, f"{h.name}#{call_no}:in")
-            xs = geometry.split(x_tensor, h.name)
-            ds = geometry.split(grad, h.name)
+            xs = geometry.split(x_tensor, h.layout, h.name)
+            ds = geometry.split(grad, h.layout, h.name)
             tag = f"{h.name}#{call_no}"
             for comp in set(h.params.values()):
                 names = {n for n, c in h.params.items() if c is comp}
@@ -402,14 +416,14 @@ def _module_kind(module: nn.Module, own: dict[str, Component]) -> str:
     return "func"
 
 
-def _check_finite(grad: torch.Tensor, geometry: _Geometry, batch: Batch, where: str) -> None:
+def _check_finite(grad: torch.Tensor, geometry: _Geometry, batch: Batch, h: _Handler) -> None:
     if bool(torch.isfinite(grad.sum())):  # one reduction; NaN/inf anywhere makes the sum non-finite
         return
-    for i, rows in enumerate(geometry.split(grad, where)):
+    for i, rows in enumerate(geometry.split(grad, h.layout, h.name)):
         if not bool(torch.isfinite(rows).all()):
-            raise SampleError(f"sample {batch.sample_ids[i]}: gradient is NaN or inf (at {where})")
+            raise SampleError(f"sample {batch.sample_ids[i]}: gradient is NaN or inf (at {h.name})")
     if not bool(torch.isfinite(grad).all()):
-        raise SampleError(f"batch {batch.sample_ids}: gradient is NaN or inf (at {where})")
+        raise SampleError(f"batch {batch.sample_ids}: gradient is NaN or inf (at {h.name})")
 
 
 def describe(model: nn.Module) -> str:

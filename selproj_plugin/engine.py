@@ -10,9 +10,7 @@ materialised one sample at a time, and the table stores the cosines of their out
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from selproj_plugin.loss import Encoded, ModelError, collate, encode_samples, pa
 from selproj_plugin.models import model_name
 from selproj_plugin.samples import Sample
 from selproj_plugin.shards import TableShard, pair_key
+from selproj_plugin.spill import SpillDir, remove_stale
 from selproj_plugin.table import ComponentTable
 from selproj_plugin.transforms import Transform
 
@@ -61,6 +60,7 @@ class FactorStore:
 
     Spilled factors are read back whole on each ``get`` and dropped after use, so the
     process holds at most the limit plus the factors in use, however many are spilled.
+    The spill directory goes on close, at exit, or at the next run if this one is killed.
     """
 
     def __init__(self, limit_bytes: float, spill_dir: str | None = None) -> None:
@@ -70,7 +70,8 @@ class FactorStore:
         self._items: dict[Any, SampleFactors] = {}
         self._files: dict[Any, tuple[SampleFactors, dict[str, Path], dict[str, Path]]] = {}
         self._parent = spill_dir
-        self._dir: Path | None = None
+        self._dir: SpillDir | None = None
+        remove_stale(spill_dir)  # killed runs' directories go at the next start
 
     def put(self, key: Any, f: SampleFactors) -> None:
         f = f.to("cpu")
@@ -79,20 +80,12 @@ class FactorStore:
             self._items[key] = f
             return
         if self._dir is None:
-            if self._parent is not None:
-                Path(self._parent).mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="selproj-spill-", dir=self._parent))
-        base = self._dir / f"s{len(self._files)}"
-        tensors = {k: self._spill(base, f"t{i}", t) for i, (k, t) in enumerate(f.tensors.items())}
-        vectors = {k: self._spill(base, f"v{i}", t) for i, (k, t) in enumerate(f.vectors.items())}
+            self._dir = SpillDir(self._parent)
+        base = f"s{len(self._files)}"
+        tensors = {k: self._dir.save(f"{base}-t{i}", t.numpy()) for i, (k, t) in enumerate(f.tensors.items())}
+        vectors = {k: self._dir.save(f"{base}-v{i}", t.numpy()) for i, (k, t) in enumerate(f.vectors.items())}
         self.spilled += f.nbytes
         self._files[key] = (SampleFactors(f.sample_id, {}, f.uses, {}), tensors, vectors)
-
-    @staticmethod
-    def _spill(base: Path, tag: str, t: torch.Tensor) -> Path:
-        path = Path(f"{base}-{tag}.npy")
-        np.save(path, t.numpy())
-        return path
 
     def get(self, key: Any) -> SampleFactors:
         if key in self._items:
@@ -109,7 +102,7 @@ class FactorStore:
         self._items.clear()
         self._files.clear()
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir.close()
             self._dir = None
 
 

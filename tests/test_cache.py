@@ -1,0 +1,152 @@
+"""Model and stage caches: one converter under concurrency, partial or corrupt entries rebuilt, weights in keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from benchmark.retrieval import cli
+from benchmark.scaleout import comparable
+from selproj_plugin import models
+from tests.test_benchmark_pipeline import argv, small_dataset, tiny_model_dir  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _convert_tiny(count: Path, delay: float = 0.0):
+    """A stand-in for the GGUF conversion that counts its calls in ``count`` (one byte each)."""
+    def convert():
+        with open(count, "a") as fh:
+            fh.write("x")
+        time.sleep(delay)
+        return tiny.model("llama", tied=True), tiny.tokenizer()
+    return convert
+
+
+@pytest.fixture()
+def fake_convert(tmp_path, monkeypatch):
+    count = tmp_path / "conversions"
+    monkeypatch.setattr(models, "_convert_default", _convert_tiny(count))
+    return lambda: len(count.read_text()) if count.exists() else 0
+
+
+def _entry(cache: Path) -> Path:
+    return cache / models._CACHE_SUBDIR
+
+
+def test_first_use_converts_once_and_marks_the_entry_complete(tmp_path, fake_convert):
+    cache = tmp_path / "cache"
+    model, tok = models.load_model(cache=cache)
+    assert fake_convert() == 1 and models.entry_problem(_entry(cache)) is None
+    marker = json.loads((_entry(cache) / models.MARKER).read_text())
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(marker["files"])
+    models.load_model(cache=cache)
+    assert fake_convert() == 1  # reused
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == [f".{models._CACHE_SUBDIR}.lock"]
+
+
+@pytest.mark.parametrize("damage", ["tokenizer files only", "truncated weights", "garbled config"])
+def test_partial_or_corrupt_entry_is_reported_in_one_line_and_rebuilt(tmp_path, fake_convert, capsys, damage):
+    cache = tmp_path / "cache"
+    entry = models.default_model_dir(cache)
+    if damage == "tokenizer files only":  # what two racing converters used to leave behind
+        for p in entry.iterdir():
+            if not p.name.startswith("tokenizer"):
+                p.unlink()
+        expected = "no completion marker"
+    elif damage == "truncated weights":
+        weights = entry / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        expected = "model.safetensors has 1000 bytes"
+    else:  # same size, so only loading it can tell
+        config = entry / "config.json"
+        config.write_text("x" * config.stat().st_size)
+        expected = "it does not load"
+    (cache / f".{entry.name}.dead").mkdir()  # the temporary of a conversion that was killed
+    capsys.readouterr()
+    model, _ = models.load_model(cache=cache)
+    err = [line for line in capsys.readouterr().err.splitlines() if "[selproj]" in line]  # not the progress bars
+    assert len(err) == 1 and f"model cache {entry} is incomplete or corrupt ({expected}" in err[0]
+    assert fake_convert() == 2 and models.entry_problem(entry) is None
+    assert not (cache / f".{entry.name}.dead").exists()
+    ref = tiny.model("llama", tied=True)
+    assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, "tests")
+from selproj_plugin import models
+from test_cache import _convert_tiny
+cache, count, go = sys.argv[1:]
+models._convert_default = _convert_tiny(Path(count), delay=1.0)
+print("ready", flush=True)
+while not Path(go).exists():
+    time.sleep(0.005)
+entry = models.default_model_dir(cache)
+assert models.entry_problem(entry) is None
+models.load_model(cache=cache)
+"""
+
+
+def test_concurrent_first_runs_convert_once(tmp_path, monkeypatch):
+    cache, count, go = tmp_path / "cache", tmp_path / "conversions", tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(cache), str(count), str(go)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    assert [r.stdout.readline().strip() for r in racers] == ["ready", "ready"]
+    monkeypatch.setattr(models, "_convert_default", _convert_tiny(count, delay=1.0))
+    go.touch()
+    models.load_model(cache=cache)  # this process races too
+    for r in racers:
+        assert r.wait(60) == 0, r.stderr.read()[-2000:]
+    assert count.read_text() == "x"
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [models._CACHE_SUBDIR]
+
+
+def test_weights_fingerprint_follows_the_weights_not_the_object():
+    a, b = tiny.model("llama"), tiny.model("llama")
+    assert models.weights_fingerprint(a) == models.weights_fingerprint(b)
+    with torch.no_grad():
+        b.model.layers[1].self_attn.q_proj.weight[2, 3] += 1e-4
+    assert models.weights_fingerprint(a) != models.weights_fingerprint(b)
+    assert models.weights_fingerprint(a.to(torch.bfloat16)) != models.weights_fingerprint(b.to(torch.bfloat16))
+
+
+def test_a_model_changed_at_the_same_path_gets_new_tables(tmp_path, small_dataset):  # noqa: F811
+    path, cache = tmp_path / "model", tmp_path / "cache"
+    tiny.model("llama", tied=True).save_pretrained(path)
+    tiny.tokenizer().save_pretrained(path)
+    args = argv(path, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full")
+    assert cli([*args, "--json", str(tmp_path / "a.json")]) == 0
+    tuned = tiny.model("llama", tied=True, seed=1)  # "fine-tuned": other weights, same path
+    tuned.save_pretrained(path)
+    assert cli([*args, "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert b["run"]["table_reused"] is False and a["identity"]["weights"] != b["identity"]["weights"]
+    assert len(list((cache / "benchmark").glob("table-*.npz"))) == 2  # the old table stays under its own key
+
+
+@pytest.mark.parametrize("stage", ["table", "generations"])
+def test_unreadable_stage_file_is_reported_and_recomputed(tiny_model_dir, small_dataset, tmp_path, capsys,  # noqa: F811
+                                                          stage):
+    cache = tmp_path / "cache"
+    assert cli(argv(tiny_model_dir, small_dataset, cache, "--json", str(tmp_path / "first.json"))) == 0
+    [path] = (cache / "benchmark").glob(f"{stage}-*.{'npz' if stage == 'table' else 'json'}")
+    path.write_bytes(b"\x00garbage" * 10)
+    capsys.readouterr()
+    assert cli(argv(tiny_model_dir, small_dataset, cache, "--json", str(tmp_path / "again.json"))) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "unreadable" in line]
+    assert len(err) == 1 and f"cached {path.name} is unreadable" in err[0] and "recomputing" in err[0]
+    first, again = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("first", "again"))
+    assert comparable(first) == comparable(again)
+    assert again["run"]["table_reused"] is (stage != "table")
