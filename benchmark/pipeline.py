@@ -84,7 +84,6 @@ class PipelineOptions:
     max_samples: int | None = 64
     candidates: int = 5
     full_set: bool = False
-    proj_dims: tuple[str, ...] = ()
     runs: tuple["Run", ...] = ()  # strategies to score: the transforms a table cannot express are computed with it
     scope: str = "paper"  # component set: "paper" (embedding + weight matrices) or "all" (norms, biases too)
     seed: int = 0

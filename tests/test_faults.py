@@ -39,14 +39,14 @@ def test_a_parameter_the_forward_never_uses_has_zero_gradient():
     model.extra = nn.Linear(4, 3)  # trainable, never called
     model.extra_norm = type(model.model.norm)(16)  # a torch.func component, never called
     tok = tiny.tokenizer()
-    feats = sample_features(model, tok, tiny.SAMPLES, config=CFG)
+    feats = sample_features(model, tok, tiny.SAMPLES, config=CFG, scope="all")  # "extra" is of no paper kind
     for name in ("extra.weight", "extra.bias", "extra_norm"):
         assert name in feats and float(feats[name].abs().max()) == 0.0, name
     down = "model.layers.1.mlp.down_proj"
     ref = _naive_rows(model, tok, tiny.SAMPLES, [f"{down}.weight"])[f"{down}.weight"]
     torch.testing.assert_close(feats[down], ref, rtol=1e-5, atol=1e-6)
     table = build_table(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, np.array([[0, 1, 2], [1, 2, 3]]),
-                        np.zeros(2, dtype=int), proj_dims=(16,), config=CFG)
+                        np.zeros(2, dtype=int), config=CFG, scope="all")
     used = list(table.components).index(down)
     extra = list(table.components).index("extra.weight")
     assert float(np.abs(table.cross[..., extra]).max()) == 0.0 and float(np.abs(table.cross[..., used]).min()) > 0
