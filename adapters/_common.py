@@ -119,10 +119,10 @@ class Plan:
         return f"selproj:{reducer.name or type(reducer).__name__}:{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def plan(model: nn.Module, reducer: Reducer) -> Plan:
-    """Run the reducer's select and transform once on ``model``'s catalogue; errors are one line."""
+def plan(model: nn.Module, reducer: Reducer, scope: str = "paper") -> Plan:
+    """Run the reducer's select and transform once on ``model``'s catalogue (component set ``scope``)."""
     try:
-        red = reduction(reducer, catalogue(model))
+        red = reduction(reducer, catalogue(model, scope))
     except ValueError as exc:
         raise AdapterError(str(exc)) from None
     wanted = {p for c in red.selected for p in c.param_names}

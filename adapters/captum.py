@@ -51,7 +51,7 @@ def _layers_of(model: nn.Module, plan_: Plan) -> list[str]:
 
 
 def tracin_layers(model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
-                  *, prefix: str = "") -> list[str]:
+                  *, prefix: str = "", scope: str = "paper") -> list[str]:
     """Module names owning the reducer's selected components, for ``TracInCP(layers=...)``.
 
     ``prefix`` is prepended for a wrapper that holds ``model`` as a submodule (Captum
@@ -59,7 +59,7 @@ def tracin_layers(model: nn.Module, strategy: str | Reducer = "full", options: M
     every tensor of a listed module; selproj components are whole modules except single
     tensors of unknown kind, whose module may own more.
     """
-    return [prefix + n for n in _layers_of(model, plan(model, resolve_reducer(strategy, options)))]
+    return [prefix + n for n in _layers_of(model, plan(model, resolve_reducer(strategy, options), scope))]
 
 
 class ResponseLoss(nn.Module):
@@ -130,8 +130,9 @@ class ReducedTracInCP(TracInCP):
         normalize: bool = True,
         sample_wise_grads_per_batch: bool = False,
         memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB,
+        scope: str = "paper",
     ) -> None:
-        self.plan = plan(model, resolve_reducer(strategy, options))
+        self.plan = plan(model, resolve_reducer(strategy, options), scope)
         self.dim = self.plan.dimension
         self.limit_bytes = memory_limit_bytes(memory_limit_gb)
         self.test_rows = self.plan.rows(self.limit_bytes * 3 / 4, self.plan.row_bytes)

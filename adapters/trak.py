@@ -167,8 +167,8 @@ class ReducerProjector(AbstractProjector):
 
     def __init__(self, model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
                  *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 seed: int = 0, fast_jl: bool | None = None, max_batch_size: int = 32) -> None:
-        self.plan: Plan = plan(model, resolve_reducer(strategy, options))
+                 seed: int = 0, fast_jl: bool | None = None, max_batch_size: int = 32, scope: str = "paper") -> None:
+        self.plan: Plan = plan(model, resolve_reducer(strategy, options), scope)
         dim = self.plan.dimension
         device = device_name(device, model)
         proj_type = self.plan.fingerprint()
@@ -289,16 +289,17 @@ class CosineScoreComputer(AbstractScoreComputer):
 
 def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
                   *, device: str | torch.device | None = None, score: str = "cosine",
-                  use_half_precision: bool = False, fast_jl: bool | None = None,
+                  use_half_precision: bool = False, fast_jl: bool | None = None, scope: str = "paper",
                   memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB) -> dict[str, Any]:
     """Keyword arguments for ``trak.TRAKer`` (add ``train_set_size`` and ``save_dir``).
 
     ``strategy`` is a registered reducer name (``options`` are its options) or a
     configured :class:`~selproj_plugin.Reducer`; ``score`` is ``"cosine"`` (retrieval, the
     selproj default) or ``"trak"`` (TRAK's whitened inner product, which inverts a
-    ``proj_dim`` square matrix).  Per-sample gradients are reduced in micro-batches under
-    ``memory_limit_gb``.  Switches an sdpa model to eager attention and turns ``device``
-    into the string TRAK expects.
+    ``proj_dim`` square matrix); ``scope`` is the component set the reducer selects from
+    (``"paper"``: embedding and weight matrices; ``"all"``).  Per-sample gradients are
+    reduced in micro-batches under ``memory_limit_gb``.  Switches an sdpa model to eager
+    attention and turns ``device`` into the string TRAK expects.
     """
     if score not in ("cosine", "trak"):
         raise AdapterError(f"score must be 'cosine' or 'trak', got {score!r}")
@@ -306,7 +307,7 @@ def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: M
     device = device_name(device, model)
     require_eager(model)
     dtype = torch.float16 if use_half_precision else torch.float32
-    projector = ReducerProjector(model, strategy, options, device=device, dtype=dtype, fast_jl=fast_jl)
+    projector = ReducerProjector(model, strategy, options, device=device, dtype=dtype, fast_jl=fast_jl, scope=scope)
     xtx = 2 * projector.proj_dim ** 2 * 4  # TRAK's X^T X and its inverse, float32
     if score == "trak" and xtx > limit:
         raise AdapterError(f"score='trak' inverts a {projector.proj_dim:,}-square matrix ({gigabytes(xtx)}), over the "
@@ -339,14 +340,14 @@ class ReducedTRAKer(TRAKer):
 
     def __init__(self, model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
                  *, train_set_size: int, save_dir: str | os.PathLike, device: str | torch.device | None = None,
-                 score: str = "cosine", memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB,
+                 score: str = "cosine", memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB, scope: str = "paper",
                  use_half_precision: bool = False, fast_jl: bool | None = None,
                  logging_level: int = logging.WARNING, load_from_save_dir: bool = True) -> None:
         if not save_dir:
             raise AdapterError("save_dir is required: the stores grow to train_set_size x proj_dim floats")
         if not isinstance(train_set_size, (int, np.integer)) or train_set_size < 1:
             raise AdapterError(f"train_set_size must be a positive number of samples, got {train_set_size!r}")
-        kwargs = traker_kwargs(model, strategy, options, device=device, score=score,
+        kwargs = traker_kwargs(model, strategy, options, device=device, score=score, scope=scope,
                                use_half_precision=use_half_precision, fast_jl=fast_jl, memory_limit_gb=memory_limit_gb)
         self.limit_bytes = memory_limit_bytes(memory_limit_gb)
         self.streaming = score == "cosine"

@@ -105,20 +105,19 @@ def table_stage(args: argparse.Namespace, strategies: list[str]) -> None:
     from selproj_plugin.components import catalogue
     from selproj_plugin.engine import EngineConfig, build_table
     from selproj_plugin.models import load_model
-    from selproj_plugin.table import PAPER_PROJECTION
+    from selproj_plugin.transforms import Transform
 
     model, tokenizer = load_model(args.model, cache=args.cache_dir)
     train, queries, originals = samples(args)
-    # the engine stores similarities of its own sketch: ask for every sketch dimension a strategy declares
-    transforms = [plan(model, resolve_reducer(name)).reduction.transform for name in strategies
-                  if not resolve_reducer(name).fitted]
-    dims = sorted({t.dim for t in transforms if t.key.startswith(PAPER_PROJECTION)})
+    # transforms a table cannot score from its dot products (projections): the engine stores their cosines
+    stored = [t for t in (plan(model, resolve_reducer(name)).reduction.transform for name in strategies
+                          if not resolve_reducer(name).fitted) if type(t).on_table is Transform.on_table]
     index = np.tile(np.arange(len(train)), (len(queries), 1))
-    table = build_table(model, tokenizer, queries, train, index, originals, proj_dims=dims, seed=0,
+    table = build_table(model, tokenizer, queries, train, index, originals, transforms=stored,
                         config=EngineConfig(progress=False))
     table.save(args.table)
     print(f"engine table: {len(queries)} queries x {len(train)} candidates x {len(catalogue(model))} components, "
-          f"sketch dims {dims}, {table.meta['timings']['total_s']:.0f} s", flush=True)
+          f"projections {[t.key for t in stored]}, {table.meta['timings']['total_s']:.0f} s", flush=True)
 
 
 def fitted_reducer(name: str, table: Any) -> Any:

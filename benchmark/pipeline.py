@@ -19,10 +19,11 @@ from benchmark.candidates import bm25_topk
 from benchmark.data import Dataset, load_dataset
 from benchmark.generate import generate_responses
 from selproj_plugin.samples import Sample
-from selproj_plugin.strategies.random_projection import parse_dim
 from selproj_plugin.table import ComponentTable
 
 SETTINGS = ("paraphrased", "generated")
+# Strategies whose similarities the table stores, computed by the engine at each of --proj-dim.
+PROJECTION_STRATEGIES = ("random_projection", "random_projection_per_component")
 
 
 @dataclass
@@ -36,6 +37,7 @@ class PipelineOptions:
     candidates: int = 5
     full_set: bool = False
     proj_dims: tuple[str, ...] = ()
+    proj_strategies: tuple[str, ...] = ("random_projection",)  # projected at each of proj_dims
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
@@ -85,6 +87,8 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     from selproj_plugin import distributed
     from selproj_plugin.engine import EngineConfig, build_table
     from selproj_plugin.models import DEFAULT_MODEL_NAME, load_model
+    from selproj_plugin.registry import get_strategy
+    from selproj_plugin.strategies.base import reduction
 
     stages: dict[str, float] = {}
     world = distributed.rank_world()[1]
@@ -107,8 +111,14 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         "dataset": dataset.name, "dataset_samples": len(dataset),
         "dataset_digest": digest([dataclasses.asdict(r) for r in dataset.records]),
     }
-    total_params = sum(c.num_params for c in catalogue(model))
-    proj_dims = sorted({parse_dim(d, total_params) for d in opts.proj_dims})
+    comps = catalogue(model)
+    total_params = sum(c.num_params for c in comps)
+    transforms = {}  # by key: the maps whose similarities the table stores, built once on the model
+    for name in opts.proj_strategies:
+        for d in opts.proj_dims:
+            t = reduction(get_strategy(name, dim=d, seed=opts.seed), comps).transform
+            transforms.setdefault(t.key, t)
+    proj_dims = sorted({t.dim for t in transforms.values()})
 
     n = len(dataset)
     pool = [r.original for r in dataset.records]
@@ -136,7 +146,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     rows = candidate_index[originals]
     is_original = rows == originals[:, None]
     table_key = {**identity, "settings": opts.settings, "full_set": opts.full_set, "candidates": opts.candidates,
-                 "proj_dims": proj_dims, "seed": opts.seed, "max_length": opts.max_length,
+                 "projections": sorted(transforms), "max_length": opts.max_length,
                  "max_new_tokens": opts.max_new_tokens if "generated" in opts.settings else None,
                  "queries": [q.id for q in queries]}
     table_path = cache.path("table", table_key, "npz")
@@ -149,7 +159,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
                               device=distributed.local_device(opts.device),
                               progress=opts.progress)
         table = build_table(
-            model, tokenizer, queries, pool, rows, is_original, proj_dims=proj_dims, seed=opts.seed, config=config,
+            model, tokenizer, queries, pool, rows, is_original, transforms=list(transforms.values()), config=config,
             across_ranks=True,
             shard_path=lambda rank, world: cache.path("table", table_key, f"shard{rank}of{world}.npz"))
         if distributed.is_main():

@@ -12,15 +12,18 @@ import json
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from benchmark.pipeline import SETTINGS, PipelineOptions, build_tables, parse_settings
+from benchmark.pipeline import PROJECTION_STRATEGIES, SETTINGS, PipelineOptions, build_tables, parse_settings
 from benchmark.report import format_setting, write_atomic, write_json
 from selproj_plugin import distributed, scoring
-from selproj_plugin.registry import get_strategy, list_strategies, plugin_errors
+from selproj_plugin.registry import (
+    PluginWarning, convert_options, get_strategy, get_strategy_class, list_strategies, plugin_errors, plugin_names,
+)
 from selproj_plugin.strategies.base import StrategyResult
 from selproj_plugin.table import ComponentTable
 
@@ -37,7 +40,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write results as JSON")
     p.add_argument("--out", metavar="DIR", help="write JSON, plots, selection files and a Markdown report here")
-    p.add_argument("--list-strategies", action="store_true", help="list registered strategies and exit")
+    p.add_argument("--list-strategies", action="store_true",
+                   help="list registered strategies with their options, defaults and plugin names, and exit")
+    p.add_argument("--list-components", action="store_true",
+                   help="list the model's components (name, label, kind, layer, parameters) and exit; with --model")
     g = p.add_argument_group("stored tables")
     g.add_argument("--table", action="append", default=[], metavar="PATH",
                    help="score a stored component table (.npz) instead of building one; repeatable")
@@ -63,21 +69,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def parse_options(items: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``greedy.patience=3`` -> {"greedy": {"patience": 3}}; values are JSON when they parse."""
-    options: dict[str, dict[str, Any]] = {n: {} for n in names}
+    """``greedy.patience=3`` -> {"greedy": {"patience": 3}}: each value converted to its option's type."""
+    raw: dict[str, dict[str, str]] = {n: {} for n in names}
     for item in items:
-        key, sep, raw = item.partition("=")
+        key, sep, value = item.partition("=")
         strategy, dot, option = key.partition(".")
         if not sep or not dot or not option:
             raise ValueError(f"--option {item!r} must look like STRATEGY.KEY=VALUE")
-        if strategy not in options:
+        if strategy not in raw:
             raise ValueError(f"--option {item!r} names strategy {strategy!r}, which is not in --strategy")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        options[strategy][option] = value
-    return options
+        raw[strategy][option] = value
+    return {name: convert_options(name, values) if values else {} for name, values in raw.items()}
+
+
+def print_strategies() -> None:
+    """Each registered strategy: name, plugin (for SELPROJ_DISABLE_PLUGINS), summary, options with defaults."""
+    owners = plugin_names()
+    for name, summary in list_strategies().items():
+        print(f"{name}  [plugin: {owners[name]}]\n    {summary}")
+        for option, default in get_strategy_class(name).options().items():
+            print(f"    --option {name}.{option}={'' if default is None else default}")
+    for plugin, error in plugin_errors().items():
+        print(f"(plugin {plugin} disabled: {error})")
+
+
+def print_components(model: str | None, scope: str) -> None:
+    """The catalogue ``select`` receives: one component a line, with the label reports use."""
+    from selproj_plugin.components import catalogue
+    from selproj_plugin.models import load_model
+
+    loaded, _ = load_model(model)
+    comps = catalogue(loaded, scope)
+    print(f"{'label':<12} {'kind':<8} {'layer':>5} {'parameters':>12}  name")
+    for c in comps:
+        print(f"{c.label:<12} {c.kind:<8} {'-' if c.layer is None else c.layer:>5} {c.num_params:>12,}  {c.name}")
+    print(f"{len(comps)} components, {sum(c.num_params for c in comps):,} parameters (component set {scope!r})")
 
 
 def strategy_names(text: str) -> list[str]:
@@ -102,7 +128,7 @@ def evaluate(table: ComponentTable, names: Sequence[str], options: dict[str, dic
     results: dict[str, StrategyResult] = {}
     for name in names:
         runs = [(name, options.get(name, {}))]
-        if name == "random_projection" and proj_dims:
+        if name in PROJECTION_STRATEGIES and proj_dims:
             runs = [(name if len(proj_dims) == 1 else f"{name}@{d}", {**options.get(name, {}), "dim": d}) for d in proj_dims]
         for label, opts in runs:
             result = get_strategy(name, **opts).evaluate(table, folds=folds, seed=seed)
@@ -125,15 +151,22 @@ def _peak_memory() -> dict[str, float]:
     return peak
 
 
-def _selection_files(out: Path, setting: str, results: dict[str, StrategyResult], identity: dict[str, Any]) -> list[str]:
-    """One JSON per fitted selection, readable by ``get_strategy("greedy", selection=FILE)`` and the adapters."""
+def _selection_files(out: Path, setting: str, results: dict[str, StrategyResult], table: ComponentTable,
+                     identity: dict[str, Any]) -> list[str]:
+    """One JSON per fitted selection: readable by ``get_strategy("greedy", selection=FILE)`` and the adapters,
+    with the same components as module names, parameter names and globs for other tools (``export``)."""
+    from selproj_plugin.components import resolve
+    from selproj_plugin.export import selection_export
+
     written = []
     for name, result in results.items():
         if result.heldout_accuracy is None or not result.components:
             continue
         path = out / f"selection-{setting}-{name}.json"
+        catalogue = table.component_list
         write_json(path, {"strategy": name, "setting": setting, "components": result.components,
-                          "accuracy": result.accuracy, "heldout_accuracy": result.heldout_accuracy, **identity})
+                          "accuracy": result.accuracy, "heldout_accuracy": result.heldout_accuracy,
+                          "export": selection_export(resolve(catalogue, result.components), catalogue), **identity})
         written.append(path.name)
     return written
 
@@ -162,10 +195,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = strategy_names(args.strategy)
     options = parse_options(args.option, names)
     for name in names:  # unknown names and options fail before any expensive work
-        if not (name == "random_projection" and "dim" in options[name]):
+        if not (name in PROJECTION_STRATEGIES and "dim" in options[name]):
             get_strategy(name, **options[name])
     proj_dims = [d.strip() for d in args.proj_dim.split(",") if d.strip()] if args.proj_dim else []
-    if "random_projection" in names and not proj_dims and not args.table:
+    proj_strategies = tuple(n for n in names if n in PROJECTION_STRATEGIES)
+    if proj_strategies and not proj_dims and not args.table:
         proj_dims = ["1%"]
     started = time.perf_counter()
     document: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "settings": {}}
@@ -177,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         built = build_tables(PipelineOptions(
             model=args.model, dataset=args.dataset, settings=settings,
             max_samples=args.max_samples or None, candidates=args.candidates, full_set=args.full_set,
-            proj_dims=tuple(proj_dims), seed=args.seed, dtype=args.dtype, device=args.device,
+            proj_dims=tuple(proj_dims), proj_strategies=proj_strategies, seed=args.seed, dtype=args.dtype, device=args.device,
             max_length=args.max_length, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             memory_limit_gb=args.memory_limit_gb, cache_dir=args.cache_dir, progress=not args.no_progress,
         ))
@@ -205,7 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 plots.component_heatmap(table, out / f"components-{setting}.png", f"{setting}: each component alone").name,
                 plots.greedy_path(results, base, out / f"greedy-{setting}.png", f"{setting}: greedy path").name,
             ]
-            section["selection_files"] = _selection_files(out, setting, results, document.get("identity", {}))
+            section["selection_files"] = _selection_files(out, setting, results, table, document.get("identity", {}))
         document["settings"][setting] = section
     document.setdefault("stages", {})["evaluate"] = round(time.perf_counter() - evaluate_start, 3)
     document["seconds"] = round(time.perf_counter() - started, 3)
@@ -224,10 +258,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list_strategies:
-        for name, summary in list_strategies().items():
-            print(f"{name:<22} {summary}")
-        for plugin, error in plugin_errors().items():
-            print(f"(plugin {plugin} disabled: {error})")
+        print_strategies()
+        return 0
+    if args.list_components:
+        print_components(args.model, getattr(args, "components", "paper"))
         return 0
     if args.threads is not None:
         import torch
@@ -240,15 +274,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(args)
     finally:
         distributed.finish()
-    if rank != 0:
-        return 0
-    for plugin, error in plugin_errors().items():
-        print(f"warning: plugin {plugin} disabled: {error}", file=sys.stderr)
     return 0
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one ``warning: ...`` line on stderr, without the source location."""
+    print(f"warning: {str(message).splitlines()[0] if str(message) else category.__name__}", file=sys.stderr)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """Entry point: errors become one line on stderr and exit code 2, never a traceback."""
+    warnings.showwarning = _one_line_warning
     try:
         return main(argv)
     except KeyboardInterrupt:

@@ -73,13 +73,29 @@ class Component:
         return self.kind if self.layer is None else f"L{self.layer} {self.kind}"
 
 
-def catalogue(model: torch.nn.Module) -> list[Component]:
-    """Every trainable parameter tensor of ``model`` in exactly one component, in model order.
+# The paper's gradient: the embedding (or the tied embedding / LM head) and the weight
+# matrices of attention and MLP. Norms, biases and modules of unknown kind are opt-in ("all").
+PAPER_KINDS = frozenset({"embed", "lm_head", "q", "k", "v", "o", "gate", "up", "down", "qkv", "mlp_in", "mlp_out"})
+COMPONENT_SETS = ("paper", "all")
+
+
+def check_scope(scope: str) -> str:
+    """A component set name, or a one-line ``ValueError`` listing the valid ones."""
+    if scope not in COMPONENT_SETS:
+        raise ValueError(f"unknown component set {scope!r}; choose from {', '.join(COMPONENT_SETS)}")
+    return scope
+
+
+def catalogue(model: torch.nn.Module, scope: str = "paper") -> list[Component]:
+    """The model's components in model order: ``scope="paper"`` (default) or ``"all"`` trainable tensors.
 
     Components are modules with their own trainable tensors, named by module path;
     a tensor shared by two modules (a tied embedding / LM head) counts once, with the
-    module that owns it first.  Modules of unknown kind give one component per tensor.
+    module that owns it first.  Under ``"all"`` every trainable tensor is in exactly one
+    component, and modules of unknown kind give one component per tensor; ``"paper"``
+    keeps the weight matrices of :data:`PAPER_KINDS` only (the paper's full gradient).
     """
+    paper = check_scope(scope) == "paper"
     seen: set[int] = set()
     out: list[Component] = []
     for module_name, module in model.named_modules():
@@ -92,26 +108,41 @@ def catalogue(model: torch.nn.Module) -> list[Component]:
             continue
         seen.update(id(p) for _, p in own)
         kind, layer = kind_and_layer(module_name)
+        if paper:
+            own = [(n, p) for n, p in own if n.endswith("weight")]
+            if kind not in PAPER_KINDS or not own:
+                continue
         if kind == "other":
             out.extend(Component(n, "other", layer, (n,), p.numel()) for n, p in own)
         else:
             out.append(Component(module_name, kind, layer, tuple(n for n, _ in own),
                                  sum(p.numel() for _, p in own)))
     if not out:
-        raise ValueError(f"model {type(model).__name__} has no trainable parameters")
+        raise ValueError(f"model {type(model).__name__} has no trainable parameters"
+                         + (" in the paper's component set (try scope 'all')" if paper else ""))
     return out
 
 
-def select(components: Sequence[Component], names: Iterable[str]) -> list[Component]:
-    """The components named by ``names`` (component or parameter names), in model order.
+def resolve(components: Sequence[Component], names: Iterable[str]) -> list[Component]:
+    """The component each name means, in the order given: a component name, one of its
+    parameter names, or its report label (``L3 down``, ``embed``) where that label is unique.
 
     Raises ``ValueError`` naming every name that matches no component.
     """
     wanted = list(names)
     by_name = {c.name: c for c in components}
     by_param = {p: c for c in components for p in c.param_names}
-    missing = [n for n in wanted if n not in by_name and n not in by_param]
+    labels: dict[str, list[Component]] = {}
+    for c in components:
+        labels.setdefault(c.label, []).append(c)
+    by_label = {label: cs[0] for label, cs in labels.items() if len(cs) == 1}
+    missing = [n for n in wanted if n not in by_name and n not in by_param and n not in by_label]
     if missing:
         raise ValueError(f"selection names no existing component: {', '.join(missing)}")
-    chosen = {id(by_name.get(n) or by_param[n]) for n in wanted}
+    return [by_name.get(n) or by_param.get(n) or by_label[n] for n in wanted]
+
+
+def select(components: Sequence[Component], names: Iterable[str]) -> list[Component]:
+    """The components named by ``names`` (see :func:`resolve`), in model order."""
+    chosen = {id(c) for c in resolve(components, names)}
     return [c for c in components if id(c) in chosen]

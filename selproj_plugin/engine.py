@@ -3,7 +3,9 @@
 Every distinct sample (by id) goes through one batched forward/backward; its gradient
 factors are kept (in RAM up to a memory limit, then spilled to disk) only for the side
 that is needed again, while the other side streams past.  Under torch.distributed the
-streamed side's batches are dealt out to the ranks (``across_ranks=True``).
+streamed side's batches are dealt out to the ranks (``across_ranks=True``).  Transforms a
+table cannot express (random projections) are applied to each sample's gradient,
+materialised one sample at a time, and the table stores the cosines of their outputs.
 """
 
 from __future__ import annotations
@@ -21,15 +23,14 @@ import torch
 
 from selproj_plugin.capture import ComponentSpec, GradientCapture, SampleFactors, matrix_form, to_param_layout
 from selproj_plugin import distributed
-from selproj_plugin.components import Component, catalogue, select
+from selproj_plugin.components import Component, catalogue, check_scope, select
 from selproj_plugin.gram import choose_modes, factor_dots
 from selproj_plugin.loss import Encoded, ModelError, collate, encode_samples, pad_token_id, require_trainable
 from selproj_plugin.models import model_name
-from selproj_plugin.projection import TensorSketch, TrakCudaJL, trak_cuda_available
 from selproj_plugin.samples import Sample
 from selproj_plugin.shards import TableShard, pair_key
-from selproj_plugin.table import PAPER_PROJECTION, ComponentTable
-from selproj_plugin.transforms import selection_digest
+from selproj_plugin.table import ComponentTable
+from selproj_plugin.transforms import Transform
 
 T = TypeVar("T")
 
@@ -40,7 +41,6 @@ __all__ = [
 
 
 A_CHUNK = 16  # stored samples concatenated per Gram call in pairwise_dots
-FFT_MAX_BUCKETS = 2048  # sketch blocks wider than this sketch the materialised gradient instead
 
 
 @dataclass
@@ -132,13 +132,13 @@ def _modes(prep: "Prepared", config: EngineConfig, lengths: Sequence[int], n_pai
     return choose_modes(prep.specs, lengths, n_pairs)
 
 
-def prepare(model: torch.nn.Module, tokenizer: Any, components: Sequence[str] | None) -> Prepared:
-    """Catalogue and select components, check the model can give gradients, build the capture."""
+def prepare(model: torch.nn.Module, tokenizer: Any, components: Sequence[str] | None, scope: str = "paper") -> Prepared:
+    """Catalogue (component set ``scope``) and select components, check the model can give gradients, build the capture."""
     require_trainable(model)
     try:
-        comps = catalogue(model)
-    except ValueError:
-        raise ModelError(f"model {model_name(model)} has no trainable parameters") from None
+        comps = catalogue(model, check_scope(scope))
+    except ValueError as exc:
+        raise ModelError(f"model {model_name(model)}: {exc}") from None
     if components is not None:
         comps = select(comps, components)
     capture = GradientCapture(model, comps)
@@ -188,39 +188,26 @@ def _dedupe(samples: Sequence[Sample]) -> tuple[list[Sample], dict[str, int]]:
     return unique, pos
 
 
-class _Sketcher:
-    """Projects sample factors to each requested dimension (tensor sketch, or TRAK on CUDA)."""
+class _Projector:
+    """Each transform's output for one sample: its gradient materialised in parameter layout, then transformed.
 
-    def __init__(self, specs: Sequence[ComponentSpec], dims: Sequence[int], seed: int, device: str) -> None:
-        self.specs = list(specs)
-        shapes = {s.name: s.widths for s in specs}
-        self.trak = trak_cuda_available(device)
-        total = sum(s.rows * s.cols for s in specs)
-        self.sketches = [TrakCudaJL(total, d, seed, device) if self.trak and d % 512 == 0
-                         else TensorSketch(shapes, d, seed, device) for d in dims]
+    Holds one sample's gradient (the union of the transforms' components) at a time.
+    """
+
+    def __init__(self, specs: Sequence[ComponentSpec], transforms: Sequence[Transform]) -> None:
+        by_name = {s.name: s for s in specs}
+        for t in transforms:
+            for c in t.components:
+                if c.name not in by_name or by_name[c.name].component.num_params != c.num_params:
+                    raise ValueError(f"transform {t.key} projects {c.name} ({c.num_params} parameters), "
+                                     "which is not a component of this table")
+        wanted = {c.name for t in transforms for c in t.components}
+        self.specs = [s for s in specs if s.name in wanted]
+        self.transforms = list(transforms)
 
     def __call__(self, f: SampleFactors) -> list[torch.Tensor]:
-        out = []
-        for sk in self.sketches:
-            if isinstance(sk, TrakCudaJL):
-                full = torch.cat([matrix_form(s, f).reshape(-1) for s in self.specs]).to(sk.projector.device)
-                out.append(sk.project(full[None])[0].cpu())
-                continue
-            vec = torch.zeros(sk.dim, dtype=torch.float64, device=sk.device)
-            for s in self.specs:
-                blk = sk.block(s.name)
-                if s.name in f.vectors:
-                    part = sk.sketch_matrix(s.name, f.vectors[s.name].view(s.rows, s.cols))
-                elif s.kind == "factor" and blk.stop - blk.start > FFT_MAX_BUCKETS:
-                    # wide blocks: forming D^T X once is cheaper than FFTs of every token's rows
-                    part = sk.sketch_matrix(s.name, matrix_form(s, f))
-                else:
-                    part = sk.sketch_factors(s.name, [
-                        (f.tensors[u.left], u.left_index, f.tensors[u.right] if u.right else None, u.aug)
-                        for u in f.uses[s.name]])
-                vec[blk] += part
-            out.append(vec.cpu())
-        return out
+        grads = {s.name: to_param_layout(s, matrix_form(s, f))[None] for s in self.specs}
+        return [t({c.name: grads[c.name] for c in t.components})[0].double().cpu() for t in self.transforms]
 
 
 @dataclass
@@ -286,23 +273,33 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: EngineConfig,
-                   sketcher: "_Sketcher | None") -> TableShard:
+                   projector: _Projector | None) -> TableShard:
     """This rank's share: every kept sample (all ranks need their factors), its dealt streamed batches."""
     ids = [s.id for s in plan.unique]
-    shard = TableShard(components=[s.name for s in prep.specs])
-    kept_sketches: dict[int, list[torch.Tensor]] = {}
+    shard = TableShard(components=[s.name for s in prep.specs],
+                       rp_keys=[t.key for t in projector.transforms] if projector else [])
+    kept_projections: dict[int, list[torch.Tensor] | None] = {}
     store = FactorStore(config.memory_limit_gb * 2**30, config.spill_dir)
     streamed_batches, kept_pairs = plan.share(rank, world)
     kept_label, streamed_label = ("queries", "candidates") if plan.kept_queries else ("candidates", "queries")
-    t_capture = t_dots = 0.0
+    t_capture = t_dots = t_project = 0.0
 
-    def pairs(i: int, f: SampleFactors, sketch: list[torch.Tensor] | None) -> None:
+    def project(f: SampleFactors) -> list[torch.Tensor] | None:
+        nonlocal t_project
+        if projector is None:
+            return None
+        t = time.perf_counter()
+        out = projector(f)
+        t_project += time.perf_counter() - t
+        return out
+
+    def pairs(i: int, f: SampleFactors, projected: list[torch.Tensor] | None) -> None:
         held = plan.partners.get(i, [])
         for j, row in zip(held, factor_dots(f, [store.get(j).to(config.device) for j in held], prep.specs)):
             key = pair_key(ids[i], ids[j])
             shard.cross[key] = row
-            if sketch is not None:
-                shard.rp[key] = np.array([_cosine(a, b) for a, b in zip(sketch, kept_sketches[j])])
+            if projected is not None:
+                shard.rp[key] = np.array([_cosine(a, b) for a, b in zip(projected, kept_projections[j])])
 
     try:
         t1 = time.perf_counter()
@@ -310,13 +307,12 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
             t2 = time.perf_counter()
             t_capture += t2 - t1
             shard.self_dots[ids[i]] = factor_dots(f, [f], prep.specs)[0]
-            if sketcher:
-                kept_sketches[i] = sketcher(f)
+            kept_projections[i] = project(f)
             store.put(i, f)
             t1 = time.perf_counter()
             t_dots += t1 - t2
         for i in kept_pairs:  # pairs whose members are both kept
-            pairs(i, store.get(i).to(config.device), kept_sketches.get(i))
+            pairs(i, store.get(i).to(config.device), kept_projections[i])
         t2 = time.perf_counter()
         t_dots += t2 - t1
         t1 = t2
@@ -325,14 +321,14 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
             t_capture += t2 - t1
             f = f.to(config.device)
             shard.self_dots[ids[i]] = factor_dots(f, [f], prep.specs)[0]
-            pairs(i, f, sketcher(f) if sketcher else None)
+            pairs(i, f, project(f))
             t1 = time.perf_counter()
             t_dots += t1 - t2
         spilled = store.spilled
     finally:
         store.close()
     shard.meta = {"rank": rank, "world": world, "spilled_bytes": int(spilled),
-                  "timings": {"capture_s": t_capture, "dots_s": t_dots}}
+                  "timings": {"capture_s": t_capture, "dots_s": t_dots - t_project, "project_s": t_project}}
     return shard
 
 
@@ -345,17 +341,21 @@ def build_table(
     original: np.ndarray,
     *,
     components: Sequence[str] | None = None,
-    proj_dims: Sequence[int] = (),
-    seed: int = 0,
+    scope: str = "paper",
+    transforms: Sequence[Transform] = (),
     config: EngineConfig | None = None,
     across_ranks: bool = False,
     shard_path: Callable[[int, int], Path] | None = None,
 ) -> ComponentTable:
     """Component table for ``queries`` x their candidates ``candidates[candidate_index[q, k]]``.
 
-    ``original``: [Q] column of each query's original, or [Q, K] bool.  Each distinct sample
-    is forward/backward'ed once; the smaller side's factors are kept, the other streams past.  With
-    ``proj_dims``, ``rp_similarity`` holds cosines of tensor-sketched full gradients.
+    ``original``: [Q] column of each query's original, or [Q, K] bool.  ``components`` names
+    columns from the component set ``scope`` (``"paper"``: embedding and weight matrices;
+    ``"all"``: norms and biases too); None keeps the whole set.  Each distinct sample
+    is forward/backward'ed once; the smaller side's factors are kept, the other streams past.
+    ``transforms`` (built on this model's catalogue, their components columns of the table, e.g. a
+    random projection's :class:`~selproj_plugin.projection.CountSketch`): ``rp_similarity[r]`` holds
+    the cosine of ``transforms[r]``'s outputs for every pair, stored under ``rp_keys[r] = key``.
 
     ``across_ranks``: the torch.distributed ranks deal out the single-process batches of the
     streamed side (each also captures the kept side, whose factors its pairs need) and every
@@ -377,16 +377,16 @@ def build_table(
     is_original = original.astype(bool) if original.shape == (n_q, n_k) else \
         (np.arange(n_k)[None, :] == original.astype(np.int64)[:, None])
 
-    prep = prepare(model, tokenizer, components)
+    prep = prepare(model, tokenizer, components, scope)
+    projector = _Projector(prep.specs, transforms) if transforms else None
     plan, n_truncated = _plan(prep, tokenizer, queries, candidates, candidate_index, config)
     encode_s = time.perf_counter() - t0
     names = [s.name for s in prep.specs]
     if shard_file is not None and shard_file.is_file():
         shard = TableShard.load(shard_file)
-        shard.check(shard_file, names, *plan.expected(rank, world), len(proj_dims))
+        shard.check(shard_file, names, *plan.expected(rank, world), [t.key for t in transforms])
     else:
-        sketcher = _Sketcher(prep.specs, proj_dims, seed, config.device) if proj_dims else None
-        shard = _compute_shard(prep, plan, rank, world, config, sketcher)
+        shard = _compute_shard(prep, plan, rank, world, config, projector)
         if shard_file is not None:
             shard.save(shard_file)
     merged = TableShard.merge(distributed.gather(shard))
@@ -396,10 +396,11 @@ def build_table(
     def self_dots(rows: np.ndarray) -> np.ndarray:
         return np.array([merged.self_dots[ids[i]] for i in rows.ravel()]).reshape(*rows.shape, len(names))
 
-    rp_dims = rp_sim = None
-    if proj_dims:
-        rp_dims = np.asarray(proj_dims, dtype=np.int64)
-        rp_sim = np.array([[merged.rp[k] for k in row] for row in keys]).reshape(n_q, n_k, len(proj_dims))
+    rp_dims = rp_sim = rp_keys = None
+    if transforms:
+        rp_dims = np.array([t.dim for t in transforms], dtype=np.int64)
+        rp_keys = np.array([t.key for t in transforms])
+        rp_sim = np.array([[merged.rp[k] for k in row] for row in keys]).reshape(n_q, n_k, len(transforms))
         rp_sim = np.ascontiguousarray(rp_sim.transpose(2, 0, 1))
     timings = {"encode_s": encode_s, **shard.meta["timings"], "total_s": time.perf_counter() - t0}
     comps = [s.component for s in prep.specs]
@@ -408,8 +409,9 @@ def build_table(
         "truncated_ids": sorted(e.sample_id for e in plan.encoded if e.truncated), "max_length": config.max_length,
         "distinct_samples": len(plan.kept) + sum(map(len, plan.streamed_batches)), "batch_size": config.batch_size,
         "materialised_components": len(plan.materialise), "mode": config.mode,
-        "spilled_bytes": shard.meta["spilled_bytes"], "timings": timings, "seed": seed,
-        "engine": "selproj factor engine", "world_size": world,
+        "spilled_bytes": shard.meta["spilled_bytes"], "timings": timings,
+        "engine": "selproj factor engine", "world_size": world, "component_set": scope,
+        "param_names": {c.name: list(c.param_names) for c in comps},
     }
     if world > 1:
         meta["ranks"] = merged.meta["shards"]
@@ -420,9 +422,7 @@ def build_table(
         num_params=np.array([c.num_params for c in comps], dtype=np.int64),
         query_ids=np.array([s.id for s in queries]),
         candidate_ids=np.array([[candidates[j].id for j in row] for row in candidate_index]).reshape(n_q, n_k),
-        rp_dims=rp_dims, rp_similarity=rp_sim, meta=meta,
-        rp_keys=None if rp_dims is None else np.array(
-            [f"{PAPER_PROJECTION}@{int(d)}:{selection_digest(comps)}:seed{seed}" for d in rp_dims]),
+        rp_dims=rp_dims, rp_similarity=rp_sim, rp_keys=rp_keys, meta=meta,
     )
 
 
@@ -444,7 +444,7 @@ def _gathered(rows: dict[int, Any], across_ranks: bool) -> dict[int, Any]:
 
 def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample],
                     components: Sequence[str] | None = None, config: EngineConfig | None = None,
-                    *, across_ranks: bool = False) -> dict[str, torch.Tensor]:
+                    *, scope: str = "paper", across_ranks: bool = False) -> dict[str, torch.Tensor]:
     """Materialised per-sample gradients ``{component: [N, num_params]}`` in parameter layout.
 
     Layout matches concatenating ``p.grad.flatten()`` over the component's ``param_names``.
@@ -452,7 +452,7 @@ def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sa
     ``across_ranks`` the torch.distributed ranks share the batches and all return every row.
     """
     config = config or EngineConfig()
-    prep = prepare(model, tokenizer, components)
+    prep = prepare(model, tokenizer, components, scope)
     encoded, _ = encode_samples(tokenizer, samples, config.max_length)
     batches = _mine(list(_batches(encoded, range(len(samples)), config.batch_size)), across_ranks)
     out = {s.name: torch.zeros(len(samples), s.component.num_params) for s in prep.specs}
@@ -468,22 +468,23 @@ def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sa
     return out
 
 
-def projected_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample], dim: int,
-                       components: Sequence[str] | None = None, seed: int = 0,
-                       config: EngineConfig | None = None, *, across_ranks: bool = False) -> torch.Tensor:
-    """Randomly projected full gradients ``[N, dim]`` (float64) with ``E<Pa, Pb> = <a, b>``.
+def projected_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample], transform: Transform,
+                       config: EngineConfig | None = None, *, scope: str = "paper",
+                       across_ranks: bool = False) -> torch.Tensor:
+    """``transform``'s output for each sample, ``[N, transform.dim]`` float64: what ``build_table`` takes cosines of.
 
-    Deterministic for a given ``seed``; never materialises a gradient or a projection matrix
-    on CPU (tensor sketch of the factors).  ``across_ranks``: as in :func:`sample_features`.
+    ``transform`` is built on this model's catalogue (component set ``scope``), e.g. a
+    :class:`~selproj_plugin.projection.CountSketch`.  One sample's gradient is materialised at
+    a time.  ``across_ranks``: as in :func:`sample_features`.
     """
     config = config or EngineConfig()
-    prep = prepare(model, tokenizer, components)
+    prep = prepare(model, tokenizer, [c.name for c in transform.components], scope)
+    projector = _Projector(prep.specs, [transform])
     encoded, _ = encode_samples(tokenizer, samples, config.max_length)
-    sketcher = _Sketcher(prep.specs, [dim], seed, config.device)
     batches = _mine(list(_batches(encoded, range(len(samples)), config.batch_size)), across_ranks)
-    rows = _gathered({i: sketcher(f)[0] for i, f in _capture(prep, encoded, batches, config, label="projection")},
+    rows = _gathered({i: projector(f)[0] for i, f in _capture(prep, encoded, batches, config, label="projection")},
                      across_ranks)
-    out = torch.zeros(len(samples), dim, dtype=torch.float64)
+    out = torch.zeros(len(samples), transform.dim, dtype=torch.float64)
     for i, row in rows.items():
         out[i] = row
     return out
@@ -491,13 +492,13 @@ def projected_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence
 
 def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sample], samples_b: Sequence[Sample],
                   components: Sequence[str] | None = None, config: EngineConfig | None = None,
-                  *, across_ranks: bool = False) -> np.ndarray:
+                  *, scope: str = "paper", across_ranks: bool = False) -> np.ndarray:
     """Every ``<g_c(a), g_c(b)>``: [A, B, C] float64 (``samples_a`` factors stored, ``samples_b`` streamed).
 
     With ``across_ranks`` every torch.distributed rank stores A and streams its deal of B's batches.
     """
     config = config or EngineConfig()
-    prep = prepare(model, tokenizer, components)
+    prep = prepare(model, tokenizer, components, scope)
     unique, pos = _dedupe(list(samples_a) + list(samples_b))
     encoded, _ = encode_samples(tokenizer, unique, config.max_length)
     a_of = [pos[s.id] for s in samples_a]

@@ -31,10 +31,27 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def selproj_strategies() -> "list[type[Reducer]]":
     """Return the reducer classes this plugin provides.
 
-    Each class subclasses :class:`selproj_plugin.Reducer`, sets a unique ``name`` (the
-    string users pass to ``--strategy`` and ``get_strategy``) and a one-line ``summary``,
-    and declares its options as dataclass fields with defaults.
+    Each class is a ``@dataclass`` subclassing :class:`selproj_plugin.Reducer` with:
 
-    Called once when the registry is built.  An exception raised here disables only this
-    plugin: it is reported by name, and every other strategy keeps working.
+    - ``name`` (ClassVar str): unique; what users pass to ``--strategy``, ``get_strategy``
+      and the adapters;
+    - ``summary`` (ClassVar str): one line for ``--list-strategies``;
+    - options: dataclass fields, each with a default (the CLI converts ``--option
+      name.field=text`` to the field's annotated type);
+    - ``select(components) -> list[str]``: called once per model with the model's real
+      catalogue (:class:`selproj_plugin.components.Component`: ``name``, ``kind``, ``layer``,
+      ``param_names``, ``num_params``, ``label``) or a table's components; returns the
+      names kept, in order;
+    - ``transform(selected) -> Transform``: called once per model with the selected
+      components; the returned :class:`selproj_plugin.Transform` maps each sample's
+      gradients ``{name: [N, num_params]}`` to ``[N, dim]``, declares ``dim`` and ``key``,
+      and says through ``on_table`` whether a component table can score it (default:
+      :class:`selproj_plugin.Concatenate`);
+    - optionally ``fit(table)`` with ``fitted = True`` to learn the selection from a table.
+
+    Every consumer calls the two steps through :func:`selproj_plugin.reduction`;
+    :func:`selproj_plugin.testing.check_reducer` checks a class against this contract.
+    Called once when the registry is built.  An exception raised here, or a class that
+    breaks the contract, disables only this plugin: it is reported by name, and every
+    other strategy keeps working.
     """

@@ -2,18 +2,24 @@
 
 ``list_strategies()`` and ``get_strategy(name, **options)`` are the public entry points.
 A plugin that fails to import or whose hook raises is recorded in ``plugin_errors()``
-by name and skipped; the rest keep working.  ``SELPROJ_DISABLE_PLUGINS=a,b`` blocks
-plugins by name (entry-point name, or ``builtin``).
+by name, reported once through :mod:`warnings`, and skipped; the rest keep working.
+``SELPROJ_DISABLE_PLUGINS=a,b`` blocks plugins by name (entry-point name, or ``builtin``);
+a name that is no plugin is warned about.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import importlib.metadata
+import json
 import os
 import threading
+import types
+import typing
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import pluggy
 
@@ -30,14 +36,25 @@ class StrategyError(ValueError):
     """An unknown strategy, a bad option, or a broken plugin."""
 
 
+class PluginWarning(UserWarning):
+    """A plugin that failed to load or register, or a disabled name that is no plugin."""
+
+
+# Methods of the 0.1 reducer interface that selproj no longer calls: a subclass defining one
+# would be scored as if it did not, so it is refused with a pointer to the contract.
+LEGACY_METHODS = ("reduce", "dimension", "similarity")
+
+
 @dataclass
 class Registry:
     """Registered strategies by name, and the plugins that failed with their errors."""
 
     manager: pluggy.PluginManager
     strategies: dict[str, type[Reducer]] = field(default_factory=dict)
-    owners: dict[str, str] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)  # strategy name -> plugin name
     errors: dict[str, str] = field(default_factory=dict)
+    known_plugins: list[str] = field(default_factory=list)  # builtin, entry points, extra plugins
+    unknown_disabled: list[str] = field(default_factory=list)  # names in SELPROJ_DISABLE_PLUGINS that are no plugin
 
 
 _lock = threading.Lock()
@@ -53,22 +70,34 @@ def _disabled() -> set[str]:
     return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
 
 
-def build_registry() -> Registry:
-    """Build a fresh registry: built-ins, then every ``selproj`` entry point not disabled."""
+def build_registry(plugins: Sequence[tuple[str, object]] = ()) -> Registry:
+    """Build a fresh registry: built-ins, every ``selproj`` entry point not disabled, then ``plugins``.
+
+    ``plugins`` are ``(name, module or object)`` pairs registered like entry points (the
+    conformance kit uses this to register a reducer class without installing it).
+    """
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     registry = Registry(manager)
-    for name in _disabled():
+    disabled = _disabled()
+    for name in disabled:
         manager.set_blocked(name)
     if not manager.is_blocked(BUILTIN):
         manager.register(builtin, name=BUILTIN)
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    entry_points = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    known = {BUILTIN} | {ep.name for ep in entry_points} | {name for name, _ in plugins}
+    registry.known_plugins = sorted(known)
+    registry.unknown_disabled = sorted(disabled - known)
+    for ep in entry_points:
         if manager.is_blocked(ep.name) or manager.has_plugin(ep.name):
             continue
         try:
             manager.register(ep.load(), name=ep.name)
         except Exception as exc:  # a broken plugin must not take the others down
             registry.errors[ep.name] = f"failed to load: {_one_line(exc)}"
+    for name, plugin in plugins:
+        if not manager.is_blocked(name):
+            manager.register(plugin, name=name)
     for impl in manager.hook.selproj_strategies.get_hookimpls():
         try:
             provided = list(impl.function() or [])
@@ -88,20 +117,39 @@ def build_registry() -> Registry:
 def _check_strategy(cls: Any, registry: Registry) -> str | None:
     if not (isinstance(cls, type) and issubclass(cls, Reducer) and dataclasses.is_dataclass(cls)):
         return f"provided {cls!r}, which is not a Reducer dataclass"
-    if not cls.name:
+    if not cls.name or not isinstance(cls.name, str):
         return f"reducer {cls.__name__} has no name"
+    legacy = [m for m in LEGACY_METHODS if any(m in vars(k) for k in cls.__mro__ if k is not object)]
+    if legacy:
+        return (f"reducer {cls.__name__} defines {legacy[0]}(), which selproj no longer calls: "
+                "put per-sample work in transform() (see CONTRIBUTING.md)")
     if cls.name in registry.strategies:
         return f"strategy name {cls.name!r} is already registered by {registry.owners[cls.name]}"
     return None
 
 
 def registry(reload: bool = False) -> Registry:
-    """The process-wide registry, built on first use (``reload=True`` rebuilds it)."""
+    """The process-wide registry, built on first use (``reload=True`` rebuilds it).
+
+    Broken plugins and disabled names that are no plugin are reported once per build
+    through :mod:`warnings` (:class:`PluginWarning`).
+    """
     global _registry
     with _lock:
         if _registry is None or reload:
             _registry = build_registry()
+            for plugin, error in _registry.errors.items():
+                warnings.warn(f"selproj plugin {plugin} disabled: {error}", PluginWarning, stacklevel=3)
+            for name in _registry.unknown_disabled:
+                warnings.warn(f"{DISABLE_ENV} names {name!r}, which is no selproj plugin; plugins: "
+                              f"{', '.join(_registry.known_plugins)}",
+                              PluginWarning, stacklevel=3)
         return _registry
+
+
+def plugin_names() -> dict[str, str]:
+    """Each registered strategy's plugin name (what ``SELPROJ_DISABLE_PLUGINS`` takes)."""
+    return dict(registry().owners)
 
 
 def list_strategies() -> dict[str, str]:
@@ -114,14 +162,14 @@ def plugin_errors() -> dict[str, str]:
     return dict(registry().errors)
 
 
+def get_strategy_class(name: str) -> type[Reducer]:
+    """The registered reducer class by name; unknown names raise :class:`StrategyError`."""
+    return _strategy_class(name)
+
+
 def get_strategy(name: str, **options: Any) -> Reducer:
     """A configured reducer by name; unknown names and options raise :class:`StrategyError`."""
-    reg = registry()
-    if name not in reg.strategies:
-        known = ", ".join(reg.strategies) or "none"
-        broken = f"; plugins that failed: {', '.join(f'{p} ({e})' for p, e in reg.errors.items())}" if reg.errors else ""
-        raise StrategyError(f"unknown strategy {name!r}; registered: {known}{broken}")
-    cls = reg.strategies[name]
+    cls = _strategy_class(name)
     valid = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(options) - valid)
     if unknown:
@@ -130,3 +178,80 @@ def get_strategy(name: str, **options: Any) -> Reducer:
         return cls(**options)
     except (TypeError, ValueError) as exc:
         raise StrategyError(f"strategy {name!r}: {exc}") from None
+
+
+def convert_options(name: str, raw: dict[str, str]) -> dict[str, Any]:
+    """Option values given as text (the CLI's ``--option name.key=value``) converted to each field's type.
+
+    Follows the dataclass annotations: ``int``, ``float``, ``bool``, ``str``, ``None``
+    (``none``/``null``), lists and tuples (comma-separated or a JSON list) and unions
+    (first type that fits).  A value that fits no type is a one-line :class:`StrategyError`.
+    """
+    cls = _strategy_class(name)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    out: dict[str, Any] = {}
+    for key, text in raw.items():
+        if key not in fields:
+            raise StrategyError(f"strategy {name!r} has no option {key}; options: {', '.join(sorted(fields)) or 'none'}")
+        try:
+            out[key] = _convert(str(text), hints.get(key, str))
+        except ValueError:
+            raise StrategyError(f"option {name}.{key} expects {_type_name(hints.get(key, str))}, got {text!r}") from None
+    return out
+
+
+def _strategy_class(name: str) -> type[Reducer]:
+    reg = registry()
+    if name not in reg.strategies:
+        known = ", ".join(reg.strategies) or "none"
+        broken = f"; plugins that failed: {', '.join(f'{p} ({e})' for p, e in reg.errors.items())}" if reg.errors else ""
+        raise StrategyError(f"unknown strategy {name!r}; registered: {known}{broken}")
+    return reg.strategies[name]
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if typing.get_origin(tp) in (list, tuple, collections.abc.Sequence):
+        return f"a comma-separated list of {_type_name(args[0]) if args else 'values'}"
+    return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(text: str, tp: Any) -> Any:
+    """``text`` as a value of annotation ``tp``; ValueError when it is none."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        # exact scalars first; then str (a strategy may parse its own text form); lists last
+        for arg in sorted(args, key=lambda a: 2 if typing.get_origin(a) is not None else int(a is str)):
+            try:
+                return _convert(text, arg)
+            except ValueError:
+                continue
+        raise ValueError(text)
+    if tp is type(None):
+        if text.strip().lower() in ("none", "null", ""):
+            return None
+        raise ValueError(text)
+    if origin in (list, tuple, collections.abc.Sequence):
+        stripped = text.strip()
+        items = json.loads(stripped) if stripped.startswith("[") else [t.strip() for t in stripped.split(",") if t.strip()]
+        item_type = args[0] if args else str
+        values = [_convert(str(i), item_type) for i in items]
+        return tuple(values) if origin is tuple else values
+    if tp is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(text)
+    if tp is int:
+        return int(text.strip())
+    if tp is float:
+        value = float(text.strip())
+        return value
+    if tp is str or tp is Any:
+        return text
+    raise ValueError(text)

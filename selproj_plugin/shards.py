@@ -28,13 +28,14 @@ def pair_key(a: str, b: str) -> Pair:
 
 @dataclass
 class TableShard:
-    """Self dots ``{id: [C]}``, pair dots ``{pair: [C]}`` and projected cosines ``{pair: [R]}``."""
+    """Self dots ``{id: [C]}``, pair dots ``{pair: [C]}`` and cosines ``{pair: [R]}`` under transforms ``rp_keys``."""
 
     components: list[str]
     self_dots: dict[str, np.ndarray] = field(default_factory=dict)
     cross: dict[Pair, np.ndarray] = field(default_factory=dict)
     rp: dict[Pair, np.ndarray] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    rp_keys: list[str] = field(default_factory=list)
 
     def save(self, path: str | os.PathLike) -> Path:
         pairs = sorted(self.cross)
@@ -48,8 +49,9 @@ class TableShard:
             "cross": np.array([self.cross[p] for p in pairs], dtype=np.float64).reshape(len(pairs), c),
             "meta": np.array(json.dumps(self.meta, sort_keys=True)),
         }
-        if self.rp:
-            arrays["rp"] = np.array([self.rp[p] for p in pairs], dtype=np.float64)
+        if self.rp_keys:
+            arrays["rp"] = np.array([self.rp[p] for p in pairs], dtype=np.float64).reshape(len(pairs), len(self.rp_keys))
+            arrays["rp_keys"] = np.array(self.rp_keys, dtype=str)
         return savez_atomic(path, arrays)
 
     @classmethod
@@ -68,16 +70,16 @@ class TableShard:
             cross=dict(zip(pairs, a["cross"])),
             rp=dict(zip(pairs, a["rp"])) if "rp" in a else {},
             meta=json.loads(str(a["meta"])),
+            rp_keys=[str(k) for k in a["rp_keys"]] if "rp_keys" in a else [],
         )
 
     def check(self, path: str | os.PathLike, components: Sequence[str], ids: Iterable[str],
-              pairs: Iterable[Pair], rp_dims: int) -> None:
+              pairs: Iterable[Pair], rp_keys: Sequence[str]) -> None:
         """Raise if this shard is not the share the current run asks of this rank."""
         problem = (
             "other components" if list(self.components) != list(components) else
             "other samples" if set(self.self_dots) != set(ids) or set(self.cross) != set(pairs) else
-            "other projection dimensions" if rp_dims and any(len(v) != rp_dims for v in self.rp.values())
-            or bool(self.rp) != bool(rp_dims) else None
+            "other projections" if list(self.rp_keys) != list(rp_keys) else None
         )
         if problem:
             raise TableError(f"table shard {path} was written for {problem}; delete it to recompute")
@@ -85,10 +87,11 @@ class TableShard:
     @classmethod
     def merge(cls, shards: Sequence["TableShard"]) -> "TableShard":
         """One shard holding every shard's values (a sample computed by several ranks is kept once)."""
-        out = cls(components=list(shards[0].components), meta={"shards": [s.meta for s in shards]})
+        out = cls(components=list(shards[0].components), meta={"shards": [s.meta for s in shards]},
+                  rp_keys=list(shards[0].rp_keys))
         for s in shards:
-            if list(s.components) != out.components:
-                raise TableError("cannot merge table shards of different components")
+            if list(s.components) != out.components or list(s.rp_keys) != out.rp_keys:
+                raise TableError("cannot merge table shards of different components or projections")
             for name in ("self_dots", "cross", "rp"):
                 for key, value in getattr(s, name).items():
                     getattr(out, name).setdefault(key, value)

@@ -103,9 +103,11 @@ class ComponentTable:
 
     @property
     def component_list(self) -> list[Component]:
-        """The table's components as catalogue entries, for reducers' ``select``."""
+        """The table's components as catalogue entries, for reducers' ``select`` (parameter names
+        from the engine's ``meta["param_names"]``; a reference file's names are parameter names)."""
+        params = self.meta.get("param_names", {}) if isinstance(self.meta, dict) else {}
         return [
-            Component(str(n), str(k), None if l < 0 else int(l), (str(n),), int(p))
+            Component(str(n), str(k), None if l < 0 else int(l), tuple(params.get(str(n), (str(n),))), int(p))
             for n, k, l, p in zip(self.components, self.kinds, self.layers, self.num_params)
         ]
 

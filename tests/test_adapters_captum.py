@@ -18,7 +18,7 @@ from selproj_plugin.adapters.captum import _Logits  # noqa: E402
 from selproj_plugin.components import catalogue  # noqa: E402
 from test_adapters_trak import (  # noqa: E402,F401  (fixtures and helpers shared with the TRAK tests)
     CANDIDATES, QUERIES, RP_MIN_CORRELATION, SELECTION, TINY_LIMIT_GB, Recorder, assert_same_retrieval,
-    component_order, engine_cosines, needs_project_features,
+    component_order, engine_cosines,
     model, tokenizer, weighted_plugin,
 )
 from selproj_plugin.engine import EngineConfig, pairwise_dots  # noqa: E402
@@ -48,8 +48,8 @@ def test_tracin_ranks_like_the_engine(model, tokenizer, checkpoint, strategy):
         scores = tracin_scores(model, tokenizer, checkpoint, "full")
         expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES)
     else:
-        scores = tracin_scores(model, tokenizer, checkpoint, "greedy", {"selection": SELECTION})
-        expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, component_order(model, SELECTION))
+        scores = tracin_scores(model, tokenizer, checkpoint, "greedy", {"selection": SELECTION}, scope="all")
+        expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, component_order(model, SELECTION), scope="all")
     assert_same_retrieval(scores, expected)
 
 
@@ -115,7 +115,7 @@ def test_per_sample_trick_on_linear_layers_matches(model, tokenizer, checkpoint)
 
 def test_per_sample_trick_refuses_non_linear_layers(model, tokenizer, checkpoint):
     with pytest.raises(AdapterError, match=r"supports only nn.Linear/nn.Conv2d layers; model.norm is LlamaRMSNorm"):
-        ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), [checkpoint], "greedy", {"selection": SELECTION},
+        ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), [checkpoint], "greedy", {"selection": SELECTION}, scope="all",
                         sample_wise_grads_per_batch=True)
 
 
@@ -126,7 +126,6 @@ def test_unnormalised_scores_are_gradient_dot_products(model, tokenizer, checkpo
     np.testing.assert_allclose(scores, dots, rtol=1e-4, atol=1e-6 * np.abs(dots).max())
 
 
-@needs_project_features
 def test_random_projection_correlates(model, tokenizer, checkpoint):
     scores = tracin_scores(model, tokenizer, checkpoint, "random_projection")
     corr = np.corrcoef(scores.ravel(), engine_cosines(model, tokenizer, QUERIES, CANDIDATES).ravel())[0, 1]
@@ -141,7 +140,8 @@ def test_third_party_reducer_works_in_captum(model, tokenizer, checkpoint, weigh
 
 
 def test_layers_for_plain_tracincp(model, tokenizer, checkpoint):
-    layers = tracin_layers(model, "greedy", {"selection": ["model.layers.1.mlp.down_proj.weight", "model.norm"]})
+    layers = tracin_layers(model, "greedy", {"selection": ["model.layers.1.mlp.down_proj.weight", "model.norm"]},
+                           scope="all")
     assert layers == ["model.layers.1.mlp.down_proj", "model.norm"]
     assert tracin_layers(model, "full") == [c.name for c in catalogue(model)]
     wrapped = tracin_layers(model, "greedy", {"selection": LINEAR_SELECTION}, prefix="model.")

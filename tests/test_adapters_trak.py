@@ -35,14 +35,6 @@ from selproj_plugin.adapters.trak import (  # noqa: E402
     check_fast_jl_dim, encode, traker_kwargs,
 )
 
-# RandomProjection.reduce calls selproj_plugin.projection.project_features; until the engine provides
-# it, random-projection tests must fail with exactly that ImportError (and run normally once it exists).
-needs_project_features = pytest.mark.xfail(
-    not hasattr(importlib.import_module("selproj_plugin.projection"), "project_features"),
-    reason="selproj_plugin.projection.project_features (used by RandomProjection.reduce) is missing",
-    raises=ImportError, strict=True,
-)
-
 SELECTION = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.v_proj.weight", "model.norm"]
 RP_MIN_CORRELATION = 0.95
 TINY_LIMIT_GB = 1e-6  # every step holds one sample; score blocks of the minimum width
@@ -93,12 +85,13 @@ def tokenizer():
     return tiny.tokenizer(chat=True)
 
 
-def engine_cosines(model, tokenizer, queries, candidates, components=None, weights=None) -> np.ndarray:
+def engine_cosines(model, tokenizer, queries, candidates, components=None, weights=None, scope="paper") -> np.ndarray:
     """[Q, K] cosines of the (optionally per-component weighted) concatenated gradients, from the engine."""
     config = EngineConfig(progress=False, batch_size=4)
-    cross = pairwise_dots(model, tokenizer, queries, candidates, components, config)
-    q_self = np.einsum("iic->ic", pairwise_dots(model, tokenizer, queries, queries, components, config))
-    k_self = np.einsum("iic->ic", pairwise_dots(model, tokenizer, candidates, candidates, components, config))
+    cross = pairwise_dots(model, tokenizer, queries, candidates, components, config, scope=scope)
+    q_self = np.einsum("iic->ic", pairwise_dots(model, tokenizer, queries, queries, components, config, scope=scope))
+    k_self = np.einsum("iic->ic", pairwise_dots(model, tokenizer, candidates, candidates, components, config,
+                                                scope=scope))
     w = np.ones(cross.shape[2]) if weights is None else np.asarray(weights, dtype=np.float64) ** 2
     num = (cross * w).sum(-1)
     return num / np.sqrt(np.outer((q_self * w).sum(-1), (k_self * w).sum(-1)))
@@ -106,7 +99,7 @@ def engine_cosines(model, tokenizer, queries, candidates, components=None, weigh
 
 def component_order(model, names) -> list[str]:
     """Component names of a selection in model order (the engine's column order)."""
-    return [c.name for c in select(catalogue(model), names)]
+    return [c.name for c in select(catalogue(model, "all"), names)]
 
 
 def trak_scores(model, tokenizer, queries, candidates, tmp_path, strategy, options=None, **kwargs) -> np.ndarray:
@@ -219,13 +212,12 @@ def test_trak_ranks_like_the_engine(model, tokenizer, tmp_path, strategy):
         scores = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path, "full")
         expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES)
     else:
-        scores = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path, "greedy", {"selection": SELECTION})
-        expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, component_order(model, SELECTION))
+        scores = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path, "greedy", {"selection": SELECTION}, scope="all")
+        expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, component_order(model, SELECTION), scope="all")
     assert_same_retrieval(scores, expected)
     assert np.ptp(expected) > 0.2  # the check is not vacuous: candidates differ
 
 
-@needs_project_features
 def test_trak_random_projection_correlates(model, tokenizer, tmp_path):
     kwargs = traker_kwargs(model, "random_projection")
     total = sum(c.num_params for c in catalogue(model))
@@ -256,9 +248,10 @@ def test_reduced_traker_streams_and_ranks_like_the_engine(model, tokenizer, tmp_
     widths = []
     columns = RowFile.columns
     monkeypatch.setattr(RowFile, "columns", lambda self, a, b: widths.append(b - a) or columns(self, a, b))
+    scope = "paper" if strategy == "full" else "all"
     traker, scores = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "store", reducer,
-                                         memory_limit_gb=TINY_LIMIT_GB)
-    assert_same_retrieval(scores, engine_cosines(model, tokenizer, QUERIES, CANDIDATES, names))
+                                         memory_limit_gb=TINY_LIMIT_GB, scope=scope)
+    assert_same_retrieval(scores, engine_cosines(model, tokenizer, QUERIES, CANDIDATES, names, scope=scope))
     # the transform is built once, then applied to one sample's gradients at a time
     assert recorder.built == 1
     assert recorder.rows == [1] * (len(CANDIDATES) + len(QUERIES))
@@ -319,7 +312,7 @@ def test_memory_and_store_mistakes_are_one_line_errors(model, tokenizer, tmp_pat
         with pytest.raises(AdapterError, match=message) as err:
             make()
         assert "\n" not in str(err.value)
-    traker = ReducedTRAKer(model, "greedy", {"selection": SELECTION}, train_set_size=2, save_dir=tmp_path / "s")
+    traker = ReducedTRAKer(model, "greedy", {"selection": SELECTION[:2]}, train_set_size=2, save_dir=tmp_path / "s")
     traker.load_checkpoint(model.state_dict(), model_id=0)
     with pytest.raises(AdapterError, match="num_samples=3 but the batch holds 2 samples"):
         traker.featurize(batch=encode(tokenizer, CANDIDATES[:2]), num_samples=3)
@@ -363,7 +356,7 @@ def test_model_output_is_the_engine_loss(model, tokenizer):
 
 
 def test_projector_takes_both_gradient_forms_and_survives_free_memory(model, tokenizer):
-    projector = ReducerProjector(model, "greedy", {"selection": SELECTION})
+    projector = ReducerProjector(model, "greedy", {"selection": SELECTION}, scope="all")
     wrt = list(projector.plan.param_names)
     grads = SelectedGradientComputer(model, CausalLMOutput(), grad_wrt=wrt).compute_per_sample_grad(
         encode(tokenizer, QUERIES))
@@ -373,7 +366,7 @@ def test_projector_takes_both_gradient_forms_and_survives_free_memory(model, tok
     every.update({n: g.flatten(1) for n, g in grads.items()})
     flat_model = torch.cat(list(every.values()), 1)
     assert by_dict.shape == (len(QUERIES), projector.proj_dim)
-    assert projector.proj_dim == sum(c.num_params for c in select(catalogue(model), SELECTION))
+    assert projector.proj_dim == sum(c.num_params for c in select(catalogue(model, "all"), SELECTION))
     # greedy concatenates in selection order: the first selected component leads
     first = grads["model.layers.1.mlp.down_proj.weight"].flatten(1)
     torch.testing.assert_close(by_dict[:, :first.shape[1]], first)
@@ -386,9 +379,9 @@ def test_projector_takes_both_gradient_forms_and_survives_free_memory(model, tok
 
 
 def test_proj_type_is_stable_json_and_tells_reducers_apart(model):
-    a = ReducerProjector(model, "greedy", {"selection": SELECTION}).proj_type
-    b = ReducerProjector(model, "greedy", {"selection": list(SELECTION)}).proj_type
-    c = ReducerProjector(model, "greedy", {"selection": SELECTION[:2]}).proj_type
+    a = ReducerProjector(model, "greedy", {"selection": SELECTION}, scope="all").proj_type
+    b = ReducerProjector(model, "greedy", {"selection": list(SELECTION)}, scope="all").proj_type
+    c = ReducerProjector(model, "greedy", {"selection": SELECTION[:2]}, scope="all").proj_type
     d = ReducerProjector(model, "random_projection", {"dim": 64, "seed": 1}).proj_type
     e = ReducerProjector(model, "random_projection", {"dim": 64, "seed": 2}).proj_type
     assert a == b and len({a, c, d, e}) == 4
@@ -397,9 +390,9 @@ def test_proj_type_is_stable_json_and_tells_reducers_apart(model):
     from selproj_plugin import get_strategy
 
     instance = get_strategy("greedy", selection=SELECTION)  # a configured (e.g. fitted) reducer works too
-    assert ReducerProjector(model, instance).proj_type == a
+    assert ReducerProjector(model, instance, scope="all").proj_type == a
     with pytest.raises(AdapterError, match="pass a configured reducer or a name, not both"):
-        ReducerProjector(model, instance, {"selection": SELECTION})
+        ReducerProjector(model, instance, {"selection": SELECTION}, scope="all")
     with pytest.raises(AdapterError, match="greedy has no selection yet"):
         ReducerProjector(model, "greedy")
 
@@ -433,8 +426,8 @@ def test_device_object_becomes_a_string(model, tokenizer, tmp_path):
     # TRAKer compares the device with "cpu" (pinning memory otherwise): the whole run must work
     options = {"selection": SELECTION}
     with_object = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "a", "greedy", options,
-                              device=torch.device("cpu"))
-    expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, component_order(model, SELECTION))
+                              device=torch.device("cpu"), scope="all")
+    expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, component_order(model, SELECTION), scope="all")
     assert_same_retrieval(with_object, expected)
 
 
@@ -443,7 +436,7 @@ def test_bad_selections_are_one_line_errors(model):
         traker_kwargs(model, "greedy", {"selection": ["model.nope"]})
     assert "\n" not in str(err.value)
     with pytest.raises(AdapterError, match="selects component model.norm twice"):
-        traker_kwargs(model, "greedy", {"selection": ["model.norm", "model.norm.weight"]})
+        traker_kwargs(model, "greedy", {"selection": ["model.norm", "model.norm.weight"]}, scope="all")
     with pytest.raises(ValueError, match="unknown strategy 'nope'"):
         traker_kwargs(model, "nope")
     with pytest.raises(ValueError, match="has no option dims"):
@@ -466,7 +459,7 @@ def test_projection_dimension_problems_are_one_line_errors(model):
 def test_trak_on_cuda_matches_cpu(tokenizer, tmp_path):
     cpu = make_model()
     gpu = make_model().cuda()
-    want = trak_scores(cpu, tokenizer, QUERIES, CANDIDATES, tmp_path / "cpu", "greedy", {"selection": SELECTION})
+    want = trak_scores(cpu, tokenizer, QUERIES, CANDIDATES, tmp_path / "cpu", "greedy", {"selection": SELECTION}, scope="all")
     got = trak_scores(gpu, tokenizer, QUERIES, CANDIDATES, tmp_path / "gpu", "greedy", {"selection": SELECTION},
                       device=torch.device("cuda"))
     np.testing.assert_allclose(got, want, atol=1e-4)

@@ -61,6 +61,14 @@ def test_end_to_end_outputs(tiny_model_dir, small_dataset, tmp_path, capsys):
         assert (out / name).is_file(), name
     selection = json.loads((out / "selection-paraphrased-greedy.json").read_text())
     assert selection["components"] == para["results"]["greedy"]["components"]
+    # the same selection for other tools: module names and parameters the model really has
+    import torch  # noqa: F401  (the tiny model is reloaded from disk for its names)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert selection["export"]["modules"] == selection["components"]
+    assert set(selection["export"]["modules"]) <= dict(model.named_modules()).keys()
+    assert set(selection["export"]["parameters"]) <= dict(model.named_parameters()).keys()
     assert "![components-paraphrased.png]" in (out / "report.md").read_text()
     printed = capsys.readouterr().out
     assert "== paraphrased ==" in printed and "bm25 (baseline)" in printed

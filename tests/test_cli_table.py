@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_json_schema_on_reference(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert cli(["--table", str(reference_path("model_generated")), "--strategy", "full,greedy,random_projection",
+    assert cli(["--table", str(reference_path("model_generated")), "--strategy", "full,greedy,random_projection_per_component",
                 "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     greedy = doc["results"]["greedy"]
@@ -74,5 +74,7 @@ def test_broken_plugin_exits_nonzero_without_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmark.retrieval", "--table", "x.npz", "--strategy", "bad"],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 2
-    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr and [line.split(":")[0] for line in lines] == ["warning", "error"]
+    assert lines[0] == "warning: selproj plugin bad disabled: failed to load: RuntimeError: plugin exploded"
     assert "unknown strategy 'bad'" in out.stderr and "bad (failed to load: RuntimeError: plugin exploded)" in out.stderr

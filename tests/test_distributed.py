@@ -31,6 +31,13 @@ def config():
 
 
 
+def sketches(model):
+    from selproj_plugin.components import catalogue
+    from selproj_plugin.projection import CountSketch
+
+    return [CountSketch(catalogue(model), 32, seed=1)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,9 +52,9 @@ def _worker(rank: int, world: int, port: int, out: str, seed: int = 0) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         shard = lambda r, w: Path(out).with_name(f"shard{r}of{w}.npz")  # noqa: E731
-        table = build_table(tiny.model("llama", tied=True, seed=seed), tiny.tokenizer(), QUERIES, tiny.SAMPLES,
-                            INDEX, np.zeros(5, dtype=int), proj_dims=(32,), config=config(), across_ranks=True,
-                            shard_path=shard)
+        model = tiny.model("llama", tied=True, seed=seed)
+        table = build_table(model, tiny.tokenizer(), QUERIES, tiny.SAMPLES, INDEX, np.zeros(5, dtype=int),
+                            transforms=sketches(model), config=config(), across_ranks=True, shard_path=shard)
         if rank == 0:
             table.save(out)
     finally:
@@ -65,8 +72,9 @@ def test_two_processes_build_the_same_table_bit_for_bit(tmp_path):
     out = tmp_path / "two.npz"
     mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     two = ComponentTable.load(out)
-    one = build_table(tiny.model("llama", tied=True), tiny.tokenizer(), QUERIES, tiny.SAMPLES, INDEX,
-                      np.zeros(5, dtype=int), proj_dims=(32,), config=config())
+    model = tiny.model("llama", tied=True)
+    one = build_table(model, tiny.tokenizer(), QUERIES, tiny.SAMPLES, INDEX, np.zeros(5, dtype=int),
+                      transforms=sketches(model), config=config())
     # ranks capture each sample in the batch one process would use: the same fp32 sums, so equal bits
     for name in ARRAYS:
         np.testing.assert_array_equal(getattr(two, name), getattr(one, name), err_msg=name)
@@ -104,16 +112,19 @@ def test_a_shard_from_another_run_is_refused(tmp_path):
     from selproj_plugin.shards import TableShard
     from selproj_plugin.table import TableError
 
-    shard = TableShard(["a", "b"], {"x": np.ones(2)}, {("x", "y"): np.ones(2)}, {}, {})
+    shard = TableShard(["a", "b"], {"x": np.ones(2)}, {("x", "y"): np.ones(2)}, {("x", "y"): np.ones(1)}, {},
+                       rp_keys=["count_sketch@8:abc:seed0"])
     path = shard.save(tmp_path / "s.npz")
     loaded = TableShard.load(path)
-    loaded.check(path, ["a", "b"], {"x"}, {("x", "y")}, 0)  # the share it was written for
+    loaded.check(path, ["a", "b"], {"x"}, {("x", "y")}, ["count_sketch@8:abc:seed0"])  # the share it was written for
     with pytest.raises(TableError, match="other components; delete it"):
-        loaded.check(path, ["a"], {"x"}, {("x", "y")}, 0)
+        loaded.check(path, ["a"], {"x"}, {("x", "y")}, ["count_sketch@8:abc:seed0"])
     with pytest.raises(TableError, match="other samples"):
-        loaded.check(path, ["a", "b"], {"x"}, {("x", "z")}, 0)
-    with pytest.raises(TableError, match="other projection dimensions"):
-        loaded.check(path, ["a", "b"], {"x"}, {("x", "y")}, 1)
+        loaded.check(path, ["a", "b"], {"x"}, {("x", "z")}, ["count_sketch@8:abc:seed0"])
+    with pytest.raises(TableError, match="other projections"):
+        loaded.check(path, ["a", "b"], {"x"}, {("x", "y")}, ["count_sketch@8:abc:seed1"])
+    with pytest.raises(TableError, match="other projections"):
+        loaded.check(path, ["a", "b"], {"x"}, {("x", "y")}, [])
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(TableError, match="cannot read table shard"):
         TableShard.load(tmp_path / "bad.npz")
@@ -132,14 +143,16 @@ def _features_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def _features(across_ranks: bool) -> dict[str, np.ndarray]:
+    from selproj_plugin.components import catalogue
     from selproj_plugin.engine import pairwise_dots, projected_features, sample_features
+    from selproj_plugin.projection import CountSketch
 
     model, tok = tiny.model("qwen2"), tiny.tokenizer()
     samples = QUERIES + tiny.SAMPLES
     kw = dict(config=config(), across_ranks=across_ranks)
     feats = sample_features(model, tok, samples, components=["model.layers.1.mlp.down_proj"], **kw)
     return {"features": feats["model.layers.1.mlp.down_proj"].numpy(),
-            "projected": projected_features(model, tok, samples, 48, seed=3, **kw).numpy(),
+            "projected": projected_features(model, tok, samples, CountSketch(catalogue(model), 48, seed=3), **kw).numpy(),
             "dots": pairwise_dots(model, tok, QUERIES[:2], samples, **kw)}
 
 

@@ -43,9 +43,9 @@ def _rel(got, ref, norms_a, norms_b):
 def test_features_and_dots_match_naive_loop(family, tied):
     model = tiny.model(family, tied)
     tok = tiny.tokenizer(chat=family != "gpt2")
-    comps = catalogue(model)
+    comps = catalogue(model, "all")
     naive = _naive(model, tok, tiny.SAMPLES)
-    feats = sample_features(model, tok, tiny.SAMPLES, config=CFG)
+    feats = sample_features(model, tok, tiny.SAMPLES, config=CFG, scope="all")
     assert set(feats) == {c.name for c in comps}
     for c in comps:
         for i in range(len(tiny.SAMPLES)):
@@ -56,7 +56,7 @@ def test_features_and_dots_match_naive_loop(family, tied):
     norms = np.sqrt(np.stack([_naive_dots(model, comps, [g], [g])[0, 0] for g in naive]))
     for mode in ("factored", "materialised", "auto"):
         got = pairwise_dots(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES,
-                            config=EngineConfig(batch_size=2, progress=False, mode=mode))
+                            config=EngineConfig(batch_size=2, progress=False, mode=mode), scope="all")
         assert got.shape == ref.shape
         assert _rel(got, ref, norms[:2], norms) <= TOL, mode
         self_err = np.max(np.abs(got[[0, 1], [0, 1]] - ref[[0, 1], [0, 1]]) / ref[[0, 1], [0, 1]])
@@ -66,11 +66,11 @@ def test_features_and_dots_match_naive_loop(family, tied):
 def test_tied_embedding_is_one_component_with_both_uses():
     model = tiny.model("llama", tied=True)
     tok = tiny.tokenizer()
-    comps = catalogue(model)
+    comps = catalogue(model, "all")
     embed = [c for c in comps if c.kind == "embed"]
     assert len(embed) == 1 and not any(c.kind == "lm_head" for c in comps)
     naive = _naive(model, tok, tiny.SAMPLES[:1])[0]
-    feats = sample_features(model, tok, tiny.SAMPLES[:1], components=[embed[0].name], config=CFG)
+    feats = sample_features(model, tok, tiny.SAMPLES[:1], components=[embed[0].name], config=CFG, scope="all")
     ref = naive[embed[0].param_names[0]].reshape(-1).double()
     # the LM-head use dominates the rows of tokens never seen in the input: both uses are needed
     assert float((feats[embed[0].name][0].double() - ref).norm() / ref.norm()) <= TOL
@@ -79,12 +79,12 @@ def test_tied_embedding_is_one_component_with_both_uses():
 def test_build_table_matches_naive_and_dedupes():
     model = tiny.model("qwen2", tied=True)
     tok = tiny.tokenizer()
-    comps = catalogue(model)
+    comps = catalogue(model, "all")
     queries = [Sample("q0", "Tell me about the sky", "It is blue."), tiny.SAMPLES[2]]  # second query is also a candidate
     cands = tiny.SAMPLES
     index = np.array([[0, 1, 2], [2, 3, 1]])  # s1 and s2 shared by both queries
     original = np.array([0, 0])
-    table = build_table(model, tok, queries, cands, index, original, proj_dims=(64,), config=CFG)
+    table = build_table(model, tok, queries, cands, index, original, config=CFG, scope="all")
     gq = _naive(model, tok, queries)
     gc = _naive(model, tok, cands)
     ref = np.stack([_naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(2)])
@@ -97,18 +97,18 @@ def test_build_table_matches_naive_and_dedupes():
     assert table.meta["distinct_samples"] == 5  # q0 + s0..s3; s2 is both a query and a candidate
     assert table.is_original[:, 0].all() and table.is_original.sum() == 2
     assert list(table.components) == [c.name for c in comps]
-    assert table.rp_similarity.shape == (1, 2, 3) and np.all(np.abs(table.rp_similarity) <= 1 + 1e-9)
+    assert table.rp_similarity is None  # projections: tests/test_projection.py
 
 
 def test_build_table_keeps_the_smaller_side():
     # four queries share two candidates: the candidates' factors are kept, the queries stream
     model = tiny.model("llama", tied=True)
     tok = tiny.tokenizer()
-    comps = catalogue(model)
+    comps = catalogue(model, "all")
     queries = [Sample(f"q{i}", f"Question number {i}?", f"Answer {i} is here.") for i in range(4)]
     cands = tiny.SAMPLES[:2]
     index = np.array([[0, 1], [1, 0], [0, 1], [1, 0]])
-    table = build_table(model, tok, queries, cands, index, np.array([0, 0, 0, 0]), config=CFG)
+    table = build_table(model, tok, queries, cands, index, np.array([0, 0, 0, 0]), config=CFG, scope="all")
     gq, gc = _naive(model, tok, queries), _naive(model, tok, cands)
     ref = np.stack([_naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(4)])
     scale = np.sqrt(table.query_self[:, None, :] * table.candidate_self)
@@ -119,12 +119,12 @@ def test_build_table_keeps_the_smaller_side():
 def test_spill_to_disk_gives_same_dots():
     model = tiny.model("llama")
     tok = tiny.tokenizer()
-    ram = pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[2:], config=CFG)
+    ram = pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[2:], config=CFG, scope="all")
     disk = pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[2:],
-                         config=EngineConfig(batch_size=3, progress=False, memory_limit_gb=0.0))
+                         config=EngineConfig(batch_size=3, progress=False, memory_limit_gb=0.0), scope="all")
     np.testing.assert_allclose(disk, ram, rtol=1e-12, atol=0)
     table = build_table(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, np.array([[0, 1], [1, 2]]), np.array([0, 0]),
-                        config=EngineConfig(batch_size=2, progress=False, memory_limit_gb=0.0))
+                        config=EngineConfig(batch_size=2, progress=False, memory_limit_gb=0.0), scope="all")
     assert table.meta["spilled_bytes"] > 0
 
 
@@ -138,11 +138,11 @@ def test_truncation_warns_counts_and_matches_truncated_naive():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         table = build_table(model, tok, [long], [tiny.SAMPLES[0], long], np.array([[0, 1]]), np.array([1]),
-                            config=EngineConfig(max_length=40, progress=False))
-        feats = sample_features(model, tok, [long], config=EngineConfig(max_length=40, progress=False))
+                            config=EngineConfig(max_length=40, progress=False), scope="all")
+        feats = sample_features(model, tok, [long], config=EngineConfig(max_length=40, progress=False), scope="all")
     assert table.meta["truncated"] == 1
     ref = tiny.naive_grads(model, enc[0])
-    comp = catalogue(model)[3]
+    comp = catalogue(model, "all")[3]
     err = (feats[comp.name][0].double() - _vec(model, ref, comp)).norm() / _vec(model, ref, comp).norm()
     assert float(err) <= TOL
 
@@ -163,14 +163,14 @@ def test_loss_masks_prompt_and_adds_eos():
 def test_empty_response_text_names_sample():
     with pytest.raises(SampleError, match=r"sample nores: prompt with no response") as info:
         sample_features(tiny.model("llama"), tiny.tokenizer(), [tiny.SAMPLES[0], Sample("nores", "a prompt", "")],
-                        config=CFG)
+                        config=CFG, scope="all")
     assert "\n" not in str(info.value)
 
 
 def test_empty_response_after_masking_names_sample():
     with pytest.raises(SampleError, match=r"sample longprompt: empty response after masking") as info:
         pairwise_dots(tiny.model("llama"), tiny.tokenizer(), [Sample("longprompt", "p" * 100, "answer")],
-                      tiny.SAMPLES[:1], config=EngineConfig(max_length=30, progress=False))
+                      tiny.SAMPLES[:1], config=EngineConfig(max_length=30, progress=False), scope="all")
     assert "\n" not in str(info.value)
 
 
@@ -182,7 +182,7 @@ def test_nan_loss_names_sample():
         model.model.embed_tokens.weight[bad_token] = float("nan")
     samples = [tiny.SAMPLES[0], Sample("poisoned", "Zebra?", "yes")]
     with pytest.raises(SampleError, match=r"sample poisoned: loss is nan") as info:
-        sample_features(model, tok, samples, config=CFG)
+        sample_features(model, tok, samples, config=CFG, scope="all")
     assert "\n" not in str(info.value)
 
 
@@ -197,7 +197,7 @@ def test_nan_gradient_with_finite_loss_names_sample():
     model.model.layers[1].mlp.register_forward_hook(poison)
     samples = [Sample("fine", "What?", "That is long enough a reply."), Sample("nangrad", "Hi", "ok")]
     with pytest.raises(SampleError, match=r"sample nangrad: gradient is NaN or inf") as info:
-        sample_features(model, tok, samples, config=EngineConfig(batch_size=2, progress=False))
+        sample_features(model, tok, samples, config=EngineConfig(batch_size=2, progress=False), scope="all")
     assert "\n" not in str(info.value)
 
 
@@ -207,7 +207,7 @@ def test_model_without_trainable_parameters_names_model():
     for p in model.parameters():
         p.requires_grad_(False)
     with pytest.raises(ModelError, match=r"model frozen-neox has no trainable parameters") as info:
-        sample_features(model, tiny.tokenizer(), tiny.SAMPLES[:1], config=CFG)
+        sample_features(model, tiny.tokenizer(), tiny.SAMPLES[:1], config=CFG, scope="all")
     assert "\n" not in str(info.value)
 
 
@@ -217,8 +217,8 @@ def test_partially_frozen_model_and_parameters_restored():
         if "layers.0" not in name or name.endswith("q_proj.weight"):
             p.requires_grad_(False)  # q_proj keeps only its bias: a bias-only component
     tok = tiny.tokenizer()
-    comps = catalogue(model)
-    feats = sample_features(model, tok, tiny.SAMPLES[:2], config=CFG)
+    comps = catalogue(model, "all")
+    feats = sample_features(model, tok, tiny.SAMPLES[:2], config=CFG, scope="all")
     naive = _naive(model, tok, tiny.SAMPLES[:2])
     for c in comps:
         for i in range(2):

@@ -18,7 +18,7 @@ import torch
 
 from selproj_plugin.components import catalogue, select
 from selproj_plugin.engine import EngineConfig, sample_features
-from test_adapters_trak import assert_same_retrieval, engine_cosines, needs_project_features
+from test_adapters_trak import assert_same_retrieval, engine_cosines
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -53,7 +53,6 @@ def test_trak_example(tmp_path, monkeypatch):
     assert_same_retrieval(np.asarray(ns["scores"], dtype=np.float64).T, expected)
 
 
-@needs_project_features  # the Captum example uses random_projection
 def test_captum_example(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     setup, _, captum_example = blocks()

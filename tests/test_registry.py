@@ -108,3 +108,50 @@ def test_cli_runs_a_plugin_strategy(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "attention_only" in out.stdout
+
+
+def test_python_api_warns_about_broken_plugins_and_unknown_disabled_names(site, monkeypatch):
+    install_plugin(site, "selproj-broken-warn", "broken_warn", "selproj_broken_w", "import does_not_exist_xyz\n")
+    monkeypatch.setenv("SELPROJ_DISABLE_PLUGINS", "biultin")
+    with pytest.warns(registry_module.PluginWarning) as caught:
+        registry_module.registry(reload=True)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("selproj plugin broken_warn disabled: failed to load: ModuleNotFoundError") for m in messages)
+    assert any(m.startswith("SELPROJ_DISABLE_PLUGINS names 'biultin', which is no selproj plugin; plugins: ")
+               and "broken_warn" in m and "builtin" in m for m in messages)
+
+
+def test_legacy_reduce_is_refused_at_registration(site):
+    install_plugin(site, "selproj-old", "old", "selproj_old", """
+        from dataclasses import dataclass
+        from selproj_plugin import Reducer, hookimpl
+        @dataclass
+        class Old(Reducer):
+            name = "old_weighted"
+            summary = "0.1-style reducer"
+            def reduce(self, features):
+                return features
+        @hookimpl
+        def selproj_strategies():
+            return [Old]
+    """)
+    registry_module.registry(reload=True)
+    assert "old_weighted" not in list_strategies()
+    assert plugin_errors()["old"].startswith("reducer Old defines reduce(), which selproj no longer calls")
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"patience": "3", "budget": "0.25"}, {"patience": 3, "budget": 0.25}),
+    ({"budget": "none", "selection": "a,b"}, {"budget": None, "selection": "a,b"}),
+])
+def test_option_text_is_converted_to_the_field_type(raw, expected):
+    assert registry_module.convert_options("greedy", raw) == expected
+    assert registry_module.convert_options("random_projection", {"dim": "4096"}) == {"dim": 4096}
+    assert registry_module.convert_options("random_projection", {"dim": "1%"}) == {"dim": "1%"}
+
+
+def test_option_text_that_fits_no_type_is_one_line():
+    with pytest.raises(StrategyError, match=r"^option greedy.patience expects int, got 'three'$"):
+        registry_module.convert_options("greedy", {"patience": "three"})
+    with pytest.raises(StrategyError, match="strategy 'greedy' has no option patients; options: budget, patience, selection"):
+        registry_module.convert_options("greedy", {"patients": "3"})

@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 
 from selproj_plugin import scoring
-from selproj_plugin.components import Component
+from selproj_plugin.components import Component, resolve
 from selproj_plugin.table import ComponentTable
 from selproj_plugin.transforms import Concatenate, Transform, TransformError
 
@@ -186,13 +186,12 @@ def reduction(reducer: Reducer, catalogue: Sequence[Component]) -> Reduction:
     names = list(names)
     if not names:
         raise ReducerError(f"strategy {label!r} selects no component of the {len(catalogue)} in the catalogue")
-    by_name = {c.name: c for c in catalogue}
-    by_param = {p: c for c in catalogue for p in c.param_names}
-    unknown = [n for n in names if n not in by_name and n not in by_param]
-    if unknown:
+    try:
+        selected = tuple(resolve(catalogue, names))
+    except ValueError:
+        unknown = [n for n in names if not _resolves(catalogue, n)]
         raise ReducerError(f"strategy {label!r} selects {unknown[0]!r}, which is not a component here "
-                           f"({len(unknown)} unknown; list them with --list-components)")
-    selected = tuple(by_name.get(n) or by_param[n] for n in names)
+                           f"({len(unknown)} unknown; see selproj_plugin.components.catalogue or --list-components)") from None
     if len({c.name for c in selected}) != len(selected):
         dup = next(c.name for i, c in enumerate(selected) if c.name in {d.name for d in selected[:i]})
         raise ReducerError(f"strategy {label!r} selects component {dup} twice")
@@ -222,6 +221,14 @@ def table_similarity(red: Reduction, table: ComponentTable, similarity: Similari
             "cannot be scored from a component table; run it on a model (without --table) so per-sample gradients are used")
     rows = np.arange(table.n_queries) if rows is None else rows
     return np.asarray(similarity(red, rows), dtype=np.float64)
+
+
+def _resolves(catalogue: Sequence[Component], name: str) -> bool:
+    try:
+        resolve(catalogue, [name])
+    except ValueError:
+        return False
+    return True
 
 
 def _one_line(exc: BaseException) -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from selproj_plugin.hookspecs import hookimpl
 from selproj_plugin.strategies.full import Full
 from selproj_plugin.strategies.greedy import Greedy, GreedyFidelity
-from selproj_plugin.strategies.random_projection import RandomProjection
+from selproj_plugin.strategies.random_projection import RandomProjection, RandomProjectionPerComponent
 from selproj_plugin.strategies.single import SingleComponent
 
 
 @hookimpl
 def selproj_strategies():
-    return [Full, Greedy, GreedyFidelity, RandomProjection, SingleComponent]
+    return [Full, Greedy, GreedyFidelity, RandomProjection, RandomProjectionPerComponent, SingleComponent]
