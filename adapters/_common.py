@@ -1,10 +1,12 @@
-"""Shared plumbing of the TRAK and Captum adapters: reducer lookup, selection, loss, checks.
+"""Shared plumbing of the TRAK and Captum adapters: reducer lookup, selection, memory, loss, checks.
 
 Everything here maps a selproj reducer onto a concrete model: which parameter tensors
-its selected components own (:class:`Plan`), how per-parameter per-sample gradients
-become the reducer's ``{component: [N, d]}`` features and then its reduced ``[N, D]``
-vector (:func:`reduce_gradients`), and the response-masked per-sample loss written so
-``torch.func.vmap`` can batch it (:func:`response_loss`).
+its selected components own (:class:`Plan`, built once per model, transform included),
+how per-parameter per-sample gradients become the reducer's ``{component: [N, d]}``
+features and then its reduced ``[N, D]`` vector (:func:`reduce_gradients`), how many
+samples' gradients and reduced rows fit under the memory limit (:meth:`Plan.rows`), and
+the response-masked per-sample loss written so ``torch.func.vmap`` can batch it
+(:func:`response_loss`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,30 @@ from selproj_plugin.samples import Sample
 from selproj_plugin.strategies.base import Reducer, Reduction, reduction
 
 
+# Budget for per-sample gradients, reduced rows and score chunks held at once (the model and its
+# activations come on top).  Measured by ``python -m benchmark.adapters``: with it every built-in
+# strategy, ``full`` included, stays within 4 GB peak RSS on SmolLM2-135M in both adapters.
+DEFAULT_MEMORY_LIMIT_GB = 1.5
+FEATURE_BYTES = 4  # reduced rows are kept as float32
+
+
 class AdapterError(ValueError):
     """A reducer, model or batch the TRAK/Captum adapters cannot use; the message is one line."""
+
+
+def memory_limit_bytes(gb: float) -> int:
+    """``memory_limit_gb`` in bytes; anything but a positive number is a one-line error."""
+    try:
+        value = float(gb)
+    except (TypeError, ValueError):
+        raise AdapterError(f"memory_limit_gb must be a positive number of GB, got {gb!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise AdapterError(f"memory_limit_gb must be a positive number of GB, got {gb!r}")
+    return max(1, int(value * 2**30))
+
+
+def gigabytes(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GB"
 
 
 def resolve_reducer(strategy: str | Reducer, options: Mapping[str, Any] | None = None) -> Reducer:
@@ -47,6 +71,7 @@ class Plan:
 
     reduction: Reduction
     param_names: tuple[str, ...]  # parameter tensors to differentiate, model order
+    grad_bytes: int  # one sample's gradient of those tensors, in bytes
 
     @property
     def reducer(self) -> Reducer:
@@ -72,6 +97,20 @@ class Plan:
         """Length of the reduced vector, as the transform declares it."""
         return int(self.reduction.transform.dim)
 
+    @property
+    def row_bytes(self) -> int:
+        """One sample's reduced row, as the adapters keep it (float32)."""
+        return self.dimension * FEATURE_BYTES
+
+    def rows(self, limit_bytes: float, per_row: int, copies: int = 1) -> int:
+        """Samples whose ``copies`` buffers of ``per_row`` bytes fit in ``limit_bytes``; at least 1."""
+        return max(1, int(limit_bytes // max(1, per_row * copies)))
+
+    def gradient_rows(self, limit_bytes: float, model: nn.Module, tokens: int) -> int:
+        """Samples per gradient step under ``limit_bytes``: per sample, two gradients' worth (the
+        gradients and the backward's temporaries), the reduced row and the activations of ``tokens``."""
+        return self.rows(limit_bytes, 2 * self.grad_bytes + self.row_bytes + activation_bytes(model, tokens))
+
     def fingerprint(self) -> str:
         """Stable JSON-safe id of reducer, options, selection and transform (TRAK's ``proj_type``)."""
         reducer = self.reducer
@@ -87,16 +126,46 @@ def plan(model: nn.Module, reducer: Reducer, scope: str = "paper") -> Plan:
     except ValueError as exc:
         raise AdapterError(str(exc)) from None
     wanted = {p for c in red.selected for p in c.param_names}
-    order = [n for n, _ in model.named_parameters() if n in wanted]
-    return Plan(red, tuple(order))
+    params = [(n, p) for n, p in model.named_parameters() if n in wanted]
+    return Plan(red, tuple(n for n, _ in params), sum(p.numel() * p.element_size() for _, p in params))
+
+
+def activation_bytes(model: nn.Module, tokens: int) -> int:
+    """Rough bytes one sample's forward and backward keep alive, from the model config; errs high.
+
+    Per layer and token: a dozen hidden-size tensors, four intermediate-size ones and three
+    attention rows (eager attention); per token: four vocabulary-size rows (logits, log-softmax
+    and their gradients).  Unknown configs get a large transformer's sizes.
+    """
+    config = getattr(model, "config", None)
+
+    def get(*names: str, default: int) -> int:
+        return next((int(getattr(config, n)) for n in names if getattr(config, n, None)), default)
+
+    hidden = get("hidden_size", "n_embd", "d_model", default=2048)
+    layers = get("num_hidden_layers", "n_layer", default=24)
+    inter = get("intermediate_size", "n_inner", default=4 * hidden)
+    heads = get("num_attention_heads", "n_head", default=16)
+    vocab = get("vocab_size", default=50_000)
+    per_token = layers * (12 * hidden + 4 * inter + 3 * heads * tokens) + 4 * vocab
+    return 4 * tokens * per_token
 
 
 def features_from_params(plan_: Plan, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-parameter per-sample gradients ``{param: [N, ...]}`` -> ``{selected name: [N, d]}``."""
+    """Per-parameter per-sample gradients ``{param: [N, ...]}`` -> ``{selected name: [N, d]}``.
+
+    A one-tensor component is a view of its gradient, not a copy: on a real model the
+    gradients are the largest thing in memory.
+    """
     missing = [p for p in plan_.param_names if p not in grads]
     if missing:
         raise AdapterError(f"gradients lack selected parameter {missing[0]} ({len(missing)} missing)")
-    return {comp.name: torch.cat([grads[p].flatten(1) for p in comp.param_names], dim=1) for comp in plan_.chosen}
+
+    def flat(comp: Component) -> torch.Tensor:
+        parts = [grads[p].flatten(1) for p in comp.param_names]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    return {comp.name: flat(comp) for comp in plan_.chosen}
 
 
 def split_flat(flat: torch.Tensor, layouts: Sequence[Sequence[tuple[str, int]]]) -> dict[str, torch.Tensor]:
@@ -114,12 +183,13 @@ def split_flat(flat: torch.Tensor, layouts: Sequence[Sequence[tuple[str, int]]])
     return out
 
 
-def reduce_gradients(plan_: Plan, grads: Mapping[str, torch.Tensor], dim: int) -> torch.Tensor:
-    """Apply the reducer to per-parameter per-sample gradients: ``[N, dim]`` tensor."""
+def reduce_gradients(plan_: Plan, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Apply the plan's transform (built once per model) to per-parameter per-sample gradients: ``[N, D]``."""
     features = features_from_params(plan_, grads)
-    out = plan_.reduction.transform(features)
-    out = torch.as_tensor(out)
     n = next(iter(features.values())).shape[0]
+    out = torch.as_tensor(plan_.reduction.transform(features))
+    del features
+    dim = plan_.dimension
     if out.dim() != 2 or out.shape[0] != n:
         raise AdapterError(f"strategy {plan_.reducer.name!r} returned shape {tuple(out.shape)} for {n} samples; expected [{n}, D]")
     if out.shape[1] != dim:
@@ -176,6 +246,20 @@ def encode(tokenizer: Any, samples: Sequence[Sample], *, max_length: int = 512,
     encoded, _ = encode_samples(tokenizer, list(samples), max_length)
     batch = collate(encoded, pad_token_id(tokenizer), device)
     return batch.input_ids, batch.attention_mask, batch.labels
+
+
+def row_slices(n: int, size: int) -> list[slice]:
+    """``[0, n)`` in consecutive slices of at most ``size`` rows."""
+    return [slice(start, min(n, start + size)) for start in range(0, n, max(1, size))]
+
+
+def take_rows(batch: Sequence[torch.Tensor], rows: slice, mask: int = 1) -> tuple[torch.Tensor, ...]:
+    """The same rows of every ``[B, T]`` tensor of a batch, without trailing columns that are padding in all of
+    them (``batch[mask]`` is the attention mask): a part of a right-padded batch needs only its own length."""
+    part = tuple(t[rows] for t in batch)
+    used = part[mask].ne(0).any(dim=0).nonzero()
+    length = int(used[-1]) + 1 if len(used) else part[mask].shape[1]
+    return tuple(t[:, :length] for t in part)
 
 
 def check_batch(batch: Sequence[torch.Tensor]) -> None:

@@ -1,29 +1,30 @@
-"""Captum adapter: selproj reducers in TracInCP, on causal LMs.
+"""Captum adapter: selproj reducers in TracInCP, on causal LMs, within a memory limit.
 
 :func:`tracin_layers` gives the module names of a reducer's selection, for plain
 ``TracInCP(layers=...)``.  :class:`ReducedTracInCP` is a ``TracInCP`` whose per-sample
 gradients (of the response-masked loss, for the selected components only) go through
 the reducer — a projection, a selection, or a third-party plugin from the registry —
 before Captum's dot products; with ``normalize=True`` (default) scores are cosines, the
-selproj retrieval score.  Data: ``(input_ids, attention_mask, labels)`` tuples, e.g.
-:func:`dataset` for training samples and :func:`encode` for test samples.
+selproj retrieval score.  Gradients are taken a few samples at a time, training batches
+and test inputs are split so that the reduced rows Captum holds fit ``memory_limit_gb``,
+and the reducer's transform is built once.  Data: ``(input_ids, attention_mask, labels)``
+tuples, e.g. :func:`dataset` for training samples and :func:`encode` for test samples.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from captum._utils.gradient import (
-    _compute_jacobian_wrt_params, _compute_jacobian_wrt_params_with_sample_wise_trick,
-    _extract_parameters_from_layers,
-)
+import torch
+from captum._utils.gradient import _compute_jacobian_wrt_params_with_sample_wise_trick, _extract_parameters_from_layers
 from captum.influence import TracInCP
-from captum.influence._utils.common import _load_flexible_state_dict
+from captum.influence._utils.common import KMostInfluentialResults, _load_flexible_state_dict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from selproj_plugin.adapters._common import (
-    AdapterError, Plan, encode, plan, reduce_gradients, resolve_reducer, response_loss,
+    DEFAULT_MEMORY_LIMIT_GB, AdapterError, Plan, encode, gigabytes, memory_limit_bytes, plan, reduce_gradients,
+    resolve_reducer, response_loss, row_slices, take_rows,
 )
 from selproj_plugin.samples import Sample
 from selproj_plugin.strategies.base import Reducer
@@ -32,6 +33,8 @@ __all__ = ["AdapterError", "ReducedTracInCP", "ResponseLoss", "dataset", "encode
 
 # Captum's per-sample trick (sample_wise_grads_per_batch=True) hooks only these, listed directly.
 TRICK_MODULES = (nn.Linear, nn.Conv2d)
+CURRENT = "<the model's current weights>"  # the one checkpoint when none is given
+MAX_BATCH = 32  # largest automatic training batch: beyond it larger batches save nothing
 
 
 def _layers_of(model: nn.Module, plan_: Plan) -> list[str]:
@@ -93,33 +96,57 @@ def dataset(tokenizer: Any, samples: Sequence[Sample], *, max_length: int = 512)
     return TensorDataset(*encode(tokenizer, samples, max_length=max_length))
 
 
+def _no_load(model: nn.Module, checkpoint: str) -> float:
+    """Checkpoint loader for :data:`CURRENT`: keeps the weights, learning rate 1."""
+    return 1.0
+
+
 class ReducedTracInCP(TracInCP):
     """TracInCP over a selproj reducer's reduced per-sample gradients of a causal LM.
 
     Gradients of the response-masked per-sample loss are taken for the selected
-    components only (Captum ``layers``), mapped to the reducer's ``{component: [N, d]}``
-    features, reduced to ``[N, D]`` and, with ``normalize``, scaled to unit norm, so
-    ``influence`` returns learning-rate-weighted cosines summed over checkpoints.
+    components only, mapped to the reducer's ``{component: [N, d]}`` features, reduced to
+    ``[N, D]`` by the transform built once per model and, with ``normalize``, scaled to
+    unit norm, so ``influence`` returns learning-rate-weighted cosines summed over
+    checkpoints.  ``checkpoints=None`` scores the model as it is, with no checkpoint file.
+
+    Memory stays near ``memory_limit_gb`` (plus the model): an eighth of it bounds the
+    per-sample gradients taken at once, an eighth the training batch's reduced rows
+    (``batch_size=None`` picks the largest batch that fits), the rest the test inputs'
+    reduced rows, which Captum keeps for the whole pass over the training data: more test
+    inputs than fit are scored in parts, each part a pass over the training data.
     """
 
     def __init__(
         self,
         model: nn.Module,
         train_dataset: Union[Dataset, DataLoader],
-        checkpoints: Union[str, List[str], Iterator[str]],
+        checkpoints: Union[str, List[str], Iterator[str], None] = None,
         strategy: str | Reducer = "full",
         options: Mapping[str, Any] | None = None,
         *,
-        checkpoints_load_func: Callable[[nn.Module, str], float] = _load_flexible_state_dict,
-        batch_size: int = 8,
+        checkpoints_load_func: Optional[Callable[[nn.Module, str], float]] = None,
+        batch_size: Optional[int] = None,
         normalize: bool = True,
         sample_wise_grads_per_batch: bool = False,
+        memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB,
         scope: str = "paper",
     ) -> None:
         self.plan = plan(model, resolve_reducer(strategy, options), scope)
         self.dim = self.plan.dimension
-        if self.dim < 1:
-            raise AdapterError(f"strategy {self.plan.reducer.name!r} reduces to {self.dim} dimensions; need at least 1")
+        self.limit_bytes = memory_limit_bytes(memory_limit_gb)
+        self.test_rows = self.plan.rows(self.limit_bytes * 3 / 4, self.plan.row_bytes)
+        train_rows = self.plan.rows(self.limit_bytes / 8, self.plan.row_bytes)
+        if batch_size is None:
+            batch_size = min(MAX_BATCH, train_rows)
+        given = getattr(train_dataset, "batch_size", None) if isinstance(train_dataset, DataLoader) else batch_size
+        if given is not None and (not isinstance(given, int) or given < 1):
+            raise AdapterError(f"batch_size must be a positive number of samples, got {given!r}")
+        if given is not None and given > train_rows:
+            raise AdapterError(
+                f"a training batch of {given} samples holds {given} x {self.dim:,} reduced floats "
+                f"({gigabytes(given * self.plan.row_bytes)}), over an eighth of the memory limit of "
+                f"{gigabytes(self.limit_bytes)}; use batch_size<={train_rows} or batch_size=None")
         layers = _layers_of(model, self.plan)
         if sample_wise_grads_per_batch:
             modules = dict(model.named_modules())
@@ -129,15 +156,39 @@ class ReducedTracInCP(TracInCP):
                     f"sample_wise_grads_per_batch=True supports only nn.Linear/nn.Conv2d layers; "
                     f"{bad[0]} is {type(modules[bad[0]]).__name__} (use sample_wise_grads_per_batch=False)"
                 )
+        if checkpoints is None:
+            if checkpoints_load_func is not None:
+                raise AdapterError("checkpoints_load_func needs checkpoints to load")
+            checkpoints, checkpoints_load_func = [CURRENT], _no_load
         loss = ResponseLoss("sum" if sample_wise_grads_per_batch else "none")
         super().__init__(
-            model, train_dataset, checkpoints, checkpoints_load_func, layers=layers, loss_fn=loss,
-            batch_size=batch_size, sample_wise_grads_per_batch=sample_wise_grads_per_batch,
+            model, train_dataset, checkpoints, checkpoints_load_func or _load_flexible_state_dict, layers=layers,
+            loss_fn=loss, batch_size=batch_size, sample_wise_grads_per_batch=sample_wise_grads_per_batch,
         )
         self.normalize = normalize
         self._logits = _Logits(model)
-        names = {id(p): n for n, p in model.named_parameters()}
+        named = dict(model.named_parameters())
+        self._params = [named[n] for n in self.plan.param_names]
+        names = {id(p): n for n, p in named.items()}
         self._layer_param_names = [names.get(id(p)) for p in _extract_parameters_from_layers(self.layer_modules)]
+
+    # ---- per-sample gradients, reduced a micro-batch at a time -------------------------
+    def _gradients(self, inputs: Tuple[Any, ...], targets: Tensor, loss_fn: Callable,
+                   reduction_type: Optional[str]) -> dict[str, Tensor]:
+        """``{param: [m, ...]}`` per-sample gradients of the selected tensors for one micro-batch."""
+        if self.sample_wise_grads_per_batch:
+            jac = _compute_jacobian_wrt_params_with_sample_wise_trick(
+                self._logits, inputs, targets, loss_fn, reduction_type or "sum", self.layer_modules)
+            wanted = set(self.plan.param_names)
+            return {n: g for n, g in zip(self._layer_param_names, jac) if n in wanted}
+        with torch.enable_grad():
+            losses = loss_fn(self._logits(*inputs), targets)
+            m = losses.shape[0]
+            rows = [torch.autograd.grad(losses[i], self._params, retain_graph=i < m - 1) for i in range(m)]
+        del losses
+        if m == 1:
+            return {n: g.unsqueeze(0) for n, g in zip(self.plan.param_names, rows[0])}
+        return {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(self.plan.param_names)}
 
     def _basic_computation_tracincp(
         self,
@@ -150,14 +201,66 @@ class ReducedTracInCP(TracInCP):
         if len(inputs) != 2 or targets is None:
             raise AdapterError("a batch is (input_ids, attention_mask, labels)")
         loss_fn = loss_fn if loss_fn is not None else self.loss_fn
-        if self.sample_wise_grads_per_batch:
-            jac = _compute_jacobian_wrt_params_with_sample_wise_trick(
-                self._logits, inputs, targets, loss_fn, reduction_type or "sum", self.layer_modules)
-        else:
-            jac = _compute_jacobian_wrt_params(self._logits, inputs, targets, loss_fn, self.layer_modules)
-        wanted = set(self.plan.param_names)
-        grads = {n: g for n, g in zip(self._layer_param_names, jac) if n in wanted}
-        reduced = reduce_gradients(self.plan, grads, self.dim).float()
-        if self.normalize:
-            reduced = reduced / reduced.norm(dim=1, keepdim=True).clamp(min=1e-30)
-        return (reduced,)
+        n = targets.shape[0]
+        step = self.plan.gradient_rows(self.limit_bytes / 8, self.model, targets.shape[1])
+        out: Tensor | None = None
+        for rows in row_slices(n, step):
+            *part_inputs, part_targets = take_rows((*inputs, targets), rows)
+            grads = self._gradients(tuple(part_inputs), part_targets, loss_fn, reduction_type)
+            part = reduce_gradients(self.plan, grads).float()
+            del grads
+            if self.normalize:
+                part /= part.norm(dim=1, keepdim=True).clamp(min=1e-30)
+            if rows.stop - rows.start == n:
+                out = part
+                break
+            if out is None:
+                out = torch.empty(n, part.shape[1], dtype=part.dtype, device=part.device)
+            out[rows] = part
+        return (out,)
+
+    # ---- test inputs in parts whose reduced rows fit ------------------------------------
+    def _parts(self, inputs: Union[Tuple[Any, ...], DataLoader]) -> list[Any] | None:
+        """Test inputs cut into parts of at most ``test_rows`` samples, or None when they fit whole."""
+        batches = list(inputs) if isinstance(inputs, DataLoader) else [tuple(inputs)]
+        if sum(b[0].shape[0] for b in batches) <= self.test_rows:
+            return None
+        parts: list[list[tuple[Any, ...]]] = [[]]
+        room = self.test_rows
+        for batch in batches:
+            for rows in row_slices(batch[0].shape[0], self.test_rows):
+                size = rows.stop - rows.start
+                if size > room:
+                    parts.append([])
+                    room = self.test_rows
+                parts[-1].append(take_rows(batch, rows))
+                room -= size
+        return [DataLoader(part, batch_size=None, shuffle=False) for part in parts]
+
+    def _influence(self, inputs: Union[Tuple[Any, ...], DataLoader], show_progress: bool = False,
+                   aggregate: bool = False) -> Tensor:
+        parts = self._parts(inputs)
+        if parts is None:
+            return super()._influence(inputs, show_progress, aggregate)
+        scores = [super(ReducedTracInCP, self)._influence(p, show_progress, aggregate) for p in parts]
+        return torch.stack(scores).sum(0) if aggregate else torch.cat(scores, dim=0)
+
+    def _get_k_most_influential(self, inputs: Union[Tuple[Any, ...], DataLoader], k: int = 5,
+                                proponents: bool = True, show_progress: bool = False,
+                                aggregate: bool = False) -> KMostInfluentialResults:
+        parts = self._parts(inputs)
+        if parts is None:
+            return super()._get_k_most_influential(inputs, k, proponents, show_progress, aggregate)
+        if aggregate:
+            scores, indices = torch.topk(self._influence(inputs, show_progress, True), k, dim=1, largest=proponents)
+            return KMostInfluentialResults(indices, scores)
+        found = [super(ReducedTracInCP, self)._get_k_most_influential(p, k, proponents, show_progress) for p in parts]
+        return KMostInfluentialResults(torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found]))
+
+    def self_influence(self, inputs: Union[Tuple[Any, ...], DataLoader, None] = None, show_progress: bool = False,
+                       outer_loop_by_checkpoints: bool = False) -> Tensor:
+        parts = None if inputs is None else self._parts(inputs)
+        if parts is None:
+            return super().self_influence(inputs, show_progress, outer_loop_by_checkpoints)
+        return torch.cat([super(ReducedTracInCP, self).self_influence(p, show_progress, outer_loop_by_checkpoints)
+                          for p in parts])

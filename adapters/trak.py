@@ -1,22 +1,34 @@
-"""TRAK adapter: any selproj reducer as TRAK's projector, on causal LMs.
+"""TRAK adapter: any selproj reducer as TRAK's projector, on causal LMs, within a memory limit.
 
-``traker_kwargs(model, strategy, options=...)`` returns ready keyword arguments for
-``trak.TRAKer``: a :class:`ReducerProjector` that applies the reducer (from the plugin
-registry, so third-party reducers work unchanged), a :class:`SelectedGradientComputer`
-that differentiates only the selected components' tensors, the response-masked loss as
-the model output (:class:`CausalLMOutput`) and, by default, cosine scores
-(:class:`CosineScoreComputer`), which is how the selproj benchmark retrieves.
+:class:`ReducedTRAKer` is a ``trak.TRAKer`` for a reducer (from the plugin registry, so
+third-party reducers work unchanged) that streams: batches are split so that per-sample
+gradients and reduced rows stay under ``memory_limit_gb``, the reducer's transform is
+built once per model, stores are written row by row into ``save_dir`` without memory
+maps, and cosine scores are computed a block of columns at a time.  With it the full
+gradient of a 135M model fits in 4 GB.
 
-    traker = TRAKer(train_set_size=len(train), save_dir=dir, **traker_kwargs(model, "greedy", options=...))
+    traker = ReducedTRAKer(model, "greedy", {"selection": [...]}, train_set_size=len(train), save_dir=tmp)
     traker.load_checkpoint(model.state_dict(), model_id=0)
     traker.featurize(batch=encode(tokenizer, train), num_samples=len(train))
+
+``traker_kwargs(model, strategy, options=...)`` gives the same parts for a plain
+``TRAKer``: a :class:`ReducerProjector`, a :class:`ReducingGradientComputer` that
+differentiates only the selected tensors and reduces them a few samples at a time, the
+response-masked loss as model output (:class:`CausalLMOutput`) and cosine scores
+(:class:`CosineScoreComputer`).  Plain TRAKer then holds every stored row in memory when
+it finalizes: fine for selections and projections, not for ``full`` on a real model.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+import os
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
 
 import torch
 from torch import Tensor, nn
@@ -24,16 +36,18 @@ from trak.gradient_computers import AbstractGradientComputer
 from trak.modelout_functions import AbstractModelOutput
 from trak.projectors import AbstractProjector, CudaProjector, ProjectionType
 from trak.score_computers import AbstractScoreComputer, BasicScoreComputer
+from trak.traker import TRAKer
 
 from selproj_plugin.adapters._common import (
-    AdapterError, Plan, check_batch, device_name, encode, plan, reduce_gradients, require_eager,
-    resolve_reducer, response_loss, split_flat,
+    DEFAULT_MEMORY_LIMIT_GB, AdapterError, Plan, check_batch, device_name, encode, gigabytes, memory_limit_bytes,
+    plan, reduce_gradients, require_eager, resolve_reducer, response_loss, row_slices, split_flat, take_rows,
 )
+from selproj_plugin.adapters._trak_store import RowFile, RowSaver, streamed_cosine
 from selproj_plugin.strategies.base import Reducer
 
 __all__ = [
-    "AdapterError", "CausalLMOutput", "CosineScoreComputer", "ReducerProjector",
-    "SelectedGradientComputer", "encode", "traker_kwargs",
+    "AdapterError", "CausalLMOutput", "CosineScoreComputer", "ReducedBatch", "ReducedTRAKer", "ReducerProjector",
+    "ReducingGradientComputer", "SelectedGradientComputer", "encode", "traker_kwargs",
 ]
 
 FAST_JL_MULTIPLE = 512  # fast_jl kernels project to multiples of 512 dimensions
@@ -131,14 +145,24 @@ class SelectedGradientComputer(AbstractGradientComputer):
         return self.modelout_fn.get_out_to_loss_grad(self.model, weights, self.func_buffers, batch)
 
 
+@dataclass(frozen=True)
+class ReducedBatch:
+    """Reduced rows ``[B, D]`` a :class:`ReducingGradientComputer` hands to its projector."""
+
+    values: Tensor
+    proj_type: str
+
+
 class ReducerProjector(AbstractProjector):
     """A TRAK projector that applies a selproj reducer to per-sample gradients.
 
-    Accepts TRAK's two gradient forms: ``{param name: [B, ...]}`` (functional
-    computers) and a flat ``[B, P]`` tensor laid out either over the selected tensors
-    or over every model parameter (iterative computer).  ``proj_dim`` is the reducer's
-    dimension; ``proj_type`` a stable string naming reducer, options and selection.
-    The same reduction is used for every ``model_id`` (checkpoint).
+    The reducer's selection and transform are built once, here (:func:`plan`), and reused
+    for every batch and every ``model_id`` (checkpoint).  Accepts rows already reduced by
+    a :class:`ReducingGradientComputer` sharing this projector, and TRAK's two gradient
+    forms: ``{param name: [B, ...]}`` (functional computers) and a flat ``[B, P]`` tensor
+    laid out over the selected tensors or over every model parameter (iterative computer).
+    ``proj_dim`` is the reducer's dimension; ``proj_type`` a stable string naming reducer,
+    options and selection.
     """
 
     def __init__(self, model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
@@ -146,8 +170,6 @@ class ReducerProjector(AbstractProjector):
                  seed: int = 0, fast_jl: bool | None = None, max_batch_size: int = 32, scope: str = "paper") -> None:
         self.plan: Plan = plan(model, resolve_reducer(strategy, options), scope)
         dim = self.plan.dimension
-        if dim < 1:
-            raise AdapterError(f"strategy {self.plan.reducer.name!r} reduces to {dim} dimensions; TRAK needs at least 1")
         device = device_name(device, model)
         proj_type = self.plan.fingerprint()
         self.inner: AbstractProjector | None = None
@@ -170,22 +192,71 @@ class ReducerProjector(AbstractProjector):
         self._selected_layout = [(n, numel[n]) for n in self.plan.param_names]
         self._model_layout = list(numel.items())
 
-    def project(self, grads: Mapping[str, Tensor] | Tensor, model_id: int) -> Tensor:
-        """Reduce a batch of per-sample gradients to ``[B, proj_dim]``."""
+    def reduce(self, grads: Mapping[str, Tensor] | Tensor) -> Tensor:
+        """Per-sample gradients (either TRAK form) -> ``[B, proj_dim]`` in the projector's dtype and device."""
         if isinstance(grads, Tensor):
             grads = split_flat(grads, [self._selected_layout, self._model_layout])
         elif not isinstance(grads, Mapping):
             raise AdapterError(f"gradients must be a dict of tensors or a [batch, params] tensor, got {type(grads).__name__}")
-        if self.inner is not None:
+        if self.inner is not None:  # one projection for every checkpoint, as for the other reducers
             flat = torch.cat([grads[p].flatten(1) for p in self.plan.param_names], dim=1)
-            return self.inner.project(flat.to(self.dtype).contiguous(), model_id)
-        out = reduce_gradients(self.plan, grads, self.proj_dim)
-        return out.to(device=self.device, dtype=self.dtype)
+            return self.inner.project(flat.to(self.dtype).contiguous(), 0)
+        return reduce_gradients(self.plan, grads).to(device=self.device, dtype=self.dtype)
+
+    def project(self, grads: ReducedBatch | Mapping[str, Tensor] | Tensor, model_id: int) -> Tensor:
+        """Reduce a batch of per-sample gradients to ``[B, proj_dim]`` (reduced rows pass through)."""
+        if isinstance(grads, ReducedBatch):
+            if grads.proj_type != self.proj_type:
+                raise AdapterError(f"rows reduced by {grads.proj_type} reached the projector of {self.proj_type}")
+            return grads.values
+        return self.reduce(grads)
 
     def free_memory(self) -> None:
         """Release projector state; ``project`` keeps working afterwards (state is rebuilt)."""
         if self.inner is not None:
             self.inner.free_memory()
+
+
+class ReducingGradientComputer(SelectedGradientComputer):
+    """Per-sample gradients of the selected tensors, reduced as they are computed, a few samples at a time.
+
+    TRAKer passes the gradient computer's result to the projector; this computer applies its
+    projector's reduction itself, to micro-batches whose gradients, activations and reduced
+    rows fit ``limit_bytes``, so no more than a micro-batch of per-sample gradients ever
+    exists.  The projector receives only the reduced rows (:class:`ReducedBatch`).  A batch
+    whose reduced rows alone would exceed the limit is refused with a one-line error.
+    """
+
+    def __init__(self, model: nn.Module, task: AbstractModelOutput, grad_dim: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 grad_wrt: Optional[Iterable[str]] = None, *, projector: ReducerProjector,
+                 limit_bytes: int) -> None:
+        super().__init__(model, task, grad_dim, dtype, device, grad_wrt)
+        self.projector, self.limit_bytes = projector, limit_bytes
+        self.max_rows = projector.plan.rows(limit_bytes, projector.plan.row_bytes, copies=2)  # TRAKer copies them
+
+    def compute_per_sample_grad(self, batch: Sequence[Tensor]) -> ReducedBatch:
+        """Reduced rows ``[B, D]`` of a batch, computed a micro-batch at a time."""
+        check_batch(batch)
+        plan_, n = self.projector.plan, batch[0].shape[0]
+        if n > self.max_rows:
+            raise AdapterError(
+                f"a batch of {n} samples reduces to {n} x {plan_.dimension:,} floats "
+                f"({gigabytes(2 * n * plan_.row_bytes)} with TRAKer's copy), over the memory limit of "
+                f"{gigabytes(self.limit_bytes)}; pass at most {self.max_rows} per call (ReducedTRAKer splits batches)")
+        step = plan_.gradient_rows(self.limit_bytes, self.model, batch[0].shape[1])
+        out: Tensor | None = None
+        for rows in row_slices(n, step):
+            grads = super().compute_per_sample_grad(take_rows(batch, rows))
+            part = self.projector.reduce(grads)
+            del grads
+            if rows.stop - rows.start == n:
+                out = part
+                break
+            if out is None:
+                out = torch.empty(n, part.shape[1], dtype=part.dtype, device=part.device)
+            out[rows] = part
+        return ReducedBatch(out, self.projector.proj_type)
 
 
 class CosineScoreComputer(AbstractScoreComputer):
@@ -218,29 +289,154 @@ class CosineScoreComputer(AbstractScoreComputer):
 
 def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
                   *, device: str | torch.device | None = None, score: str = "cosine",
-                  use_half_precision: bool = False, fast_jl: bool | None = None, scope: str = "paper") -> dict[str, Any]:
+                  use_half_precision: bool = False, fast_jl: bool | None = None, scope: str = "paper",
+                  memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB) -> dict[str, Any]:
     """Keyword arguments for ``trak.TRAKer`` (add ``train_set_size`` and ``save_dir``).
 
     ``strategy`` is a registered reducer name (``options`` are its options) or a
     configured :class:`~selproj_plugin.Reducer`; ``score`` is ``"cosine"`` (retrieval, the
-    selproj default) or ``"trak"`` (TRAK's whitened inner product); ``scope`` is the component
-    set the reducer selects from (``"paper"``: embedding and weight matrices; ``"all"``).  Switches an sdpa
-    model to eager attention and turns ``device`` into the string TRAK expects.
+    selproj default) or ``"trak"`` (TRAK's whitened inner product, which inverts a
+    ``proj_dim`` square matrix); ``scope`` is the component set the reducer selects from
+    (``"paper"``: embedding and weight matrices; ``"all"``).  Per-sample gradients are
+    reduced in micro-batches under ``memory_limit_gb``.  Switches an sdpa model to eager
+    attention and turns ``device`` into the string TRAK expects.
     """
     if score not in ("cosine", "trak"):
         raise AdapterError(f"score must be 'cosine' or 'trak', got {score!r}")
+    limit = memory_limit_bytes(memory_limit_gb)
     device = device_name(device, model)
     require_eager(model)
     dtype = torch.float16 if use_half_precision else torch.float32
     projector = ReducerProjector(model, strategy, options, device=device, dtype=dtype, fast_jl=fast_jl, scope=scope)
+    xtx = 2 * projector.proj_dim ** 2 * 4  # TRAK's X^T X and its inverse, float32
+    if score == "trak" and xtx > limit:
+        raise AdapterError(f"score='trak' inverts a {projector.proj_dim:,}-square matrix ({gigabytes(xtx)}), over the "
+                           f"memory limit of {gigabytes(limit)}; use score='cosine' or a reducer of lower dimension")
     return {
         "model": model,
         "task": CausalLMOutput(),
         "device": device,
-        "gradient_computer": SelectedGradientComputer,
+        "gradient_computer": functools.partial(ReducingGradientComputer, projector=projector, limit_bytes=limit),
         "grad_wrt": list(projector.plan.param_names),
         "projector": projector,
         "proj_dim": projector.proj_dim,
         "score_computer": CosineScoreComputer if score == "cosine" else BasicScoreComputer,
         "use_half_precision": use_half_precision,
     }
+
+
+class ReducedTRAKer(TRAKer):
+    """``trak.TRAKer`` over a selproj reducer that keeps memory under ``memory_limit_gb``.
+
+    Built from :func:`traker_kwargs`; ``save_dir`` is required (TRAK's default writes to the
+    working directory): the stores there hold ``train_set_size`` (and per experiment
+    ``num_targets``) rows of ``proj_dim`` floats, 17 GB for ``full`` on 32 samples of a
+    135M model, so use a temporary directory or delete it after use.  ``featurize`` and
+    ``score`` split their batch into parts whose reduced rows fit the limit; with cosine
+    scores (the default) the rows are written to the files without memory maps and
+    ``finalize_scores`` reads them a block of columns at a time.  ``score="trak"`` keeps
+    TRAK's own stores and whitened scores.
+    """
+
+    def __init__(self, model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
+                 *, train_set_size: int, save_dir: str | os.PathLike, device: str | torch.device | None = None,
+                 score: str = "cosine", memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB, scope: str = "paper",
+                 use_half_precision: bool = False, fast_jl: bool | None = None,
+                 logging_level: int = logging.WARNING, load_from_save_dir: bool = True) -> None:
+        if not save_dir:
+            raise AdapterError("save_dir is required: the stores grow to train_set_size x proj_dim floats")
+        if not isinstance(train_set_size, (int, np.integer)) or train_set_size < 1:
+            raise AdapterError(f"train_set_size must be a positive number of samples, got {train_set_size!r}")
+        kwargs = traker_kwargs(model, strategy, options, device=device, score=score, scope=scope,
+                               use_half_precision=use_half_precision, fast_jl=fast_jl, memory_limit_gb=memory_limit_gb)
+        self.limit_bytes = memory_limit_bytes(memory_limit_gb)
+        self.streaming = score == "cosine"
+        super().__init__(train_set_size=int(train_set_size), save_dir=str(save_dir), logging_level=logging_level,
+                         load_from_save_dir=load_from_save_dir, saver=RowSaver if self.streaming else None, **kwargs)
+
+    @property
+    def plan(self) -> Plan:
+        """The reducer's selection and transform on this model (built once)."""
+        return self.projector.plan
+
+    def _parts(self, batch: Sequence[Tensor], inds: Optional[Iterable[int]], num_samples: Optional[int],
+               last: str) -> Iterable[tuple[tuple[Tensor, ...], np.ndarray]]:
+        """``(rows of batch, their indices)`` parts that fit the memory limit; indices as TRAKer assigns them."""
+        check_batch(batch)
+        if (inds is None) == (num_samples is None):
+            raise AdapterError("give exactly one of inds and num_samples")
+        n = batch[0].shape[0]
+        if inds is None:
+            if num_samples != n:
+                raise AdapterError(f"num_samples={num_samples} but the batch holds {n} samples")
+            start = getattr(self, last)
+            setattr(self, last, start + n)
+            inds = np.arange(start, start + n)
+        inds = np.asarray(inds).reshape(-1)
+        if len(inds) != n:
+            raise AdapterError(f"{len(inds)} indices for a batch of {n} samples")
+        step = self.gradient_computer.max_rows
+        return [(take_rows(batch, rows), inds[rows]) for rows in row_slices(n, step)]
+
+    def featurize(self, batch: Iterable[Tensor], inds: Optional[Iterable[int]] = None,
+                  num_samples: Optional[int] = None) -> None:
+        """TRAKer's ``featurize``, a part of the batch at a time."""
+        for part, idx in self._parts(list(batch), inds, num_samples, "_last_ind"):
+            super().featurize(batch=part, inds=idx)
+
+    def score(self, batch: Iterable[Tensor], inds: Optional[Iterable[int]] = None,
+              num_samples: Optional[int] = None) -> None:
+        """TRAKer's ``score``, a part of the batch at a time."""
+        for part, idx in self._parts(list(batch), inds, num_samples, "_last_ind_target"):
+            super().score(batch=part, inds=idx)
+
+    def finalize_features(self, model_ids: Iterable[int] = None, del_grads: bool = False) -> None:
+        """Mark featurized checkpoints final; with cosine scores the stored rows are the features."""
+        if not self.streaming:
+            return super().finalize_features(model_ids, del_grads)
+        if del_grads:
+            raise AdapterError("del_grads=True would delete the stored rows that cosine scores are computed from")
+        for model_id in (list(self.saver.model_ids) if model_ids is None else list(model_ids)):
+            state = self.saver.model_ids.get(model_id)
+            if state is None or not state["is_featurized"]:
+                raise AdapterError(f"model ID {model_id} is {'not registered' if state is None else 'not fully featurized'}; "
+                                   "load_checkpoint and featurize every training sample first")
+            self.saver.load_current_store(model_id)
+            state["is_finalized"] = 1
+            self.saver.serialize_current_model_id_metadata()
+        self._last_ind = 0
+
+    def finalize_scores(self, exp_name: str, model_ids: Iterable[int] = None, allow_skip: bool = False) -> np.ndarray:
+        """``[train, targets]`` scores averaged over checkpoints, as an in-memory array (the store may be deleted)."""
+        if not self.streaming:
+            return np.array(super().finalize_scores(exp_name, model_ids, allow_skip))
+        self._last_ind_target = 0
+        experiment = self.saver.experiments.get(exp_name)
+        if experiment is None:
+            raise AdapterError(f"experiment {exp_name!r} does not exist; start_scoring_checkpoint and score first")
+        ids = list(self.saver.model_ids) if model_ids is None else list(model_ids)
+        targets = experiment["num_targets"]
+        total = torch.zeros(self.train_set_size, targets, dtype=torch.float64)
+        out_to_loss = np.zeros((self.train_set_size, 1))
+        used = 0
+        for model_id in ids:
+            if not self.saver.model_ids.get(model_id, {}).get("is_finalized"):
+                raise AdapterError(f"model ID {model_id} is not finalized; call finalize_features first")
+            self.saver.load_current_store(model_id)
+            self.saver.load_current_store(model_id, exp_name, targets)
+            rows = self.saver.current_store[f"{exp_name}_grads"]
+            if not isinstance(rows, RowFile):
+                if allow_skip:
+                    continue
+                raise AdapterError(f"no target gradients of experiment {exp_name!r} for model ID {model_id}")
+            total += streamed_cosine(self.saver.current_store["grads"], rows, self.limit_bytes // 2)
+            out_to_loss += np.asarray(self.saver.current_store["out_to_loss"], dtype=np.float64)
+            used += 1
+        if not used:
+            raise AdapterError(f"no checkpoint has target gradients of experiment {exp_name!r}")
+        scores = (total.numpy() / used) * (out_to_loss / used)
+        store = self.saver.current_store[f"{exp_name}_scores"]
+        store[:] = scores
+        self.saver.save_scores(exp_name)
+        self.scores = scores
+        return scores

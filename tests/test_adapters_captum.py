@@ -17,7 +17,8 @@ from selproj_plugin.adapters.captum import (  # noqa: E402
 from selproj_plugin.adapters.captum import _Logits  # noqa: E402
 from selproj_plugin.components import catalogue  # noqa: E402
 from test_adapters_trak import (  # noqa: E402,F401  (fixtures and helpers shared with the TRAK tests)
-    CANDIDATES, QUERIES, RP_MIN_CORRELATION, SELECTION, assert_same_retrieval, component_order, engine_cosines,
+    CANDIDATES, QUERIES, RP_MIN_CORRELATION, SELECTION, TINY_LIMIT_GB, Recorder, assert_same_retrieval,
+    component_order, engine_cosines,
     model, tokenizer, weighted_plugin,
 )
 from selproj_plugin.engine import EngineConfig, pairwise_dots  # noqa: E402
@@ -50,6 +51,59 @@ def test_tracin_ranks_like_the_engine(model, tokenizer, checkpoint, strategy):
         scores = tracin_scores(model, tokenizer, checkpoint, "greedy", {"selection": SELECTION}, scope="all")
         expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, component_order(model, SELECTION), scope="all")
     assert_same_retrieval(scores, expected)
+
+
+@pytest.mark.parametrize("strategy", ["full", "random_projection"])
+def test_tracin_streams_under_a_memory_limit(model, tokenizer, checkpoint, monkeypatch, strategy):
+    from selproj_plugin import get_strategy
+
+    reducer = get_strategy(strategy) if strategy == "full" else get_strategy(strategy, dim=512)
+    recorder = Recorder(monkeypatch, reducer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, reducer, memory_limit_gb=TINY_LIMIT_GB)
+        streamed = tracin.influence(encode(tokenizer, QUERIES)).detach().double().numpy()
+    # built once; one sample's gradients at a time; one test input held per pass over the training data
+    assert recorder.built == 1 and tracin.batch_size == 1 and tracin.test_rows == 1
+    assert recorder.rows == [1] * (len(QUERIES) * (1 + len(CANDIDATES)))
+    whole = tracin_scores(model, tokenizer, checkpoint, strategy, None if strategy == "full" else {"dim": 512})
+    np.testing.assert_allclose(streamed, whole, atol=1e-5)
+    if strategy == "full":
+        assert_same_retrieval(streamed, engine_cosines(model, tokenizer, QUERIES, CANDIDATES))
+
+
+def test_tracin_parts_give_every_influence_mode(model, tokenizer, checkpoint):
+    options = {"selection": LINEAR_SELECTION}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parts = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, "greedy", options,
+                                memory_limit_gb=TINY_LIMIT_GB)
+        whole = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), [checkpoint], "greedy", options, batch_size=4)
+        loader = torch.utils.data.DataLoader(dataset(tokenizer, QUERIES), batch_size=3)
+        for inputs in (encode(tokenizer, QUERIES), loader):
+            torch.testing.assert_close(parts.influence(inputs), whole.influence(encode(tokenizer, QUERIES)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(parts.influence(loader, aggregate=True),
+                                   whole.influence(encode(tokenizer, QUERIES), aggregate=True), atol=1e-5, rtol=0)
+        a, b = parts.influence(loader, k=3), whole.influence(encode(tokenizer, QUERIES), k=3)
+        torch.testing.assert_close(a.influence_scores, b.influence_scores, atol=1e-5, rtol=0)
+        assert torch.equal(a.indices, b.indices)
+        a, b = parts.influence(loader, k=2, aggregate=True), whole.influence(encode(tokenizer, QUERIES), k=2, aggregate=True)
+        assert torch.equal(a.indices, b.indices)
+        torch.testing.assert_close(parts.self_influence(encode(tokenizer, QUERIES)),
+                                   whole.self_influence(encode(tokenizer, QUERIES)), atol=1e-5, rtol=0)
+    assert parts.test_rows == 1 and whole.test_rows >= len(QUERIES)
+
+
+def test_tracin_batch_over_the_memory_limit_is_one_line_error(model, tokenizer):
+    with pytest.raises(AdapterError, match=r"a training batch of 4 samples holds 4 x [\d,]+ reduced floats .* "
+                                           r"use batch_size<=1 or batch_size=None") as err:
+        ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, "full", batch_size=4,
+                        memory_limit_gb=TINY_LIMIT_GB)
+    assert "\n" not in str(err.value)
+    with pytest.raises(AdapterError, match="checkpoints_load_func needs checkpoints"):
+        ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, "full", checkpoints_load_func=lambda m, p: 1.0)
+    with pytest.raises(AdapterError, match="memory_limit_gb must be a positive number"):
+        ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, "full", memory_limit_gb=-1)
 
 
 def test_per_sample_trick_on_linear_layers_matches(model, tokenizer, checkpoint):

@@ -29,13 +29,15 @@ trak = pytest.importorskip("trak")
 from trak import TRAKer  # noqa: E402
 from trak.gradient_computers import FunctionalGradientComputer  # noqa: E402
 
+from selproj_plugin.adapters._trak_store import RowFile  # noqa: E402
 from selproj_plugin.adapters.trak import (  # noqa: E402
-    AdapterError, CausalLMOutput, CosineScoreComputer, ReducerProjector, SelectedGradientComputer,
+    AdapterError, CausalLMOutput, CosineScoreComputer, ReducedTRAKer, ReducerProjector, SelectedGradientComputer,
     check_fast_jl_dim, encode, traker_kwargs,
 )
 
 SELECTION = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.v_proj.weight", "model.norm"]
 RP_MIN_CORRELATION = 0.95
+TINY_LIMIT_GB = 1e-6  # every step holds one sample; score blocks of the minimum width
 
 QUERIES = [
     Sample("q0", "What is the capital of France?", "The capital of France is Paris."),
@@ -112,6 +114,40 @@ def trak_scores(model, tokenizer, queries, candidates, tmp_path, strategy, optio
                                     num_targets=len(queries))
     traker.score(batch=encode(tokenizer, queries, device=device), num_samples=len(queries))
     return np.asarray(traker.finalize_scores(exp_name="queries"), dtype=np.float64).T
+
+
+def reduced_trak_scores(model, tokenizer, queries, candidates, save_dir, strategy, options=None, **kwargs):
+    """(traker, [Q, K] scores) from a ReducedTRAKer, every batch passed whole."""
+    traker = ReducedTRAKer(model, strategy, options, train_set_size=len(candidates), save_dir=save_dir, **kwargs)
+    traker.load_checkpoint(model.state_dict(), model_id=0)
+    traker.featurize(batch=encode(tokenizer, candidates), num_samples=len(candidates))
+    traker.finalize_features()
+    traker.start_scoring_checkpoint(exp_name="queries", checkpoint=model.state_dict(), model_id=0,
+                                    num_targets=len(queries))
+    traker.score(batch=encode(tokenizer, queries), num_samples=len(queries))
+    return traker, np.asarray(traker.finalize_scores(exp_name="queries"), dtype=np.float64).T
+
+
+class Recorder:
+    """Counts a reducer's transform constructions and the rows of every transform call."""
+
+    def __init__(self, monkeypatch, reducer) -> None:
+        self.built, self.rows = 0, []
+        build = reducer.transform
+
+        def counted(selected):
+            self.built += 1
+            transform = build(selected)
+            call = type(transform).__call__
+
+            def recording(this, features):
+                self.rows.append(next(iter(features.values())).shape[0])
+                return call(this, features)
+
+            monkeypatch.setattr(type(transform), "__call__", recording)
+            return transform
+
+        reducer.transform = counted
 
 
 def assert_same_retrieval(scores: np.ndarray, expected: np.ndarray) -> None:
@@ -199,6 +235,95 @@ def test_third_party_reducer_works_in_trak(model, tokenizer, tmp_path, weighted_
     assert_same_retrieval(scores, engine_cosines(model, tokenizer, QUERIES, CANDIDATES, names, weights))
     unweighted = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, names)
     assert np.abs(scores - unweighted).max() > 1e-3  # the plugin's reduce was applied, not just its selection
+
+
+# ---- streaming under a memory limit ------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["full", "selection"])
+def test_reduced_traker_streams_and_ranks_like_the_engine(model, tokenizer, tmp_path, monkeypatch, strategy):
+    from selproj_plugin import get_strategy
+
+    reducer = get_strategy("full") if strategy == "full" else get_strategy("greedy", selection=SELECTION)
+    names = None if strategy == "full" else component_order(model, SELECTION)
+    recorder = Recorder(monkeypatch, reducer)
+    widths = []
+    columns = RowFile.columns
+    monkeypatch.setattr(RowFile, "columns", lambda self, a, b: widths.append(b - a) or columns(self, a, b))
+    scope = "paper" if strategy == "full" else "all"
+    traker, scores = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "store", reducer,
+                                         memory_limit_gb=TINY_LIMIT_GB, scope=scope)
+    assert_same_retrieval(scores, engine_cosines(model, tokenizer, QUERIES, CANDIDATES, names, scope=scope))
+    # the transform is built once, then applied to one sample's gradients at a time
+    assert recorder.built == 1
+    assert recorder.rows == [1] * (len(CANDIDATES) + len(QUERIES))
+    # scores read the stores a block of columns at a time, never a whole row
+    dim = traker.plan.dimension
+    assert dim > 4 * 1024 and max(widths) == 1024 and sum(widths) == 2 * dim
+    # the stores are in save_dir, as files of rows, and nowhere else
+    grads = tmp_path / "store" / "0" / "grads.mmap"
+    assert grads.stat().st_size >= len(CANDIDATES) * dim * 4
+    assert not (tmp_path / "store" / "0" / "features.mmap").exists()
+    assert np.load(grads, mmap_mode="r").shape == (len(CANDIDATES), dim)
+
+
+def test_random_projection_is_built_once_and_cut_anywhere(model, tokenizer, tmp_path, monkeypatch):
+    from selproj_plugin import get_strategy
+
+    reducer = get_strategy("random_projection", dim=512, seed=3)
+    recorder = Recorder(monkeypatch, reducer)
+    _, streamed = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "a", reducer,
+                                      memory_limit_gb=TINY_LIMIT_GB)
+    assert recorder.built == 1 and recorder.rows == [1] * (len(CANDIDATES) + len(QUERIES))
+    _, whole = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "b", "random_projection",
+                                   {"dim": 512, "seed": 3})
+    np.testing.assert_allclose(streamed, whole, atol=1e-5)  # seeded: the same map however batches are cut
+    _, other_seed = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "c", "random_projection",
+                                        {"dim": 512, "seed": 4})
+    assert np.abs(other_seed - whole).max() > 1e-3
+
+
+def test_trak_score_keeps_trak_stores(model, tokenizer, tmp_path):
+    options = {"dim": 8, "seed": 1}  # fewer dimensions than samples: X^T X inverts
+    _, reduced = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "a", "random_projection",
+                                     options, score="trak", memory_limit_gb=TINY_LIMIT_GB * 1e3)
+    plain = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "b", "random_projection", options,
+                        score="trak")
+    np.testing.assert_allclose(reduced, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_plain_traker_refuses_a_batch_over_the_memory_limit(model, tokenizer, tmp_path):
+    traker = TRAKer(train_set_size=len(CANDIDATES), save_dir=str(tmp_path), logging_level=logging.ERROR,
+                    **traker_kwargs(model, "full", memory_limit_gb=TINY_LIMIT_GB))
+    traker.load_checkpoint(model.state_dict(), model_id=0)
+    with pytest.raises(AdapterError, match=r"a batch of 3 samples reduces to 3 x [\d,]+ floats .* pass at most 1 per "
+                                           r"call \(ReducedTRAKer splits batches\)") as err:
+        traker.featurize(batch=encode(tokenizer, CANDIDATES[:3]), num_samples=3)
+    assert "\n" not in str(err.value)
+
+
+def test_memory_and_store_mistakes_are_one_line_errors(model, tokenizer, tmp_path):
+    cases = [
+        (lambda: traker_kwargs(model, "full", score="trak"), r"score='trak' inverts a [\d,]+-square matrix"),
+        (lambda: traker_kwargs(model, "full", memory_limit_gb=0), "memory_limit_gb must be a positive number"),
+        (lambda: traker_kwargs(model, "full", memory_limit_gb="lots"), "memory_limit_gb must be a positive number"),
+        (lambda: ReducedTRAKer(model, "full", train_set_size=3, save_dir=None), "save_dir is required"),
+        (lambda: ReducedTRAKer(model, "full", train_set_size=0, save_dir=tmp_path), "train_set_size must be a positive number"),
+    ]
+    for make, message in cases:
+        with pytest.raises(AdapterError, match=message) as err:
+            make()
+        assert "\n" not in str(err.value)
+    traker = ReducedTRAKer(model, "greedy", {"selection": SELECTION[:2]}, train_set_size=2, save_dir=tmp_path / "s")
+    traker.load_checkpoint(model.state_dict(), model_id=0)
+    with pytest.raises(AdapterError, match="num_samples=3 but the batch holds 2 samples"):
+        traker.featurize(batch=encode(tokenizer, CANDIDATES[:2]), num_samples=3)
+    with pytest.raises(AdapterError, match="model ID 0 is not fully featurized"):
+        traker.finalize_features()
+    traker.featurize(batch=encode(tokenizer, CANDIDATES[:2]), num_samples=2)
+    with pytest.raises(AdapterError, match="del_grads=True would delete the stored rows"):
+        traker.finalize_features(del_grads=True)
+    traker.finalize_features()
+    with pytest.raises(AdapterError, match="experiment 'nope' does not exist"):
+        traker.finalize_scores(exp_name="nope")
 
 
 # ---- the pieces -------------------------------------------------------------------------

@@ -1,0 +1,118 @@
+"""TRAK's stores without memory maps: rows written and columns read with pread/pwrite.
+
+TRAK's ``MmapSaver`` maps ``[train, proj_dim]`` arrays; every page written or read stays
+resident in the process, so with the full gradient of a 135M model (``proj_dim`` = 134M
+floats a row) RSS grows to the size of the store.  :class:`RowSaver` keeps TRAK's file
+layout (``.npy`` files in ``save_dir``, the small arrays still mapped) but hands out
+:class:`RowFile` for the three wide ones, and :func:`streamed_cosine` scores them a
+block of columns at a time, so memory is bounded by the block, not the store.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.lib import format as npy
+from trak.savers import MmapSaver
+
+WIDE = ("grads.mmap", "features.mmap")  # and "<experiment>_grads.mmap"
+MIN_BLOCK_COLUMNS = 1024  # smaller blocks only add system calls
+
+
+class RowFile:
+    """A ``[rows, width]`` ``.npy`` file read and written through the file, never mapped."""
+
+    def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype, offset: int) -> None:
+        self.path, self.shape, self.dtype, self.offset = path, shape, np.dtype(dtype), offset
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, shape: tuple[int, int], dtype: Any, mode: str) -> "RowFile":
+        """``mode`` ``"w+"`` creates (sparse, zero-filled) a file of ``shape``; ``"r+"`` opens an existing one."""
+        path, dtype, shape = Path(path), np.dtype(dtype), tuple(int(s) for s in shape)
+        if mode == "w+":
+            with open(path, "wb") as f:
+                npy.write_array_header_2_0(f, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+                offset = f.tell()
+                f.truncate(offset + shape[0] * shape[1] * dtype.itemsize)
+            return cls(path, shape, dtype, offset)
+        with open(path, "rb") as f:
+            version = npy.read_magic(f)
+            stored, _, stored_dtype = npy.read_array_header_2_0(f) if version == (2, 0) else npy.read_array_header_1_0(f)
+            offset = f.tell()
+        if tuple(stored) != shape or stored_dtype != dtype:
+            raise ValueError(f"{path} holds {stored_dtype} {tuple(stored)}, expected {dtype} {shape}")
+        return cls(path, shape, dtype, offset)
+
+    def __setitem__(self, rows: Any, values: Any) -> None:
+        """Write whole rows: ``rows`` an index array or slice, ``values`` ``[len(rows), width]``."""
+        index = np.arange(self.shape[0])[rows].reshape(-1)
+        data = np.ascontiguousarray(torch.as_tensor(values).detach().cpu().numpy(), dtype=self.dtype)
+        data = data.reshape(len(index), self.shape[1])
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            for i, row in zip(index, data):
+                view, at = memoryview(row).cast("B"), self.offset + int(i) * row.nbytes
+                while len(view):  # a large write may be partial
+                    done = os.pwrite(fd, view, at)
+                    view, at = view[done:], at + done
+        finally:
+            os.close(fd)
+
+    def columns(self, start: int, stop: int) -> np.ndarray:
+        """``[rows, stop - start]`` block of every row (one read per row)."""
+        width, size = stop - start, self.dtype.itemsize
+        out = np.empty((self.shape[0], width), dtype=self.dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for i in range(self.shape[0]):
+                view, at = memoryview(out[i]).cast("B"), self.offset + (i * self.shape[1] + start) * size
+                while len(view):  # straight into the block; a large read may be partial
+                    done = os.preadv(fd, [view], at)
+                    if not done:
+                        raise EOFError(f"{self.path} ends before row {i}, column {stop}")
+                    view, at = view[done:], at + done
+        finally:
+            os.close(fd)
+        return out
+
+
+class RowSaver(MmapSaver):
+    """TRAK's ``MmapSaver`` with gradient stores as :class:`RowFile` (same files, same metadata)."""
+
+    def _load(self, fname, shape, mode, dtype=None):
+        name = Path(fname).name
+        if name not in WIDE and not name.endswith("_grads.mmap"):
+            return super()._load(fname, shape, mode, dtype)
+        if name == "features.mmap":
+            return None  # cosine features are the stored gradients, scaled at scoring time
+        dtype = dtype or (np.float16 if self.use_half_precision else np.float32)
+        try:
+            return RowFile.open(fname, shape, dtype, mode)
+        except FileNotFoundError:
+            return None  # as MmapSaver: a missing store is reported by whoever needs it
+
+
+def block_columns(limit_bytes: int, rows: int, width: int, itemsize: int = 4) -> int:
+    """Columns per block so that ``rows`` rows of a block (as read, as float32, squared) fit ``limit_bytes``."""
+    return min(width, max(MIN_BLOCK_COLUMNS, int(limit_bytes // max(1, rows * (itemsize + 8)))))
+
+
+def streamed_cosine(train: RowFile, target: RowFile, limit_bytes: int) -> torch.Tensor:
+    """``[train, target]`` cosines of stored rows, reading blocks of columns (float64 sums)."""
+    n, width = train.shape
+    block = block_columns(limit_bytes, n + target.shape[0], width, train.dtype.itemsize)
+    dots = torch.zeros(n, target.shape[0], dtype=torch.float64)
+    train_sq = torch.zeros(n, dtype=torch.float64)
+    target_sq = torch.zeros(target.shape[0], dtype=torch.float64)
+    for start in range(0, width, block):
+        stop = min(width, start + block)
+        a = torch.from_numpy(train.columns(start, stop)).float()
+        b = torch.from_numpy(target.columns(start, stop)).float()
+        dots += (a @ b.T).double()
+        train_sq += (a * a).sum(1).double()
+        target_sq += (b * b).sum(1).double()
+    return dots / (train_sq.sqrt().clamp(min=1e-300)[:, None] * target_sq.sqrt().clamp(min=1e-300)[None, :])
