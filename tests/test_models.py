@@ -69,4 +69,4 @@ def test_default_model_loads_from_cache():
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
-    assert not any(p.name.startswith(".") for p in cache_dir().iterdir() if "SmolLM2" in p.name)  # no temp left
+    assert not any(p.name.startswith(".") and p.is_dir() for p in cache_dir().iterdir() if "SmolLM2" in p.name)  # no temp left
