@@ -43,9 +43,12 @@ def generate_responses(model: Any, tokenizer: Any, items: Sequence[tuple[str, st
     cache file, and rank 0 writes the merged one.
     """
     rank, world = distributed.rank_world()
-    done: dict[str, str] = {}
+    found: dict[str, str] = {}
     for path in [cache_path, *sorted(cache_path.parent.glob(f"{cache_path.name}.rank*"))]:
-        done.update(cache.load_json(path) or {})
+        found.update(cache.load_json(path) or {})
+    done: dict[str, str] = {}
+    for part in distributed.gather(found):  # every rank plans from the same answers, read before any rank writes
+        done.update(part)
     todo = [(i, p) for i, p in items if i not in done]
     # shortest first keeps padding low; finished batches are cut from the front of this fixed
     # order, so a resumed run forms exactly the batches an uninterrupted one would have

@@ -150,8 +150,8 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
 
     dataset = load_dataset(opts.dataset, max_samples=opts.max_samples)
     lap("dataset")
-    model, tokenizer = load_model(opts.model, dtype=opts.dtype, device=distributed.local_device(opts.device),
-                                  cache=opts.cache_dir)
+    model, tokenizer = distributed.main_first(lambda: load_model(  # rank 0 converts the default model once
+        opts.model, dtype=opts.dtype, device=distributed.local_device(opts.device), cache=opts.cache_dir))
     lap("model")
     cache = StageCache(opts.cache_dir)
     identity = {
@@ -194,7 +194,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
                  "queries": [q.id for q in queries]}
     table_path = cache.path("table", table_key, "npz")
     table = cache.load(table_path, ComponentTable.load)
-    reused = table is not None
+    reused = all(distributed.gather(table is not None))  # the ranks must agree on building it together
     if not reused:
         config = EngineConfig(batch_size=opts.batch_size, max_length=opts.max_length,
                               memory_limit_gb=opts.memory_limit_gb / distributed.local_world(),  # per machine

@@ -335,11 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a launcher's stop runs cleanups (spill dirs)
-    rank, _ = distributed.init_from_env(args.device)
-    try:
+    distributed.init_from_env(args.device)
+    with distributed.session():  # one rank's error stops every rank, with its message
         run(args)
-    finally:
-        distributed.finish()
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -56,11 +57,15 @@ class TableShard:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TableShard":
+        """Read a shard file; a damaged one is a one-line :class:`TableError` naming it."""
         try:
+            if not zipfile.is_zipfile(path):
+                raise ValueError("not an .npz archive (truncated or overwritten)")
             with np.load(path, allow_pickle=False) as data:
                 a = {key: data[key] for key in data.files}
         except Exception as exc:
-            raise TableError(f"cannot read table shard {path}: {exc}") from None
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TableError(f"cannot read table shard {path}: {reason}; delete it to recompute") from None
         if str(a.get("format", "")) != FORMAT:
             raise TableError(f"{path} is not a table shard (format {str(a.get('format', 'missing'))!r})")
         pairs = [pair_key(str(x), str(y)) for x, y in a["pair_ids"]]

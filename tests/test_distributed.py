@@ -182,3 +182,74 @@ def test_torchrun_benchmark_json_equals_single_process(tiny_model_dir, small_dat
     assert strip_timings(a) == strip_timings(b)  # every float equal, not merely close
     assert sorted(p.name.split(".", 1)[1] for p in (tmp_path / "c2" / "benchmark").glob("table-*.shard*")) == \
         ["shard0of2.npz", "shard1of2.npz"]
+
+
+def _failing_worker(rank: int, world: int, port: int, out: str, where: str) -> None:
+    """Rank 1 fails ``where``; every rank writes how its run ended to ``rank{r}.txt``."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from selproj_plugin import distributed
+    from selproj_plugin.engine import build_table
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    start = time.perf_counter()
+    try:
+        with distributed.session():
+            if where == "after the last gather" and rank == 1:
+                distributed.gather("work")
+                raise ValueError("boom while rank 0 already left")
+            distributed.gather("work")
+            if where == "in its shard":
+                build_table(tiny.model("llama", tied=True), tiny.tokenizer(), QUERIES, tiny.SAMPLES, INDEX,
+                            np.zeros(5, dtype=int), config=config(), across_ranks=True,
+                            shard_path=lambda r, w: Path(out) / f"shard{r}of{w}.npz")
+        ending = "ok"
+    except Exception as exc:
+        ending = f"{type(exc).__name__}: {exc}"
+    Path(out, f"rank{rank}.txt").write_text(f"{time.perf_counter() - start:.1f}\n{ending}")
+
+
+@pytest.mark.parametrize("where", ["after the last gather", "in its shard"])
+def test_one_ranks_error_stops_every_rank_with_its_message(tmp_path, where):
+    """Without agreement the healthy rank waits in its collective until the timeout (here 120 s)."""
+    (tmp_path / "shard1of2.npz").write_bytes(np.random.default_rng(0).bytes(100))  # corrupt, on rank 1 only
+    mp.spawn(_failing_worker, args=(2, free_port(), str(tmp_path), where), nprocs=2, join=True)
+    endings = [(tmp_path / f"rank{r}.txt").read_text().split("\n", 1) for r in range(2)]
+    message = {"after the last gather": "boom while rank 0 already left",
+               "in its shard": f"cannot read table shard {tmp_path / 'shard1of2.npz'}"}[where]
+    assert endings[1][1].startswith(("ValueError: " if where != "in its shard" else "TableError: ") + message)
+    assert endings[0][1].startswith(f"RankError: rank 1 failed: {message}") and "\n" not in endings[0][1]
+    assert max(float(seconds) for seconds, _ in endings) < 60
+
+
+def _generate_worker(rank: int, world: int, port: int, out: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from benchmark.cache import StageCache
+    from benchmark.generate import generate_responses
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cache = StageCache(out)
+    if rank == 1:  # reads the cache late: a rank that planned from a peer's fresh answers would plan other batches
+        real = cache.load_json
+        cache.load_json = lambda path: (time.sleep(1.0), real(path))[1]
+    items = [(s.id, s.prompt) for s in tiny.SAMPLES]
+    try:
+        answers = generate_responses(tiny.model("llama"), tiny.tokenizer(), items, cache_path=Path(out) / "gen.json",
+                                     cache=cache, max_new_tokens=3, batch_size=2, progress=False)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(answers))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_plan_generation_batches_from_the_same_cache_state(tmp_path):
+    mp.spawn(_generate_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    answers = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert answers[0] == answers[1] and sorted(answers[0]) == sorted(s.id for s in tiny.SAMPLES)
+    assert json.loads((tmp_path / "gen.json").read_text()) == answers[0]
