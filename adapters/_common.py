@@ -11,7 +11,10 @@ the response-masked per-sample loss written so ``torch.func.vmap`` can batch it
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import hashlib
 import json
 import warnings
@@ -48,6 +51,27 @@ def memory_limit_bytes(gb: float) -> int:
     if not value > 0 or value == float("inf"):
         raise AdapterError(f"memory_limit_gb must be a positive number of GB, got {gb!r}")
     return max(1, int(value * 2**30))
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc ``malloc_trim``; elsewhere nothing).
+
+    A model's per-sample gradients and backward temporaries are hundreds of mid-size
+    tensors that glibc keeps in its heap once freed: on the 135M model 1.2 GB stayed
+    resident after a full gradient was freed, and the next step's large tensors came on
+    top of it.  Called between gradient steps, so each step starts from the live memory.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def gigabytes(n_bytes: float) -> str:

@@ -13,19 +13,24 @@ tuples, e.g. :func:`dataset` for training samples and :func:`encode` for test sa
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from captum._utils.gradient import _compute_jacobian_wrt_params_with_sample_wise_trick, _extract_parameters_from_layers
 from captum.influence import TracInCP
-from captum.influence._utils.common import KMostInfluentialResults, _load_flexible_state_dict
+from captum.influence._utils.common import KMostInfluentialResults, _format_inputs_dataset, _load_flexible_state_dict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from selproj_plugin.adapters._common import (
     DEFAULT_MEMORY_LIMIT_GB, AdapterError, Plan, encode, gigabytes, memory_limit_bytes, plan, reduce_gradients,
-    resolve_reducer, response_loss, row_slices, take_rows,
+    release_freed_memory, resolve_reducer, response_loss, row_slices, take_rows,
 )
+from selproj_plugin.adapters._rows import RowFile, streamed_dots
 from selproj_plugin.samples import Sample
 from selproj_plugin.strategies.base import Reducer
 
@@ -112,9 +117,11 @@ class ReducedTracInCP(TracInCP):
 
     Memory stays near ``memory_limit_gb`` (plus the model): an eighth of it bounds the
     per-sample gradients taken at once, an eighth the training batch's reduced rows
-    (``batch_size=None`` picks the largest batch that fits), the rest the test inputs'
-    reduced rows, which Captum keeps for the whole pass over the training data: more test
-    inputs than fit are scored in parts, each part a pass over the training data.
+    (``batch_size=None`` picks the largest batch that fits), half the test inputs' reduced
+    rows, which Captum keeps for the whole pass over the training data.  Test rows beyond
+    that are written to a temporary file in ``spill_dir`` (default: the system's temporary
+    directory; removed when the call returns) and every training batch meets them a block
+    of columns at a time, so each gradient is still computed once.
     """
 
     def __init__(
@@ -131,11 +138,13 @@ class ReducedTracInCP(TracInCP):
         sample_wise_grads_per_batch: bool = False,
         memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB,
         scope: str = "paper",
+        spill_dir: str | os.PathLike | None = None,
     ) -> None:
         self.plan = plan(model, resolve_reducer(strategy, options), scope)
         self.dim = self.plan.dimension
         self.limit_bytes = memory_limit_bytes(memory_limit_gb)
-        self.test_rows = self.plan.rows(self.limit_bytes * 3 / 4, self.plan.row_bytes)
+        self.test_rows = self.plan.rows(self.limit_bytes / 2, self.plan.row_bytes)
+        self.spill_dir = spill_dir
         train_rows = self.plan.rows(self.limit_bytes / 8, self.plan.row_bytes)
         if batch_size is None:
             batch_size = min(MAX_BATCH, train_rows)
@@ -207,8 +216,10 @@ class ReducedTracInCP(TracInCP):
         for rows in row_slices(n, step):
             *part_inputs, part_targets = take_rows((*inputs, targets), rows)
             grads = self._gradients(tuple(part_inputs), part_targets, loss_fn, reduction_type)
+            release_freed_memory()  # the backward's temporaries
             part = reduce_gradients(self.plan, grads).float()
             del grads
+            release_freed_memory()
             if self.normalize:
                 part /= part.norm(dim=1, keepdim=True).clamp(min=1e-30)
             if rows.stop - rows.start == n:
@@ -219,48 +230,57 @@ class ReducedTracInCP(TracInCP):
             out[rows] = part
         return (out,)
 
-    # ---- test inputs in parts whose reduced rows fit ------------------------------------
-    def _parts(self, inputs: Union[Tuple[Any, ...], DataLoader]) -> list[Any] | None:
-        """Test inputs cut into parts of at most ``test_rows`` samples, or None when they fit whole."""
+    # ---- test inputs beyond the memory limit ----------------------------------------------
+    def _batches(self, inputs: Union[Tuple[Any, ...], DataLoader]) -> list[tuple[Any, ...]]:
+        """Test inputs as batches of at most ``test_rows`` samples."""
+        return [take_rows(batch, rows) for batch in _format_inputs_dataset(inputs)
+                for rows in row_slices(batch[0].shape[0], self.test_rows)]
+
+    def _fits(self, inputs: Union[Tuple[Any, ...], DataLoader]) -> bool:
+        """Whether the test inputs' reduced rows fit their share of the limit (Captum then runs as is)."""
         batches = list(inputs) if isinstance(inputs, DataLoader) else [tuple(inputs)]
-        if sum(b[0].shape[0] for b in batches) <= self.test_rows:
-            return None
-        parts: list[list[tuple[Any, ...]]] = [[]]
-        room = self.test_rows
-        for batch in batches:
-            for rows in row_slices(batch[0].shape[0], self.test_rows):
-                size = rows.stop - rows.start
-                if size > room:
-                    parts.append([])
-                    room = self.test_rows
-                parts[-1].append(take_rows(batch, rows))
-                room -= size
-        return [DataLoader(part, batch_size=None, shuffle=False) for part in parts]
+        return sum(b[0].shape[0] for b in batches) <= self.test_rows
 
     def _influence(self, inputs: Union[Tuple[Any, ...], DataLoader], show_progress: bool = False,
                    aggregate: bool = False) -> Tensor:
-        parts = self._parts(inputs)
-        if parts is None:
+        if self._fits(inputs):
             return super()._influence(inputs, show_progress, aggregate)
-        scores = [super(ReducedTracInCP, self)._influence(p, show_progress, aggregate) for p in parts]
-        return torch.stack(scores).sum(0) if aggregate else torch.cat(scores, dim=0)
+        batches = self._batches(inputs)
+        total = None
+        with tempfile.TemporaryDirectory(dir=self.spill_dir, prefix="selproj-tracin-") as spill:
+            for c, checkpoint in enumerate(self.checkpoints):
+                learning_rate = self.checkpoints_load_func(self.model, checkpoint)
+                tests = RowFile.open(Path(spill) / f"test-{c}.npy", (sum(len(b[0]) for b in batches), self.dim),
+                                     np.float32, "w+")
+                start = 0
+                for batch in batches:
+                    (rows,) = self._basic_computation_tracincp(batch[0:-1], batch[-1], self.test_loss_fn,
+                                                               self.test_reduction_type)
+                    tests[start:start + len(rows)] = rows
+                    start += len(rows)
+                    del rows
+                scores = []
+                for batch in self.train_dataloader:
+                    (rows,) = self._basic_computation_tracincp(batch[0:-1], batch[-1], self.loss_fn,
+                                                               self.reduction_type)
+                    scores.append(streamed_dots(tests, rows, self.limit_bytes // 8))
+                    del rows
+                part = torch.cat(scores, dim=1) * learning_rate
+                total = part if total is None else total + part
+        total = total.to(torch.float32)
+        return total.sum(dim=0, keepdim=True) if aggregate else total
 
     def _get_k_most_influential(self, inputs: Union[Tuple[Any, ...], DataLoader], k: int = 5,
                                 proponents: bool = True, show_progress: bool = False,
                                 aggregate: bool = False) -> KMostInfluentialResults:
-        parts = self._parts(inputs)
-        if parts is None:
+        if self._fits(inputs):
             return super()._get_k_most_influential(inputs, k, proponents, show_progress, aggregate)
-        if aggregate:
-            scores, indices = torch.topk(self._influence(inputs, show_progress, True), k, dim=1, largest=proponents)
-            return KMostInfluentialResults(indices, scores)
-        found = [super(ReducedTracInCP, self)._get_k_most_influential(p, k, proponents, show_progress) for p in parts]
-        return KMostInfluentialResults(torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found]))
+        scores, indices = torch.topk(self._influence(inputs, show_progress, aggregate), k, dim=1, largest=proponents)
+        return KMostInfluentialResults(indices, scores)
 
     def self_influence(self, inputs: Union[Tuple[Any, ...], DataLoader, None] = None, show_progress: bool = False,
                        outer_loop_by_checkpoints: bool = False) -> Tensor:
-        parts = None if inputs is None else self._parts(inputs)
-        if parts is None:
+        if inputs is None or self._fits(inputs):
             return super().self_influence(inputs, show_progress, outer_loop_by_checkpoints)
-        return torch.cat([super(ReducedTracInCP, self).self_influence(p, show_progress, outer_loop_by_checkpoints)
-                          for p in parts])
+        loader = DataLoader(self._batches(inputs), batch_size=None, shuffle=False)
+        return super().self_influence(loader, show_progress, outer_loop_by_checkpoints)

@@ -26,6 +26,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -35,14 +36,16 @@ from torch import Tensor, nn
 from trak.gradient_computers import AbstractGradientComputer
 from trak.modelout_functions import AbstractModelOutput
 from trak.projectors import AbstractProjector, CudaProjector, ProjectionType
+from trak.savers import MmapSaver
 from trak.score_computers import AbstractScoreComputer, BasicScoreComputer
 from trak.traker import TRAKer
 
 from selproj_plugin.adapters._common import (
     DEFAULT_MEMORY_LIMIT_GB, AdapterError, Plan, check_batch, device_name, encode, gigabytes, memory_limit_bytes,
-    plan, reduce_gradients, require_eager, resolve_reducer, response_loss, row_slices, split_flat, take_rows,
+    plan, reduce_gradients, release_freed_memory, require_eager, resolve_reducer, response_loss, row_slices,
+    split_flat, take_rows,
 )
-from selproj_plugin.adapters._trak_store import RowFile, RowSaver, streamed_cosine
+from selproj_plugin.adapters._rows import RowFile, streamed_cosine
 from selproj_plugin.strategies.base import Reducer
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
 ]
 
 FAST_JL_MULTIPLE = 512  # fast_jl kernels project to multiples of 512 dimensions
+WIDE_STORES = ("grads.mmap", "features.mmap")  # and "<experiment>_grads.mmap": [samples, proj_dim]
 
 
 def fast_jl_available() -> bool:
@@ -248,8 +252,10 @@ class ReducingGradientComputer(SelectedGradientComputer):
         out: Tensor | None = None
         for rows in row_slices(n, step):
             grads = super().compute_per_sample_grad(take_rows(batch, rows))
+            release_freed_memory()  # the backward's temporaries
             part = self.projector.reduce(grads)
             del grads
+            release_freed_memory()
             if rows.stop - rows.start == n:
                 out = part
                 break
@@ -285,6 +291,26 @@ class CosineScoreComputer(AbstractScoreComputer):
         t = target_grads.to(self.device, torch.float32)
         t = t / t.norm(dim=1, keepdim=True).clamp(min=1e-30)
         accumulator += (features.to(self.device, torch.float32) @ t.T).detach().cpu()
+
+
+class RowSaver(MmapSaver):
+    """TRAK's ``MmapSaver`` with the ``[samples, proj_dim]`` stores as :class:`RowFile` (same files, same metadata).
+
+    TRAK maps those arrays, so every page it writes or reads stays resident; the small
+    ones (scores, out-to-loss, bookkeeping) are still mapped as TRAK does.
+    """
+
+    def _load(self, fname, shape, mode, dtype=None):
+        name = Path(fname).name
+        if name not in WIDE_STORES and not name.endswith("_grads.mmap"):
+            return super()._load(fname, shape, mode, dtype)
+        if name == "features.mmap":
+            return None  # cosine features are the stored gradients, normalised at scoring time
+        dtype = dtype or (np.float16 if self.use_half_precision else np.float32)
+        try:
+            return RowFile.open(fname, shape, dtype, mode)
+        except FileNotFoundError:
+            return None  # as MmapSaver: a missing store is reported by whoever needs it
 
 
 def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,

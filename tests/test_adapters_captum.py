@@ -54,18 +54,22 @@ def test_tracin_ranks_like_the_engine(model, tokenizer, checkpoint, strategy):
 
 
 @pytest.mark.parametrize("strategy", ["full", "random_projection"])
-def test_tracin_streams_under_a_memory_limit(model, tokenizer, checkpoint, monkeypatch, strategy):
+def test_tracin_streams_under_a_memory_limit(model, tokenizer, checkpoint, monkeypatch, tmp_path, strategy):
     from selproj_plugin import get_strategy
 
     reducer = get_strategy(strategy) if strategy == "full" else get_strategy(strategy, dim=512)
     recorder = Recorder(monkeypatch, reducer)
+    spill = tmp_path / "spill"
+    spill.mkdir()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, reducer, memory_limit_gb=TINY_LIMIT_GB)
+        tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, reducer, memory_limit_gb=TINY_LIMIT_GB,
+                                 spill_dir=spill)
         streamed = tracin.influence(encode(tokenizer, QUERIES)).detach().double().numpy()
-    # built once; one sample's gradients at a time; one test input held per pass over the training data
+    # built once; one sample's gradients at a time, each computed once (test rows wait on disk), disk cleaned
     assert recorder.built == 1 and tracin.batch_size == 1 and tracin.test_rows == 1
-    assert recorder.rows == [1] * (len(QUERIES) * (1 + len(CANDIDATES)))
+    assert recorder.rows == [1] * (len(QUERIES) + len(CANDIDATES))
+    assert list(spill.iterdir()) == []
     whole = tracin_scores(model, tokenizer, checkpoint, strategy, None if strategy == "full" else {"dim": 512})
     np.testing.assert_allclose(streamed, whole, atol=1e-5)
     if strategy == "full":

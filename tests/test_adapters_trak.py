@@ -29,7 +29,7 @@ trak = pytest.importorskip("trak")
 from trak import TRAKer  # noqa: E402
 from trak.gradient_computers import FunctionalGradientComputer  # noqa: E402
 
-from selproj_plugin.adapters._trak_store import RowFile  # noqa: E402
+from selproj_plugin.adapters._rows import RowFile  # noqa: E402
 from selproj_plugin.adapters.trak import (  # noqa: E402
     AdapterError, CausalLMOutput, CosineScoreComputer, ReducedTRAKer, ReducerProjector, SelectedGradientComputer,
     check_fast_jl_dim, encode, traker_kwargs,

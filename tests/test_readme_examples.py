@@ -2,14 +2,16 @@
 
 The ```python blocks between ``<!-- adapters:start -->`` and ``<!-- adapters:end -->``
 are a setup block, the TRAK example and the Captum example.  Each example runs after
-the setup alone, in a fresh namespace; its scores are then checked against the engine
-(cosines from per-component dot products) or against the reducer applied to the
-engine's own materialised per-sample gradients.
+the setup alone, in a fresh namespace, in an empty working directory and with an empty
+temporary directory, both of which it must leave empty; its scores are then checked
+against the engine (cosines from per-component dot products) or against the reducer
+applied to the engine's own materialised per-sample gradients.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,6 +31,18 @@ def blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
+def run_clean(tmp_path, monkeypatch, *sources: str) -> dict:
+    """Run the blocks in an empty working directory and temporary directory; both must stay empty."""
+    work, temp = tmp_path / "work", tmp_path / "temp"
+    work.mkdir()
+    temp.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    ns = run(*sources)
+    assert sorted(p.name for p in work.iterdir()) == [] and sorted(p.name for p in temp.iterdir()) == []
+    return ns
+
+
 def run(*sources: str) -> dict:
     namespace: dict = {"__name__": "readme_example"}
     with warnings.catch_warnings():
@@ -44,9 +58,8 @@ def test_readme_has_setup_trak_and_captum_examples():
 
 
 def test_trak_example(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
     setup, trak_example, _ = blocks()
-    ns = run(setup, trak_example)
+    ns = run_clean(tmp_path, monkeypatch, setup, trak_example)
     model, tokenizer = ns["model"], ns["tokenizer"]
     names = [c.name for c in select(catalogue(model), ns["selection"]["selection"])]
     expected = engine_cosines(model, tokenizer, ns["queries"], ns["train"], names)
@@ -54,9 +67,8 @@ def test_trak_example(tmp_path, monkeypatch):
 
 
 def test_captum_example(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
     setup, _, captum_example = blocks()
-    ns = run(setup, captum_example)
+    ns = run_clean(tmp_path, monkeypatch, setup, captum_example)
     model, tokenizer, reducer = ns["model"], ns["tokenizer"], ns["tracin"].plan.reducer
     config = EngineConfig(progress=False)
 

@@ -1,11 +1,10 @@
-"""TRAK's stores without memory maps: rows written and columns read with pread/pwrite.
+"""Reduced rows on disk without memory maps: rows written and column blocks read with pwrite/pread.
 
-TRAK's ``MmapSaver`` maps ``[train, proj_dim]`` arrays; every page written or read stays
-resident in the process, so with the full gradient of a 135M model (``proj_dim`` = 134M
-floats a row) RSS grows to the size of the store.  :class:`RowSaver` keeps TRAK's file
-layout (``.npy`` files in ``save_dir``, the small arrays still mapped) but hands out
-:class:`RowFile` for the three wide ones, and :func:`streamed_cosine` scores them a
-block of columns at a time, so memory is bounded by the block, not the store.
+A memory-mapped ``[rows, width]`` array keeps every page written or read resident in the
+process, so with the full gradient of a 135M model (134M floats a row) RSS grows to the
+size of the store.  :class:`RowFile` is an ``.npy`` file written a row at a time and read a
+block of columns at a time; :func:`streamed_cosine` and :func:`streamed_dots` score stored
+rows block by block, so memory is bounded by the block, not the store.
 """
 
 from __future__ import annotations
@@ -17,9 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.lib import format as npy
-from trak.savers import MmapSaver
 
-WIDE = ("grads.mmap", "features.mmap")  # and "<experiment>_grads.mmap"
 MIN_BLOCK_COLUMNS = 1024  # smaller blocks only add system calls
 
 
@@ -80,22 +77,6 @@ class RowFile:
         return out
 
 
-class RowSaver(MmapSaver):
-    """TRAK's ``MmapSaver`` with gradient stores as :class:`RowFile` (same files, same metadata)."""
-
-    def _load(self, fname, shape, mode, dtype=None):
-        name = Path(fname).name
-        if name not in WIDE and not name.endswith("_grads.mmap"):
-            return super()._load(fname, shape, mode, dtype)
-        if name == "features.mmap":
-            return None  # cosine features are the stored gradients, scaled at scoring time
-        dtype = dtype or (np.float16 if self.use_half_precision else np.float32)
-        try:
-            return RowFile.open(fname, shape, dtype, mode)
-        except FileNotFoundError:
-            return None  # as MmapSaver: a missing store is reported by whoever needs it
-
-
 def block_columns(limit_bytes: int, rows: int, width: int, itemsize: int = 4) -> int:
     """Columns per block so that ``rows`` rows of a block (as read, as float32, squared) fit ``limit_bytes``."""
     return min(width, max(MIN_BLOCK_COLUMNS, int(limit_bytes // max(1, rows * (itemsize + 8)))))
@@ -116,3 +97,15 @@ def streamed_cosine(train: RowFile, target: RowFile, limit_bytes: int) -> torch.
         train_sq += (a * a).sum(1).double()
         target_sq += (b * b).sum(1).double()
     return dots / (train_sq.sqrt().clamp(min=1e-300)[:, None] * target_sq.sqrt().clamp(min=1e-300)[None, :])
+
+
+def streamed_dots(rows: RowFile, other: torch.Tensor, limit_bytes: int) -> torch.Tensor:
+    """``[rows, other]`` dot products of stored rows with in-memory rows ``other``, a block of columns at a time."""
+    n, width = rows.shape
+    block = block_columns(limit_bytes, n, width, rows.dtype.itemsize)
+    other = other.float()
+    out = torch.zeros(n, other.shape[0], dtype=torch.float64)
+    for start in range(0, width, block):
+        stop = min(width, start + block)
+        out += (torch.from_numpy(rows.columns(start, stop)).float() @ other[:, start:stop].T).double()
+    return out
