@@ -5,9 +5,9 @@
 gradients (of the response-masked loss, for the selected components only) go through
 the reducer — a projection, a selection, or a third-party plugin from the registry —
 before Captum's dot products; with ``normalize=True`` (default) scores are cosines, the
-selproj retrieval score.  Gradients are taken a few samples at a time, training batches
-and test inputs are split so that the reduced rows Captum holds fit ``memory_limit_gb``,
-and the reducer's transform is built once.  Data: ``(input_ids, attention_mask, labels)``
+selproj retrieval score.  Gradients are taken a few samples at a time and reduced by the
+transform built once per model; training batches are sized, and test rows that would not
+fit are kept on disk, so that what is held at once fits ``memory_limit_gb``.  Data: ``(input_ids, attention_mask, labels)``
 tuples, e.g. :func:`dataset` for training samples and :func:`encode` for test samples.
 """
 
@@ -39,7 +39,7 @@ __all__ = ["AdapterError", "ReducedTracInCP", "ResponseLoss", "dataset", "encode
 # Captum's per-sample trick (sample_wise_grads_per_batch=True) hooks only these, listed directly.
 TRICK_MODULES = (nn.Linear, nn.Conv2d)
 CURRENT = "<the model's current weights>"  # the one checkpoint when none is given
-MAX_BATCH = 32  # largest automatic training batch: beyond it larger batches save nothing
+MAX_BATCH = 32  # largest automatic training batch (gradients are taken a few samples at a time anyway)
 
 
 def _layers_of(model: nn.Module, plan_: Plan) -> list[str]:
@@ -243,6 +243,7 @@ class ReducedTracInCP(TracInCP):
 
     def _influence(self, inputs: Union[Tuple[Any, ...], DataLoader], show_progress: bool = False,
                    aggregate: bool = False) -> Tensor:
+        """Captum's ``_influence``; test rows beyond their share wait on disk, met a block of columns at a time."""
         if self._fits(inputs):
             return super()._influence(inputs, show_progress, aggregate)
         batches = self._batches(inputs)

@@ -407,12 +407,18 @@ class ReducedTRAKer(TRAKer):
     def featurize(self, batch: Iterable[Tensor], inds: Optional[Iterable[int]] = None,
                   num_samples: Optional[int] = None) -> None:
         """TRAKer's ``featurize``, a part of the batch at a time."""
+        if self.ckpt_loaded != self.saver.current_model_id:
+            raise AdapterError("no checkpoint loaded: call load_checkpoint before featurize")
         for part, idx in self._parts(list(batch), inds, num_samples, "_last_ind"):
             super().featurize(batch=part, inds=idx)
 
     def score(self, batch: Iterable[Tensor], inds: Optional[Iterable[int]] = None,
               num_samples: Optional[int] = None) -> None:
         """TRAKer's ``score``, a part of the batch at a time."""
+        state = self.saver.model_ids.get(self.saver.current_model_id) or {}
+        if not state.get("is_finalized"):
+            raise AdapterError(f"model ID {self.saver.current_model_id} is not finalized: call finalize_features and "
+                               "start_scoring_checkpoint before score")
         for part, idx in self._parts(list(batch), inds, num_samples, "_last_ind_target"):
             super().score(batch=part, inds=idx)
 

@@ -313,12 +313,16 @@ def test_memory_and_store_mistakes_are_one_line_errors(model, tokenizer, tmp_pat
             make()
         assert "\n" not in str(err.value)
     traker = ReducedTRAKer(model, "greedy", {"selection": SELECTION[:2]}, train_set_size=2, save_dir=tmp_path / "s")
+    with pytest.raises(AdapterError, match="call load_checkpoint before featurize"):
+        traker.featurize(batch=encode(tokenizer, CANDIDATES[:2]), num_samples=2)
     traker.load_checkpoint(model.state_dict(), model_id=0)
     with pytest.raises(AdapterError, match="num_samples=3 but the batch holds 2 samples"):
         traker.featurize(batch=encode(tokenizer, CANDIDATES[:2]), num_samples=3)
     with pytest.raises(AdapterError, match="model ID 0 is not fully featurized"):
         traker.finalize_features()
     traker.featurize(batch=encode(tokenizer, CANDIDATES[:2]), num_samples=2)
+    with pytest.raises(AdapterError, match="model ID 0 is not finalized: call finalize_features"):
+        traker.score(batch=encode(tokenizer, QUERIES[:1]), num_samples=1)
     with pytest.raises(AdapterError, match="del_grads=True would delete the stored rows"):
         traker.finalize_features(del_grads=True)
     traker.finalize_features()
