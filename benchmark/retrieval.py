@@ -33,8 +33,15 @@ from selproj_plugin.strategies.base import StrategyResult
 from selproj_plugin.table import ComponentTable
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``error: ...``, exit 2) like every other error here."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}\n")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmark.retrieval", description=__doc__.splitlines()[0])
+    p = _Parser(prog="python -m benchmark.retrieval", description=__doc__.splitlines()[0])
     p.add_argument("--strategy", default="full,greedy,random_projection",
                    help="comma-separated registered strategy names, plugins included (default: %(default)s)")
     p.add_argument("--option", action="append", default=[], metavar="STRATEGY.KEY=VALUE",

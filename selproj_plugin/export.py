@@ -19,6 +19,14 @@ from selproj_plugin.components import Component
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 
 
+def module_name(c: Component) -> str:
+    """The module owning a component: its name, or its name less ``.weight``/``.bias`` where a table
+    (the paper's reference files) names components by parameter."""
+    if c.param_names == (c.name,) and c.name.endswith((".weight", ".bias")):
+        return c.name.rsplit(".", 1)[0]
+    return c.name
+
+
 def module_globs(selected: Sequence[Component], catalogue: Sequence[Component]) -> list[str]:
     """Patterns matching exactly the selected component names among ``catalogue``'s, in selection order."""
     chosen = {c.name for c in selected}
@@ -36,7 +44,7 @@ def module_globs(selected: Sequence[Component], catalogue: Sequence[Component]) 
 def selection_export(selected: Sequence[Component], catalogue: Sequence[Component]) -> dict[str, Any]:
     """The selection as module names, parameter names and globs (see the module docstring for who takes which)."""
     return {
-        "modules": [c.name for c in selected],
+        "modules": [module_name(c) for c in selected],
         "parameters": [p for c in selected for p in c.param_names],
         "module_globs": module_globs(selected, catalogue),
         "labels": [c.label for c in selected],

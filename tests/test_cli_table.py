@@ -102,3 +102,13 @@ def test_broken_plugin_exits_nonzero_without_traceback(tmp_path):
     assert "Traceback" not in out.stderr and [line.split(":")[0] for line in lines] == ["warning", "error"]
     assert lines[0] == "warning: selproj plugin bad disabled: failed to load: RuntimeError: plugin exploded"
     assert "unknown strategy 'bad'" in out.stderr and "bad (failed to load: RuntimeError: plugin exploded)" in out.stderr
+
+
+def test_argument_errors_are_one_line(capsys):
+    from benchmark.retrieval import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli(["--components", "bogus"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: argument --components: invalid choice: 'bogus' (choose from 'paper', 'all')"]

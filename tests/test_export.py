@@ -33,3 +33,10 @@ def test_export_forms_agree_with_the_model_and_the_adapters(names, globs):
     kwargs = traker_kwargs(model, "greedy", {"selection": names})
     assert set(kwargs["grad_wrt"]) == set(out["parameters"])  # TRAK's grad_wrt, dattri's layer_name
     assert set(tracin_layers(model, "greedy", {"selection": names})) == set(out["modules"])  # Captum, Kronfluence
+
+
+def test_a_table_named_by_parameters_exports_module_names(paraphrased):
+    comps = paraphrased.component_list
+    out = selection_export(resolve(comps, ["model.layers.9.mlp.down_proj.weight"]), comps)
+    assert out["modules"] == ["model.layers.9.mlp.down_proj"]
+    assert out["parameters"] == ["model.layers.9.mlp.down_proj.weight"]
