@@ -16,6 +16,7 @@ import sys
 from typing import Any, Callable, TypeVar
 
 from benchmark.report import write_atomic
+from selproj_plugin.distributed import one_line
 
 T = TypeVar("T")
 
@@ -48,8 +49,7 @@ class StageCache:
         try:
             return read(path)
         except (OSError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"[selproj] cached {path.name} is unreadable ({reason}): recomputing it", file=sys.stderr)
+            print(f"[selproj] cached {path.name} is unreadable ({one_line(exc)}): recomputing it", file=sys.stderr)
             path.unlink(missing_ok=True)
             return None
 

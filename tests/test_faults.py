@@ -20,6 +20,7 @@ from selproj_plugin.engine import EngineConfig, FactorStore, build_table, sample
 from selproj_plugin.loss import encode_samples
 from selproj_plugin.samples import Sample
 from selproj_plugin.spill import OWNER, PREFIX, SpillError
+from tests.test_benchmark_pipeline import small_dataset, tiny_model_dir  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = EngineConfig(batch_size=3, progress=False)
@@ -195,3 +196,16 @@ def test_full_disk_while_spilling_is_one_line_error(tmp_path, monkeypatch):
     store.close()
     assert _spill_dirs(tmp_path) == []
 
+
+def test_fault_table_fast_rows_on_a_tiny_model(tiny_model_dir, small_dataset, capsys):  # noqa: F811
+    """``benchmark.faults``' quick rows: each run ends with a one-line error and exit code 2, within seconds."""
+    from benchmark import faults
+
+    code = faults.main(["--only", "full-disk,nan-loss", "--model", str(tiny_model_dir), "--dataset",
+                        str(small_dataset), "--max-length", "160", "--max-new-tokens", "6"])
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "fault" not in line]
+    assert code == 0 and len(rows) == 2, table
+    assert "full disk on the spill dir" in rows[0] and "exit 2: error: cannot " in rows[0]
+    assert "NaN in one sample's loss" in rows[1] and "exit 2: error: sample " in rows[1] and "NaN or inf" in rows[1]
+    assert all(float(row.split(" | ")[2]) < 60 for row in rows)
