@@ -63,7 +63,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default="adapters.json", help="write the results here (default %(default)s)")
     p.add_argument("--stage", choices=("table", "cell"), help=argparse.SUPPRESS)
     p.add_argument("--cell", help=argparse.SUPPRESS)
-    p.add_argument("--table", help=argparse.SUPPRESS)
+    p.add_argument("--table", default=None,
+                   help="the engine's table of the same samples: reused when the file exists, else built and kept there")
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.train < 1 or not 1 <= args.queries <= args.train:
@@ -114,7 +115,7 @@ def table_stage(args: argparse.Namespace, strategies: list[str]) -> None:
                           if not resolve_reducer(name).fitted) if type(t).on_table is Transform.on_table]
     index = np.tile(np.arange(len(train)), (len(queries), 1))
     table = build_table(model, tokenizer, queries, train, index, originals, transforms=stored,
-                        config=EngineConfig(progress=False))
+                        config=EngineConfig(progress=False, memory_limit_gb=2.0))
     table.save(args.table)
     print(f"engine table: {len(queries)} queries x {len(train)} candidates x {len(catalogue(model))} components, "
           f"projections {[t.key for t in stored]}, {table.meta['timings']['total_s']:.0f} s", flush=True)
@@ -209,9 +210,12 @@ def run_child(args: argparse.Namespace, extra: list[str]) -> subprocess.Complete
     return subprocess.run(base + extra, capture_output=True, text=True)
 
 
-def last_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "no output"
+def failure(done: subprocess.CompletedProcess) -> str:
+    """One line on why a child failed: its error line, or the signal that killed it."""
+    if done.returncode < 0:
+        return f"killed by signal {-done.returncode} (out of memory?)"
+    lines = [ln for ln in done.stderr.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
+    return lines[-1] if lines else f"exit code {done.returncode}"
 
 
 def format_table(cells: list[Cell]) -> str:
@@ -251,11 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     work = tempfile.mkdtemp(dir=args.work_dir, prefix="selproj-adapters-")
     try:
-        table = os.path.join(work, "table.npz")
-        done = run_child(args, ["--stage", "table", "--table", table, "--strategies", ",".join(strategies)])
-        if done.returncode:
-            raise RuntimeError(f"building the engine table failed: {last_line(done.stderr)}")
-        print(last_line(done.stdout), flush=True)
+        table = args.table or os.path.join(work, "table.npz")
+        if os.path.isfile(table):
+            print(f"engine table: {table} (reused)", flush=True)
+        else:
+            done = run_child(args, ["--stage", "table", "--table", table, "--strategies", ",".join(strategies)])
+            if done.returncode:
+                raise RuntimeError(f"building the engine table failed: {failure(done)}")
+            print(done.stdout.strip(), flush=True)
         cells = []
         for strategy in strategies:
             for adapter in adapters:
@@ -263,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 done = run_child(args, ["--stage", "cell", "--cell", f"{strategy}:{adapter}", "--table", table,
                                         "--out", out])
                 cell = Cell(**json.loads(Path(out).read_text())) if done.returncode == 0 else \
-                    Cell(strategy, adapter, error=last_line(done.stderr))
+                    Cell(strategy, adapter, error=failure(done))
                 cells.append(cell)
                 print(f"{strategy} x {adapter}: " + (cell.error or f"{cell.seconds:.0f} s, peak RSS "
                       f"{cell.peak_rss_bytes / 2**30:.2f} GB, hits {cell.hits}/{cell.queries} "

@@ -178,7 +178,7 @@ def worker_projection(args: argparse.Namespace) -> dict:
 
     from benchmark.data import load_records
     from selproj_plugin.capture import matrix_form, to_param_layout
-    from selproj_plugin.engine import EngineConfig, FactorStore, factor_dots, iter_factors, prepare
+    from selproj_plugin.engine import EngineConfig, iter_factors, pairwise_dots, prepare
     from selproj_plugin.loss import encode_samples
     from selproj_plugin.models import load_model
 
@@ -191,31 +191,25 @@ def worker_projection(args: argparse.Namespace) -> dict:
                  _projections(model, args.proj_dim, args.seed, "random_projection_per_component").items()})
     outputs = {label: [[None] * len(samples) for _ in ts] for label, ts in maps.items()}
     seconds = dict.fromkeys(maps, 0.0)
-    exact = np.zeros((len(samples), len(samples)))
+    # exact full-gradient dots first (factors spill beyond the limit), then the projections: the
+    # maps' codes and the stored factors are never in memory together
+    config = EngineConfig(batch_size=args.batch_size, memory_limit_gb=args.memory_limit_gb)
+    exact = pairwise_dots(model, tok, samples, samples, config=config).sum(axis=-1)
     encoded, _ = encode_samples(tok, samples, 512)
-    store = FactorStore(args.memory_limit_gb * 2**30)
     slices: list[torch.Tensor] = []
-    materialise_s, done = 0.0, []
-    try:
-        for i, f in iter_factors(prep, encoded, range(len(samples)), EngineConfig(batch_size=args.batch_size),
-                                 label="projection"):
-            t0 = time.perf_counter()
-            grads = {s.name: to_param_layout(s, matrix_form(s, f))[None] for s in prep.specs}
-            materialise_s += time.perf_counter() - t0
-            if len(slices) < args.trak_samples:
-                slices.append(torch.cat([g[0] for g in grads.values()])[: args.trak_slice].clone())
-            for label, transforms in maps.items():
-                for k, t in enumerate(transforms):
-                    t0 = time.perf_counter()
-                    outputs[label][k][i] = t(grads)[0].float()
-                    seconds[label] += time.perf_counter() - t0
-            del grads
-            row = factor_dots(f, [f] + [store.get(j) for j in done], prep.specs).sum(axis=1)
-            exact[i, [i] + done] = exact[[i] + done, i] = row
-            store.put(i, f)
-            done.append(i)
-    finally:
-        store.close()
+    materialise_s = 0.0
+    for i, f in iter_factors(prep, encoded, range(len(samples)), config, label="projection"):
+        t0 = time.perf_counter()
+        grads = {s.name: to_param_layout(s, matrix_form(s, f))[None] for s in prep.specs}
+        materialise_s += time.perf_counter() - t0
+        if len(slices) < args.trak_samples:
+            slices.append(torch.cat([g[0] for g in grads.values()])[: args.trak_slice].clone())
+        for label, transforms in maps.items():
+            for k, t in enumerate(transforms):
+                t0 = time.perf_counter()
+                outputs[label][k][i] = t(grads)[0].float()
+                seconds[label] += time.perf_counter() - t0
+        del grads, f
     result = {"samples": len(samples), "grad_dim": int(sum(s.component.num_params for s in prep.specs)),
               "materialise_seconds_per_sample": materialise_s / len(samples), "maps": {}}
     for label, per_seed in outputs.items():
@@ -271,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proj-seeds", type=int, default=3, help="seeds of random_projection per dimension")
     parser.add_argument("--trak-slice", type=int, default=2_000_000, help="gradient coordinates timed for TRAK")
     parser.add_argument("--trak-samples", type=int, default=2, help="samples timed for TRAK")
-    parser.add_argument("--memory-limit-gb", type=float, default=6.0, help="projection worker: factors kept in RAM")
+    parser.add_argument("--memory-limit-gb", type=float, default=2.0,
+                        help="projection worker: factors kept in RAM for the exact dots (the rest spill to disk)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu",
                         help="device of the engine and the loop (the projection comparison stays on CPU)")
@@ -285,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     from selproj_plugin.table import ComponentTable
 
     with tempfile.TemporaryDirectory(prefix="selproj-speed-") as tmp:
+        proj = _run_worker("projection", args, Path(tmp) / "proj.npz")
         engine = _run_worker("engine", args, Path(tmp) / "engine.npz")
         loop = _run_worker("loop", args, Path(tmp) / "loop.npz")
-        proj = _run_worker("projection", args, Path(tmp) / "proj.npz")
         table = ComponentTable.load(Path(tmp) / "engine.npz")
         with np.load(Path(tmp) / "loop.npz") as ref:
             n = ref["cross"].shape[0]
