@@ -13,6 +13,7 @@ import collections.abc
 import dataclasses
 import importlib.metadata
 import json
+import numbers
 import os
 import threading
 import types
@@ -55,6 +56,7 @@ class Registry:
     errors: dict[str, str] = field(default_factory=dict)
     known_plugins: list[str] = field(default_factory=list)  # builtin, entry points, extra plugins
     unknown_disabled: list[str] = field(default_factory=list)  # names in SELPROJ_DISABLE_PLUGINS that are no plugin
+    disabled: list[str] = field(default_factory=list)  # plugins SELPROJ_DISABLE_PLUGINS blocked
 
 
 _lock = threading.Lock()
@@ -88,6 +90,7 @@ def build_registry(plugins: Sequence[tuple[str, object]] = ()) -> Registry:
     known = {BUILTIN} | {ep.name for ep in entry_points} | {name for name, _ in plugins}
     registry.known_plugins = sorted(known)
     registry.unknown_disabled = sorted(disabled - known)
+    registry.disabled = sorted(disabled & known)
     for ep in entry_points:
         if manager.is_blocked(ep.name) or manager.has_plugin(ep.name):
             continue
@@ -174,6 +177,10 @@ def get_strategy(name: str, **options: Any) -> Reducer:
     unknown = sorted(set(options) - valid)
     if unknown:
         raise StrategyError(f"strategy {name!r} has no option {', '.join(unknown)}; options: {', '.join(sorted(valid)) or 'none'}")
+    hints = typing.get_type_hints(cls)
+    for key, value in options.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise StrategyError(f"option {name}.{key} expects {_type_name(hints[key])}, got {value!r}")
     try:
         return cls(**options)
     except (TypeError, ValueError) as exc:
@@ -206,7 +213,8 @@ def _strategy_class(name: str) -> type[Reducer]:
     if name not in reg.strategies:
         known = ", ".join(reg.strategies) or "none"
         broken = f"; plugins that failed: {', '.join(f'{p} ({e})' for p, e in reg.errors.items())}" if reg.errors else ""
-        raise StrategyError(f"unknown strategy {name!r}; registered: {known}{broken}")
+        blocked_text = f"; {DISABLE_ENV} blocks plugin(s) {', '.join(reg.disabled)}" if reg.disabled else ""
+        raise StrategyError(f"unknown strategy {name!r}; registered: {known}{broken}{blocked_text}")
     return reg.strategies[name]
 
 
@@ -217,6 +225,25 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (list, tuple, collections.abc.Sequence):
         return f"a comma-separated list of {_type_name(args[0]) if args else 'values'}"
     return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a Python value matches annotation ``tp`` (ints fit float; types we cannot check fit)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple, collections.abc.Sequence):
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value) if args else \
+            isinstance(value, (list, tuple))
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp in (bool, str):
+        return isinstance(value, tp)
+    return not isinstance(tp, type) or tp is Any or isinstance(value, tp)
 
 
 def _convert(text: str, tp: Any) -> Any:

@@ -79,6 +79,28 @@ def test_disable_by_name(site, monkeypatch):
     monkeypatch.setenv("SELPROJ_DISABLE_PLUGINS", "attn")
     registry_module.registry(reload=True)
     assert "attention_only" not in list_strategies()
+    with pytest.raises(StrategyError, match=r"unknown strategy 'attention_only'.*SELPROJ_DISABLE_PLUGINS blocks plugin\(s\) attn$"):
+        get_strategy("attention_only")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"patience": "3"}, "option greedy.patience expects int, got '3'"),
+    ({"patience": True}, "option greedy.patience expects int, got True"),
+    ({"budget": "0.01"}, "option greedy.budget expects float or none, got '0.01'"),
+    ({"selection": 3}, "option greedy.selection expects str or a comma-separated list of str or none, got 3"),
+    ({"selection": ["L3 down", 4]}, "expects str or a comma-separated list of str or none, got ['L3 down', 4]"),
+])
+def test_python_api_refuses_option_values_of_the_wrong_type(options, message):
+    with pytest.raises(StrategyError) as err:
+        get_strategy("greedy", **options)
+    assert str(err.value).endswith(message) and "\n" not in str(err.value)
+
+
+def test_python_api_accepts_values_of_the_declared_types():
+    import numpy as np
+
+    assert get_strategy("greedy", patience=np.int64(2), budget=1, selection=["L3 down"]).patience == 2
+    assert get_strategy("random_projection", dim="1%").dim == "1%"
 
 
 def test_duplicate_strategy_name_is_refused(site):
