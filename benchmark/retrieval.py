@@ -308,9 +308,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             out.mkdir(parents=True, exist_ok=True)
             images[setting] = [
-                plots.component_heatmap(table, out / f"components-{setting}.png", f"{setting}: each component alone").name,
-                plots.greedy_path(results, base, out / f"greedy-{setting}.png", f"{setting}: greedy path").name,
-            ]
+                plots.component_heatmap(table, out / f"components-{setting}.png", f"{setting}: each component alone").name]
+            if any(r.path for r in results.values()):  # only greedy strategies have a path to draw
+                images[setting].append(
+                    plots.greedy_path(results, base, out / f"greedy-{setting}.png", f"{setting}: greedy path").name)
             section["selection_files"] = _selection_files(out, setting, results, table, document.get("identity", {}))
         document["settings"][setting] = section
     document.setdefault("stages", {})["evaluate"] = round(time.perf_counter() - evaluate_start, 3)

@@ -51,6 +51,16 @@ def test_fixed_selection_reports_no_heldout(tmp_path):
     assert round(greedy["accuracy"], 4) == 0.9980 and greedy["vs_full"]["basis"] == "in-sample"
 
 
+def test_out_draws_the_greedy_path_only_when_a_strategy_has_one(tmp_path):
+    table = str(reference_path("paraphrased"))
+    assert cli(["--table", table, "--strategy", "full,single_component", "--out", str(tmp_path / "a")]) == 0
+    files = {p.name for p in (tmp_path / "a").iterdir()}
+    assert not any(f.startswith("greedy-") for f in files), files
+    assert "selection-paraphrased-single_component.json" in files  # learnt from the table
+    assert "selection-paraphrased-full.json" not in files  # fixed: nothing learnt to export
+    assert "greedy-" not in (tmp_path / "a" / "report.md").read_text()  # greedy's plot: test_end_to_end_outputs
+
+
 def one_line_error(capsys, argv) -> str:
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip()
