@@ -115,7 +115,7 @@ def table_stage(args: argparse.Namespace, strategies: list[str]) -> None:
                           if not resolve_reducer(name).fitted) if type(t).on_table is Transform.on_table]
     index = np.tile(np.arange(len(train)), (len(queries), 1))
     table = build_table(model, tokenizer, queries, train, index, originals, transforms=stored,
-                        config=EngineConfig(progress=False, memory_limit_gb=2.0))
+                        config=EngineConfig(batch_size=2, progress=False, memory_limit_gb=1.0))
     table.save(args.table)
     print(f"engine table: {len(queries)} queries x {len(train)} candidates x {len(catalogue(model))} components, "
           f"projections {[t.key for t in stored]}, {table.meta['timings']['total_s']:.0f} s", flush=True)
