@@ -251,6 +251,25 @@ def _run_worker(name: str, args: argparse.Namespace, out: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _distortions(maps: dict, proj_dim: str) -> dict:
+    """``distortion_vs_dense_jl`` of the shared-sketch random projection at each requested dimension."""
+    return {d: maps[f"random_projection@{d}"]["distortion_vs_dense_jl"] for d in _dims(proj_dim)}
+
+
+def _print_projection(proj: dict) -> None:
+    maps = proj["maps"]
+    print(f"projection of {proj['samples']} samples ({proj['grad_dim']:,} coords; materialising {proj['materialise_seconds_per_sample']:.2f}"
+          f"s/sample): pair dot distortion as a fraction of |a||b|, mean over {next(iter(maps.values()))['pairs']} pairs:")
+    for label, m in maps.items():
+        lo, hi = m["distortion_vs_dense_jl_95ci"]
+        print(f"  {label} (dim {m['dim']}, {m['seeds']} seed(s)): measured {m['pair_distortion_mean']:.5f} (max "
+              f"{m['pair_distortion_max']:.4f}), dense Gaussian JL expects {m['dense_jl_expected_mean']:.5f} -> "
+              f"distortion_vs_dense_jl {m['distortion_vs_dense_jl']:.3f} (95% bootstrap {lo:.3f}-{hi:.3f}); "
+              f"{m['seconds_per_sample']:.2f}s/sample")
+    print(f"TRAK BasicProjector to {proj['trak_dim']}: {proj['trak_seconds_per_sample_extrapolated']:.1f}s/sample "
+          f"(timed on {proj['trak_slice_dim']} coords, extrapolated linearly) -> sketch {proj['speedup_vs_trak']:.0f}x faster")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
@@ -270,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu",
                         help="device of the engine and the loop (the projection comparison stays on CPU)")
+    parser.add_argument("--only", choices=("all", "projection"), default="all",
+                        help="'projection': only the projection's distortion and TRAK timing (minutes, not an hour)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -281,6 +302,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="selproj-speed-") as tmp:
         proj = _run_worker("projection", args, Path(tmp) / "proj.npz")
+        if args.only == "projection":
+            result = {"model": args.model or "SmolLM2-135M-Instruct", "projection": proj,
+                      "projection_speedup_vs_trak": proj["speedup_vs_trak"],
+                      "distortion_vs_dense_jl": _distortions(proj["maps"], args.proj_dim)}
+            _print_projection(proj)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2))
+            return 0
         engine = _run_worker("engine", args, Path(tmp) / "engine.npz")
         loop = _run_worker("loop", args, Path(tmp) / "loop.npz")
         table = ComponentTable.load(Path(tmp) / "engine.npz")
@@ -312,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_rel_error": max_rel, "max_rel_error_self": self_rel,
         "engine_peak_rss_mb": engine["peak_rss_mb"], "loop_peak_rss_mb": loop["peak_rss_mb"],
         "projection": proj, "projection_speedup_vs_trak": proj["speedup_vs_trak"],
-        "distortion_vs_dense_jl": {d: maps[f"random_projection@{d}"]["distortion_vs_dense_jl"] for d in _dims(args.proj_dim)},
+        "distortion_vs_dense_jl": _distortions(maps, args.proj_dim),
         "table_rp_cosine": table_rp,
     }
     print(f"engine: {engine_s:.1f}s for {args.queries}x{args.k} ({engine['distinct_samples']} distinct samples; "
@@ -321,16 +350,7 @@ def main(argv: list[str] | None = None) -> int:
           f"to {args.queries}, peak RSS {loop['peak_rss_mb']:.0f} MiB")
     print(f"speedup vs loop: {result['speedup_vs_loop']:.2f}x; largest relative difference: {max_rel:.2e} "
           f"(cross, normalised by norms), {self_rel:.2e} (self dots)")
-    print(f"projection of {proj['samples']} samples ({proj['grad_dim']:,} coords; materialising {proj['materialise_seconds_per_sample']:.2f}"
-          f"s/sample): pair dot distortion as a fraction of |a||b|, mean over {next(iter(maps.values()))['pairs']} pairs:")
-    for label, m in maps.items():
-        lo, hi = m["distortion_vs_dense_jl_95ci"]
-        print(f"  {label} (dim {m['dim']}, {m['seeds']} seed(s)): measured {m['pair_distortion_mean']:.5f} (max "
-              f"{m['pair_distortion_max']:.4f}), dense Gaussian JL expects {m['dense_jl_expected_mean']:.5f} -> "
-              f"distortion_vs_dense_jl {m['distortion_vs_dense_jl']:.3f} (95% bootstrap {lo:.3f}-{hi:.3f}); "
-              f"{m['seconds_per_sample']:.2f}s/sample")
-    print(f"TRAK BasicProjector to {proj['trak_dim']}: {proj['trak_seconds_per_sample_extrapolated']:.1f}s/sample "
-          f"(timed on {proj['trak_slice_dim']} coords, extrapolated linearly) -> sketch {proj['speedup_vs_trak']:.0f}x faster")
+    _print_projection(proj)
     for text, r in table_rp.items():
         print(f"table random_projection@{text} (dim {r['dim']}): cosine abs error mean {r['cosine_abs_error_mean']:.5f} "
               f"(max {r['cosine_abs_error_max']:.4f}), dense Gaussian JL expects {r['dense_jl_expected_mean']:.5f} -> "
