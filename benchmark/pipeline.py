@@ -92,7 +92,7 @@ class PipelineOptions:
     max_length: int = 512
     max_new_tokens: int = 64
     batch_size: int = 8
-    memory_limit_gb: float = 6.0
+    memory_limit_gb: float = 3.5
     cache_dir: str | None = None
     progress: bool = True
 

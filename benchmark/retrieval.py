@@ -72,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-new-tokens", type=int, default=64, help="generation length for the generated setting")
     g.add_argument("--max-length", type=int, default=512, help="truncate longer samples (counted in the report)")
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--memory-limit-gb", type=float, default=6.0, help="gradient factors kept in RAM beyond this spill to disk (default 6; shared by the processes of a machine)")
+    g.add_argument("--memory-limit-gb", type=float, default=3.5, help="the engine's memory budget: the model, one capture batch and kept gradient factors; factors beyond it spill to disk (default 3.5; shared by the processes of a machine)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (default: torch's; torchrun gives 1). Runs with equal threads per "

@@ -235,7 +235,7 @@ class GradientCapture:
         geometry = _Geometry(batch)
         for h in self.handlers:
             h.calls = []
-        with self._frozen(), self._hooks(geometry):
+        with self._frozen(), self._hooks(geometry), _sdpa(self.model):
             losses = forward_losses(self.model, batch)
             losses.sum().backward()
         try:
@@ -398,6 +398,22 @@ class GradientCapture:
             for i, f in enumerate(out):
                 prev = f.vectors.get(comp.name)
                 f.vectors[comp.name] = flat[i] if prev is None else prev + flat[i]
+
+
+@contextlib.contextmanager
+def _sdpa(model: nn.Module) -> Iterator[None]:
+    """sdpa attention for the capture's forward/backward where the model supports it: eager keeps every
+    layer's [heads, T, T] attention weights for backward (several GB a batch); the hooks do not need them."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    switch = current == "eager" and getattr(model, "_supports_sdpa", False) and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(current)
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:

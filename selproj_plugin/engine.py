@@ -40,6 +40,7 @@ __all__ = [
 
 
 A_CHUNK = 16  # stored samples concatenated per Gram call in pairwise_dots
+PAIR_CHUNK_BYTES = 256 * 2**20  # kept partners' factors read and concatenated per Gram call in build_table
 
 
 @dataclass
@@ -47,8 +48,9 @@ class EngineConfig:
     """Knobs of the engine; defaults suit a 135M model on a laptop CPU."""
 
     batch_size: int = 8
+    batch_tokens: int = 512  # padded tokens per capture batch (at least one sample): bounds activations
     max_length: int = 512
-    memory_limit_gb: float = 6.0  # factors kept in RAM beyond this are spilled to disk
+    memory_limit_gb: float = 3.5  # the process's budget: factors beyond what the model and one batch leave are spilled
     device: str = "cpu"
     spill_dir: str | None = None
     progress: bool = True
@@ -69,6 +71,7 @@ class FactorStore:
         self.spilled = 0
         self._items: dict[Any, SampleFactors] = {}
         self._files: dict[Any, tuple[SampleFactors, dict[str, Path], dict[str, Path]]] = {}
+        self._sizes: dict[Any, int] = {}
         self._parent = spill_dir
         self._dir: SpillDir | None = None
         remove_stale(spill_dir)  # killed runs' directories go at the next start
@@ -85,6 +88,7 @@ class FactorStore:
         tensors = {k: self._dir.save(f"{base}-t{i}", t.numpy()) for i, (k, t) in enumerate(f.tensors.items())}
         vectors = {k: self._dir.save(f"{base}-v{i}", t.numpy()) for i, (k, t) in enumerate(f.vectors.items())}
         self.spilled += f.nbytes
+        self._sizes[key] = f.nbytes
         self._files[key] = (SampleFactors(f.sample_id, {}, f.uses, {}), tensors, vectors)
 
     def get(self, key: Any) -> SampleFactors:
@@ -94,6 +98,10 @@ class FactorStore:
         load = lambda paths: {k: torch.from_numpy(np.load(p)) for k, p in paths.items()}  # noqa: E731
         return SampleFactors(shell.sample_id, load(tensors), shell.uses, load(vectors))
 
+    def nbytes(self, key: Any) -> int:
+        """Size of the factors stored under ``key``."""
+        return self._items[key].nbytes if key in self._items else self._sizes[key]
+
     def __contains__(self, key: Any) -> bool:
         return key in self._items or key in self._files
 
@@ -101,6 +109,7 @@ class FactorStore:
         """Drop everything and delete spilled files."""
         self._items.clear()
         self._files.clear()
+        self._sizes.clear()
         if self._dir is not None:
             self._dir.close()
             self._dir = None
@@ -138,17 +147,25 @@ def prepare(model: torch.nn.Module, tokenizer: Any, components: Sequence[str] | 
     return Prepared(capture, [capture.specs[c.name] for c in comps], pad_token_id(tokenizer))
 
 
-def _batches(encoded: Sequence[Encoded], order: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Indices in length-sorted batches (longest first, so memory peaks early)."""
+def _batches(encoded: Sequence[Encoded], order: Sequence[int], config: EngineConfig) -> Iterator[list[int]]:
+    """Indices in length-sorted batches (longest first, so memory peaks early) of at most
+    ``batch_size`` samples and ``batch_tokens`` padded tokens."""
     ranked = sorted(order, key=lambda i: -len(encoded[i].input_ids))
-    for start in range(0, len(ranked), batch_size):
-        yield ranked[start:start + batch_size]
+    batch: list[int] = []
+    for i in ranked:
+        width = len(encoded[batch[0]].input_ids) if batch else len(encoded[i].input_ids)
+        if batch and (len(batch) >= config.batch_size or (len(batch) + 1) * width > config.batch_tokens):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def iter_factors(prep: Prepared, encoded: Sequence[Encoded], indices: Sequence[int], config: EngineConfig,
                  materialise: set[str] = frozenset(), label: str = "samples") -> Iterator[tuple[int, SampleFactors]]:
     """Factors of ``encoded[i]`` for each i in ``indices``: one forward/backward per length-sorted batch."""
-    return _capture(prep, encoded, list(_batches(encoded, indices, config.batch_size)), config, materialise, label)
+    return _capture(prep, encoded, list(_batches(encoded, indices, config)), config, materialise, label)
 
 
 def _capture(prep: Prepared, encoded: Sequence[Encoded], batches: Sequence[Sequence[int]], config: EngineConfig,
@@ -159,8 +176,10 @@ def _capture(prep: Prepared, encoded: Sequence[Encoded], batches: Sequence[Seque
     for idx in batches:
         batch = collate([encoded[i] for i in idx], prep.pad_id, config.device)
         factors, _ = prep.capture.run(batch, sorted(materialise))
-        for i, f in zip(idx, factors):
-            yield i, f
+        del batch
+        factors.reverse()
+        for i in idx:  # hand each sample's factors over and forget them: the batch's list holds none after use
+            yield i, factors.pop()
         done += len(idx)
         if config.progress:
             print(f"\r[selproj] {label}: {done}/{total} ({time.perf_counter() - t0:.0f}s)", end="", file=sys.stderr)
@@ -255,7 +274,7 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
     lengths = [len(encoded[i].input_ids) for i in stored + streamed]
     materialise = _modes(prep, config, lengths, len(stored) + len(streamed) + int(c_of.size))
     plan = _Plan(unique, encoded, q_of, c_of, kept is q_set, kept,
-                 list(_batches(encoded, stored, config.batch_size)), list(_batches(encoded, streamed, config.batch_size)),
+                 list(_batches(encoded, stored, config)), list(_batches(encoded, streamed, config)),
                  {i: sorted(js) for i, js in partners.items()}, materialise)
     return plan, n_truncated
 
@@ -265,6 +284,31 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b) / denom if denom > 0 else 0.0
 
 
+def _store_budget(prep: Prepared, config: EngineConfig) -> float:
+    """Bytes of factors kept in RAM: ``memory_limit_gb`` less the model, one capture batch and the pair buffers.
+
+    A batch of ``batch_tokens`` holds about two fp32 copies of its factors' widths per token (layer
+    inputs and output gradients, then the factors taken from them; measured 2.1 MB a token on SmolLM2-135M)."""
+    model_bytes = sum(p.numel() * p.element_size() for p in prep.capture.model.parameters())
+    per_token = 2 * 4 * sum(s.rows + s.cols for s in prep.specs if s.kind == "factor")
+    return max(0.0, config.memory_limit_gb * 2**30 - model_bytes - config.batch_tokens * per_token - 2 * PAIR_CHUNK_BYTES)
+
+
+def _chunks(keys: Sequence[int], store: FactorStore, limit: int) -> Iterator[list[int]]:
+    """``keys`` in consecutive runs whose stored factors total at most ``limit`` bytes (at least one each)."""
+    chunk: list[int] = []
+    size = 0
+    for k in keys:
+        n = store.nbytes(k)
+        if chunk and size + n > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(k)
+        size += n
+    if chunk:
+        yield chunk
+
+
 def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: EngineConfig,
                    projector: _Projector | None) -> TableShard:
     """This rank's share: every kept sample (all ranks need their factors), its dealt streamed batches."""
@@ -272,7 +316,7 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
     shard = TableShard(components=[s.name for s in prep.specs],
                        rp_keys=[t.key for t in projector.transforms] if projector else [])
     kept_projections: dict[int, list[torch.Tensor] | None] = {}
-    store = FactorStore(config.memory_limit_gb * 2**30, config.spill_dir)
+    store = FactorStore(_store_budget(prep, config), config.spill_dir)
     streamed_batches, kept_pairs = plan.share(rank, world)
     kept_label, streamed_label = ("queries", "candidates") if plan.kept_queries else ("candidates", "queries")
     t_capture = t_dots = t_project = 0.0
@@ -288,11 +332,12 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
 
     def pairs(i: int, f: SampleFactors, projected: list[torch.Tensor] | None) -> None:
         held = plan.partners.get(i, [])
-        for j, row in zip(held, factor_dots(f, [store.get(j).to(config.device) for j in held], prep.specs)):
-            key = pair_key(ids[i], ids[j])
-            shard.cross[key] = row
-            if projected is not None:
-                shard.rp[key] = np.array([_cosine(a, b) for a, b in zip(projected, kept_projections[j])])
+        for chunk in _chunks(held, store, PAIR_CHUNK_BYTES):  # partners a few at a time: spilled ones are read back
+            for j, row in zip(chunk, factor_dots(f, [store.get(j).to(config.device) for j in chunk], prep.specs)):
+                key = pair_key(ids[i], ids[j])
+                shard.cross[key] = row
+                if projected is not None:
+                    shard.rp[key] = np.array([_cosine(a, b) for a, b in zip(projected, kept_projections[j])])
 
     try:
         t1 = time.perf_counter()
@@ -447,7 +492,7 @@ def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sa
     config = config or EngineConfig()
     prep = prepare(model, tokenizer, components, scope)
     encoded, _ = encode_samples(tokenizer, samples, config.max_length)
-    batches = _mine(list(_batches(encoded, range(len(samples)), config.batch_size)), across_ranks)
+    batches = _mine(list(_batches(encoded, range(len(samples)), config)), across_ranks)
     out = {s.name: torch.zeros(len(samples), s.component.num_params) for s in prep.specs}
     done = []
     for i, f in _capture(prep, encoded, batches, config, label="features"):
@@ -474,7 +519,7 @@ def projected_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence
     prep = prepare(model, tokenizer, [c.name for c in transform.components], scope)
     projector = _Projector(prep.specs, [transform])
     encoded, _ = encode_samples(tokenizer, samples, config.max_length)
-    batches = _mine(list(_batches(encoded, range(len(samples)), config.batch_size)), across_ranks)
+    batches = _mine(list(_batches(encoded, range(len(samples)), config)), across_ranks)
     rows = _gathered({i: projector(f)[0] for i, f in _capture(prep, encoded, batches, config, label="projection")},
                      across_ranks)
     out = torch.zeros(len(samples), transform.dim, dtype=torch.float64)
@@ -500,7 +545,7 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
     streamed = sorted(set(b_of) - set(stored))
     lengths = [len(encoded[i].input_ids) for i in stored + streamed]
     materialise = _modes(prep, config, lengths, len(stored) * len(set(b_of)))
-    store = FactorStore(config.memory_limit_gb * 2**30, config.spill_dir)
+    store = FactorStore(_store_budget(prep, config), config.spill_dir)
     dots: dict[int, np.ndarray] = {}
     try:
         for i, f in iter_factors(prep, encoded, stored, config, materialise, "set A"):
@@ -513,7 +558,7 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
 
         for b in _mine(sorted(set(b_of) & set(stored)), across_ranks):
             dots[b] = against_a(store.get(b))
-        b_batches = _mine(list(_batches(encoded, streamed, config.batch_size)), across_ranks)
+        b_batches = _mine(list(_batches(encoded, streamed, config)), across_ranks)
         for b, f in _capture(prep, encoded, b_batches, config, materialise, "set B"):
             dots[b] = against_a(f)
     finally:
