@@ -10,6 +10,7 @@ materialised one sample at a time, and the table stores the cosines of their out
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -284,14 +285,24 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b) / denom if denom > 0 else 0.0
 
 
+def _resident_bytes(model: torch.nn.Module) -> int:
+    """What the process holds now (Linux: its RSS, interpreter and libraries included), else the model's weights."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def _store_budget(prep: Prepared, config: EngineConfig) -> float:
-    """Bytes of factors kept in RAM: ``memory_limit_gb`` less the model, one capture batch and the pair buffers.
+    """Bytes of factors kept in RAM: ``memory_limit_gb`` less what the process holds already (the model),
+    one capture batch and the pair buffers, so the limit bounds the whole process.
 
     A batch of ``batch_tokens`` holds about two fp32 copies of its factors' widths per token (layer
     inputs and output gradients, then the factors taken from them; measured 2.1 MB a token on SmolLM2-135M)."""
-    model_bytes = sum(p.numel() * p.element_size() for p in prep.capture.model.parameters())
     per_token = 2 * 4 * sum(s.rows + s.cols for s in prep.specs if s.kind == "factor")
-    return max(0.0, config.memory_limit_gb * 2**30 - model_bytes - config.batch_tokens * per_token - 2 * PAIR_CHUNK_BYTES)
+    held = _resident_bytes(prep.capture.model)
+    return max(0.0, config.memory_limit_gb * 2**30 - held - config.batch_tokens * per_token - 2 * PAIR_CHUNK_BYTES)
 
 
 def _chunks(keys: Sequence[int], store: FactorStore, limit: int) -> Iterator[list[int]]:
