@@ -225,3 +225,64 @@ def test_partially_frozen_model_and_parameters_restored():
             ref = _vec(model, naive[i], c)
             assert float((feats[c.name][i].double() - ref).norm() / ref.norm()) <= TOL, c.name
     assert [p.requires_grad for p in model.parameters()].count(True) == sum(len(c.param_names) for c in comps)
+
+
+def test_capture_batches_stay_within_the_token_budget():
+    from selproj_plugin.engine import _batches
+
+    tok = tiny.tokenizer()
+    enc, _ = encode_samples(tok, tiny.SAMPLES * 3, 512)
+    config = EngineConfig(batch_size=4, batch_tokens=2 * max(len(e.input_ids) for e in enc), progress=False)
+    batches = list(_batches(enc, range(len(enc)), config))
+    assert sorted(i for b in batches for i in b) == list(range(len(enc)))
+    for b in batches:
+        padded = len(b) * max(len(enc[i].input_ids) for i in b)
+        assert len(b) <= 4 and (len(b) == 1 or padded <= config.batch_tokens), (b, padded)
+    one = EngineConfig(batch_size=4, batch_tokens=1, progress=False)  # a sample longer than the budget goes alone
+    assert all(len(b) == 1 for b in _batches(enc, range(len(enc)), one))
+
+
+def test_capture_hands_each_samples_factors_over_and_keeps_none():
+    """Once the consumer drops a sample's factors they are freed, before the next sample of the batch."""
+    import gc
+    import weakref
+
+    from selproj_plugin.engine import iter_factors, prepare
+
+    model, tok = tiny.model("llama"), tiny.tokenizer()
+    enc, _ = encode_samples(tok, tiny.SAMPLES, 512)
+    prep = prepare(model, tok, None)
+    alive = []
+    for _, f in iter_factors(prep, enc, range(len(enc)), EngineConfig(batch_size=len(enc), progress=False)):
+        gc.collect()
+        assert all(ref() is None for ref in alive)
+        alive.append(weakref.ref(f))
+        del f
+    assert len(alive) == len(enc)
+
+
+def test_capture_runs_sdpa_and_gives_the_model_back_eager():
+    from selproj_plugin.engine import iter_factors, prepare
+
+    model, tok = tiny.model("llama"), tiny.tokenizer()
+    seen = []
+    hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args: seen.append(module.config._attn_implementation))
+    enc, _ = encode_samples(tok, tiny.SAMPLES[:2], 512)
+    list(iter_factors(prepare(model, tok, None), enc, range(2), CFG))
+    hook.remove()
+    assert seen == ["sdpa"] and model.config._attn_implementation == "eager"
+
+
+def test_pair_partners_are_read_in_chunks_that_fit_the_buffer():
+    from selproj_plugin.engine import FactorStore, _chunks
+    from selproj_plugin.capture import SampleFactors
+
+    store = FactorStore(0.0)  # everything spilled: sizes must still be known without reading
+    try:
+        for k, n in enumerate([10, 30, 30, 50, 5]):
+            store.put(k, SampleFactors(str(k), {"x": torch.zeros(n)}))
+        assert list(_chunks(range(5), store, 64 * 4)) == [[0, 1], [2], [3, 4]]
+        assert list(_chunks(range(5), store, 1)) == [[0], [1], [2], [3], [4]]
+    finally:
+        store.close()
