@@ -41,6 +41,13 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
+def _peak_gpu_mb(device: str) -> float | None:
+    """Peak CUDA memory allocated by this process (None off CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if str(device).startswith("cuda") else None
+
+
 def _setup(args: argparse.Namespace):
     from benchmark.candidates import bm25_topk
     from benchmark.data import load_records
@@ -72,7 +79,7 @@ def worker_engine(args: argparse.Namespace) -> dict:
     from selproj_plugin.engine import EngineConfig, build_table
     from selproj_plugin.models import load_model
 
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     queries, pool, index, original = _setup(args)
     transforms = _projections(model, args.proj_dim, args.seed)
     t0 = time.perf_counter()
@@ -82,6 +89,7 @@ def worker_engine(args: argparse.Namespace) -> dict:
     table.save(args.out)
     return {"seconds": seconds, "timings": table.meta["timings"], "distinct_samples": table.meta["distinct_samples"],
             "materialised_components": table.meta["materialised_components"], "peak_rss_mb": _peak_rss_mb(),
+            "peak_gpu_mb": _peak_gpu_mb(args.device),
             "projections": list(transforms)}
 
 
@@ -94,7 +102,7 @@ def worker_loop(args: argparse.Namespace) -> dict:
     from selproj_plugin.loss import IGNORE, encode_sample
     from selproj_plugin.models import load_model
 
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     queries, pool, index, _ = _setup(args)
     comps = catalogue(model)
     params = dict(model.named_parameters())
@@ -126,7 +134,8 @@ def worker_loop(args: argparse.Namespace) -> dict:
     print(file=sys.stderr)
     seconds = time.perf_counter() - t0
     np.savez(args.out, cross=cross, query_self=qself, candidate_self=cself)
-    return {"seconds": seconds, "queries_timed": n, "seconds_per_query": seconds / n, "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": seconds, "queries_timed": n, "seconds_per_query": seconds / n, "peak_rss_mb": _peak_rss_mb(),
+            "peak_gpu_mb": _peak_gpu_mb(args.device)}
 
 
 def dense_jl_pair_error(cos: np.ndarray, dim: int) -> np.ndarray:
@@ -242,7 +251,7 @@ def _run_worker(name: str, args: argparse.Namespace, out: Path) -> dict:
            "--batch-size", str(args.batch_size), "--proj-dim", args.proj_dim, "--proj-queries", str(args.proj_queries),
            "--proj-seeds", str(args.proj_seeds), "--trak-slice", str(args.trak_slice),
            "--trak-samples", str(args.trak_samples), "--memory-limit-gb", str(args.memory_limit_gb),
-           "--seed", str(args.seed), "--device", args.device]
+           "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype]
     if args.model:
         cmd += ["--model", args.model]
     result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -289,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu",
                         help="device of the engine and the loop (the projection comparison stays on CPU)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="model dtype of the engine and loop workers (the projection worker stays float32 on CPU)")
     parser.add_argument("--only", choices=("all", "projection"), default="all",
                         help="'projection': only the projection's distortion and TRAK timing (minutes, not an hour)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -332,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     maps = proj["maps"]
     result = {
         "model": args.model or "SmolLM2-135M-Instruct", "queries": args.queries, "k": args.k,
+        "device": args.device, "dtype": args.dtype,
+        "engine_peak_gpu_mb": engine["peak_gpu_mb"], "loop_peak_gpu_mb": loop["peak_gpu_mb"],
         "engine_seconds": engine_s, "engine_projection_seconds": engine["timings"]["project_s"],
         "engine_timings": engine["timings"], "engine_distinct_samples": engine["distinct_samples"],
         "engine_materialised_components": engine["materialised_components"],
