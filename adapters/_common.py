@@ -19,7 +19,7 @@ import hashlib
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -275,6 +275,21 @@ def encode(tokenizer: Any, samples: Sequence[Sample], *, max_length: int = 512,
 def row_slices(n: int, size: int) -> list[slice]:
     """``[0, n)`` in consecutive slices of at most ``size`` rows."""
     return [slice(start, min(n, start + size)) for start in range(0, n, max(1, size))]
+
+
+def rows_in_parts(n: int, size: int, part_of: Callable[[slice], torch.Tensor]) -> torch.Tensor | None:
+    """``[n, D]`` assembled from ``part_of(rows)`` (one slice's reduced gradients) over slices of at most
+    ``size`` rows, so only one slice's gradients exist at a time; one slice covering all rows is returned
+    without a copy (None for no rows)."""
+    out: torch.Tensor | None = None
+    for rows in row_slices(n, size):
+        part = part_of(rows)
+        if rows.stop - rows.start == n:
+            return part
+        if out is None:
+            out = torch.empty(n, part.shape[1], dtype=part.dtype, device=part.device)
+        out[rows] = part
+    return out
 
 
 def take_rows(batch: Sequence[torch.Tensor], rows: slice, mask: int = 1) -> tuple[torch.Tensor, ...]:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from selproj_plugin.adapters._common import (
     DEFAULT_MEMORY_LIMIT_GB, AdapterError, Plan, encode, gigabytes, memory_limit_bytes, plan, reduce_gradients,
-    release_freed_memory, resolve_reducer, response_loss, row_slices, take_rows,
+    release_freed_memory, resolve_reducer, response_loss, row_slices, rows_in_parts, take_rows,
 )
 from selproj_plugin.adapters._rows import RowFile, streamed_dots
 from selproj_plugin.samples import Sample
@@ -212,8 +212,8 @@ class ReducedTracInCP(TracInCP):
         loss_fn = loss_fn if loss_fn is not None else self.loss_fn
         n = targets.shape[0]
         step = self.plan.gradient_rows(self.limit_bytes / 8, self.model, targets.shape[1])
-        out: Tensor | None = None
-        for rows in row_slices(n, step):
+
+        def part_of(rows: slice) -> Tensor:
             *part_inputs, part_targets = take_rows((*inputs, targets), rows)
             grads = self._gradients(tuple(part_inputs), part_targets, loss_fn, reduction_type)
             release_freed_memory()  # the backward's temporaries
@@ -222,13 +222,9 @@ class ReducedTracInCP(TracInCP):
             release_freed_memory()
             if self.normalize:
                 part /= part.norm(dim=1, keepdim=True).clamp(min=1e-30)
-            if rows.stop - rows.start == n:
-                out = part
-                break
-            if out is None:
-                out = torch.empty(n, part.shape[1], dtype=part.dtype, device=part.device)
-            out[rows] = part
-        return (out,)
+            return part
+
+        return (rows_in_parts(n, step, part_of),)
 
     # ---- test inputs beyond the memory limit ----------------------------------------------
     def _batches(self, inputs: Union[Tuple[Any, ...], DataLoader]) -> list[tuple[Any, ...]]:

@@ -43,7 +43,7 @@ from trak.traker import TRAKer
 from selproj_plugin.adapters._common import (
     DEFAULT_MEMORY_LIMIT_GB, AdapterError, Plan, check_batch, device_name, encode, gigabytes, memory_limit_bytes,
     plan, reduce_gradients, release_freed_memory, require_eager, resolve_reducer, response_loss, row_slices,
-    split_flat, take_rows,
+    rows_in_parts, split_flat, take_rows,
 )
 from selproj_plugin.adapters._rows import RowFile, streamed_cosine
 from selproj_plugin.strategies.base import Reducer
@@ -249,20 +249,17 @@ class ReducingGradientComputer(SelectedGradientComputer):
                 f"({gigabytes(2 * n * plan_.row_bytes)} with TRAKer's copy), over the memory limit of "
                 f"{gigabytes(self.limit_bytes)}; pass at most {self.max_rows} per call (ReducedTRAKer splits batches)")
         step = plan_.gradient_rows(self.limit_bytes, self.model, batch[0].shape[1])
-        out: Tensor | None = None
-        for rows in row_slices(n, step):
-            grads = super().compute_per_sample_grad(take_rows(batch, rows))
+        selected_grads = super().compute_per_sample_grad
+
+        def part_of(rows: slice) -> Tensor:
+            grads = selected_grads(take_rows(batch, rows))
             release_freed_memory()  # the backward's temporaries
             part = self.projector.reduce(grads)
             del grads
             release_freed_memory()
-            if rows.stop - rows.start == n:
-                out = part
-                break
-            if out is None:
-                out = torch.empty(n, part.shape[1], dtype=part.dtype, device=part.device)
-            out[rows] = part
-        return ReducedBatch(out, self.projector.proj_type)
+            return part
+
+        return ReducedBatch(rows_in_parts(n, step, part_of), self.projector.proj_type)
 
 
 class CosineScoreComputer(AbstractScoreComputer):
