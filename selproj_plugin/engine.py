@@ -22,7 +22,7 @@ import torch
 
 from selproj_plugin.capture import ComponentSpec, GradientCapture, SampleFactors, matrix_form, to_param_layout
 from selproj_plugin import distributed
-from selproj_plugin.components import Component, catalogue, check_scope, select
+from selproj_plugin.components import catalogue, check_scope, select
 from selproj_plugin.gram import choose_modes, factor_dots
 from selproj_plugin.loss import Encoded, ModelError, collate, encode_samples, pad_token_id, require_trainable
 from selproj_plugin.models import model_name
@@ -40,8 +40,7 @@ __all__ = [
 ]
 
 
-A_CHUNK = 16  # stored samples concatenated per Gram call in pairwise_dots
-PAIR_CHUNK_BYTES = 256 * 2**20  # kept partners' factors read and concatenated per Gram call in build_table
+PAIR_CHUNK_BYTES = 256 * 2**20  # stored partners' factors read and concatenated per Gram call
 
 
 @dataclass
@@ -563,9 +562,8 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
             store.put(i, f)
         def against_a(f: SampleFactors) -> np.ndarray:  # A in chunks: concatenated factors stay small
             f = f.to(config.device)
-            return np.concatenate([
-                factor_dots(f, [store.get(i).to(config.device) for i in stored[s:s + A_CHUNK]], prep.specs)
-                for s in range(0, len(stored), A_CHUNK)])
+            return np.concatenate([factor_dots(f, [store.get(i).to(config.device) for i in chunk], prep.specs)
+                                   for chunk in _chunks(stored, store, PAIR_CHUNK_BYTES)])
 
         for b in _mine(sorted(set(b_of) & set(stored)), across_ranks):
             dots[b] = against_a(store.get(b))
