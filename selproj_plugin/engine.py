@@ -26,6 +26,7 @@ from selproj_plugin.components import catalogue, check_scope, select
 from selproj_plugin.gram import choose_modes, factor_dots
 from selproj_plugin.loss import Encoded, ModelError, collate, encode_samples, pad_token_id, require_trainable
 from selproj_plugin.models import model_name
+from selproj_plugin.planner import PAIR_CHUNK_BYTES, FactorWidths, TablePlan, factor_widths, plan_pairs
 from selproj_plugin.samples import Sample
 from selproj_plugin.shards import TableShard, pair_key
 from selproj_plugin.spill import SpillDir, remove_stale
@@ -35,12 +36,9 @@ from selproj_plugin.transforms import Transform
 T = TypeVar("T")
 
 __all__ = [
-    "EngineConfig", "FactorStore", "build_table", "sample_features", "projected_features", "pairwise_dots",
+    "EngineConfig", "FactorStore", "build_table", "plan_table", "sample_features", "projected_features", "pairwise_dots",
     "iter_factors", "factor_dots", "prepare",
 ]
-
-
-PAIR_CHUNK_BYTES = 256 * 2**20  # stored partners' factors read and concatenated per Gram call
 
 
 @dataclass
@@ -53,6 +51,7 @@ class EngineConfig:
     memory_limit_gb: float = 3.5  # the process's budget: factors beyond what the model and one batch leave are spilled
     device: str = "cpu"
     spill_dir: str | None = None
+    max_spill_gb: float | None = None  # disk the factor store may fill; None: half the free space where it spills
     progress: bool = True
     mode: str = "auto"  # per-component dot method: 'auto' (cheaper flops), 'factored' or 'materialised'
 
@@ -76,9 +75,10 @@ class FactorStore:
         self._dir: SpillDir | None = None
         remove_stale(spill_dir)  # killed runs' directories go at the next start
 
-    def put(self, key: Any, f: SampleFactors) -> None:
+    def put(self, key: Any, f: SampleFactors, spill: bool | None = None) -> None:
+        """Store ``f`` in RAM, or on disk when ``spill`` (None: when the RAM limit is reached)."""
         f = f.to("cpu")
-        if self.in_ram + f.nbytes <= self.limit:
+        if not spill and (spill is False or self.in_ram + f.nbytes <= self.limit):
             self.in_ram += f.nbytes
             self._items[key] = f
             return
@@ -122,6 +122,14 @@ class Prepared:
     capture: GradientCapture
     specs: list[ComponentSpec]
     pad_id: int
+    _widths: FactorWidths | None = None
+
+    @property
+    def widths(self) -> FactorWidths:
+        """The components' factor bytes per token (one no-gradient forward, the first time it is asked)."""
+        if self._widths is None:
+            self._widths = factor_widths(self.capture, self.specs)
+        return self._widths
 
 
 def _modes(prep: "Prepared", config: EngineConfig, lengths: Sequence[int], n_pairs: int) -> set[str]:
@@ -224,33 +232,76 @@ class _Projector:
 
 @dataclass
 class _Plan:
-    """What every rank derives alike from the inputs: samples, batches, pairs and dot modes.
+    """What every rank derives alike from the inputs: samples, the table plan, capture units, dot modes.
 
-    The batches are those of one process; ranks deal whole batches out, so every sample is
-    captured in the same batch (and so with the same fp32 rounding) however many ranks run.
+    A unit is what a rank captures as one piece: one length-sorted batch of streamed samples that
+    recompute nothing, or one query-centred group (a streamed sample and the partners it recomputes).
+    Ranks deal whole units out, so every sample is captured in the same batch (and so with the same
+    fp32 rounding) however many ranks run.
     """
 
     unique: list[Sample]
     encoded: list[Encoded]
     q_of: list[int]
     c_of: np.ndarray
-    kept_queries: bool
-    kept: set[int]
+    table: TablePlan
     kept_batches: list[list[int]]
-    streamed_batches: list[list[int]]
+    units: list[list[list[int]]]  # unit -> its groups -> [hub, recomputed partners...]
     partners: dict[int, list[int]]  # sample -> the kept samples it is paired with
+    self_pairs: set[int]  # samples paired with themselves (a query that is also its candidate)
     materialise: set[str]
 
-    def share(self, rank: int, world: int) -> tuple[list[list[int]], list[int]]:
-        """A rank's streamed batches and the kept samples whose kept-kept pairs it computes."""
-        return self.streamed_batches[rank::world], sorted(set(self.partners) & self.kept)[rank::world]
+    @property
+    def kept(self) -> set[int]:
+        return set(self.table.kept)
+
+    @property
+    def first_unit(self) -> dict[int, int]:
+        """Each streamed sample's first unit: its self dot is taken there (once, by one rank)."""
+        first: dict[int, int] = {}
+        for u, groups in enumerate(self.units):
+            for g in groups:
+                for i in g:
+                    first.setdefault(i, u)
+        return first
+
+    def share(self, rank: int, world: int) -> tuple[list[int], list[int]]:
+        """A rank's units (indices) and the kept samples whose kept-kept pairs it computes."""
+        return list(range(len(self.units)))[rank::world], sorted(set(self.partners) & self.kept)[rank::world]
 
     def expected(self, rank: int, world: int) -> tuple[set[str], set[tuple[str, str]]]:
         """Sample ids and pairs a rank's shard holds (every rank computes the kept samples' self dots)."""
-        batches, kept_pairs = self.share(rank, world)
-        mine = [i for b in batches for i in b] + kept_pairs
-        ids = {self.unique[i].id for i in self.kept} | {self.unique[i].id for b in batches for i in b}
-        return ids, {pair_key(self.unique[i].id, self.unique[j].id) for i in mine for j in self.partners.get(i, ())}
+        units, kept_pairs = self.share(rank, world)
+        first = self.first_unit
+        ids_of = lambda i: self.unique[i].id  # noqa: E731
+        mine = set(self.kept) | {i for u in units for g in self.units[u] for i in g if first[i] == u}
+        pairs = {pair_key(ids_of(i), ids_of(j)) for i in kept_pairs for j in self.partners.get(i, ())}
+        for u in units:
+            for hub, *members in self.units[u]:
+                pairs |= {pair_key(ids_of(hub), ids_of(j)) for j in [*self.partners.get(hub, ()), *members]}
+        pairs |= {pair_key(ids_of(i), ids_of(i)) for i in self.self_pairs & mine}
+        return {ids_of(i) for i in mine}, pairs
+
+
+def _units(encoded: Sequence[Encoded], groups: Sequence[list[int]], config: EngineConfig) -> list[list[list[int]]]:
+    """Singleton groups batched together by length (as every streamed sample was before recomputing
+    existed); each larger group a unit of its own."""
+    singles = {g[0] for g in groups if len(g) == 1}
+    units = [[[i] for i in b] for b in _batches(encoded, sorted(singles), config)]
+    return units + [[g] for g in groups if len(g) > 1]
+
+
+def _spill_allowance(config: EngineConfig) -> float:
+    """Bytes the store may write to disk: ``max_spill_gb`` if given, else half the free space where it spills."""
+    if config.max_spill_gb is not None:
+        return config.max_spill_gb * 2**30
+    import shutil
+    import tempfile
+
+    try:
+        return shutil.disk_usage(config.spill_dir or tempfile.gettempdir()).free / 2
+    except OSError:
+        return 0.0
 
 
 def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
@@ -260,22 +311,28 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
     n_q, n_k = candidate_index.shape
     q_of = [pos[s.id] for s in queries]
     c_of = np.array([[pos[candidates[j].id] for j in row] for row in candidate_index], dtype=np.int64).reshape(n_q, n_k)
-    # Keep the factors of the smaller side (queries or candidates) and stream the other past
-    # them: every pair has one member on the kept side, so each sample is captured once.
-    q_set, c_set = set(q_of), set(c_of.ravel().tolist())
-    kept = q_set if len(q_set) <= len(c_set) else c_set
-    stored = sorted(kept)
-    streamed = sorted((q_set | c_set) - kept)
+    used = sorted(set(q_of) | set(c_of.ravel().tolist()))
+    lengths = [len(e.input_ids) for e in encoded]
+    n_pairs = len(used) + int(c_of.size)
+    materialise = _modes(prep, config, [lengths[i] for i in used], n_pairs)
+    widths = factor_widths(prep.capture, prep.specs, sorted(materialise)) if materialise else prep.widths
+    table = plan_pairs(lengths, [e.n_targets for e in encoded], q_of, c_of, widths,
+                       store_budget=_store_budget(prep, config), spill_allowance=_spill_allowance(config),
+                       resident_bytes=_resident_bytes(prep.capture.model), batch_tokens=config.batch_tokens)
+    table.materialised = len(materialise)
+    kept = set(table.kept)
     partners: dict[int, set[int]] = {}
+    self_pairs = set()
     for q, row in zip(q_of, c_of):
         for c in map(int, row):
-            held, other = (q, c) if q in kept else (c, q)
-            partners.setdefault(other, set()).add(held)
-    lengths = [len(encoded[i].input_ids) for i in stored + streamed]
-    materialise = _modes(prep, config, lengths, len(stored) + len(streamed) + int(c_of.size))
-    plan = _Plan(unique, encoded, q_of, c_of, kept is q_set, kept,
-                 list(_batches(encoded, stored, config)), list(_batches(encoded, streamed, config)),
-                 {i: sorted(js) for i, js in partners.items()}, materialise)
+            if q == c:
+                self_pairs.add(q)
+            elif q in kept or c in kept:
+                held, other = (q, c) if q in kept else (c, q)
+                partners.setdefault(other, set()).add(held)
+    plan = _Plan(unique, encoded, q_of, c_of, table, list(_batches(encoded, sorted(kept), config)),
+                 _units(encoded, table.groups, config), {i: sorted(js) for i, js in partners.items()},
+                 self_pairs, materialise)
     return plan, n_truncated
 
 
@@ -321,15 +378,18 @@ def _chunks(keys: Sequence[int], store: FactorStore, limit: int) -> Iterator[lis
 
 def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: EngineConfig,
                    projector: _Projector | None) -> TableShard:
-    """This rank's share: every kept sample (all ranks need their factors), its dealt streamed batches."""
+    """This rank's share: every kept sample (all ranks need their factors), its dealt streamed units."""
     ids = [s.id for s in plan.unique]
     shard = TableShard(components=[s.name for s in prep.specs],
                        rp_keys=[t.key for t in projector.transforms] if projector else [])
     kept_projections: dict[int, list[torch.Tensor] | None] = {}
-    store = FactorStore(_store_budget(prep, config), config.spill_dir)
-    streamed_batches, kept_pairs = plan.share(rank, world)
-    kept_label, streamed_label = ("queries", "candidates") if plan.kept_queries else ("candidates", "queries")
+    store = FactorStore(plan.table.store_budget, config.spill_dir)
+    in_ram = set(plan.table.kept[: plan.table.ram_kept])
+    my_units, kept_pairs = plan.share(rank, world)
+    first = plan.first_unit
+    kept_label, streamed_label = ("queries", "candidates") if plan.table.kept_queries else ("candidates", "queries")
     t_capture = t_dots = t_project = 0.0
+    captured = 0
 
     def project(f: SampleFactors) -> list[torch.Tensor] | None:
         nonlocal t_project
@@ -340,23 +400,42 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
         t_project += time.perf_counter() - t
         return out
 
+    def put(key: tuple[str, str], row: np.ndarray, a: list[torch.Tensor] | None, b: list[torch.Tensor] | None) -> None:
+        shard.cross[key] = row
+        if a is not None:
+            shard.rp[key] = np.array([_cosine(x, y) for x, y in zip(a, b)])
+
+    def self_dot(i: int, f: SampleFactors, projected: list[torch.Tensor] | None) -> None:
+        shard.self_dots[ids[i]] = factor_dots(f, [f], prep.specs)[0]
+        if i in plan.self_pairs:
+            put(pair_key(ids[i], ids[i]), shard.self_dots[ids[i]], projected, projected)
+
     def pairs(i: int, f: SampleFactors, projected: list[torch.Tensor] | None) -> None:
         held = plan.partners.get(i, [])
         for chunk in _chunks(held, store, PAIR_CHUNK_BYTES):  # partners a few at a time: spilled ones are read back
             for j, row in zip(chunk, factor_dots(f, [store.get(j).to(config.device) for j in chunk], prep.specs)):
-                key = pair_key(ids[i], ids[j])
-                shard.cross[key] = row
-                if projected is not None:
-                    shard.rp[key] = np.array([_cosine(a, b) for a, b in zip(projected, kept_projections[j])])
+                put(pair_key(ids[i], ids[j]), row, projected, kept_projections.get(j))
+
+    def group(u: int, members: list[int], got: dict[int, SampleFactors]) -> None:
+        hub, rest = members[0], members[1:]
+        projected = {i: project(got[i]) for i in members} if projector else dict.fromkeys(members)
+        for i in members:
+            if first[i] == u:
+                self_dot(i, got[i], projected[i])
+        pairs(hub, got[hub], projected[hub])
+        if rest:  # recomputed partners: dots from the group's own factors
+            for j, row in zip(rest, factor_dots(got[hub], [got[j] for j in rest], prep.specs)):
+                put(pair_key(ids[hub], ids[j]), row, projected[hub], projected[j])
 
     try:
         t1 = time.perf_counter()
         for i, f in _capture(prep, plan.encoded, plan.kept_batches, config, plan.materialise, kept_label):
             t2 = time.perf_counter()
             t_capture += t2 - t1
-            shard.self_dots[ids[i]] = factor_dots(f, [f], prep.specs)[0]
+            captured += 1
             kept_projections[i] = project(f)
-            store.put(i, f)
+            self_dot(i, f, kept_projections[i])
+            store.put(i, f, spill=i not in in_ram)
             t1 = time.perf_counter()
             t_dots += t1 - t2
         for i in kept_pairs:  # pairs whose members are both kept
@@ -364,18 +443,32 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
         t2 = time.perf_counter()
         t_dots += t2 - t1
         t1 = t2
-        for i, f in _capture(prep, plan.encoded, streamed_batches, config, plan.materialise, streamed_label):
-            t2 = time.perf_counter()
-            t_capture += t2 - t1
-            f = f.to(config.device)
-            shard.self_dots[ids[i]] = factor_dots(f, [f], prep.specs)[0]
-            pairs(i, f, project(f))
-            t1 = time.perf_counter()
-            t_dots += t1 - t2
+        for u in my_units:
+            groups = plan.units[u]
+            waiting = [dict() for _ in groups]
+            slots = {}
+            for g, members in enumerate(groups):
+                for i in members:
+                    slots.setdefault(i, []).append(g)
+            order = sorted(slots)
+            for i, f in _capture(prep, plan.encoded, list(_batches(plan.encoded, order, config)), config,
+                                 plan.materialise, streamed_label):
+                t2 = time.perf_counter()
+                t_capture += t2 - t1
+                captured += 1
+                f = f.to(config.device)
+                for g in slots[i]:
+                    waiting[g][i] = f
+                    if len(waiting[g]) == len(groups[g]):
+                        group(u, groups[g], waiting[g])
+                        waiting[g] = {}
+                t1 = time.perf_counter()
+                t_dots += t1 - t2
         spilled = store.spilled
     finally:
         store.close()
     shard.meta = {"rank": rank, "world": world, "spilled_bytes": int(spilled),
+                  "captures": captured,
                   "timings": {"capture_s": t_capture, "dots_s": t_dots - t_project, "project_s": t_project}}
     return shard
 
@@ -455,7 +548,10 @@ def build_table(
     meta = {
         "model": model_name(model), "truncated": n_truncated,
         "truncated_ids": sorted(e.sample_id for e in plan.encoded if e.truncated), "max_length": config.max_length,
-        "distinct_samples": len(plan.kept) + sum(map(len, plan.streamed_batches)), "batch_size": config.batch_size,
+        "distinct_samples": int(np.count_nonzero(plan.table.passes)), "batch_size": config.batch_size,
+        "captures": int(shard.meta.get("captures", 0)) if world == 1 else
+        len(plan.kept) + sum(m.get("captures", len(plan.kept)) - len(plan.kept) for m in merged.meta["shards"]),
+        "plan": plan.table.summary(),
         "materialised_components": len(plan.materialise), "mode": config.mode,
         "spilled_bytes": shard.meta["spilled_bytes"], "timings": timings,
         "engine": "selproj factor engine", "world_size": world, "component_set": scope,
@@ -472,6 +568,17 @@ def build_table(
         candidate_ids=np.array([[candidates[j].id for j in row] for row in candidate_index]).reshape(n_q, n_k),
         rp_dims=rp_dims, rp_similarity=rp_sim, rp_keys=rp_keys, meta=meta,
     )
+
+
+def plan_table(model: torch.nn.Module, tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
+               candidate_index: np.ndarray, *, components: Sequence[str] | None = None, scope: str = "paper",
+               config: EngineConfig | None = None) -> TablePlan:
+    """What :func:`build_table` will do with these arguments (kept, spilled and recomputed samples, passes,
+    predicted peak memory, capture FLOPs), decided without computing a gradient."""
+    config = config or EngineConfig()
+    prep = prepare(model, tokenizer, components, scope)
+    candidate_index = np.asarray(candidate_index, dtype=np.int64).reshape(len(queries), -1)
+    return _plan(prep, tokenizer, queries, candidates, candidate_index, config)[0].table
 
 
 def _mine(items: list[T], across_ranks: bool) -> list[T]:

@@ -1,0 +1,272 @@
+"""Plan a component table before any gradient: which samples' factors to keep, which to recompute, at what cost.
+
+The pairs a table needs form a graph (each query with its candidates).  The engine keeps the
+factors of one side, most reused first, in RAM up to its budget and on disk up to a bounded
+spill allowance; every pair with a kept member is taken when the other member streams past.
+A sample of the kept side that fits neither is recomputed: each streamed sample is captured
+together with its partners that are not kept (the query-centred batch), their dots taken from
+the group's own factors, nothing kept, so memory stays that of one group at any model size.
+
+:func:`factor_widths` reads a model's per-token factor sizes from one forward pass with no
+gradient (a ``meta``-device model built from a config works, so a 1B model can be planned
+without its weights); :func:`plan_pairs` decides; :class:`TablePlan` predicts and describes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from selproj_plugin.capture import ComponentSpec, GradientCapture
+
+GiB = 2**30
+# What one capture batch holds per padded token, as a multiple of its factor bytes per token: the
+# layer inputs and output gradients of the batch, then the factors copied out of them (measured
+# about 2.1 MB a token on SmolLM2-135M; the same allowance the engine subtracts from its budget).
+BATCH_COPIES = 2
+PAIR_CHUNK_BYTES = 256 * 2**20  # stored partners' factors read and concatenated per Gram call
+
+
+@dataclass(frozen=True)
+class FactorWidths:
+    """Bytes of one sample's gradient factors: per input token, per trained token (the LM head), fixed."""
+
+    per_token: int
+    per_target: int
+    per_sample: int
+    matmul_params: int  # weights a token's forward and (input-)backward pass multiply through
+
+    def sample_bytes(self, tokens: int, targets: int) -> int:
+        return tokens * self.per_token + targets * self.per_target + self.per_sample
+
+    @property
+    def batch_bytes_per_token(self) -> int:
+        """What a capture batch holds per padded token (the engine's allowance)."""
+        return BATCH_COPIES * (self.per_token + self.per_target)
+
+
+def factor_widths(capture: GradientCapture, specs: Sequence[ComponentSpec], materialise: Sequence[str] = ()) -> FactorWidths:
+    """Per-token factor bytes of ``capture``'s components, from one no-gradient forward on 2 tokens.
+
+    Inputs shared by several modules (q/k/v, gate/up) are stored once, as the capture does;
+    token ids count 8 bytes; components without factors (norms) and the ``materialise`` ones hold
+    their whole gradient, and a factor only they use is dropped.
+    """
+    model = capture.model
+    device = next(model.parameters()).device
+    tensors: dict[Any, list] = {}  # key -> [layout, bytes per row, component names using it]
+    held = []  # inputs stay referenced during the forward, so no later tensor takes their id
+
+    def hook_for(h):
+        users = {c.name for c in h.params.values()}
+
+        def add(key, layout, nbytes):
+            entry = tensors.setdefault(key, [layout, nbytes, set()])
+            entry[2] |= users
+
+        def hook(module, args, kwargs, output):
+            if h.kind == "func":
+                return
+            x = args[0] if args else next(iter(kwargs.values()))
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            held.append(x)
+            add((h.name, "in"), h.layout, 8) if h.kind == "embedding" else add(id(x), h.layout, 4 * x.shape[-1])
+            add((h.name, "out"), h.layout, 4 * out.shape[-1])
+        return hook
+
+    handles = [h.module.register_forward_hook(hook_for(h), with_kwargs=True) for h in capture.handlers]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    dense = set(materialise)
+    per = {"tokens": 0, "targets": 0}
+    for layout, nbytes, users in tensors.values():
+        if not users <= dense:
+            per[layout] += nbytes
+    fixed = sum(4 * s.component.num_params for s in specs if s.kind == "func")
+    fixed += sum(4 * s.rows * s.cols for s in specs if s.kind == "factor" and s.name in dense)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return FactorWidths(per["tokens"], per["targets"], fixed, matmul + (head.weight.numel() if head is not None else 0))
+
+
+@dataclass
+class TablePlan:
+    """What the engine will do for one table, decided before any gradient: samples, groups, memory, cost."""
+
+    lengths: list[int]
+    targets: list[int]
+    sample_bytes: list[int]
+    kept: list[int]  # kept side's samples whose factors are stored, most reused first
+    ram_kept: int  # how many of ``kept`` (the first ones) fit the RAM budget; the rest spill
+    groups: list[list[int]]  # streamed samples, each with its recomputed partners (hub first)
+    passes: np.ndarray  # captures per distinct sample
+    pair_list: list[tuple[int, int]]
+    kept_queries: bool
+    store_budget: float
+    spill_allowance: float
+    resident_bytes: int
+    batch_tokens: int
+    widths: FactorWidths
+    materialised: int = 0
+    on_device: bool = False  # capture batches and groups live in accelerator memory, kept factors in host RAM
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pairs(self) -> int:
+        return len(self.pair_list)
+
+    @property
+    def recomputed(self) -> int:
+        return int(self.passes.sum() - len(self.passes))
+
+    @property
+    def ram_bytes(self) -> int:
+        return int(sum(self.sample_bytes[i] for i in self.kept[: self.ram_kept]))
+
+    @property
+    def spill_bytes(self) -> int:
+        return int(sum(self.sample_bytes[i] for i in self.kept[self.ram_kept:]))
+
+    @property
+    def batch_bytes(self) -> int:
+        longest = max(self.lengths, default=0)
+        return max(self.batch_tokens, longest) * self.widths.batch_bytes_per_token
+
+    @property
+    def group_bytes(self) -> int:
+        """Factors a streamed group holds while its pairs are taken."""
+        return max((sum(self.sample_bytes[i] for i in g) for g in self.groups), default=0)
+
+    @property
+    def pair_buffer_bytes(self) -> int:
+        return min(PAIR_CHUNK_BYTES, max((self.sample_bytes[i] for i in self.kept), default=0) * 2)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Predicted peak resident memory: what the process held at planning, kept factors in RAM, the
+        largest of a capture batch and a group's factors, and the pair buffers."""
+        working = 0 if self.on_device else max(self.batch_bytes, self.group_bytes)
+        return int(self.resident_bytes + self.ram_bytes + working + 2 * self.pair_buffer_bytes)
+
+    def device_bytes(self, model_bytes: int) -> int:
+        """Predicted accelerator memory: the weights, the larger of a capture batch and a group, pair buffers."""
+        return int(model_bytes + max(self.batch_bytes, self.group_bytes) + 2 * self.pair_buffer_bytes)
+
+    def capture_flops(self) -> float:
+        """Forward plus input-gradient backward (weights frozen): 4 multiply-adds' flops per weight per token."""
+        return float(4 * self.widths.matmul_params * float(np.dot(self.passes, self.lengths)))
+
+    def dot_flops(self) -> float:
+        """Gram products of every pair and self pair (factors: n_i n_j per stored width, shared inputs once;
+        materialised components: n rows cols per capture, rows cols per pair)."""
+        n = np.asarray(self.lengths, dtype=np.float64)
+        t = np.asarray(self.targets, dtype=np.float64)
+        w_tok, w_tgt, dense = self.widths.per_token / 4, self.widths.per_target / 4, self.widths.per_sample / 4
+        a = np.array([i for i, _ in self.pair_list] + list(range(len(n))), dtype=np.int64)
+        b = np.array([j for _, j in self.pair_list] + list(range(len(n))), dtype=np.int64)
+        factored = 2 * float(np.sum(n[a] * n[b] * w_tok + t[a] * t[b] * w_tgt))
+        return factored + 2 * dense * (float(np.dot(self.passes, n)) + len(a))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "samples": len(self.lengths), "pairs": self.pairs, "kept_side": "queries" if self.kept_queries else "candidates",
+            "kept": len(self.kept), "kept_in_ram": self.ram_kept, "kept_spilled": len(self.kept) - self.ram_kept,
+            "streamed_groups": len(self.groups), "captures": int(self.passes.sum()), "recomputed": self.recomputed,
+            "passes_per_sample_max": int(self.passes.max(initial=0)), "passes_per_sample_mean": float(self.passes.mean()) if len(self.passes) else 0.0,
+            "mean_tokens": float(np.mean(self.lengths)) if self.lengths else 0.0,
+            "factor_bytes_total": int(sum(self.sample_bytes)), "kept_ram_bytes": self.ram_bytes,
+            "spill_bytes": self.spill_bytes, "store_budget_bytes": int(self.store_budget),
+            "spill_allowance_bytes": int(self.spill_allowance), "resident_bytes": self.resident_bytes,
+            "batch_bytes": self.batch_bytes, "group_bytes": self.group_bytes,
+            "predicted_peak_bytes": self.peak_bytes, "capture_flops": self.capture_flops(),
+            "dot_flops": self.dot_flops(),
+            "materialised_components": self.materialised, "notes": list(self.notes),
+        }
+
+    def describe(self) -> str:
+        s = self.summary()
+        g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        mode = ("keep all" if not self.recomputed else
+                f"keep {s['kept']} most reused, recompute the rest in query-centred groups")
+        lines = [
+            f"plan: {s['samples']} distinct samples ({s['mean_tokens']:.0f} tokens mean), {s['pairs']} pairs; "
+            f"keep the {s['kept_side']}' factors ({mode})",
+            f"  kept: {s['kept_in_ram']} in RAM ({g(s['kept_ram_bytes'])} of a {g(s['store_budget_bytes'])} budget), "
+            f"{s['kept_spilled']} spilled ({g(s['spill_bytes'])} of a {g(s['spill_allowance_bytes'])} allowance)",
+            f"  passes: {s['captures']} captures for {s['samples']} samples ({s['recomputed']} recomputed; at most "
+            f"{s['passes_per_sample_max']} per sample)",
+            f"  flops: capture {s['capture_flops'] / 1e12:.1f} TFLOP, dots {s['dot_flops'] / 1e12:.1f} TFLOP "
+            f"({s['materialised_components']} components materialised)",
+            f"  predicted peak {'host ' if self.on_device else ''}memory: {g(s['predicted_peak_bytes'])} (resident "
+            f"{g(s['resident_bytes'])} + kept {g(s['kept_ram_bytes'])}"
+            + ("" if self.on_device else f" + batch/group {g(max(s['batch_bytes'], s['group_bytes']))}")
+            + " + pair buffers)",
+        ]
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def plan_pairs(lengths: Sequence[int], targets: Sequence[int], q_of: Sequence[int], c_of: np.ndarray,
+               widths: FactorWidths, *, store_budget: float, spill_allowance: float, resident_bytes: int,
+               batch_tokens: int) -> TablePlan:
+    """Decide which side's factors are kept, which kept-side samples are stored (most reused first,
+    RAM then spill) and which are recomputed with each streamed partner."""
+    sample_bytes = [widths.sample_bytes(n, t) for n, t in zip(lengths, targets)]
+    q_set, c_set = set(q_of), set(int(c) for c in np.asarray(c_of).ravel())
+    kept_queries = len(q_set) <= len(c_set)
+    side = q_set if kept_queries else c_set
+    adjacency: dict[int, set[int]] = {}
+    pair_set: set[tuple[int, int]] = set()
+    for q, row in zip(q_of, np.asarray(c_of)):
+        for c in map(int, row):
+            if q == c:
+                continue
+            pair_set.add((min(q, c), max(q, c)))
+            adjacency.setdefault(q, set()).add(c)
+            adjacency.setdefault(c, set()).add(q)
+    # most reused first (ties: index), then fill the RAM budget and the spill allowance in that order
+    order = sorted(side, key=lambda i: (-len(adjacency.get(i, ())), i))
+    kept: list[int] = []
+    ram = spill = 0.0
+    ram_kept = 0
+    for i in order:
+        b = sample_bytes[i]
+        if ram_kept == len(kept) and ram + b <= store_budget:
+            ram += b
+            ram_kept += 1
+        elif spill + b <= spill_allowance:
+            spill += b
+        else:
+            continue
+        kept.append(i)
+    kept_set = set(kept)
+    # a pair with no kept member is taken in the group of its streamed member (the lower index when both
+    # are on the kept side); a sample is captured once per group it is in, its kept pairs in its own
+    hubs: dict[int, list[int]] = {}
+    for a, b in sorted(pair_set):
+        if a in kept_set or b in kept_set:
+            continue
+        hub, member = (b, a) if (a in side and b not in side) else (a, b)
+        hubs.setdefault(hub, []).append(member)
+    member_of = {m for ms in hubs.values() for m in ms}
+    with_kept = {s for s in adjacency if adjacency[s] & kept_set}
+    groups = [[s] + sorted(hubs.get(s, ())) for s in sorted((q_set | c_set) - kept_set)
+              if s in hubs or s in with_kept or s not in member_of]
+    passes = np.zeros(len(lengths), dtype=np.int64)
+    for i in kept:
+        passes[i] += 1
+    for grp in groups:
+        passes[grp] += 1
+    rest = side - kept_set
+    notes = []
+    if rest:
+        notes.append(f"{len(rest)} of {len(side)} kept-side samples exceed RAM budget and spill allowance: "
+                     "recomputed with each streamed partner")
+    return TablePlan(list(lengths), list(targets), sample_bytes, kept, ram_kept, groups, passes, sorted(pair_set),
+                     kept_queries, store_budget, spill_allowance, resident_bytes, batch_tokens, widths, notes=notes)

@@ -1,0 +1,104 @@
+"""The table planner: factor sizes against captured factors, keep/recompute decisions, and the
+recompute path against the naive per-sample loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from selproj_plugin.components import catalogue
+from selproj_plugin.engine import EngineConfig, build_table, iter_factors, prepare
+from selproj_plugin.loss import encode_samples
+from selproj_plugin.capture import GradientCapture
+from selproj_plugin.planner import FactorWidths, factor_widths, plan_pairs
+from selproj_plugin.samples import Sample
+from test_engine import TOL, _naive, _naive_dots
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "paper-olmo1b-lima" / "paraphrased.npz"
+
+
+@pytest.mark.parametrize("family,tied", [("llama", True), ("qwen2", False), ("gpt2", True)])
+def test_factor_widths_predict_the_bytes_the_capture_stores(family, tied):
+    model = tiny.model(family, tied)
+    tok = tiny.tokenizer(chat=family != "gpt2")
+    prep = prepare(model, tok, None)
+    encoded, _ = encode_samples(tok, tiny.SAMPLES, 512)
+    dense = [s.name for s in prep.specs if s.kind == "factor"][1::3]  # some components materialised
+    for materialise in ((), dense):
+        widths = factor_widths(prep.capture, prep.specs, materialise)
+        got = {i: f.nbytes for i, f in iter_factors(prep, encoded, range(len(encoded)), EngineConfig(progress=False),
+                                                  set(materialise))}
+        for i, e in enumerate(encoded):
+            assert widths.sample_bytes(len(e.input_ids), e.n_targets) == got[i], (family, i, len(materialise))
+
+
+def test_olmo_1b_geometry_from_its_config_without_weights():
+    from transformers import AutoModelForCausalLM, OlmoConfig
+
+    cfg = OlmoConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+                     vocab_size=50304, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    comps = catalogue(model)
+    if REFERENCE.is_file():  # the paper's 113 components, parameter for parameter
+        with np.load(REFERENCE) as ref:
+            assert [c.num_params for c in comps] == ref["num_params"].tolist()
+    capture = GradientCapture(model, comps)
+    widths = factor_widths(capture, [capture.specs[c.name] for c in comps])
+    # per token and layer: the attention input (shared by q, k, v), o's input, the MLP input (shared by
+    # gate, up), down's input, and the seven output gradients; plus the embedding's id and output gradient
+    layer = (2048 + 2048 + 2048 + 8192) + (2048 + 2048 + 2048 + 2048 + 8192 + 8192 + 2048)
+    assert widths.per_token == 16 * layer * 4 + 8 + 2048 * 4
+    assert widths.per_target == (2048 + 50304) * 4  # the tied LM head on trained positions
+    assert widths.per_sample == 0
+
+
+def _widths(per_token: int) -> FactorWidths:
+    return FactorWidths(per_token, 0, 0, 1)
+
+
+def test_plan_keeps_the_most_reused_and_recomputes_the_rest_with_each_partner():
+    # queries 0-3 (streamed), candidates 4-6; candidate 4 is paired with all four queries,
+    # 5 with two, 6 with one; the budget holds one candidate in RAM and one on disk
+    lengths = [10] * 7
+    q_of = [0, 1, 2, 3]
+    c_of = np.array([[4, 5], [4, 5], [4, 6], [4, 6]])
+    plan = plan_pairs(lengths, [0] * 7, q_of, c_of, _widths(100), store_budget=1000, spill_allowance=1000,
+                      resident_bytes=0, batch_tokens=10)
+    assert not plan.kept_queries  # 3 candidates < 4 queries
+    assert plan.kept == [4, 5] and plan.ram_kept == 1  # most reused first: RAM, then disk; 6 fits neither
+    assert plan.groups == [[0], [1], [2, 6], [3, 6]]
+    assert plan.passes.tolist() == [1, 1, 1, 1, 1, 1, 2]
+    assert plan.spill_bytes == 1000 and plan.ram_bytes == 1000
+    nothing = plan_pairs(lengths, [0] * 7, q_of, c_of, _widths(100), store_budget=0, spill_allowance=0,
+                         resident_bytes=0, batch_tokens=10)
+    assert nothing.kept == [] and nothing.passes.tolist() == [1, 1, 1, 1, 4, 2, 2]
+    assert nothing.group_bytes == 3 * 1000  # a query with its two candidates
+
+
+def test_recomputed_table_equals_the_naive_loop_and_the_kept_table():
+    model = tiny.model("llama", tied=True)
+    tok = tiny.tokenizer()
+    comps = catalogue(model, "all")
+    queries = [Sample(f"q{i}", f"Question number {i}?", f"Answer {i} is here.") for i in range(4)] + [tiny.SAMPLES[1]]
+    cands = tiny.SAMPLES[:3]
+    index = np.array([[0, 1], [1, 2], [0, 2], [2, 0], [1, 0]])  # the last query is also its own candidate
+    original = np.zeros(5, dtype=int)
+    kept = build_table(model, tok, queries, cands, index, original, config=EngineConfig(batch_size=3, progress=False),
+                       scope="all")
+    none = EngineConfig(batch_size=3, progress=False, memory_limit_gb=0.0, max_spill_gb=0.0)
+    recomputed = build_table(model, tok, queries, cands, index, original, config=none, scope="all")
+    assert kept.meta["captures"] == kept.meta["distinct_samples"] == 7
+    assert recomputed.meta["plan"]["kept"] == 0 and recomputed.meta["spilled_bytes"] == 0
+    assert recomputed.meta["captures"] == recomputed.meta["plan"]["captures"] > 7
+    gq, gc = _naive(model, tok, queries), _naive(model, tok, cands)
+    ref = np.stack([_naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(5)])
+    scale = np.sqrt(recomputed.query_self[:, None, :] * recomputed.candidate_self)
+    for table in (kept, recomputed):
+        assert np.max(np.abs(table.cross - ref) / np.maximum(scale, 1e-30)) <= TOL
+    np.testing.assert_allclose(recomputed.query_self, kept.query_self, rtol=1e-5)
+    np.testing.assert_allclose(recomputed.candidate_self, kept.candidate_self, rtol=1e-5)
