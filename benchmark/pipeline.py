@@ -93,6 +93,8 @@ class PipelineOptions:
     max_new_tokens: int = 64
     batch_size: int = 8
     memory_limit_gb: float = 3.5
+    max_spill_gb: float | None = None
+    plan_only: bool = False  # stop before the table: PipelineResult.plan says what building it would do
     cache_dir: str | None = None
     progress: bool = True
 
@@ -108,6 +110,7 @@ class PipelineResult:
     run: dict[str, Any] = field(default_factory=dict)  # where this run's files went: not part of the results
     bm25: dict[str, np.ndarray] = field(default_factory=dict)  # per setting, [Q, K] BM25 score of each candidate
     similarity: dict[str, Similarity] = field(default_factory=dict)  # per setting, cosines from per-sample gradients
+    plan: Any = None  # the table's TablePlan when the run was planned, not built
 
 
 def parse_settings(text: str) -> tuple[str, ...]:
@@ -135,7 +138,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
 
     from selproj_plugin.components import catalogue
     from selproj_plugin import distributed
-    from selproj_plugin.engine import EngineConfig, build_table
+    from selproj_plugin.engine import EngineConfig, build_table, plan_table
     from selproj_plugin.models import DEFAULT_MODEL_NAME, load_model, weights_fingerprint
 
     stages: dict[str, float] = {}
@@ -193,13 +196,16 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
                  "max_new_tokens": opts.max_new_tokens if "generated" in opts.settings else None,
                  "queries": [q.id for q in queries]}
     table_path = cache.path("table", table_key, "npz")
+    config = EngineConfig(batch_size=opts.batch_size, max_length=opts.max_length,
+                          memory_limit_gb=opts.memory_limit_gb / distributed.local_world(),  # per machine
+                          max_spill_gb=opts.max_spill_gb, device=distributed.local_device(opts.device),
+                          progress=opts.progress)
+    if opts.plan_only:
+        plan = plan_table(model, tokenizer, queries, pool, rows, scope=opts.scope, config=config)
+        return PipelineResult(tables={}, identity=identity, stages=stages, plan=plan)
     table = cache.load(table_path, ComponentTable.load)
     reused = all(distributed.gather(table is not None))  # the ranks must agree on building it together
     if not reused:
-        config = EngineConfig(batch_size=opts.batch_size, max_length=opts.max_length,
-                              memory_limit_gb=opts.memory_limit_gb / distributed.local_world(),  # per machine
-                              device=distributed.local_device(opts.device),
-                              progress=opts.progress)
         table = build_table(
             model, tokenizer, queries, pool, rows, is_original, transforms=list(transforms.values()), config=config,
             scope=opts.scope, across_ranks=True,
@@ -224,6 +230,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         "empty_generations": len(dataset) - len(per_setting["generated"]) if "generated" in per_setting else 0,
         "skipped_multiturn": dataset.skipped_multiturn,
         "truncated": table.meta.get("truncated", 0),
+        "captures": table.meta.get("captures"),  # samples forward/backward'ed for the table (recomputed ones again)
         "total_params": total_params, "proj_dims": proj_dims,
     }
     similarity = {}
@@ -235,6 +242,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
                                             opts.scope, EngineConfig(batch_size=opts.batch_size,
                                                                      max_length=opts.max_length,
                                                                      memory_limit_gb=opts.memory_limit_gb,
+                                                                     max_spill_gb=opts.max_spill_gb,
                                                                      device=distributed.local_device(opts.device),
                                                                      progress=opts.progress))
         start += count

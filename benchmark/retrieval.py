@@ -73,6 +73,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-length", type=int, default=512, help="truncate longer samples (counted in the report)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--memory-limit-gb", type=float, default=3.5, help="the engine's memory budget: the model, one capture batch and kept gradient factors; factors beyond it spill to disk (default 3.5; shared by the processes of a machine)")
+    g.add_argument("--max-spill-gb", type=float, default=None,
+                   help="disk the engine may fill with kept factors beyond its memory budget (default: half the free "
+                        "space of the temporary directory); samples that fit neither are recomputed with each partner")
+    g.add_argument("--plan", action="store_true",
+                   help="print what building the table would do (kept, spilled and recomputed samples, passes, "
+                        "predicted peak memory, capture FLOPs) and exit before any gradient")
     g.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (default: torch's; torchrun gives 1). Runs with equal threads per "
@@ -283,8 +289,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             max_samples=args.max_samples or None, candidates=args.candidates, full_set=args.full_set,
             runs=tuple(runs), scope=args.components or "paper", seed=args.seed, dtype=args.dtype, device=args.device,
             max_length=args.max_length, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            memory_limit_gb=args.memory_limit_gb, cache_dir=args.cache_dir, progress=not args.no_progress,
+            memory_limit_gb=args.memory_limit_gb, max_spill_gb=args.max_spill_gb, plan_only=args.plan,
+            cache_dir=args.cache_dir, progress=not args.no_progress,
         ))
+        if args.plan:
+            print(built.plan.describe())
+            if args.json_out:
+                write_json(args.json_out, {"identity": built.identity, "plan": built.plan.summary()})
+            return {"plan": built.plan.summary()}
         tables, bm25, gradient_similarity = built.tables, built.bm25, built.similarity
         document.update(identity=built.identity, stages=dict(built.stages), notes=built.notes, run=built.run)
         if not distributed.is_main():  # rank 0 reports for everyone

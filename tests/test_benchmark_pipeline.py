@@ -287,3 +287,21 @@ def test_a_transform_no_table_can_express_is_scored_from_gradients(tiny_model_di
     finally:
         monkeypatch.undo()
         registry_module.registry(reload=True)
+
+
+def test_plan_predicts_the_runs_captures_before_any_gradient(tiny_model_dir, small_dataset, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    for extra in ((), ("--memory-limit-gb", "0", "--max-spill-gb", "0")):  # keep all; recompute every candidate
+        plan_json, run_json = tmp_path / "plan.json", tmp_path / "run.json"
+        assert cli(argv(tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full",
+                        "--plan", "--json", str(plan_json), *extra)) == 0
+        assert "predicted peak memory" in capsys.readouterr().out
+        assert not list((cache / "benchmark").glob("table-*"))  # planning built nothing
+        plan = json.loads(plan_json.read_text())["plan"]
+        assert cli(argv(tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full",
+                        "--json", str(run_json), *extra)) == 0
+        assert json.loads(run_json.read_text())["notes"]["captures"] == plan["captures"]
+        for table in (cache / "benchmark").glob("table-*"):
+            table.unlink()
+    # 6 queries x 5 candidates from 6 originals, nothing kept: each query with its 5 candidates
+    assert plan["kept"] == 0 and plan["captures"] == 6 * 6
