@@ -111,6 +111,30 @@ def matrix_form(spec: ComponentSpec, factors: SampleFactors) -> torch.Tensor:
     return out
 
 
+def matrix_rows(spec: ComponentSpec, factors: SampleFactors, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of :func:`matrix_form`, flattened: a big component's gradient a block at a time."""
+    if spec.name in factors.vectors:
+        return factors.vectors[spec.name].view(spec.rows, spec.cols)[start:stop].reshape(-1)
+    out = torch.zeros(stop - start, spec.cols, dtype=FACTOR_DTYPE)
+    for use in factors.uses[spec.name]:
+        if use.left_index:  # token ids: their rows of the block gather the right factor's rows
+            ids = factors.tensors[use.left]
+            inside = (ids >= start) & (ids < stop)
+            out.index_add_(0, ids[inside] - start, _full_right(spec, factors, use)[inside])
+            continue
+        left = _full_left(spec, factors, use)
+        if left.shape[0]:
+            out += left[:, start:stop].T @ _full_right(spec, factors, use)
+    return out.reshape(-1)
+
+
+def factor_keys(spec: ComponentSpec, factors: SampleFactors) -> set[str]:
+    """The tensor and vector keys ``spec``'s gradient is formed from."""
+    if spec.name in factors.vectors or spec.kind == "func":
+        return {spec.name}
+    return {k for use in factors.uses.get(spec.name, ()) for k in (use.left, use.right) if k is not None}
+
+
 def _full_left(spec: ComponentSpec, f: SampleFactors, use: FactorUse) -> torch.Tensor:
     t = f.tensors[use.left]
     if use.left_index:

@@ -20,13 +20,17 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from selproj_plugin.capture import ComponentSpec, GradientCapture, SampleFactors, matrix_form, to_param_layout
+from selproj_plugin.capture import (
+    ComponentSpec, GradientCapture, SampleFactors, factor_keys, matrix_form, matrix_rows, to_param_layout,
+)
 from selproj_plugin import distributed
 from selproj_plugin.components import catalogue, check_scope, select
 from selproj_plugin.gram import choose_modes, factor_dots
 from selproj_plugin.loss import Encoded, ModelError, collate, encode_samples, pad_token_id, require_trainable
 from selproj_plugin.models import model_name
-from selproj_plugin.planner import PAIR_CHUNK_BYTES, FactorWidths, TablePlan, factor_widths, plan_pairs
+from selproj_plugin.planner import (
+    GRAM_BLOCK_BYTES, PAIR_CHUNK_BYTES, FactorWidths, TablePlan, choose_order, factor_widths, plan_pairs,
+)
 from selproj_plugin.samples import Sample
 from selproj_plugin.shards import TableShard, pair_key
 from selproj_plugin.spill import SpillDir, remove_stale
@@ -54,6 +58,7 @@ class EngineConfig:
     max_spill_gb: float | None = None  # disk the factor store may fill; None: half the free space where it spills
     progress: bool = True
     mode: str = "auto"  # per-component dot method: 'auto' (cheaper flops), 'factored' or 'materialised'
+    dot_order: str = "auto"  # 'stream' (sample by sample), 'gram' (component by component) or 'auto' (fewer flops)
 
 
 class FactorStore:
@@ -91,11 +96,14 @@ class FactorStore:
         self._sizes[key] = f.nbytes
         self._files[key] = (SampleFactors(f.sample_id, {}, f.uses, {}), tensors, vectors)
 
-    def get(self, key: Any) -> SampleFactors:
+    def get(self, key: Any, names: set[str] | None = None) -> SampleFactors:
+        """The factors stored under ``key`` (spilled ones memory-mapped, read from the page cache without a
+        copy); ``names``: only these tensor and vector keys of a spilled sample."""
         if key in self._items:
             return self._items[key]
         shell, tensors, vectors = self._files[key]
-        load = lambda paths: {k: torch.from_numpy(np.load(p)) for k, p in paths.items()}  # noqa: E731
+        load = lambda paths: {k: torch.from_numpy(np.load(p, mmap_mode="c")) for k, p in paths.items()  # noqa: E731
+                              if names is None or k in names}
         return SampleFactors(shell.sample_id, load(tensors), shell.uses, load(vectors))
 
     def nbytes(self, key: Any) -> int:
@@ -305,7 +313,7 @@ def _spill_allowance(config: EngineConfig) -> float:
 
 
 def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
-          candidate_index: np.ndarray, config: EngineConfig) -> tuple[_Plan, int]:
+          candidate_index: np.ndarray, config: EngineConfig, world: int = 1) -> tuple[_Plan, int]:
     unique, pos = _dedupe(list(queries) + list(candidates))
     encoded, n_truncated = encode_samples(tokenizer, unique, config.max_length)
     n_q, n_k = candidate_index.shape
@@ -320,6 +328,10 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
                        store_budget=_store_budget(prep, config), spill_allowance=_spill_allowance(config),
                        resident_bytes=_resident_bytes(prep.capture.model), batch_tokens=config.batch_tokens)
     table.materialised = len(materialise)
+    if world == 1:  # component by component runs in one process
+        table = choose_order(table, sum(s.rows * s.cols for s in prep.specs), table.dot_flops(), config.dot_order)
+    elif config.dot_order == "gram":
+        raise ValueError("dot_order 'gram' runs in one process; use 'stream' or 'auto' under torch.distributed")
     kept = set(table.kept)
     partners: dict[int, set[int]] = {}
     self_pairs = set()
@@ -405,24 +417,33 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
         if a is not None:
             shard.rp[key] = np.array([_cosine(x, y) for x, y in zip(a, b)])
 
-    def self_dot(i: int, f: SampleFactors, projected: list[torch.Tensor] | None) -> None:
-        shard.self_dots[ids[i]] = factor_dots(f, [f], prep.specs)[0]
+    def record_self(i: int, row: np.ndarray, projected: list[torch.Tensor] | None) -> None:
+        shard.self_dots[ids[i]] = row
         if i in plan.self_pairs:
-            put(pair_key(ids[i], ids[i]), shard.self_dots[ids[i]], projected, projected)
+            put(pair_key(ids[i], ids[i]), row, projected, projected)
 
-    def pairs(i: int, f: SampleFactors, projected: list[torch.Tensor] | None) -> None:
-        held = plan.partners.get(i, [])
-        for chunk in _chunks(held, store, PAIR_CHUNK_BYTES):  # partners a few at a time: spilled ones are read back
-            for j, row in zip(chunk, factor_dots(f, [store.get(j).to(config.device) for j in chunk], prep.specs)):
+    def self_dot(i: int, f: SampleFactors, projected: list[torch.Tensor] | None) -> None:
+        record_self(i, factor_dots(f, [f], prep.specs)[0], projected)
+
+    def pairs(i: int, f: SampleFactors, projected: list[torch.Tensor] | None, with_self: bool = False) -> None:
+        """``i``'s dots with its kept partners, a few at a time (spilled ones are read back), and with itself
+        in the first call when ``with_self`` (one wider Gram is cheaper than two)."""
+        chunks = list(_chunks(plan.partners.get(i, []), store, PAIR_CHUNK_BYTES)) or [[]]
+        for n, chunk in enumerate(chunks):
+            own = [f] if with_self and n == 0 else []
+            rows = factor_dots(f, own + [store.get(j).to(config.device) for j in chunk], prep.specs)
+            if own:
+                record_self(i, rows[0], projected)
+            for j, row in zip(chunk, rows[len(own):]):
                 put(pair_key(ids[i], ids[j]), row, projected, kept_projections.get(j))
 
     def group(u: int, members: list[int], got: dict[int, SampleFactors]) -> None:
         hub, rest = members[0], members[1:]
         projected = {i: project(got[i]) for i in members} if projector else dict.fromkeys(members)
-        for i in members:
+        for i in rest:
             if first[i] == u:
                 self_dot(i, got[i], projected[i])
-        pairs(hub, got[hub], projected[hub])
+        pairs(hub, got[hub], projected[hub], with_self=first[hub] == u)
         if rest:  # recomputed partners: dots from the group's own factors
             for j, row in zip(rest, factor_dots(got[hub], [got[j] for j in rest], prep.specs)):
                 put(pair_key(ids[hub], ids[j]), row, projected[hub], projected[j])
@@ -473,6 +494,69 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
     return shard
 
 
+def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _Projector | None) -> TableShard:
+    """Component by component: every sample's factors stored once (RAM, then spill), then each component's
+    gradients of all samples materialised a block of rows at a time and their Gram taken in one product.
+
+    Cheaper than sample by sample when samples have many partners (every original a candidate):
+    each gradient is materialised once and a pair costs one multiply-add per parameter.
+    """
+    ids = [s.id for s in plan.unique]
+    shard = TableShard(components=[s.name for s in prep.specs],
+                       rp_keys=[t.key for t in projector.transforms] if projector else [])
+    used = sorted(set(plan.q_of) | set(plan.c_of.ravel().tolist()))
+    row = {i: k for k, i in enumerate(used)}
+    side_a = sorted(set(plan.q_of))
+    side_b = sorted(set(plan.c_of.ravel().tolist()))
+    a_rows = torch.tensor([row[i] for i in side_a])
+    b_rows = torch.tensor([row[i] for i in side_b])
+    cross = np.zeros((len(side_a), len(side_b), len(prep.specs)))
+    norms = np.zeros((len(used), len(prep.specs)))
+    projected: dict[int, list[torch.Tensor] | None] = {}
+    store = FactorStore(plan.table.store_budget, config.spill_dir)
+    t_capture = t_dots = t_project = 0.0
+    try:
+        t1 = time.perf_counter()
+        for i, f in _capture(prep, plan.encoded, list(_batches(plan.encoded, used, config)), config, set(), "samples"):
+            t2 = time.perf_counter()
+            t_capture += t2 - t1
+            if projector is not None:
+                projected[i] = projector(f)
+            t_project += time.perf_counter() - t2
+            store.put(i, f)  # storing (spilling) counts as dot-product time: the stream order pays it there too
+            t1 = time.perf_counter()
+            t_dots += t1 - t2
+        t_dots -= t_project
+        shells = {i: store.get(i, set()) for i in used}  # uses and vectors' names, no tensors read
+        for c, spec in enumerate(prep.specs):
+            rows_per_block = max(1, min(spec.rows, GRAM_BLOCK_BYTES // (4 * spec.cols * len(used))))
+            for start in range(0, spec.rows, rows_per_block):
+                stop = min(spec.rows, start + rows_per_block)
+                block = torch.empty(len(used), (stop - start) * spec.cols)
+                for k, i in enumerate(used):
+                    f = store.get(i, factor_keys(spec, shells[i]))
+                    block[k] = matrix_rows(spec, f, start, stop)
+                cross[:, :, c] += (block[a_rows] @ block[b_rows].T).double().numpy()
+                norms[:, c] += torch.linalg.vector_norm(block, dim=1, dtype=torch.float64).square().numpy()
+        t_dots += time.perf_counter() - t1
+        spilled = store.spilled
+    finally:
+        store.close()
+    a_pos = {i: k for k, i in enumerate(side_a)}
+    b_pos = {i: k for k, i in enumerate(side_b)}
+    for k, i in enumerate(used):
+        shard.self_dots[ids[i]] = norms[k]
+    for q, cands in zip(plan.q_of, plan.c_of):
+        for c in map(int, cands):
+            key = pair_key(ids[q], ids[c])
+            shard.cross[key] = norms[row[q]] if q == c else cross[a_pos[q], b_pos[c]]
+            if projector is not None:
+                shard.rp[key] = np.array([_cosine(x, y) for x, y in zip(projected[q], projected[c])])
+    shard.meta = {"rank": 0, "world": 1, "spilled_bytes": int(spilled), "captures": len(used),
+                  "timings": {"capture_s": t_capture, "dots_s": t_dots, "project_s": t_project}}
+    return shard
+
+
 def build_table(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -520,12 +604,14 @@ def build_table(
 
     prep = prepare(model, tokenizer, components, scope)
     projector = _Projector(prep.specs, transforms) if transforms else None
-    plan, n_truncated = _plan(prep, tokenizer, queries, candidates, candidate_index, config)
+    plan, n_truncated = _plan(prep, tokenizer, queries, candidates, candidate_index, config, world)
     encode_s = time.perf_counter() - t0
     names = [s.name for s in prep.specs]
     if shard_file is not None and shard_file.is_file():
         shard = TableShard.load(shard_file)
         shard.check(shard_file, names, *plan.expected(rank, world), [t.key for t in transforms])
+    elif plan.table.dot_order == "gram":
+        shard = _gram_shard(prep, plan, config, projector)
     else:
         shard = _compute_shard(prep, plan, rank, world, config, projector)
         if shard_file is not None:

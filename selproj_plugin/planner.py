@@ -14,6 +14,7 @@ without its weights); :func:`plan_pairs` decides; :class:`TablePlan` predicts an
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -28,6 +29,7 @@ GiB = 2**30
 # about 2.1 MB a token on SmolLM2-135M; the same allowance the engine subtracts from its budget).
 BATCH_COPIES = 2
 PAIR_CHUNK_BYTES = 256 * 2**20  # stored partners' factors read and concatenated per Gram call
+GRAM_BLOCK_BYTES = 256 * 2**20  # component-major order: one block of every sample's materialised gradient rows
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class TablePlan:
     widths: FactorWidths
     materialised: int = 0
     on_device: bool = False  # capture batches and groups live in accelerator memory, kept factors in host RAM
+    dot_order: str = "stream"  # 'stream': sample by sample past the kept side; 'gram': component by component
+    sides: tuple[int, int] = (0, 0)  # distinct queries, distinct candidates
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -153,6 +157,8 @@ class TablePlan:
         """Predicted peak resident memory: what the process held at planning, kept factors in RAM, the
         largest of a capture batch and a group's factors, and the pair buffers."""
         working = 0 if self.on_device else max(self.batch_bytes, self.group_bytes)
+        if self.dot_order == "gram":
+            working = max(working, 3 * GRAM_BLOCK_BYTES)  # a block, and its two sides' rows
         return int(self.resident_bytes + self.ram_bytes + working + 2 * self.pair_buffer_bytes)
 
     def device_bytes(self, model_bytes: int) -> int:
@@ -174,11 +180,31 @@ class TablePlan:
         factored = 2 * float(np.sum(n[a] * n[b] * w_tok + t[a] * t[b] * w_tgt))
         return factored + 2 * dense * (float(np.dot(self.passes, n)) + len(a))
 
+    def gram_flops(self, dense_params: int) -> float:
+        """Component by component: every sample's gradient materialised once, one multiply-add per parameter
+        for each query-candidate product and squared norm."""
+        n = float(np.dot(self.passes > 0, self.lengths))
+        q, c = self.sides
+        return 2.0 * dense_params * (n + q * c + int(np.count_nonzero(self.passes)))
+
+    def in_gram_order(self) -> "TablePlan":
+        """This plan with every sample captured once and stored (RAM, then spill): the component-major order."""
+        used = [i for i in range(len(self.lengths)) if self.passes[i]]
+        ram, ram_kept = 0, 0
+        for i in used:
+            if ram + self.sample_bytes[i] > self.store_budget:
+                break
+            ram += self.sample_bytes[i]
+            ram_kept += 1
+        return dataclasses.replace(self, kept=used, ram_kept=ram_kept, groups=[],
+                                   passes=(np.asarray(self.passes) > 0).astype(np.int64), dot_order="gram",
+                                   notes=[n for n in self.notes if "recomputed" not in n])
+
     def summary(self) -> dict[str, Any]:
         return {
             "samples": len(self.lengths), "pairs": self.pairs, "kept_side": "queries" if self.kept_queries else "candidates",
             "kept": len(self.kept), "kept_in_ram": self.ram_kept, "kept_spilled": len(self.kept) - self.ram_kept,
-            "streamed_groups": len(self.groups), "captures": int(self.passes.sum()), "recomputed": self.recomputed,
+            "dot_order": self.dot_order, "streamed_groups": len(self.groups), "captures": int(self.passes.sum()), "recomputed": self.recomputed,
             "passes_per_sample_max": int(self.passes.max(initial=0)), "passes_per_sample_mean": float(self.passes.mean()) if len(self.passes) else 0.0,
             "mean_tokens": float(np.mean(self.lengths)) if self.lengths else 0.0,
             "factor_bytes_total": int(sum(self.sample_bytes)), "kept_ram_bytes": self.ram_bytes,
@@ -193,8 +219,8 @@ class TablePlan:
     def describe(self) -> str:
         s = self.summary()
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
-        mode = ("keep all" if not self.recomputed else
-                f"keep {s['kept']} most reused, recompute the rest in query-centred groups")
+        mode = ("store all, then dots component by component" if self.dot_order == "gram" else "keep all"
+                if not self.recomputed else f"keep {s['kept']} most reused, recompute the rest in query-centred groups")
         lines = [
             f"plan: {s['samples']} distinct samples ({s['mean_tokens']:.0f} tokens mean), {s['pairs']} pairs; "
             f"keep the {s['kept_side']}' factors ({mode})",
@@ -269,4 +295,18 @@ def plan_pairs(lengths: Sequence[int], targets: Sequence[int], q_of: Sequence[in
         notes.append(f"{len(rest)} of {len(side)} kept-side samples exceed RAM budget and spill allowance: "
                      "recomputed with each streamed partner")
     return TablePlan(list(lengths), list(targets), sample_bytes, kept, ram_kept, groups, passes, sorted(pair_set),
-                     kept_queries, store_budget, spill_allowance, resident_bytes, batch_tokens, widths, notes=notes)
+                     kept_queries, store_budget, spill_allowance, resident_bytes, batch_tokens, widths, notes=notes,
+                     sides=(len(q_set), len(c_set)))
+
+
+def choose_order(plan: TablePlan, dense_params: int, stream_dot_flops: float, order: str = "auto") -> TablePlan:
+    """The plan in the dot order with fewer FLOPs (capture included): component by component needs every
+    sample's factors stored within RAM budget and spill allowance; ``order`` 'stream' or 'gram' forces one."""
+    if order not in ("auto", "stream", "gram"):
+        raise ValueError(f"unknown dot order {order!r}: use auto, stream or gram")
+    gram = plan.in_gram_order()
+    fits = gram.ram_bytes + gram.spill_bytes <= plan.store_budget + plan.spill_allowance
+    if order == "gram" or (order == "auto" and fits and
+                           gram.capture_flops() + gram.gram_flops(dense_params) < plan.capture_flops() + stream_dot_flops):
+        return gram
+    return plan

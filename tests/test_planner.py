@@ -102,3 +102,39 @@ def test_recomputed_table_equals_the_naive_loop_and_the_kept_table():
         assert np.max(np.abs(table.cross - ref) / np.maximum(scale, 1e-30)) <= TOL
     np.testing.assert_allclose(recomputed.query_self, kept.query_self, rtol=1e-5)
     np.testing.assert_allclose(recomputed.candidate_self, kept.candidate_self, rtol=1e-5)
+
+
+def test_component_by_component_order_equals_the_naive_loop_and_the_streamed_table():
+    from selproj_plugin.projection import CountSketch
+
+    model = tiny.model("qwen2", tied=True)
+    tok = tiny.tokenizer()
+    comps = catalogue(model, "all")
+    queries = [Sample(f"q{i}", f"Question number {i}?", f"Answer {i} is here.") for i in range(3)] + [tiny.SAMPLES[1]]
+    cands = tiny.SAMPLES
+    index = np.array([[0, 1, 2, 3], [1, 2, 3, 0], [3, 2, 1, 0], [1, 0, 2, 3]])  # every candidate; q3 is also one
+    sketch = CountSketch(comps, 16, seed=3)
+    tables = {order: build_table(model, tok, queries, cands, index, np.zeros(4, dtype=int), scope="all",
+                                 transforms=[sketch], config=EngineConfig(batch_size=3, progress=False, dot_order=order))
+              for order in ("stream", "gram")}
+    assert tables["gram"].meta["plan"]["dot_order"] == "gram" and tables["stream"].meta["plan"]["dot_order"] == "stream"
+    gq, gc = _naive(model, tok, queries), _naive(model, tok, cands)
+    ref = np.stack([_naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(4)])
+    qself = np.stack([_naive_dots(model, comps, [g], [g])[0, 0] for g in gq])
+    for table in tables.values():
+        scale = np.sqrt(table.query_self[:, None, :] * table.candidate_self)
+        assert np.max(np.abs(table.cross - ref) / np.maximum(scale, 1e-30)) <= TOL
+        assert np.max(np.abs(table.query_self - qself) / np.maximum(qself, 1e-30)) <= TOL
+    # the same sketch of the same gradients (captured in other batches: fp32 rounding apart)
+    np.testing.assert_allclose(tables["gram"].rp_similarity, tables["stream"].rp_similarity, rtol=0, atol=1e-5)
+
+
+def test_many_partners_choose_the_component_by_component_order():
+    model = tiny.model("llama", tied=True)
+    tok = tiny.tokenizer()
+    from selproj_plugin.engine import plan_table
+
+    queries = [Sample(f"q{i}", f"Question {i}?", f"Answer {i}.") for i in range(4)]
+    few = plan_table(model, tok, queries, tiny.SAMPLES, np.array([[0], [1], [2], [3]]), config=EngineConfig())
+    every = plan_table(model, tok, queries, tiny.SAMPLES, np.tile(np.arange(4), (4, 1)), config=EngineConfig())
+    assert few.dot_order == "stream" and every.dot_order == "gram"
