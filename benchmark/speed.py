@@ -54,6 +54,9 @@ def _setup(args: argparse.Namespace):
 
     records = load_records()
     queries = [r.paraphrase for r in records[: args.queries]]
+    if args.fullset:  # every original a candidate of every query
+        pool = [r.original for r in records[: args.queries]]
+        return queries, pool, np.tile(np.arange(len(pool)), (len(queries), 1)), np.arange(len(queries))
     pool = [r.original for r in records]
     index = bm25_topk([q.prompt + " " + q.response for q in queries], [p.prompt + " " + p.response for p in pool],
                       args.k, force=list(range(len(queries))))
@@ -246,7 +249,7 @@ WORKERS = {"engine": worker_engine, "loop": worker_loop, "projection": worker_pr
 
 
 def _run_worker(name: str, args: argparse.Namespace, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "benchmark.speed", "--worker", name, "--out", str(out),
+    cmd = [sys.executable, "-m", "benchmark.speed", "--worker", name, "--out", str(out), *["--fullset"] * args.fullset,
            "--queries", str(args.queries), "--k", str(args.k), "--loop-queries", str(args.loop_queries),
            "--batch-size", str(args.batch_size), "--proj-dim", args.proj_dim, "--proj-queries", str(args.proj_queries),
            "--proj-seeds", str(args.proj_seeds), "--trak-slice", str(args.trak_slice),
@@ -258,6 +261,48 @@ def _run_worker(name: str, args: argparse.Namespace, out: Path) -> dict:
     if result.returncode != 0:
         raise SystemExit(f"benchmark worker {name} failed (exit {result.returncode})")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _engine_and_loop(args: argparse.Namespace, tmp: Path):
+    """Both methods on one task, each in its own process; the loop's queries checked against the engine's table."""
+    from selproj_plugin.table import ComponentTable
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    engine = _run_worker("engine", args, tmp / "engine.npz")
+    loop = _run_worker("loop", args, tmp / "loop.npz")
+    table = ComponentTable.load(tmp / "engine.npz")
+    with np.load(tmp / "loop.npz") as ref:
+        n = ref["cross"].shape[0]
+        scale = np.sqrt(ref["query_self"][:, None, :] * ref["candidate_self"])
+        max_rel = float(np.max(np.abs(table.cross[:n] - ref["cross"]) / np.maximum(scale, 1e-300)))
+        self_rel = float(max(np.max(np.abs(table.query_self[:n] - ref["query_self"]) / ref["query_self"]),
+                             np.max(np.abs(table.candidate_self[:n] - ref["candidate_self"]) / ref["candidate_self"])))
+    return engine, loop, table, max_rel, self_rel
+
+
+def _fullset(args: argparse.Namespace, tmp: Path) -> dict:
+    """Every original a candidate (Q x Q): the engine against the paper's loop timed on a few queries."""
+    full_args = argparse.Namespace(**{**vars(args), "fullset": True, "queries": args.fullset_queries,
+                                      "k": args.fullset_queries, "loop_queries": args.fullset_loop_queries,
+                                      "proj_dim": ""})
+    f_engine, f_loop, f_table, f_rel, f_self_rel = _engine_and_loop(full_args, Path(tmp) / "fullset")
+    f_engine_s = f_engine["seconds"] - f_engine["timings"]["project_s"]
+    fullset = {"queries": args.fullset_queries, "candidates": args.fullset_queries,
+               "engine_seconds": f_engine_s, "engine_timings": f_engine["timings"],
+               "dot_order": f_table.meta["plan"]["dot_order"], "engine_peak_rss_mb": f_engine["peak_rss_mb"],
+               "loop_queries_timed": f_loop["queries_timed"], "loop_seconds_measured": f_loop["seconds"],
+               "loop_seconds_extrapolated": f_loop["seconds_per_query"] * args.fullset_queries,
+               "loop_peak_rss_mb": f_loop["peak_rss_mb"], "max_rel_error": f_rel, "max_rel_error_self": f_self_rel}
+    fullset["speedup_vs_loop_fullset"] = fullset["loop_seconds_extrapolated"] / f_engine_s
+    return fullset
+
+
+def _print_fullset(fullset: dict) -> None:
+    print(f"full set {fullset['queries']}x{fullset['candidates']}: engine {fullset['engine_seconds']:.1f}s "
+          f"({fullset['dot_order']} order, peak RSS {fullset['engine_peak_rss_mb']:.0f} MiB), paper loop "
+          f"{fullset['loop_seconds_measured']:.1f}s for {fullset['loop_queries_timed']} queries -> "
+          f"{fullset['loop_seconds_extrapolated']:.1f}s extrapolated: speedup_vs_loop_fullset "
+          f"{fullset['speedup_vs_loop_fullset']:.1f}x; largest relative difference {fullset['max_rel_error']:.2e}")
 
 
 def _distortions(maps: dict, proj_dim: str) -> dict:
@@ -300,8 +345,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="device of the engine and the loop (the projection comparison stays on CPU)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="model dtype of the engine and loop workers (the projection worker stays float32 on CPU)")
-    parser.add_argument("--only", choices=("all", "projection"), default="all",
-                        help="'projection': only the projection's distortion and TRAK timing (minutes, not an hour)")
+    parser.add_argument("--only", choices=("all", "projection", "fullset"), default="all",
+                        help="'projection': only the projection's distortion and TRAK timing (minutes, not an hour); "
+                             "'fullset': only the every-original-a-candidate comparison")
+    parser.add_argument("--fullset-queries", type=int, default=32,
+                        help="queries (and originals) of the full-set comparison: every original a candidate")
+    parser.add_argument("--fullset-loop-queries", type=int, default=2, help="full-set queries timed with the loop")
+    parser.add_argument("--fullset", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -309,9 +359,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(WORKERS[args.worker](args)))
         return 0
 
-    from selproj_plugin.table import ComponentTable
-
     with tempfile.TemporaryDirectory(prefix="selproj-speed-") as tmp:
+        if args.only == "fullset":
+            fullset = _fullset(args, Path(tmp))
+            _print_fullset(fullset)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"model": args.model or "SmolLM2-135M-Instruct", "fullset": fullset,
+                                                       "speedup_vs_loop_fullset": fullset["speedup_vs_loop_fullset"]},
+                                                      indent=2))
+            return 0
         proj = _run_worker("projection", args, Path(tmp) / "proj.npz")
         if args.only == "projection":
             result = {"model": args.model or "SmolLM2-135M-Instruct", "projection": proj,
@@ -321,16 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=2))
             return 0
-        engine = _run_worker("engine", args, Path(tmp) / "engine.npz")
-        loop = _run_worker("loop", args, Path(tmp) / "loop.npz")
-        table = ComponentTable.load(Path(tmp) / "engine.npz")
-        with np.load(Path(tmp) / "loop.npz") as ref:
-            n = ref["cross"].shape[0]
-            scale = np.sqrt(ref["query_self"][:, None, :] * ref["candidate_self"])
-            diff = np.abs(table.cross[:n] - ref["cross"])
-            max_rel = float(np.max(diff / np.maximum(scale, 1e-300)))
-            self_rel = float(max(np.max(np.abs(table.query_self[:n] - ref["query_self"]) / ref["query_self"]),
-                                 np.max(np.abs(table.candidate_self[:n] - ref["candidate_self"]) / ref["candidate_self"])))
+        engine, loop, table, max_rel, self_rel = _engine_and_loop(args, Path(tmp))
+        fullset = _fullset(args, Path(tmp)) if args.fullset_queries else None
     exact_cos = table.cross.sum(-1) / np.sqrt(table.query_self.sum(-1)[:, None] * table.candidate_self.sum(-1))
     table_rp = {}
     for text, dim, sim in zip(engine["projections"], table.rp_dims, table.rp_similarity):
@@ -356,13 +404,21 @@ def main(argv: list[str] | None = None) -> int:
         "projection": proj, "projection_speedup_vs_trak": proj["speedup_vs_trak"],
         "distortion_vs_dense_jl": _distortions(maps, args.proj_dim),
         "table_rp_cosine": table_rp,
+        "dots_over_capture": engine["timings"]["dots_s"] / engine["timings"]["capture_s"],
     }
+    if fullset:
+        result["fullset"] = fullset
+        result["speedup_vs_loop_fullset"] = fullset["speedup_vs_loop_fullset"]
     print(f"engine: {engine_s:.1f}s for {args.queries}x{args.k} ({engine['distinct_samples']} distinct samples; "
           f"plus {engine['timings']['project_s']:.1f}s projecting), peak RSS {engine['peak_rss_mb']:.0f} MiB")
     print(f"paper loop: {loop['seconds']:.1f}s for {loop['queries_timed']} queries -> {loop_total:.1f}s extrapolated "
           f"to {args.queries}, peak RSS {loop['peak_rss_mb']:.0f} MiB")
     print(f"speedup vs loop: {result['speedup_vs_loop']:.2f}x; largest relative difference: {max_rel:.2e} "
           f"(cross, normalised by norms), {self_rel:.2e} (self dots)")
+    print(f"dots {engine['timings']['dots_s']:.1f}s against capture {engine['timings']['capture_s']:.1f}s "
+          f"(ratio {result['dots_over_capture']:.2f})")
+    if fullset:
+        _print_fullset(fullset)
     _print_projection(proj)
     for text, r in table_rp.items():
         print(f"table random_projection@{text} (dim {r['dim']}): cosine abs error mean {r['cosine_abs_error_mean']:.5f} "
