@@ -201,7 +201,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
                           max_spill_gb=opts.max_spill_gb, device=distributed.local_device(opts.device),
                           progress=opts.progress)
     if opts.plan_only:
-        plan = plan_table(model, tokenizer, queries, pool, rows, scope=opts.scope, config=config)
+        plan = plan_table(model, tokenizer, queries, pool, rows, scope=opts.scope, config=config, across_ranks=True)
         return PipelineResult(tables={}, identity=identity, stages=stages, plan=plan)
     table = cache.load(table_path, ComponentTable.load)
     reused = all(distributed.gather(table is not None))  # the ranks must agree on building it together

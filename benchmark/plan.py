@@ -44,7 +44,7 @@ def plan(args: argparse.Namespace) -> dict:
 
     from selproj_plugin.capture import GradientCapture
     from selproj_plugin.components import catalogue
-    from selproj_plugin.gram import choose_modes
+    from selproj_plugin.gram import MEMORY_BOUND_WEIGHT, choose_modes
     from selproj_plugin.planner import choose_order, factor_widths, plan_pairs
 
     config = AutoConfig.for_model(**json.loads(Path(args.config).read_text()))
@@ -73,7 +73,8 @@ def plan(args: argparse.Namespace) -> dict:
     table = plan_pairs(lengths.tolist(), targets.tolist(), q_of, c_of, widths, store_budget=store_budget,
                        spill_allowance=args.max_spill_gb * GiB, resident_bytes=resident, batch_tokens=args.batch_tokens)
     table.materialised = len(materialise)
-    table = choose_order(table, sum(s.rows * s.cols for s in specs), table.dot_flops())
+    table = choose_order(table, factor_widths(capture, specs), sum(s.rows * s.cols for s in specs),
+                         table.dot_flops(MEMORY_BOUND_WEIGHT))
     table.on_device = True
     device_bytes = table.device_bytes(model_bytes)
     flops = table.capture_flops() + table.dot_flops()

@@ -46,7 +46,7 @@ def check(size: int, cache: Path, extra: list[str]) -> dict:
     return {"size": size, "wall": wall.group(1) if wall else None, "predicted_peak_bytes": plan["predicted_peak_bytes"], "measured_peak_bytes": measured,
             "peak_ratio": plan["predicted_peak_bytes"] / measured, "planned_captures": plan["captures"],
             "measured_captures": notes["captures"], "passes_ratio": plan["captures"] / notes["captures"],
-            "kept": plan["kept"], "kept_in_ram": plan["kept_in_ram"], "recomputed": plan["recomputed"]}
+            "dot_order": plan["dot_order"], "kept": plan["kept"], "kept_in_ram": plan["kept_in_ram"], "recomputed": plan["recomputed"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--max-samples {size}: peak RSS predicted {row['predicted_peak_bytes'] / 2**30:.2f} GiB, measured "
                   f"{row['measured_peak_bytes'] / 2**30:.2f} GiB (ratio {row['peak_ratio']:.2f}); captures planned "
                   f"{row['planned_captures']}, measured {row['measured_captures']} (ratio {row['passes_ratio']:.2f}); "
-                  f"kept {row['kept']} ({row['kept_in_ram']} in RAM), recomputed {row['recomputed']}; wall {row['wall']}", flush=True)
+                  f"{row['dot_order']} order, kept {row['kept']} ({row['kept_in_ram']} in RAM), recomputed {row['recomputed']}; "
+                  f"wall {row['wall']}", flush=True)
     ok = all(abs(r["peak_ratio"] - 1) <= 0.25 and abs(r["passes_ratio"] - 1) <= 0.25 for r in rows)
     print("all within 25%" if ok else "NOT all within 25%")
     if args.json:

@@ -25,7 +25,7 @@ from selproj_plugin.capture import (
 )
 from selproj_plugin import distributed
 from selproj_plugin.components import catalogue, check_scope, select
-from selproj_plugin.gram import choose_modes, factor_dots
+from selproj_plugin.gram import MEMORY_BOUND_WEIGHT, choose_modes, factor_dots
 from selproj_plugin.loss import Encoded, ModelError, collate, encode_samples, pad_token_id, require_trainable
 from selproj_plugin.models import model_name
 from selproj_plugin.planner import (
@@ -329,7 +329,8 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
                        resident_bytes=_resident_bytes(prep.capture.model), batch_tokens=config.batch_tokens)
     table.materialised = len(materialise)
     if world == 1:  # component by component runs in one process
-        table = choose_order(table, sum(s.rows * s.cols for s in prep.specs), table.dot_flops(), config.dot_order)
+        table = choose_order(table, prep.widths, sum(s.rows * s.cols for s in prep.specs),
+                             table.dot_flops(MEMORY_BOUND_WEIGHT), config.dot_order)
     elif config.dot_order == "gram":
         raise ValueError("dot_order 'gram' runs in one process; use 'stream' or 'auto' under torch.distributed")
     kept = set(table.kept)
@@ -658,13 +659,14 @@ def build_table(
 
 def plan_table(model: torch.nn.Module, tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
                candidate_index: np.ndarray, *, components: Sequence[str] | None = None, scope: str = "paper",
-               config: EngineConfig | None = None) -> TablePlan:
+               config: EngineConfig | None = None, across_ranks: bool = False) -> TablePlan:
     """What :func:`build_table` will do with these arguments (kept, spilled and recomputed samples, passes,
-    predicted peak memory, capture FLOPs), decided without computing a gradient."""
+    predicted peak memory, FLOPs), decided without computing a gradient."""
     config = config or EngineConfig()
     prep = prepare(model, tokenizer, components, scope)
     candidate_index = np.asarray(candidate_index, dtype=np.int64).reshape(len(queries), -1)
-    return _plan(prep, tokenizer, queries, candidates, candidate_index, config)[0].table
+    world = distributed.rank_world()[1] if across_ranks else 1
+    return _plan(prep, tokenizer, queries, candidates, candidate_index, config, world)[0].table
 
 
 def _mine(items: list[T], across_ranks: bool) -> list[T]:

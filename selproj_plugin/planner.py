@@ -30,6 +30,9 @@ GiB = 2**30
 BATCH_COPIES = 2
 PAIR_CHUNK_BYTES = 256 * 2**20  # stored partners' factors read and concatenated per Gram call
 GRAM_BLOCK_BYTES = 256 * 2**20  # component-major order: one block of every sample's materialised gradient rows
+# Component by component stores every sample's factors (the stream order only one side's), so it is
+# chosen only where it saves at least a tenth of the estimated work.
+GRAM_MARGIN = 0.9
 
 
 @dataclass(frozen=True)
@@ -169,16 +172,18 @@ class TablePlan:
         """Forward plus input-gradient backward (weights frozen): 4 multiply-adds' flops per weight per token."""
         return float(4 * self.widths.matmul_params * float(np.dot(self.passes, self.lengths)))
 
-    def dot_flops(self) -> float:
+    def dot_flops(self, pair_weight: float = 1.0) -> float:
         """Gram products of every pair and self pair (factors: n_i n_j per stored width, shared inputs once;
-        materialised components: n rows cols per capture, rows cols per pair)."""
+        materialised components: n rows cols per capture, rows cols per pair, weighted by ``pair_weight``:
+        one pair's dot of two stored gradients reads them from memory, unlike a matrix product)."""
         n = np.asarray(self.lengths, dtype=np.float64)
         t = np.asarray(self.targets, dtype=np.float64)
         w_tok, w_tgt, dense = self.widths.per_token / 4, self.widths.per_target / 4, self.widths.per_sample / 4
-        a = np.array([i for i, _ in self.pair_list] + list(range(len(n))), dtype=np.int64)
-        b = np.array([j for _, j in self.pair_list] + list(range(len(n))), dtype=np.int64)
+        used = [int(i) for i in np.flatnonzero(self.passes)]
+        a = np.array([i for i, _ in self.pair_list] + used, dtype=np.int64)
+        b = np.array([j for _, j in self.pair_list] + used, dtype=np.int64)
         factored = 2 * float(np.sum(n[a] * n[b] * w_tok + t[a] * t[b] * w_tgt))
-        return factored + 2 * dense * (float(np.dot(self.passes, n)) + len(a))
+        return factored + 2 * dense * (float(np.dot(self.passes, n)) + pair_weight * len(a))
 
     def gram_flops(self, dense_params: int) -> float:
         """Component by component: every sample's gradient materialised once, one multiply-add per parameter
@@ -187,16 +192,19 @@ class TablePlan:
         q, c = self.sides
         return 2.0 * dense_params * (n + q * c + int(np.count_nonzero(self.passes)))
 
-    def in_gram_order(self) -> "TablePlan":
-        """This plan with every sample captured once and stored (RAM, then spill): the component-major order."""
+    def in_gram_order(self, widths: FactorWidths) -> "TablePlan":
+        """This plan with every sample captured once and its factors (``widths``: none materialised) stored,
+        RAM then spill: the component-major order."""
         used = [i for i in range(len(self.lengths)) if self.passes[i]]
+        sample_bytes = [widths.sample_bytes(n, t) for n, t in zip(self.lengths, self.targets)]
         ram, ram_kept = 0, 0
         for i in used:
-            if ram + self.sample_bytes[i] > self.store_budget:
+            if ram + sample_bytes[i] > self.store_budget:
                 break
-            ram += self.sample_bytes[i]
+            ram += sample_bytes[i]
             ram_kept += 1
-        return dataclasses.replace(self, kept=used, ram_kept=ram_kept, groups=[],
+        return dataclasses.replace(self, kept=used, ram_kept=ram_kept, groups=[], widths=widths,
+                                   sample_bytes=sample_bytes, materialised=0,
                                    passes=(np.asarray(self.passes) > 0).astype(np.int64), dot_order="gram",
                                    notes=[n for n in self.notes if "recomputed" not in n])
 
@@ -299,14 +307,16 @@ def plan_pairs(lengths: Sequence[int], targets: Sequence[int], q_of: Sequence[in
                      sides=(len(q_set), len(c_set)))
 
 
-def choose_order(plan: TablePlan, dense_params: int, stream_dot_flops: float, order: str = "auto") -> TablePlan:
+def choose_order(plan: TablePlan, widths: FactorWidths, dense_params: int, stream_dot_flops: float,
+                 order: str = "auto") -> TablePlan:
     """The plan in the dot order with fewer FLOPs (capture included): component by component needs every
-    sample's factors stored within RAM budget and spill allowance; ``order`` 'stream' or 'gram' forces one."""
+    sample's factors (``widths``) stored within RAM budget and spill allowance; ``order`` 'stream' or 'gram'
+    forces one."""
     if order not in ("auto", "stream", "gram"):
         raise ValueError(f"unknown dot order {order!r}: use auto, stream or gram")
-    gram = plan.in_gram_order()
+    gram = plan.in_gram_order(widths)
     fits = gram.ram_bytes + gram.spill_bytes <= plan.store_budget + plan.spill_allowance
-    if order == "gram" or (order == "auto" and fits and
-                           gram.capture_flops() + gram.gram_flops(dense_params) < plan.capture_flops() + stream_dot_flops):
+    cheaper = gram.capture_flops() + gram.gram_flops(dense_params) < GRAM_MARGIN * (plan.capture_flops() + stream_dot_flops)
+    if order == "gram" or (order == "auto" and fits and cheaper):
         return gram
     return plan
