@@ -505,12 +505,12 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
     ids = [s.id for s in plan.unique]
     shard = TableShard(components=[s.name for s in prep.specs],
                        rp_keys=[t.key for t in projector.transforms] if projector else [])
-    used = sorted(set(plan.q_of) | set(plan.c_of.ravel().tolist()))
-    row = {i: k for k, i in enumerate(used)}
     side_a = sorted(set(plan.q_of))
     side_b = sorted(set(plan.c_of.ravel().tolist()))
-    a_rows = torch.tensor([row[i] for i in side_a])
-    b_rows = torch.tensor([row[i] for i in side_b])
+    used = side_a + sorted(set(side_b) - set(side_a))  # queries first: each side a slice of a block, not a copy
+    row = {i: k for k, i in enumerate(used)}
+    n_a = len(side_a)
+    b_rows = None if not set(side_a) & set(side_b) else torch.tensor([row[i] for i in side_b])
     cross = np.zeros((len(side_a), len(side_b), len(prep.specs)))
     norms = np.zeros((len(used), len(prep.specs)))
     projected: dict[int, list[torch.Tensor] | None] = {}
@@ -537,8 +537,9 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
                 for k, i in enumerate(used):
                     f = store.get(i, factor_keys(spec, shells[i]))
                     block[k] = matrix_rows(spec, f, start, stop)
-                cross[:, :, c] += (block[a_rows] @ block[b_rows].T).double().numpy()
-                norms[:, c] += torch.linalg.vector_norm(block, dim=1, dtype=torch.float64).square().numpy()
+                b = block[n_a:] if b_rows is None else block[b_rows]
+                cross[:, :, c] += (block[:n_a] @ b.T).double().numpy()
+                norms[:, c] += torch.linalg.vector_norm(block, dim=1).double().square().numpy()
         t_dots += time.perf_counter() - t1
         spilled = store.spilled
     finally:

@@ -114,9 +114,13 @@ def test_component_by_component_order_equals_the_naive_loop_and_the_streamed_tab
     cands = tiny.SAMPLES
     index = np.array([[0, 1, 2, 3], [1, 2, 3, 0], [3, 2, 1, 0], [1, 0, 2, 3]])  # every candidate; q3 is also one
     sketch = CountSketch(comps, 16, seed=3)
+    disjoint = build_table(model, tok, queries[:3], cands, index[:3], np.zeros(3, dtype=int), scope="all",
+                           config=EngineConfig(batch_size=3, progress=False, dot_order="gram"))
     tables = {order: build_table(model, tok, queries, cands, index, np.zeros(4, dtype=int), scope="all",
                                  transforms=[sketch], config=EngineConfig(batch_size=3, progress=False, dot_order=order))
               for order in ("stream", "gram")}
+    scale = np.sqrt(disjoint.query_self[:, None, :] * disjoint.candidate_self)  # queries apart from candidates:
+    assert np.max(np.abs(disjoint.cross - tables["gram"].cross[:3]) / np.maximum(scale, 1e-30)) <= TOL  # no copies
     assert tables["gram"].meta["plan"]["dot_order"] == "gram" and tables["stream"].meta["plan"]["dot_order"] == "stream"
     gq, gc = _naive(model, tok, queries), _naive(model, tok, cands)
     ref = np.stack([_naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(4)])
