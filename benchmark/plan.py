@@ -74,7 +74,7 @@ def plan(args: argparse.Namespace) -> dict:
                        spill_allowance=args.max_spill_gb * GiB, resident_bytes=resident, batch_tokens=args.batch_tokens)
     table.materialised = len(materialise)
     table = choose_order(table, factor_widths(capture, specs), sum(s.rows * s.cols for s in specs),
-                         table.dot_flops(MEMORY_BOUND_WEIGHT))
+                         table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)))
     table.on_device = True
     device_bytes = table.device_bytes(model_bytes)
     flops = table.capture_flops() + table.dot_flops()

@@ -330,7 +330,7 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
     table.materialised = len(materialise)
     if world == 1:  # component by component runs in one process
         table = choose_order(table, prep.widths, sum(s.rows * s.cols for s in prep.specs),
-                             table.dot_flops(MEMORY_BOUND_WEIGHT), config.dot_order)
+                             table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)), config.dot_order)
     elif config.dot_order == "gram":
         raise ValueError("dot_order 'gram' runs in one process; use 'stream' or 'auto' under torch.distributed")
     kept = set(table.kept)
