@@ -138,7 +138,8 @@ def test_many_partners_choose_the_component_by_component_order():
     tok = tiny.tokenizer()
     from selproj_plugin.engine import plan_table
 
-    queries = [Sample(f"q{i}", f"Question {i}?", f"Answer {i}.") for i in range(4)]
-    few = plan_table(model, tok, queries, tiny.SAMPLES, np.array([[0], [1], [2], [3]]), config=EngineConfig())
-    every = plan_table(model, tok, queries, tiny.SAMPLES, np.tile(np.arange(4), (4, 1)), config=EngineConfig())
+    queries = [Sample(f"q{i}", f"Question {i}?", f"Answer {i}.") for i in range(16)]
+    cands = [Sample(f"c{i}", f"Prompt {i} here?", f"Reply {i} there.") for i in range(16)]
+    few = plan_table(model, tok, queries, cands, np.arange(16)[:, None], config=EngineConfig())
+    every = plan_table(model, tok, queries, cands, np.tile(np.arange(16), (16, 1)), config=EngineConfig())
     assert few.dot_order == "stream" and every.dot_order == "gram"
