@@ -1,9 +1,11 @@
 """Gradient engine: per-component gradient dot products for queries x candidates.
 
-Every distinct sample (by id) goes through one batched forward/backward; its gradient
-factors are kept (in RAM up to a memory limit, then spilled to disk) only for the side
-that is needed again, while the other side streams past.  Under torch.distributed the
-streamed side's batches are dealt out to the ranks (``across_ranks=True``).  Transforms a
+Every distinct sample (by id) goes through a batched forward/backward.  What is kept follows
+the plan of :mod:`selproj_plugin.planner`: one side's factors, most reused first, in RAM up to a
+memory limit and then on disk up to a spill allowance, while the other side streams past; a
+sample that fits neither is recomputed with each streamed partner; dense pair graphs take their
+dots component by component instead.  Under torch.distributed the streamed units are dealt out
+to the ranks (``across_ranks=True``).  Transforms a
 table cannot express (random projections) are applied to each sample's gradient,
 materialised one sample at a time, and the table stores the cosines of their outputs.
 """
@@ -64,8 +66,8 @@ class EngineConfig:
 class FactorStore:
     """Sample factors by key, in RAM up to ``limit_bytes`` and as ``.npy`` files beyond it.
 
-    Spilled factors are read back whole on each ``get`` and dropped after use, so the
-    process holds at most the limit plus the factors in use, however many are spilled.
+    Spilled factors are memory-mapped on each ``get`` and dropped after use, so the process
+    holds at most the limit plus the factors in use, however many are spilled.
     The spill directory goes on close, at exit, or at the next run if this one is killed.
     """
 
