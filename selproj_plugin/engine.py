@@ -31,7 +31,7 @@ from selproj_plugin.gram import MEMORY_BOUND_WEIGHT, choose_modes, factor_dots
 from selproj_plugin.loss import Encoded, ModelError, collate, encode_samples, pad_token_id, require_trainable
 from selproj_plugin.models import model_name
 from selproj_plugin.planner import (
-    GRAM_BLOCK_BYTES, PAIR_CHUNK_BYTES, FactorWidths, TablePlan, choose_order, factor_widths, plan_pairs,
+    GRAM_BLOCK_BYTES, PAIR_CHUNK_BYTES, FactorWidths, TablePlan, check_order, choose_order, factor_widths, plan_pairs,
 )
 from selproj_plugin.samples import Sample
 from selproj_plugin.shards import TableShard, pair_key
@@ -304,6 +304,8 @@ def _units(encoded: Sequence[Encoded], groups: Sequence[list[int]], config: Engi
 def _spill_allowance(config: EngineConfig) -> float:
     """Bytes the store may write to disk: ``max_spill_gb`` if given, else half the free space where it spills."""
     if config.max_spill_gb is not None:
+        if config.max_spill_gb < 0:
+            raise ValueError(f"max_spill_gb must be at least 0, got {config.max_spill_gb}")
         return config.max_spill_gb * 2**30
     import shutil
     import tempfile
@@ -316,6 +318,7 @@ def _spill_allowance(config: EngineConfig) -> float:
 
 def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
           candidate_index: np.ndarray, config: EngineConfig, world: int = 1) -> tuple[_Plan, int]:
+    check_order(config.dot_order)
     unique, pos = _dedupe(list(queries) + list(candidates))
     encoded, n_truncated = encode_samples(tokenizer, unique, config.max_length)
     n_q, n_k = candidate_index.shape
@@ -326,8 +329,11 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
     n_pairs = len(used) + int(c_of.size)
     materialise = _modes(prep, config, [lengths[i] for i in used], n_pairs)
     widths = factor_widths(prep.capture, prep.specs, sorted(materialise)) if materialise else prep.widths
+    budget, allowance = _store_budget(prep, config), _spill_allowance(config)
+    if world > 1:  # every rank must make the same plan: plan all with the tightest rank's budget and disk
+        budget, allowance = (min(v) for v in zip(*distributed.gather((budget, allowance))))
     table = plan_pairs(lengths, [e.n_targets for e in encoded], q_of, c_of, widths,
-                       store_budget=_store_budget(prep, config), spill_allowance=_spill_allowance(config),
+                       store_budget=budget, spill_allowance=allowance,
                        resident_bytes=_resident_bytes(prep.capture.model), batch_tokens=config.batch_tokens)
     table.materialised = len(materialise)
     if world == 1:  # component by component runs in one process

@@ -323,13 +323,22 @@ def plan_pairs(lengths: Sequence[int], targets: Sequence[int], q_of: Sequence[in
                      sides=(len(q_set), len(c_set)))
 
 
+DOT_ORDERS = ("auto", "stream", "gram")
+
+
+def check_order(order: str) -> str:
+    """``order`` if it names a dot order, else a one-line ValueError."""
+    if order not in DOT_ORDERS:
+        raise ValueError(f"unknown dot order {order!r}: use {', '.join(DOT_ORDERS)}")
+    return order
+
+
 def choose_order(plan: TablePlan, widths: FactorWidths, dense_params: int, stream_dot_flops: float,
                  order: str = "auto") -> TablePlan:
     """The plan in the dot order with fewer FLOPs (capture included): component by component needs every
     sample's factors (``widths``) stored within RAM budget and spill allowance; ``order`` 'stream' or 'gram'
     forces one."""
-    if order not in ("auto", "stream", "gram"):
-        raise ValueError(f"unknown dot order {order!r}: use auto, stream or gram")
+    check_order(order)
     gram = plan.in_gram_order(widths)
     fits = gram.ram_bytes + gram.spill_bytes <= plan.store_budget + plan.spill_allowance
     cheaper = gram.capture_flops() + gram.gram_flops(dense_params) < GRAM_MARGIN * (plan.capture_flops() + stream_dot_flops)

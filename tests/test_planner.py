@@ -143,3 +143,33 @@ def test_many_partners_choose_the_component_by_component_order():
     few = plan_table(model, tok, queries, cands, np.arange(16)[:, None], config=EngineConfig())
     every = plan_table(model, tok, queries, cands, np.tile(np.arange(16), (16, 1)), config=EngineConfig())
     assert few.dot_order == "stream" and every.dot_order == "gram"
+
+
+def test_ranks_plan_with_the_tightest_ranks_budget(monkeypatch):
+    """Ranks derive units and shards from the plan, so all must plan alike: a rank with no RAM or disk
+    to spare makes every rank recompute, instead of each planning with its own budget."""
+    from selproj_plugin import distributed
+    from selproj_plugin.engine import plan_table
+
+    model = tiny.model("llama", tied=True)
+    tok = tiny.tokenizer()
+    queries = [Sample(f"q{i}", f"Question {i}?", f"Answer {i}.") for i in range(4)]
+    index = np.array([[0, 1], [1, 0], [0, 1], [1, 0]])
+    alone = plan_table(model, tok, queries, tiny.SAMPLES[:2], index, across_ranks=True)
+    monkeypatch.setattr(distributed, "rank_world", lambda: (0, 2))
+    monkeypatch.setattr(distributed, "gather", lambda mine: [mine, (0.0, 0.0)])  # rank 1: nothing to spare
+    shared = plan_table(model, tok, queries, tiny.SAMPLES[:2], index, across_ranks=True)
+    assert len(alone.kept) == 2 and alone.recomputed == 0  # this rank alone keeps both candidates
+    assert shared.kept == [] and shared.recomputed > 0
+
+
+def test_bad_dot_order_and_spill_limit_are_one_line_errors():
+    model = tiny.model("llama", tied=True)
+    tok = tiny.tokenizer()
+    from selproj_plugin.engine import plan_table
+
+    for config, words in ((EngineConfig(dot_order="diagonal"), "unknown dot order 'diagonal'"),
+                          (EngineConfig(max_spill_gb=-1), "max_spill_gb must be at least 0")):
+        with pytest.raises(ValueError, match=words) as err:
+            plan_table(model, tok, tiny.SAMPLES[:1], tiny.SAMPLES[1:2], np.array([[0]]), config=config)
+        assert "\n" not in str(err.value)
