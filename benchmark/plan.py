@@ -45,7 +45,7 @@ def plan(args: argparse.Namespace) -> dict:
     from selproj_plugin.capture import GradientCapture
     from selproj_plugin.components import catalogue
     from selproj_plugin.gram import MEMORY_BOUND_WEIGHT, choose_modes
-    from selproj_plugin.planner import choose_order, factor_widths, plan_pairs
+    from selproj_plugin.planner import PAIR_CHUNK_BYTES, choose_order, factor_widths, plan_pairs
 
     config = AutoConfig.for_model(**json.loads(Path(args.config).read_text()))
     with torch.device("meta"):
@@ -69,7 +69,7 @@ def plan(args: argparse.Namespace) -> dict:
     params = sum(c.num_params for c in comps)
     model_bytes = params * 4
     resident = int(args.host_overhead_gb * GiB)  # interpreter, torch, CUDA context; the weights live on the GPU
-    store_budget = max(0.0, args.memory_limit_gb * GiB - resident - 2 * 256 * 2**20)
+    store_budget = max(0.0, args.memory_limit_gb * GiB - resident - 2 * PAIR_CHUNK_BYTES)
     table = plan_pairs(lengths.tolist(), targets.tolist(), q_of, c_of, widths, store_budget=store_budget,
                        spill_allowance=args.max_spill_gb * GiB, resident_bytes=resident, batch_tokens=args.batch_tokens)
     table.materialised = len(materialise)
