@@ -98,26 +98,17 @@ class SampleFactors:
 
 def matrix_form(spec: ComponentSpec, factors: SampleFactors) -> torch.Tensor:
     """The component gradient ``[rows, cols]`` = sum over uses of ``L^T R`` (bias columns included)."""
-    if spec.name in factors.vectors:
-        return factors.vectors[spec.name].view(spec.rows, spec.cols)
-    out = None
-    for use in factors.uses[spec.name]:
-        left, right = _full_left(spec, factors, use), _full_right(spec, factors, use)
-        part = left.T @ right if left.shape[0] else None
-        if part is not None:
-            out = part if out is None else out + part
-    if out is None:
-        out = torch.zeros(spec.rows, spec.cols, dtype=FACTOR_DTYPE)
-    return out
+    return matrix_rows(spec, factors, 0, spec.rows).view(spec.rows, spec.cols)
 
 
 def matrix_rows(spec: ComponentSpec, factors: SampleFactors, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of :func:`matrix_form`, flattened: a big component's gradient a block at a time."""
     if spec.name in factors.vectors:
         return factors.vectors[spec.name].view(spec.rows, spec.cols)[start:stop].reshape(-1)
-    out = torch.zeros(stop - start, spec.cols, dtype=FACTOR_DTYPE)
+    device = next(iter(factors.tensors.values())).device if factors.tensors else None
+    out = torch.zeros(stop - start, spec.cols, dtype=FACTOR_DTYPE, device=device)
     for use in factors.uses[spec.name]:
-        if use.left_index:  # token ids: their rows of the block gather the right factor's rows
+        if use.left_index:  # token ids stand for one-hot rows: the block's rows gather the right factor's rows
             ids = factors.tensors[use.left]
             inside = (ids >= start) & (ids < stop)
             out.index_add_(0, ids[inside] - start, _full_right(spec, factors, use)[inside])
@@ -136,12 +127,8 @@ def factor_keys(spec: ComponentSpec, factors: SampleFactors) -> set[str]:
 
 
 def _full_left(spec: ComponentSpec, f: SampleFactors, use: FactorUse) -> torch.Tensor:
-    t = f.tensors[use.left]
-    if use.left_index:
-        dense = torch.zeros(t.shape[0], spec.rows, dtype=FACTOR_DTYPE, device=t.device)
-        dense[torch.arange(t.shape[0], device=t.device), t] = 1.0
-        return dense
-    return _pad_cols(t, spec.rows, use.aug == "left")
+    """A dense left factor with its bias column (token-id factors go through :func:`matrix_rows`' gather)."""
+    return _pad_cols(f.tensors[use.left], spec.rows, use.aug == "left")
 
 
 def _full_right(spec: ComponentSpec, f: SampleFactors, use: FactorUse) -> torch.Tensor:
