@@ -518,7 +518,7 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
     used = side_a + sorted(set(side_b) - set(side_a))  # queries first: each side a slice of a block, not a copy
     row = {i: k for k, i in enumerate(used)}
     n_a = len(side_a)
-    b_rows = None if not set(side_a) & set(side_b) else torch.tensor([row[i] for i in side_b])
+    b_rows = None if not set(side_a) & set(side_b) else torch.tensor([row[i] for i in side_b], device=config.device)
     cross = np.zeros((len(side_a), len(side_b), len(prep.specs)))
     norms = np.zeros((len(used), len(prep.specs)))
     projected: dict[int, list[torch.Tensor] | None] = {}
@@ -541,13 +541,13 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
             rows_per_block = max(1, min(spec.rows, GRAM_BLOCK_BYTES // (4 * spec.cols * len(used))))
             for start in range(0, spec.rows, rows_per_block):
                 stop = min(spec.rows, start + rows_per_block)
-                block = torch.empty(len(used), (stop - start) * spec.cols)
-                for k, i in enumerate(used):
-                    f = store.get(i, factor_keys(spec, shells[i]))
-                    block[k] = matrix_rows(spec, f, start, stop)
+                block = torch.empty(len(used), (stop - start) * spec.cols, device=config.device)
+                for k, i in enumerate(used):  # the store holds factors on the CPU: materialise on the device
+                    block[k] = matrix_rows(spec, store.get(i, factor_keys(spec, shells[i])).to(config.device),
+                                           start, stop)
                 b = block[n_a:] if b_rows is None else block[b_rows]
-                cross[:, :, c] += (block[:n_a] @ b.T).double().numpy()
-                norms[:, c] += torch.linalg.vector_norm(block, dim=1).double().square().numpy()
+                cross[:, :, c] += (block[:n_a] @ b.T).double().cpu().numpy()
+                norms[:, c] += torch.linalg.vector_norm(block, dim=1).double().square().cpu().numpy()
         t_dots += time.perf_counter() - t1
         spilled = store.spilled
     finally:
