@@ -29,6 +29,10 @@ print(f"{tag}: engine {r['engine_seconds']:.1f} s for {r['queries']}x{r['k']} "
       + (f"peak GPU {r['engine_peak_gpu_mb']:.0f} MiB" if r["engine_peak_gpu_mb"] is not None else "no GPU"))
 print(f"{tag}: paper loop {r['loop_seconds_extrapolated']:.1f} s extrapolated, speedup_vs_loop {r['speedup_vs_loop']:.2f}x")
 print(f"{tag}: largest relative difference to the loop {r['max_rel_error']:.2e} (self dots {r['max_rel_error_self']:.2e})")
+if "fullset" in r:
+    f = r["fullset"]
+    print(f"{tag}: every original a candidate ({f['queries']}x{f['candidates']}, {f['dot_order']} order): engine "
+          f"{f['engine_seconds']:.1f} s, speedup_vs_loop_fullset {f['speedup_vs_loop_fullset']:.1f}x")
 for dim, ratio in r["distortion_vs_dense_jl"].items():
     print(f"{tag}: distortion_vs_dense_jl at {dim}: {ratio:.3f}")
 PY
