@@ -354,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.max_spill_gb is not None and args.max_spill_gb < 0:  # before the model loads
+        raise ValueError(f"--max-spill-gb must be at least 0, got {args.max_spill_gb}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a launcher's stop runs cleanups (spill dirs)
     distributed.init_from_env(args.device)
     with distributed.session():  # one rank's error stops every rank, with its message

@@ -161,6 +161,8 @@ def test_bad_input_errors(tiny_model_dir, small_dataset, tmp_path, capsys):
     assert "unknown strategy 'gredy'" in err
     err = one_line_error(capsys, argv(tiny_model_dir, small_dataset, cache, "--threads", "0"))
     assert "--threads must be at least 1, got 0" in err
+    err = one_line_error(capsys, argv(tiny_model_dir, small_dataset, cache, "--max-spill-gb", "-1"))
+    assert "--max-spill-gb must be at least 0, got -1.0" in err
 
 
 def test_full_set_reports_rank_metrics(tiny_model_dir, small_dataset, tmp_path):
