@@ -293,9 +293,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cache_dir=args.cache_dir, progress=not args.no_progress,
         ))
         if args.plan:
-            print(built.plan.describe())
-            if args.json_out:
-                write_json(args.json_out, {"identity": built.identity, "plan": built.plan.summary()})
+            if distributed.is_main():  # every rank plans alike (each must, for its share); rank 0 reports
+                print(built.plan.describe())
+                if args.json_out:
+                    write_json(args.json_out, {"identity": built.identity, "plan": built.plan.summary()})
             return {"plan": built.plan.summary()}
         tables, bm25, gradient_similarity = built.tables, built.bm25, built.similarity
         document.update(identity=built.identity, stages=dict(built.stages), notes=built.notes, run=built.run)

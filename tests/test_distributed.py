@@ -173,8 +173,14 @@ def test_torchrun_benchmark_json_equals_single_process(tiny_model_dir, small_dat
     assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "c1", "--json", str(one))) == 0
     two = tmp_path / "two.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "benchmark.retrieval", *argv(tiny_model_dir, small_dataset, tmp_path / "c2", "--json", str(two))]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "benchmark.retrieval"]
+    planned = subprocess.run(launch + argv(tiny_model_dir, small_dataset, tmp_path / "c2", "--plan"),
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert planned.stdout.count("plan: ") == 1  # both ranks plan, rank 0 reports
+    assert not list((tmp_path / "c2" / "benchmark").glob("table-*"))
+    cmd = launch + argv(tiny_model_dir, small_dataset, tmp_path / "c2", "--json", str(two))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
