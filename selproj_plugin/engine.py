@@ -473,27 +473,28 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
         t2 = time.perf_counter()
         t_dots += t2 - t1
         t1 = t2
+        # every unit's batches in one capture (one progress count); each capture is known by its unit
+        batches, unit_of = [], []
         for u in my_units:
-            groups = plan.units[u]
-            waiting = [dict() for _ in groups]
-            slots = {}
-            for g, members in enumerate(groups):
-                for i in members:
-                    slots.setdefault(i, []).append(g)
-            order = sorted(slots)
-            for i, f in _capture(prep, plan.encoded, list(_batches(plan.encoded, order, config)), config,
-                                 plan.materialise, streamed_label):
-                t2 = time.perf_counter()
-                t_capture += t2 - t1
-                captured += 1
-                f = f.to(config.device)
-                for g in slots[i]:
-                    waiting[g][i] = f
-                    if len(waiting[g]) == len(groups[g]):
-                        group(u, groups[g], waiting[g])
-                        waiting[g] = {}
-                t1 = time.perf_counter()
-                t_dots += t1 - t2
+            for b in _batches(plan.encoded, sorted({i for g in plan.units[u] for i in g}), config):
+                batches.append(b)
+                unit_of += [u] * len(b)
+        waiting: dict[tuple[int, int], dict[int, SampleFactors]] = {}  # (unit, group) -> factors arrived
+        captures = _capture(prep, plan.encoded, batches, config, plan.materialise, streamed_label)
+        for n, (i, f) in enumerate(captures):  # to the end: the generator reports progress after each batch
+            u = unit_of[n]
+            t2 = time.perf_counter()
+            t_capture += t2 - t1
+            captured += 1
+            f = f.to(config.device)
+            for g, members in enumerate(plan.units[u]):
+                if i in members:
+                    got = waiting.setdefault((u, g), {})
+                    got[i] = f
+                    if len(got) == len(members):
+                        group(u, members, waiting.pop((u, g)))
+            t1 = time.perf_counter()
+            t_dots += t1 - t2
         spilled = store.spilled
     finally:
         store.close()

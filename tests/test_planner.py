@@ -173,3 +173,13 @@ def test_bad_dot_order_and_spill_limit_are_one_line_errors():
         with pytest.raises(ValueError, match=words) as err:
             plan_table(model, tok, tiny.SAMPLES[:1], tiny.SAMPLES[1:2], np.array([[0]]), config=config)
         assert "\n" not in str(err.value)
+
+
+def test_streamed_units_report_one_progress_count(capsys):
+    model = tiny.model("llama", tied=True)
+    tok = tiny.tokenizer()
+    queries = [Sample(f"q{i}", f"Question number {i}?", f"Answer {i} is here.") for i in range(4)]
+    build_table(model, tok, queries, tiny.SAMPLES[:3], np.array([[0, 1], [1, 2], [0, 2], [2, 0]]), np.zeros(4, dtype=int),
+                config=EngineConfig(batch_size=3, memory_limit_gb=0.0, max_spill_gb=0.0))  # four recompute groups
+    lines = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n") if "[selproj] queries" in line]
+    assert len(lines) == 1 and lines[0].startswith("[selproj] queries: 12/12")  # 4 queries + 8 recomputed candidates
