@@ -63,8 +63,22 @@ class EngineConfig:
     dot_order: str = "auto"  # 'stream' (sample by sample), 'gram' (component by component) or 'auto' (fewer flops)
 
 
+@dataclass(frozen=True)
+class _Spilled:
+    """Where one spilled tensor lies in its sample's file."""
+
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    vector: bool  # a materialised vector rather than a factor tensor
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
 class FactorStore:
-    """Sample factors by key, in RAM up to ``limit_bytes`` and as ``.npy`` files beyond it.
+    """Sample factors by key, in RAM up to ``limit_bytes`` and as one file per sample beyond it.
 
     Spilled factors are memory-mapped on each ``get`` and dropped after use, so the process
     holds at most the limit plus the factors in use, however many are spilled.
@@ -76,7 +90,7 @@ class FactorStore:
         self.in_ram = 0
         self.spilled = 0
         self._items: dict[Any, SampleFactors] = {}
-        self._files: dict[Any, tuple[SampleFactors, dict[str, Path], dict[str, Path]]] = {}
+        self._files: dict[Any, tuple[SampleFactors, Path, dict[str, _Spilled]]] = {}
         self._sizes: dict[Any, int] = {}
         self._parent = spill_dir
         self._dir: SpillDir | None = None
@@ -91,22 +105,26 @@ class FactorStore:
             return
         if self._dir is None:
             self._dir = SpillDir(self._parent)
-        base = f"s{len(self._files)}"
-        tensors = {k: self._dir.save(f"{base}-t{i}", t.numpy()) for i, (k, t) in enumerate(f.tensors.items())}
-        vectors = {k: self._dir.save(f"{base}-v{i}", t.numpy()) for i, (k, t) in enumerate(f.vectors.items())}
+        arrays = {k: t.numpy() for k, t in (*f.tensors.items(), *f.vectors.items())}
+        path, offsets = self._dir.save(f"s{len(self._files)}", list(arrays.values()))
+        where = {k: _Spilled(off, a.dtype, a.shape, k in f.vectors) for (k, a), off in zip(arrays.items(), offsets)}
         self.spilled += f.nbytes
         self._sizes[key] = f.nbytes
-        self._files[key] = (SampleFactors(f.sample_id, {}, f.uses, {}), tensors, vectors)
+        self._files[key] = (SampleFactors(f.sample_id, {}, f.uses, {}), path, where)
 
     def get(self, key: Any, names: set[str] | None = None) -> SampleFactors:
         """The factors stored under ``key`` (spilled ones memory-mapped, read from the page cache without a
         copy); ``names``: only these tensor and vector keys of a spilled sample."""
         if key in self._items:
             return self._items[key]
-        shell, tensors, vectors = self._files[key]
-        load = lambda paths: {k: torch.from_numpy(np.load(p, mmap_mode="c")) for k, p in paths.items()  # noqa: E731
-                              if names is None or k in names}
-        return SampleFactors(shell.sample_id, load(tensors), shell.uses, load(vectors))
+        shell, path, where = self._files[key]
+        wanted = {k: w for k, w in where.items() if names is None or k in names}
+        mapped = np.memmap(path, dtype=np.uint8, mode="c") if any(w.nbytes for w in wanted.values()) else None
+        out = SampleFactors(shell.sample_id, {}, shell.uses, {})
+        for k, w in wanted.items():
+            array = mapped[w.offset: w.offset + w.nbytes].view(w.dtype) if w.nbytes else np.empty(0, w.dtype)
+            (out.vectors if w.vector else out.tensors)[k] = torch.from_numpy(array.reshape(w.shape))
+        return out
 
     def nbytes(self, key: Any) -> int:
         """Size of the factors stored under ``key``."""

@@ -14,11 +14,13 @@ import sys
 import tempfile
 import weakref
 from pathlib import Path
+from typing import BinaryIO, Sequence
 
 import numpy as np
 from filelock import FileLock, Timeout
 
 PREFIX = "selproj-spill-"
+ALIGN = 64  # bytes: every spilled array starts aligned for any dtype
 OWNER = "owner.lock"
 
 
@@ -56,6 +58,11 @@ def remove_stale(parent: str | os.PathLike | None = None) -> int:
     return freed
 
 
+def _write(f: BinaryIO, array: np.ndarray) -> None:
+    if array.nbytes:  # a contiguous array's buffer, written as it lies in memory
+        f.write(array.data)
+
+
 def _remove(path: Path, lock: FileLock) -> None:
     shutil.rmtree(path, ignore_errors=True)
     lock.release()
@@ -80,16 +87,25 @@ class SpillDir:
         self.path = path
         self._finalizer = weakref.finalize(self, _remove, path, lock)  # also runs at interpreter exit
 
-    def save(self, name: str, array: np.ndarray) -> Path:
-        """``array`` as ``name.npy`` in this directory; a full or read-only disk is one SpillError."""
-        path = self.path / f"{name}.npy"
+    def save(self, name: str, arrays: Sequence[np.ndarray]) -> tuple[Path, list[int]]:
+        """``arrays`` back to back in one file ``name.bin`` (each at a multiple of :data:`ALIGN` bytes): the
+        file and each array's offset.  One file per sample keeps reads to one map however many tensors it has;
+        a full or read-only disk is one SpillError and leaves no partial file."""
+        path = self.path / f"{name}.bin"
+        offsets, pos = [], 0
         try:
-            np.save(path, array)
+            with open(path, "wb") as f:
+                for a in arrays:
+                    pos = -(-pos // ALIGN) * ALIGN
+                    f.seek(pos)
+                    offsets.append(pos)
+                    _write(f, np.ascontiguousarray(a))
+                    pos += a.nbytes
         except OSError as exc:
             path.unlink(missing_ok=True)
             raise SpillError(f"cannot spill gradient factors to {self.path}: {exc.strerror or exc}; "
                              "free space there, point TMPDIR elsewhere or raise the memory limit") from None
-        return path
+        return path, offsets
 
     def close(self) -> None:
         """Delete the directory and its files (idempotent)."""

@@ -19,6 +19,7 @@ from selproj_plugin.capture import SampleFactors
 from selproj_plugin.engine import EngineConfig, FactorStore, build_table, sample_features
 from selproj_plugin.loss import encode_samples
 from selproj_plugin.samples import Sample
+from selproj_plugin import spill as spill_module
 from selproj_plugin.spill import OWNER, PREFIX, SpillError
 from tests.test_benchmark_pipeline import small_dataset, tiny_model_dir  # noqa: F401
 
@@ -96,6 +97,16 @@ def test_spill_dir_is_removed_on_close_and_factors_read_back(tmp_path):
     assert (spill / OWNER).is_file() and store.spilled == f.nbytes
     back = store.get("k")
     assert torch.equal(back.tensors["t"], f.tensors["t"]) and torch.equal(back.vectors["v"], f.vectors["v"])
+    # one file holds a sample's tensors of any dtype and size; a partial read returns just the named ones
+    mixed = SampleFactors("m", {"ids": torch.tensor([3, 1, 4], dtype=torch.int64), "none": torch.zeros(0, 5),
+                                "x": torch.randn(3, 7)}, {}, {"v": torch.randn(11)})
+    store.put("m", mixed)
+    part = store.get("m", {"ids", "none", "v"})
+    assert set(part.tensors) == {"ids", "none"} and set(part.vectors) == {"v"}
+    assert part.tensors["ids"].dtype == torch.int64 and torch.equal(part.tensors["ids"], mixed.tensors["ids"])
+    assert part.tensors["none"].shape == (0, 5) and torch.equal(part.vectors["v"], mixed.vectors["v"])
+    assert torch.equal(store.get("m").tensors["x"], mixed.tensors["x"]) and store.get("m", set()).tensors == {}
+    assert len(list(spill.glob("*.bin"))) == 2  # one file per sample
     store.close()
     assert not spill.exists()
 
@@ -184,15 +195,15 @@ def test_unwritable_spill_parent_is_one_line_error(tmp_path):
 def test_full_disk_while_spilling_is_one_line_error(tmp_path, monkeypatch):
     store = FactorStore(0, str(tmp_path))
 
-    def full(path, array):  # what np.save meets on a full file system
-        Path(path).write_bytes(b"partial")
+    def full(f, array):  # what a write meets on a full file system, after part of the file is written
+        f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "save", full)
+    monkeypatch.setattr(spill_module, "_write", full)
     with pytest.raises(SpillError, match="cannot spill gradient factors to .*: No space left on device; free space"):
         store.put(0, _factors())
     [spill] = _spill_dirs(tmp_path)
-    assert not list(spill.glob("*.npy"))  # the partial file went
+    assert [p.name for p in spill.iterdir()] == [OWNER]  # the partial file went
     store.close()
     assert _spill_dirs(tmp_path) == []
 
