@@ -101,22 +101,41 @@ def matrix_form(spec: ComponentSpec, factors: SampleFactors) -> torch.Tensor:
     return matrix_rows(spec, factors, 0, spec.rows).view(spec.rows, spec.cols)
 
 
-def matrix_rows(spec: ComponentSpec, factors: SampleFactors, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of :func:`matrix_form`, flattened: a big component's gradient a block at a time."""
+def matrix_rows(spec: ComponentSpec, factors: SampleFactors, start: int, stop: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of :func:`matrix_form`, flattened: a big component's gradient a block at a time.
+
+    ``out``: a contiguous buffer of ``(stop - start) * cols`` numbers to write the rows into, so a caller
+    filling a block of samples' rows pays no temporary and no copy.
+    """
     if spec.name in factors.vectors:
-        return factors.vectors[spec.name].view(spec.rows, spec.cols)[start:stop].reshape(-1)
+        rows = factors.vectors[spec.name].view(spec.rows, spec.cols)[start:stop].reshape(-1)
+        return rows if out is None else out.copy_(rows)
     device = next(iter(factors.tensors.values())).device if factors.tensors else None
-    out = torch.zeros(stop - start, spec.cols, dtype=FACTOR_DTYPE, device=device)
+    if out is None:
+        out = torch.empty((stop - start) * spec.cols, dtype=FACTOR_DTYPE, device=device)
+    block = out.view(stop - start, spec.cols)
+    written = False
     for use in factors.uses[spec.name]:
         if use.left_index:  # token ids stand for one-hot rows: the block's rows gather the right factor's rows
+            if not written:
+                block.zero_()
+                written = True
             ids = factors.tensors[use.left]
             inside = (ids >= start) & (ids < stop)
-            out.index_add_(0, ids[inside] - start, _full_right(spec, factors, use)[inside])
+            block.index_add_(0, ids[inside] - start, _full_right(spec, factors, use)[inside])
             continue
         left = _full_left(spec, factors, use)
-        if left.shape[0]:
-            out += left[:, start:stop].T @ _full_right(spec, factors, use)
-    return out.reshape(-1)
+        if not left.shape[0]:
+            continue
+        if written:
+            block.addmm_(left[:, start:stop].T, _full_right(spec, factors, use))
+        else:  # the first product is written in place: no zeroed buffer to add it to
+            torch.mm(left[:, start:stop].T, _full_right(spec, factors, use), out=block)
+            written = True
+    if not written:
+        block.zero_()
+    return out
 
 
 def factor_keys(spec: ComponentSpec, factors: SampleFactors) -> set[str]:

@@ -562,8 +562,8 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
                 stop = min(spec.rows, start + rows_per_block)
                 block = torch.empty(len(used), (stop - start) * spec.cols, device=config.device)
                 for k, i in enumerate(used):  # the store holds factors on the CPU: materialise on the device
-                    block[k] = matrix_rows(spec, store.get(i, factor_keys(spec, shells[i])).to(config.device),
-                                           start, stop)
+                    matrix_rows(spec, store.get(i, factor_keys(spec, shells[i])).to(config.device), start, stop,
+                                out=block[k])
                 b = block[n_a:] if b_rows is None else block[b_rows]
                 cross[:, :, c] += (block[:n_a] @ b.T).double().cpu().numpy()
                 norms[:, c] += torch.linalg.vector_norm(block, dim=1).double().square().cpu().numpy()
