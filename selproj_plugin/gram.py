@@ -99,6 +99,14 @@ def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence
             del grams[key]
         return g
 
+    owners: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def owner(counts: list[int]) -> torch.Tensor:  # which partner each concatenated row belongs to
+        key = tuple(counts)
+        if key not in owners:
+            owners[key] = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(_device(fi))
+        return owners[key]
+
     for c, spec in enumerate(specs):
         if spec.name in fi.vectors:
             vi = fi.vectors[spec.name]
@@ -108,31 +116,31 @@ def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence
         total = torch.zeros(len(fjs), dtype=torch.float64, device=_device(fi))
         for u in fi.uses[spec.name]:
             for v in fjs[0].uses[spec.name]:
-                total += _use_pair(fi, u, v, cat, gram, len(fjs))
+                _use_pair(fi, u, v, cat, gram, owner, total)
         out[:, c] = total.cpu().numpy()
     return out
 
 
-def _use_pair(fi: SampleFactors, u: FactorUse, v: FactorUse, cat, gram, n_j: int) -> torch.Tensor:
-    """Per-j sums of (L_i L_j^T + aug) * (R_i R_j^T + aug) for one pair of uses."""
+def _use_pair(fi: SampleFactors, u: FactorUse, v: FactorUse, cat, gram, owner, total: torch.Tensor) -> None:
+    """Adds to ``total`` the per-j sums of (L_i L_j^T + aug) * (R_i R_j^T + aug) for one pair of uses.
+
+    The product of the two fp32 Grams is rounded once per entry and summed in float64.
+    """
     n_i = fi.tensors[u.left].shape[0]
     _, counts = cat(v.left)
     gl = gram(u.left, v.left, u.left_index, v.left_index)
     gr = gram(u.right, v.right, False, False) if (u.right is not None and v.right is not None) else None
     if n_i == 0 or sum(counts) == 0:
-        return torch.zeros(n_j, dtype=torch.float64, device=_device(fi))
-    gl = gl.double()
+        return
+    both_right = u.aug == "right" and v.aug == "right"
+    if gr is None and not both_right:
+        return  # a bias-only use against a weight use: no coordinates in common
     if u.aug == "left" and v.aug == "left":
         gl = gl + 1.0
-    if gr is None:
-        gr = torch.zeros(n_i, sum(counts), dtype=torch.float64, device=gl.device)
-    else:
-        gr = gr.double()
-    if u.aug == "right" and v.aug == "right":
-        gr = gr + 1.0
-    col = (gl * gr).sum(dim=0)
-    owner = torch.repeat_interleave(torch.arange(n_j, device=col.device), torch.tensor(counts, device=col.device))
-    return torch.zeros(n_j, dtype=torch.float64, device=col.device).index_add_(0, owner, col)
+    if both_right:  # the ones columns: a missing right factor is all ones
+        gr = None if gr is None else gr + 1.0
+    product = gl if gr is None else gl * gr
+    total.index_add_(0, owner(counts), product.sum(dim=0, dtype=torch.float64))
 
 
 def _device(f: SampleFactors) -> torch.device:
