@@ -108,10 +108,9 @@ def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence
         return owners[key]
 
     for c, spec in enumerate(specs):
-        if spec.name in fi.vectors:
+        if spec.name in fi.vectors:  # materialised: products rounded once in fp32, summed in float64, no copies
             vi = fi.vectors[spec.name]
-            vj = torch.stack([f.vectors[spec.name] for f in fjs])
-            out[:, c] = (vj.double() @ vi.double()).cpu().numpy()
+            out[:, c] = [float((f.vectors[spec.name] * vi).sum(dtype=torch.float64)) for f in fjs]
             continue
         total = torch.zeros(len(fjs), dtype=torch.float64, device=_device(fi))
         for u in fi.uses[spec.name]:
