@@ -52,7 +52,7 @@ def _setup(args: argparse.Namespace):
     from benchmark.candidates import bm25_topk
     from benchmark.data import load_records
 
-    records = load_records()
+    records = load_records(args.dataset)
     queries = [r.paraphrase for r in records[: args.queries]]
     if args.fullset:  # every original a candidate of every query
         pool = [r.original for r in records[: args.queries]]
@@ -195,7 +195,7 @@ def worker_projection(args: argparse.Namespace) -> dict:
     from selproj_plugin.models import load_model
 
     model, tok = load_model(args.model)
-    samples = [s for r in load_records()[: args.proj_queries] for s in (r.paraphrase, r.original)]
+    samples = [s for r in load_records(args.dataset)[: args.proj_queries] for s in (r.paraphrase, r.original)]
     prep = prepare(model, tok, None)
     maps = {f"random_projection@{d}": [t] + [_projections(model, d, args.seed + k)[d] for k in range(1, args.proj_seeds)]
             for d, t in _projections(model, args.proj_dim, args.seed).items()}
@@ -257,6 +257,8 @@ def _run_worker(name: str, args: argparse.Namespace, out: Path) -> dict:
            "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype]
     if args.model:
         cmd += ["--model", args.model]
+    if args.dataset:
+        cmd += ["--dataset", args.dataset]
     result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
         raise SystemExit(f"benchmark worker {name} failed (exit {result.returncode})")
@@ -328,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--model", default=None, help="HF id or path (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dataset", default=None,
+                        help="local .jsonl/.json/.csv/.parquet or hub dataset (default: the embedded 248 samples)")
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--loop-queries", type=int, default=8, help="queries timed with the per-pair loop")
@@ -345,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="device of the engine and the loop (the projection comparison stays on CPU)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="model dtype of the engine and loop workers (the projection worker stays float32 on CPU)")
-    parser.add_argument("--only", choices=("all", "projection", "fullset"), default="all",
-                        help="'projection': only the projection's distortion and TRAK timing (minutes, not an hour); "
+    parser.add_argument("--only", choices=("all", "engine", "projection", "fullset"), default="all",
+                        help="'engine': only the engine against the loop at --k candidates, no projections; "
+                             "'projection': only the projection's distortion and TRAK timing (minutes, not an hour); "
                              "'fullset': only the every-original-a-candidate comparison")
     parser.add_argument("--fullset-queries", type=int, default=32,
                         help="queries (and originals) of the full-set comparison: every original a candidate")
@@ -368,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
                                                        "speedup_vs_loop_fullset": fullset["speedup_vs_loop_fullset"]},
                                                       indent=2))
             return 0
-        proj = _run_worker("projection", args, Path(tmp) / "proj.npz")
+        if args.only == "engine":  # the table stores no projections: the engine's own time and memory
+            args = argparse.Namespace(**{**vars(args), "proj_dim": ""})
+        proj = _run_worker("projection", args, Path(tmp) / "proj.npz") if args.only != "engine" else None
         if args.only == "projection":
             result = {"model": args.model or "SmolLM2-135M-Instruct", "projection": proj,
                       "projection_speedup_vs_trak": proj["speedup_vs_trak"],
@@ -378,17 +385,17 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.json).write_text(json.dumps(result, indent=2))
             return 0
         engine, loop, table, max_rel, self_rel = _engine_and_loop(args, Path(tmp))
-        fullset = _fullset(args, Path(tmp)) if args.fullset_queries else None
+        fullset = _fullset(args, Path(tmp)) if args.fullset_queries and args.only == "all" else None
     exact_cos = table.cross.sum(-1) / np.sqrt(table.query_self.sum(-1)[:, None] * table.candidate_self.sum(-1))
     table_rp = {}
-    for text, dim, sim in zip(engine["projections"], table.rp_dims, table.rp_similarity):
+    stored = zip(engine["projections"], table.rp_dims, table.rp_similarity) if engine["projections"] else []
+    for text, dim, sim in stored:
         err, expected = np.abs(sim - exact_cos), dense_jl_cosine_error(exact_cos, int(dim))
         table_rp[text] = {"dim": int(dim), "cosine_abs_error_mean": float(err.mean()),
                           "cosine_abs_error_max": float(err.max()), "dense_jl_expected_mean": float(expected.mean()),
                           "ratio": float(err.mean() / expected.mean())}
     loop_total = loop["seconds_per_query"] * args.queries
     engine_s = engine["seconds"] - engine["timings"]["project_s"]
-    maps = proj["maps"]
     result = {
         "model": args.model or "SmolLM2-135M-Instruct", "queries": args.queries, "k": args.k,
         "device": args.device, "dtype": args.dtype,
@@ -401,11 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_vs_loop": loop_total / engine_s,
         "max_rel_error": max_rel, "max_rel_error_self": self_rel,
         "engine_peak_rss_mb": engine["peak_rss_mb"], "loop_peak_rss_mb": loop["peak_rss_mb"],
-        "projection": proj, "projection_speedup_vs_trak": proj["speedup_vs_trak"],
-        "distortion_vs_dense_jl": _distortions(maps, args.proj_dim),
-        "table_rp_cosine": table_rp,
         "dots_over_capture": engine["timings"]["dots_s"] / engine["timings"]["capture_s"],
     }
+    if proj is not None:
+        result.update(projection=proj, projection_speedup_vs_trak=proj["speedup_vs_trak"],
+                      distortion_vs_dense_jl=_distortions(proj["maps"], args.proj_dim), table_rp_cosine=table_rp)
     if fullset:
         result["fullset"] = fullset
         result["speedup_vs_loop_fullset"] = fullset["speedup_vs_loop_fullset"]
@@ -419,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(ratio {result['dots_over_capture']:.2f})")
     if fullset:
         _print_fullset(fullset)
-    _print_projection(proj)
+    if proj is not None:
+        _print_projection(proj)
     for text, r in table_rp.items():
         print(f"table random_projection@{text} (dim {r['dim']}): cosine abs error mean {r['cosine_abs_error_mean']:.5f} "
               f"(max {r['cosine_abs_error_max']:.4f}), dense Gaussian JL expects {r['dense_jl_expected_mean']:.5f} -> "

@@ -1,0 +1,28 @@
+"""benchmark.speed --only engine: the engine against the paper's loop on one task, without projections."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.test_benchmark_pipeline import small_dataset, tiny_model_dir  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_engine_only_times_engine_and_loop_and_checks_them_against_each_other(tiny_model_dir, small_dataset,  # noqa: F811
+                                                                              tmp_path):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--model", str(tiny_model_dir),
+                           "--dataset", str(small_dataset), "--queries", "3", "--k", "2", "--loop-queries", "2", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["k"] == 2 and result["loop_queries_timed"] == 2
+    assert 3 + 2 <= result["engine_distinct_samples"] <= 3 + 3 * 2  # 3 queries, each with 2 originals
+    assert result["max_rel_error"] <= 1e-4 and result["max_rel_error_self"] <= 1e-4  # the loop's own gradients
+    assert result["speedup_vs_loop"] > 0 and result["dots_over_capture"] > 0
+    assert result["engine_projection_seconds"] == 0 and "projection" not in result and "fullset" not in result
+    assert "dots" in proc.stdout and "speedup vs loop" in proc.stdout
