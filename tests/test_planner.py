@@ -183,3 +183,12 @@ def test_streamed_units_report_one_progress_count(capsys):
                 config=EngineConfig(batch_size=3, memory_limit_gb=0.0, max_spill_gb=0.0))  # four recompute groups
     lines = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n") if "[selproj] queries" in line]
     assert len(lines) == 1 and lines[0].startswith("[selproj] queries: 12/12")  # 4 queries + 8 recomputed candidates
+
+
+def test_component_order_norms_are_accumulated_in_float64():
+    """Long rows (a component's million coordinates) lose ~1e-4 in an fp32 reduction; the self dots must not."""
+    from selproj_plugin.engine import _squared_norms
+
+    block = torch.rand(2, 4_000_000, generator=torch.Generator().manual_seed(0))
+    exact = block.double().square().sum(dim=1).numpy()
+    assert np.max(np.abs(_squared_norms(block) - exact) / exact) <= 1e-12
