@@ -373,9 +373,11 @@ def main(argv: list[str] | None = None) -> int:
                                                        "speedup_vs_loop_fullset": fullset["speedup_vs_loop_fullset"]},
                                                       indent=2))
             return 0
+        proj = None
         if args.only == "engine":  # the table stores no projections: the engine's own time and memory
             args = argparse.Namespace(**{**vars(args), "proj_dim": ""})
-        proj = _run_worker("projection", args, Path(tmp) / "proj.npz") if args.only != "engine" else None
+        else:
+            proj = _run_worker("projection", args, Path(tmp) / "proj.npz")
         if args.only == "projection":
             result = {"model": args.model or "SmolLM2-135M-Instruct", "projection": proj,
                       "projection_speedup_vs_trak": proj["speedup_vs_trak"],
