@@ -111,8 +111,8 @@ def matrix_rows(spec: ComponentSpec, factors: SampleFactors, start: int, stop: i
     if spec.name in factors.vectors:
         rows = factors.vectors[spec.name].view(spec.rows, spec.cols)[start:stop].reshape(-1)
         return rows if out is None else out.copy_(rows)
-    device = next(iter(factors.tensors.values())).device if factors.tensors else None
     if out is None:
+        device = next(iter(factors.tensors.values())).device if factors.tensors else None
         out = torch.empty((stop - start) * spec.cols, dtype=FACTOR_DTYPE, device=device)
     block = out.view(stop - start, spec.cols)
     written = False
