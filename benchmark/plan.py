@@ -45,7 +45,7 @@ def plan(args: argparse.Namespace) -> dict:
     from selproj_plugin.capture import GradientCapture
     from selproj_plugin.components import catalogue
     from selproj_plugin.gram import MEMORY_BOUND_WEIGHT, choose_modes
-    from selproj_plugin.planner import PAIR_CHUNK_BYTES, choose_order, factor_widths, plan_pairs
+    from selproj_plugin.planner import PAIR_CHUNK_BYTES, choose_order, factor_tensors, factor_widths, plan_pairs
 
     config = AutoConfig.for_model(**json.loads(Path(args.config).read_text()))
     with torch.device("meta"):
@@ -64,8 +64,9 @@ def plan(args: argparse.Namespace) -> dict:
     q_of = [n_orig + s * args.queries + q for s in range(args.settings) for q in range(args.queries)]
     c_of = np.concatenate([rows] * args.settings)
     n_pairs = n_samples + int(c_of.size)
-    materialise = choose_modes(specs, lengths.tolist(), n_pairs)
-    widths = factor_widths(capture, specs, sorted(materialise))
+    tensors = factor_tensors(capture)
+    materialise = choose_modes(specs, lengths.tolist(), n_pairs, tensors)
+    widths = factor_widths(capture, specs, sorted(materialise), tensors)
     params = sum(c.num_params for c in comps)
     model_bytes = params * 4
     resident = int(args.host_overhead_gb * GiB)  # interpreter, torch, CUDA context; the weights live on the GPU
@@ -73,7 +74,7 @@ def plan(args: argparse.Namespace) -> dict:
     table = plan_pairs(lengths.tolist(), targets.tolist(), q_of, c_of, widths, store_budget=store_budget,
                        spill_allowance=args.max_spill_gb * GiB, resident_bytes=resident, batch_tokens=args.batch_tokens)
     table.materialised = len(materialise)
-    table = choose_order(table, factor_widths(capture, specs), sum(s.rows * s.cols for s in specs),
+    table = choose_order(table, factor_widths(capture, specs, (), tensors), sum(s.rows * s.cols for s in specs),
                          table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)))
     table.on_device = True
     device_bytes = table.device_bytes(model_bytes)

@@ -31,7 +31,8 @@ from selproj_plugin.gram import MEMORY_BOUND_WEIGHT, choose_modes, factor_dots
 from selproj_plugin.loss import Encoded, ModelError, collate, encode_samples, pad_token_id, require_trainable
 from selproj_plugin.models import model_name
 from selproj_plugin.planner import (
-    GRAM_BLOCK_BYTES, PAIR_CHUNK_BYTES, FactorWidths, TablePlan, check_order, choose_order, factor_widths, plan_pairs,
+    GRAM_BLOCK_BYTES, PAIR_CHUNK_BYTES, FactorTensor, FactorWidths, TablePlan, check_order, choose_order, factor_tensors,
+    factor_widths, plan_pairs,
 )
 from selproj_plugin.samples import Sample
 from selproj_plugin.shards import TableShard, pair_key
@@ -150,14 +151,18 @@ class Prepared:
     capture: GradientCapture
     specs: list[ComponentSpec]
     pad_id: int
-    _widths: FactorWidths | None = None
+    _tensors: list[FactorTensor] | None = None
 
     @property
-    def widths(self) -> FactorWidths:
-        """The components' factor bytes per token (one no-gradient forward, the first time it is asked)."""
-        if self._widths is None:
-            self._widths = factor_widths(self.capture, self.specs)
-        return self._widths
+    def tensors(self) -> list[FactorTensor]:
+        """What the capture stores per sample (one no-gradient forward, the first time it is asked)."""
+        if self._tensors is None:
+            self._tensors = factor_tensors(self.capture)
+        return self._tensors
+
+    def widths(self, materialise: Sequence[str] = ()) -> FactorWidths:
+        """The components' factor bytes per token, with ``materialise``'s held whole."""
+        return factor_widths(self.capture, self.specs, materialise, self.tensors)
 
 
 def _modes(prep: "Prepared", config: EngineConfig, lengths: Sequence[int], n_pairs: int) -> set[str]:
@@ -167,7 +172,7 @@ def _modes(prep: "Prepared", config: EngineConfig, lengths: Sequence[int], n_pai
         return {s.name for s in prep.specs if s.kind == "factor"}
     if config.mode != "auto":
         raise ValueError(f"unknown engine mode {config.mode!r}: use auto, factored or materialised")
-    return choose_modes(prep.specs, lengths, n_pairs)
+    return choose_modes(prep.specs, lengths, n_pairs, prep.tensors)
 
 
 def prepare(model: torch.nn.Module, tokenizer: Any, components: Sequence[str] | None, scope: str = "paper") -> Prepared:
@@ -346,7 +351,7 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
     lengths = [len(e.input_ids) for e in encoded]
     n_pairs = len(used) + int(c_of.size)
     materialise = _modes(prep, config, [lengths[i] for i in used], n_pairs)
-    widths = factor_widths(prep.capture, prep.specs, sorted(materialise)) if materialise else prep.widths
+    widths = prep.widths(sorted(materialise))
     budget, allowance = _store_budget(prep, config), _spill_allowance(config)
     if world > 1:  # every rank must make the same plan: plan all with the tightest rank's budget and disk
         budget, allowance = (min(v) for v in zip(*distributed.gather((budget, allowance))))
@@ -355,7 +360,7 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
                        resident_bytes=_resident_bytes(prep.capture.model), batch_tokens=config.batch_tokens)
     table.materialised = len(materialise)
     if world == 1:  # component by component runs in one process
-        table = choose_order(table, prep.widths, sum(s.rows * s.cols for s in prep.specs),
+        table = choose_order(table, prep.widths(), sum(s.rows * s.cols for s in prep.specs),
                              table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)), config.dot_order)
     elif config.dot_order == "gram":
         raise ValueError("dot_order 'gram' runs in one process; use 'stream' or 'auto' under torch.distributed")

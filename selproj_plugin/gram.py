@@ -9,42 +9,69 @@ picks per component by estimated flops.  Products are summed in float64.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from selproj_plugin.capture import ComponentSpec, FactorUse, SampleFactors
 
+if TYPE_CHECKING:
+    from selproj_plugin.planner import FactorTensor
+
 # A materialised dot reads two full vectors from memory; weigh its flops as this many matmul flops.
 MEMORY_BOUND_WEIGHT = 8.0
 # A materialised gradient also takes 2-3x the memory of its factors at typical lengths, so
 # materialise only where it saves at least this share of the flops.
 MATERIALISE_MARGIN = 0.5
+# Components linked by shared tensors are decided jointly up to this many (every subset is tried).
+MAX_JOINT = 10
 
 
-def choose_modes(specs: Iterable[ComponentSpec], lengths: Sequence[int], n_pairs: int) -> set[str]:
+def choose_modes(specs: Iterable[ComponentSpec], lengths: Sequence[int], n_pairs: int,
+                 tensors: Sequence[FactorTensor]) -> set[str]:
     """Names of factor components cheaper to materialise than to keep factored.
 
-    ``lengths``: token counts of the distinct samples; ``n_pairs``: number of dot products
-    the caller will take (self pairs included).  Factored costs ~n_i n_j (rows + cols) per
-    pair; materialised costs n rows cols per sample plus rows cols per pair, and is chosen
-    only when clearly cheaper (it holds rows x cols numbers per kept sample instead of n (rows + cols)).
+    ``lengths``: token counts of the distinct samples; ``n_pairs``: number of dot products the caller
+    will take (self pairs included); ``tensors``: what the capture stores (:func:`factor_tensors`).
+    Factored costs ~n_i n_j per stored number of a row per pair, and a tensor shared by several
+    components (the input of q/k/v, of gate/up) is multiplied once for all of them; materialised costs
+    n rows cols per sample plus rows cols per pair, and is chosen only when clearly cheaper (it holds
+    rows x cols numbers per kept sample instead of n (rows + cols)).  Components linked by a shared
+    tensor are decided together, so k and v stay factored where q's input Gram is taken anyway.
     """
     lengths = np.asarray(lengths, dtype=np.float64)
     if lengths.size == 0 or n_pairs == 0:
         return set()
-    mean_sq = float(np.mean(lengths)) ** 2
-    out = set()
-    for spec in specs:
-        if spec.kind != "factor" or spec.layout == "bias_only":
-            continue
-        size = spec.rows * spec.cols
-        factored = n_pairs * mean_sq * (spec.rows + spec.cols)
-        materialised = float(np.sum(lengths)) * size + n_pairs * size * MEMORY_BOUND_WEIGHT
-        if materialised < MATERIALISE_MARGIN * factored and size <= 64_000_000:
-            out.add(spec.name)
+    per_number = n_pairs * float(np.mean(lengths)) ** 2  # Gram cost of one stored number per row
+    dense = {s.name: (float(np.sum(lengths)) + n_pairs * MEMORY_BOUND_WEIGHT) * s.rows * s.cols / MATERIALISE_MARGIN
+             for s in specs if s.kind == "factor" and s.layout != "bias_only" and s.rows * s.cols <= 64_000_000}
+    links = [t for t in tensors if t.users & dense.keys()]
+
+    def cost(group: frozenset[str], dense_part: frozenset[str]) -> float:
+        """The group's materialised components plus every tensor a factored user still needs."""
+        paid = sum(t.width for t in links if t.users & group and t.users - dense_part)
+        return sum(dense[c] for c in dense_part) + per_number * paid
+
+    out: set[str] = set()
+    for group in _linked(dense.keys(), links):
+        members = sorted(group)
+        if len(members) <= MAX_JOINT:
+            choices = (frozenset(m for b, m in enumerate(members) if mask >> b & 1) for mask in range(2 ** len(members)))
+            out |= min(choices, key=lambda d: cost(group, d))
+        else:  # too many to try every subset: each alone, its shared tensors paid by the others
+            out |= {c for c in members if cost(frozenset({c}), frozenset({c})) < cost(frozenset({c}), frozenset())}
     return out
+
+
+def _linked(names: Iterable[str], tensors: Sequence[FactorTensor]) -> list[frozenset[str]]:
+    """``names`` in groups connected through tensors they share."""
+    group_of = {n: frozenset({n}) for n in names}
+    for t in tensors:
+        merged = frozenset().union(*(group_of[n] for n in t.users if n in group_of))
+        for n in merged:
+            group_of[n] = merged
+    return sorted(set(group_of.values()), key=sorted)
 
 
 def _gram(a: torch.Tensor | None, a_index: bool, b: torch.Tensor | None, b_index: bool,

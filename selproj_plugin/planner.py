@@ -61,23 +61,37 @@ class FactorWidths:
         return BATCH_COPIES * (self.per_token + self.per_target)
 
 
-def factor_widths(capture: GradientCapture, specs: Sequence[ComponentSpec], materialise: Sequence[str] = ()) -> FactorWidths:
-    """Per-token factor bytes of ``capture``'s components, from one no-gradient forward on 2 tokens.
+@dataclass(frozen=True)
+class FactorTensor:
+    """One tensor the capture stores per sample: its row layout, bytes per row, the components using it."""
 
-    Inputs shared by several modules (q/k/v, gate/up) are stored once, as the capture does;
-    token ids count 8 bytes; components without factors (norms) and the ``materialise`` ones hold
-    their whole gradient, and a factor only they use is dropped.
+    layout: str  # 'tokens' (a row per input token) or 'targets' (a row per trained token: the LM head)
+    row_bytes: int
+    users: frozenset[str]
+    index: bool = False  # token ids standing for one-hot rows: their Grams are comparisons, not products
+
+    @property
+    def width(self) -> int:
+        """Numbers per row a Gram of this tensor multiplies through (none for token ids)."""
+        return 0 if self.index else self.row_bytes // 4
+
+
+def factor_tensors(capture: GradientCapture) -> list[FactorTensor]:
+    """The tensors ``capture`` stores per sample, from one no-gradient forward on 2 tokens.
+
+    Inputs shared by several modules (q/k/v, gate/up) are one tensor with several users, as the capture
+    stores them; components without factors (norms) have none.
     """
     model = capture.model
     device = next(model.parameters()).device
-    tensors: dict[Any, list] = {}  # key -> [layout, bytes per row, component names using it]
+    tensors: dict[Any, list] = {}  # key -> [layout, bytes per row, component names using it, index]
     held = []  # inputs stay referenced during the forward, so no later tensor takes their id
 
     def hook_for(h):
         users = {c.name for c in h.params.values()}
 
-        def add(key, layout, nbytes):
-            entry = tensors.setdefault(key, [layout, nbytes, set()])
+        def add(key, layout, nbytes, index=False):
+            entry = tensors.setdefault(key, [layout, nbytes, set(), index])
             entry[2] |= users
 
         def hook(module, args, kwargs, output):
@@ -86,7 +100,7 @@ def factor_widths(capture: GradientCapture, specs: Sequence[ComponentSpec], mate
             x = args[0] if args else next(iter(kwargs.values()))
             out = output[0] if isinstance(output, (tuple, list)) else output
             held.append(x)
-            add((h.name, "in"), h.layout, 8) if h.kind == "embedding" else add(id(x), h.layout, 4 * x.shape[-1])
+            add((h.name, "in"), h.layout, 8, True) if h.kind == "embedding" else add(id(x), h.layout, 4 * x.shape[-1])
             add((h.name, "out"), h.layout, 4 * out.shape[-1])
         return hook
 
@@ -97,11 +111,22 @@ def factor_widths(capture: GradientCapture, specs: Sequence[ComponentSpec], mate
     finally:
         for handle in handles:
             handle.remove()
+    return [FactorTensor(layout, nbytes, frozenset(users), index) for layout, nbytes, users, index in tensors.values()]
+
+
+def factor_widths(capture: GradientCapture, specs: Sequence[ComponentSpec], materialise: Sequence[str] = (),
+                  tensors: Sequence[FactorTensor] | None = None) -> FactorWidths:
+    """Per-token factor bytes of ``capture``'s components (``tensors``: :func:`factor_tensors`, traced if not given).
+
+    A shared input is stored once; token ids count 8 bytes; components without factors (norms) and the
+    ``materialise`` ones hold their whole gradient, and a factor only they use is dropped.
+    """
+    model = capture.model
     dense = set(materialise)
     per = {"tokens": 0, "targets": 0}
-    for layout, nbytes, users in tensors.values():
-        if not users <= dense:
-            per[layout] += nbytes
+    for t in factor_tensors(capture) if tensors is None else tensors:
+        if not t.users <= dense:
+            per[t.layout] += t.row_bytes
     fixed = sum(4 * s.component.num_params for s in specs if s.kind == "func")
     fixed += sum(4 * s.rows * s.cols for s in specs if s.kind == "factor" and s.name in dense)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -139,7 +164,7 @@ class TablePlan:
 
     @property
     def recomputed(self) -> int:
-        return int(self.passes.sum() - len(self.passes))
+        return int(self.passes.sum() - np.count_nonzero(self.passes))
 
     @property
     def ram_bytes(self) -> int:
@@ -225,12 +250,13 @@ class TablePlan:
                                    notes=[n for n in self.notes if "recomputed" not in n])
 
     def summary(self) -> dict[str, Any]:
+        used = np.asarray(self.passes) > 0  # samples given but paired with nothing are not captured
         return {
-            "samples": len(self.lengths), "pairs": self.pairs, "kept_side": "queries" if self.kept_queries else "candidates",
+            "samples": int(used.sum()), "pairs": self.pairs, "kept_side": "queries" if self.kept_queries else "candidates",
             "kept": len(self.kept), "kept_in_ram": self.ram_kept, "kept_spilled": len(self.kept) - self.ram_kept,
             "dot_order": self.dot_order, "streamed_groups": len(self.groups), "captures": int(self.passes.sum()), "recomputed": self.recomputed,
-            "passes_per_sample_max": int(self.passes.max(initial=0)), "passes_per_sample_mean": float(self.passes.mean()) if len(self.passes) else 0.0,
-            "mean_tokens": float(np.mean(self.lengths)) if self.lengths else 0.0,
+            "passes_per_sample_max": int(self.passes.max(initial=0)), "passes_per_sample_mean": float(self.passes[used].mean()) if used.any() else 0.0,
+            "mean_tokens": float(np.asarray(self.lengths)[used].mean()) if used.any() else 0.0,
             "factor_bytes_total": int(sum(self.sample_bytes)), "kept_ram_bytes": self.ram_bytes,
             "spill_bytes": self.spill_bytes, "store_budget_bytes": int(self.store_budget),
             "spill_allowance_bytes": int(self.spill_allowance), "resident_bytes": self.resident_bytes,

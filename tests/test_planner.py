@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import tiny
-from selproj_plugin.components import catalogue
+from selproj_plugin.components import Component, catalogue
 from selproj_plugin.engine import EngineConfig, build_table, iter_factors, prepare
 from selproj_plugin.loss import encode_samples
-from selproj_plugin.capture import GradientCapture
-from selproj_plugin.planner import FactorWidths, factor_widths, plan_pairs
+from selproj_plugin.capture import ComponentSpec, GradientCapture
+from selproj_plugin.gram import choose_modes
+from selproj_plugin.planner import FactorTensor, FactorWidths, factor_widths, plan_pairs
 from selproj_plugin.samples import Sample
 from test_engine import TOL, _naive, _naive_dots
 
@@ -78,6 +79,42 @@ def test_plan_keeps_the_most_reused_and_recomputes_the_rest_with_each_partner():
                          resident_bytes=0, batch_tokens=10)
     assert nothing.kept == [] and nothing.passes.tolist() == [1, 1, 1, 1, 4, 2, 2]
     assert nothing.group_bytes == 3 * 1000  # a query with its two candidates
+
+
+def test_plan_summary_counts_only_the_samples_it_captures():
+    # sample 7 is given (a candidate pool can be larger than the candidates used) but paired with nothing
+    q_of = [0, 1, 2, 3]
+    c_of = np.array([[4, 5], [4, 5], [4, 6], [4, 6]])
+    plan = plan_pairs([10] * 7 + [50], [0] * 8, q_of, c_of, _widths(100), store_budget=1000, spill_allowance=1000,
+                      resident_bytes=0, batch_tokens=10)
+    summary = plan.summary()
+    assert plan.passes.tolist() == [1, 1, 1, 1, 1, 1, 2, 0]
+    assert summary["samples"] == 7 and summary["recomputed"] == 1 and summary["captures"] == 8
+    assert summary["mean_tokens"] == 10.0 and summary["passes_per_sample_mean"] == 8 / 7
+    assert plan.describe().startswith("plan: 7 distinct samples (10 tokens mean)")
+
+
+def _spec(name: str, rows: int, cols: int) -> ComponentSpec:
+    return ComponentSpec(Component(name, name, 0, (f"{name}.weight",), rows * cols), "factor", rows, cols, "plain")
+
+
+def test_choose_modes_counts_a_shared_input_once():
+    # q (64 x 64), k and v (16 x 64) read one input X of width 64; 10 samples of 40 tokens, 20 pairs.
+    # Per stored number of a row, a Gram costs 20 * 40^2 = 32,000; materialising k costs
+    # (10 * 40 + 20 * 8) * 1024 = 573,440, doubled by the margin: 1,146,880.
+    specs = [_spec("q", 64, 64), _spec("k", 16, 64), _spec("v", 16, 64)]
+    out = [FactorTensor("tokens", 4 * w, frozenset({n})) for n, w in (("q", 64), ("k", 16), ("v", 16))]
+    shared = out + [FactorTensor("tokens", 4 * 64, frozenset({"q", "k", "v"}))]
+    # k alone pays X and its output: 32,000 * 80 = 2,560,000 > 1,146,880, so it is materialised; beside q,
+    # X is paid anyway and k adds only 32,000 * 16 = 512,000 < 1,146,880, so it stays factored
+    assert choose_modes(specs, [40] * 10, 20, shared) == set()
+    apart = out + [FactorTensor("tokens", 4 * 64, frozenset({n})) for n in ("q", "k", "v")]
+    assert choose_modes(specs, [40] * 10, 20, apart) == {"k", "v"}
+    # 70 tokens: a Gram costs 20 * 70^2 = 98,000 per number; dense k 2 * (700 + 160) * 1024 = 1,761,280
+    # and q 7,045,120. Each alone stays factored (k: > 98,000 * 16; q: > 98,000 * 64, X paid by the
+    # others), but all three dense (10,567,680) beat all three factored (98,000 * 160 = 15,680,000)
+    # and every other split: decided one by one they would never be
+    assert choose_modes(specs, [70] * 10, 20, shared) == {"q", "k", "v"}
 
 
 def test_recomputed_table_equals_the_naive_loop_and_the_kept_table():
