@@ -459,7 +459,7 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
 
     def pairs(i: int, f: SampleFactors, projected: list[torch.Tensor] | None, with_self: bool = False) -> None:
         """``i``'s dots with its kept partners, a few at a time (spilled ones are read back), and with itself
-        in the first call when ``with_self`` (one wider Gram is cheaper than two)."""
+        in the first call when ``with_self`` (its Grams and sums then go with the partners')."""
         chunks = list(_chunks(plan.partners.get(i, []), store, PAIR_CHUNK_BYTES)) or [[]]
         for n, chunk in enumerate(chunks):
             own = [f] if with_self and n == 0 else []
@@ -796,7 +796,7 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
     try:
         for i, f in iter_factors(prep, encoded, stored, config, materialise, "set A"):
             store.put(i, f)
-        def against_a(f: SampleFactors) -> np.ndarray:  # A in chunks: concatenated factors stay small
+        def against_a(f: SampleFactors) -> np.ndarray:  # A in chunks: factors read back stay small
             f = f.to(config.device)
             return np.concatenate([factor_dots(f, [store.get(i).to(config.device) for i in chunk], prep.specs)
                                    for chunk in _chunks(stored, store, PAIR_CHUNK_BYTES)])

@@ -74,19 +74,29 @@ def _linked(names: Iterable[str], tensors: Sequence[FactorTensor]) -> list[froze
     return sorted(set(group_of.values()), key=sorted)
 
 
-def _gram(a: torch.Tensor | None, a_index: bool, b: torch.Tensor | None, b_index: bool,
-          n_a: int, n_b: int) -> torch.Tensor:
-    """``A B^T`` for dense rows or one-hot rows given as ids ([n_a, n_b], float32)."""
-    if a is None or b is None:
-        device = (a if a is not None else b).device if (a is not None or b is not None) else "cpu"
-        return torch.zeros(n_a, n_b, device=device)
-    if a_index and b_index:
-        return (a[:, None] == b[None, :]).to(torch.float32)
-    if a_index:
-        return b[:, a].T
-    if b_index:
-        return a[:, b]
-    return a @ b.T
+def _gram_t(a: torch.Tensor | None, a_index: bool, bs: Sequence[torch.Tensor] | None, b_index: bool,
+            n_a: int, n_b: int) -> torch.Tensor:
+    """``B A^T`` ([n_b, n_a], float32) with B the rows of ``bs`` one after another, each block written in place
+    (no concatenated copy of the partners); dense rows or one-hot rows given as ids."""
+    device = a.device if a is not None else bs[0].device if bs else "cpu"
+    if a is None or bs is None:
+        return torch.zeros(n_b, n_a, device=device)
+    if len(bs) == 1 and not (a_index or b_index):
+        return bs[0] @ a.T
+    out = torch.empty(n_b, n_a, device=device)
+    start = 0
+    for b in bs:
+        block = out[start: start + b.shape[0]]
+        start += b.shape[0]
+        if a_index and b_index:
+            torch.eq(b[:, None], a[None, :], out=block)
+        elif a_index:
+            torch.index_select(b, 1, a, out=block)
+        elif b_index:
+            block.copy_(a[:, b].T)
+        else:
+            torch.mm(b, a.T, out=block)
+    return out
 
 
 def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence[ComponentSpec]) -> np.ndarray:
@@ -94,13 +104,9 @@ def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence
     out = np.zeros((len(fjs), len(specs)), dtype=np.float64)
     if not fjs:
         return out
-    cat_cache: dict[str, tuple[torch.Tensor, list[int]]] = {}
 
-    def cat(key: str) -> tuple[torch.Tensor, list[int]]:
-        if key not in cat_cache:
-            parts = [f.tensors[key] for f in fjs]
-            cat_cache[key] = (parts[0] if len(parts) == 1 else torch.cat(parts), [p.shape[0] for p in parts])
-        return cat_cache[key]
+    def counts(key: str) -> list[int]:
+        return [f.tensors[key].shape[0] for f in fjs]
 
     # the same gram (shared inputs of q/k/v, gate/up) is used by several components: count uses, free after last
     pending: dict[tuple, int] = {}
@@ -114,12 +120,13 @@ def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence
     grams: dict[tuple, torch.Tensor] = {}
 
     def gram(ki: str | None, kj: str | None, i_index: bool, j_index: bool) -> torch.Tensor:
+        """The partners' rows against ``fi``'s: [sum of partners' rows, fi's rows]."""
         key = (ki, kj, i_index, j_index)
         if key not in grams:
             a = fi.tensors[ki] if ki is not None else None
-            b, _ = cat(kj) if kj is not None else (None, None)
-            n_a = a.shape[0] if a is not None else 0
-            grams[key] = _gram(a, i_index, b, j_index, n_a, b.shape[0] if b is not None else 0)
+            bs = [f.tensors[kj] for f in fjs] if kj is not None else None
+            n_b = sum(b.shape[0] for b in bs) if bs is not None else 0
+            grams[key] = _gram_t(a, i_index, bs, j_index, a.shape[0] if a is not None else 0, n_b)
         g = grams[key]
         pending[key] -= 1
         if pending[key] == 0:
@@ -128,10 +135,10 @@ def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence
 
     owners: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def owner(counts: list[int]) -> torch.Tensor:  # which partner each concatenated row belongs to
-        key = tuple(counts)
+    def owner(rows: list[int]) -> torch.Tensor:  # which partner each row of a gram belongs to
+        key = tuple(rows)
         if key not in owners:
-            owners[key] = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(_device(fi))
+            owners[key] = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows)).to(_device(fi))
         return owners[key]
 
     for c, spec in enumerate(specs):
@@ -142,21 +149,21 @@ def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence
         total = torch.zeros(len(fjs), dtype=torch.float64, device=_device(fi))
         for u in fi.uses[spec.name]:
             for v in fjs[0].uses[spec.name]:
-                _use_pair(fi, u, v, cat, gram, owner, total)
+                _use_pair(fi, u, v, counts, gram, owner, total)
         out[:, c] = total.cpu().numpy()
     return out
 
 
-def _use_pair(fi: SampleFactors, u: FactorUse, v: FactorUse, cat, gram, owner, total: torch.Tensor) -> None:
+def _use_pair(fi: SampleFactors, u: FactorUse, v: FactorUse, counts, gram, owner, total: torch.Tensor) -> None:
     """Adds to ``total`` the per-j sums of (L_i L_j^T + aug) * (R_i R_j^T + aug) for one pair of uses.
 
     The product of the two fp32 Grams is rounded once per entry and summed in float64.
     """
     n_i = fi.tensors[u.left].shape[0]
-    _, counts = cat(v.left)
+    rows = counts(v.left)
     gl = gram(u.left, v.left, u.left_index, v.left_index)
     gr = gram(u.right, v.right, False, False) if (u.right is not None and v.right is not None) else None
-    if n_i == 0 or sum(counts) == 0:
+    if n_i == 0 or sum(rows) == 0:
         return
     both_right = u.aug == "right" and v.aug == "right"
     if gr is None and not both_right:
@@ -166,7 +173,7 @@ def _use_pair(fi: SampleFactors, u: FactorUse, v: FactorUse, cat, gram, owner, t
     if both_right:  # the ones columns: a missing right factor is all ones
         gr = None if gr is None else gr + 1.0
     product = gl if gr is None else gl * gr
-    total.index_add_(0, owner(counts), product.sum(dim=0, dtype=torch.float64))
+    total.index_add_(0, owner(rows), product.sum(dim=1, dtype=torch.float64))
 
 
 def _device(f: SampleFactors) -> torch.device:

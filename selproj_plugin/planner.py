@@ -28,7 +28,7 @@ GiB = 2**30
 # layer inputs and output gradients of the batch, then the factors copied out of them (measured
 # about 2.1 MB a token on SmolLM2-135M; the same allowance the engine subtracts from its budget).
 BATCH_COPIES = 2
-PAIR_CHUNK_BYTES = 256 * 2**20  # stored partners' factors read and concatenated per Gram call
+PAIR_CHUNK_BYTES = 256 * 2**20  # stored partners' factors read back per Gram call
 GRAM_BLOCK_BYTES = 256 * 2**20  # component-major order: one block of every sample's materialised gradient rows
 # Component by component stores every sample's factors (the stream order only one side's), so it is
 # chosen only where it saves at least a tenth of the estimated work.
