@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
@@ -80,23 +78,15 @@ class _Spilled:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
-# Spilled factors still in RAM while a background thread writes them: the pair buffers' room (every
-# caller stores its samples before it takes any pair, and waits for the writes before its first read).
-WRITE_AHEAD_BYTES = 2 * PAIR_CHUNK_BYTES
-
-
 class FactorStore:
     """Sample factors by key, in RAM up to ``limit_bytes`` and as one file per sample beyond it.
 
-    Spilled factors are written by a background thread, at most ``write_ahead`` bytes of them still
-    in RAM at a time, so a slow disk is waited for only when it falls that far behind.  They are
-    memory-mapped on each ``get`` and dropped after use, so the process holds at most the limit plus
-    the factors in use and being written, however many are spilled.  A failed write is raised by the
-    next ``put`` or ``get``.  The spill directory goes on close, at exit, or at the next run if this one
-    is killed.
+    Spilled factors are memory-mapped on each ``get`` and dropped after use, so the process
+    holds at most the limit plus the factors in use, however many are spilled.
+    The spill directory goes on close, at exit, or at the next run if this one is killed.
     """
 
-    def __init__(self, limit_bytes: float, spill_dir: str | None = None, write_ahead: int = WRITE_AHEAD_BYTES) -> None:
+    def __init__(self, limit_bytes: float, spill_dir: str | None = None) -> None:
         self.limit = limit_bytes
         self.in_ram = 0
         self.spilled = 0
@@ -105,10 +95,6 @@ class FactorStore:
         self._sizes: dict[Any, int] = {}
         self._parent = spill_dir
         self._dir: SpillDir | None = None
-        self._write_ahead = write_ahead
-        self._writer: ThreadPoolExecutor | None = None
-        self._pending: deque[tuple[Any, Future, SampleFactors, list[tuple[str, np.dtype, tuple, bool]]]] = deque()
-        self._pending_bytes = 0
         remove_stale(spill_dir)  # killed runs' directories go at the next start
 
     def put(self, key: Any, f: SampleFactors, spill: bool | None = None) -> None:
@@ -120,33 +106,18 @@ class FactorStore:
             return
         if self._dir is None:
             self._dir = SpillDir(self._parent)
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="selproj-spill")
-        self._settle(self._write_ahead - f.nbytes)  # room for this sample among the writes under way
         arrays = {k: t.numpy() for k, t in (*f.tensors.items(), *f.vectors.items())}
-        layout = [(k, a.dtype, a.shape, k in f.vectors) for k, a in arrays.items()]
-        write = self._writer.submit(self._dir.save, f"s{len(self._sizes)}", list(arrays.values()))
-        self._pending.append((key, write, SampleFactors(f.sample_id, {}, f.uses, {}), layout))
-        self._pending_bytes += f.nbytes
+        path, offsets = self._dir.save(f"s{len(self._files)}", list(arrays.values()))
+        where = {k: _Spilled(off, a.dtype, a.shape, k in f.vectors) for (k, a), off in zip(arrays.items(), offsets)}
         self.spilled += f.nbytes
         self._sizes[key] = f.nbytes
-
-    def _settle(self, room: float) -> None:
-        """Wait for the oldest writes until at most ``room`` bytes are still being written; raises a failed one's
-        SpillError."""
-        while self._pending and self._pending_bytes > room:
-            key, write, shell, layout = self._pending.popleft()
-            self._pending_bytes -= self._sizes[key]
-            path, offsets = write.result()
-            self._files[key] = (shell, path, {k: _Spilled(off, dtype, shape, vector)
-                                              for (k, dtype, shape, vector), off in zip(layout, offsets)})
+        self._files[key] = (SampleFactors(f.sample_id, {}, f.uses, {}), path, where)
 
     def get(self, key: Any, names: set[str] | None = None) -> SampleFactors:
         """The factors stored under ``key`` (spilled ones memory-mapped, read from the page cache without a
         copy); ``names``: only these tensor and vector keys of a spilled sample."""
         if key in self._items:
             return self._items[key]
-        if key not in self._files:
-            self._settle(-1)
         shell, path, where = self._files[key]
         wanted = {k: w for k, w in where.items() if names is None or k in names}
         mapped = np.memmap(path, dtype=np.uint8, mode="c") if any(w.nbytes for w in wanted.values()) else None
@@ -161,15 +132,10 @@ class FactorStore:
         return self._items[key].nbytes if key in self._items else self._sizes[key]
 
     def __contains__(self, key: Any) -> bool:
-        return key in self._items or key in self._sizes
+        return key in self._items or key in self._files
 
     def close(self) -> None:
-        """Drop everything and delete spilled files (writes under way finish first; their errors are dropped)."""
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
-            self._writer = None
-        self._pending.clear()
-        self._pending_bytes = 0
+        """Drop everything and delete spilled files."""
         self._items.clear()
         self._files.clear()
         self._sizes.clear()

@@ -111,40 +111,6 @@ def test_spill_dir_is_removed_on_close_and_factors_read_back(tmp_path):
     assert not spill.exists()
 
 
-def test_spilled_factors_are_written_in_the_background_at_most_write_ahead_bytes_behind(tmp_path, monkeypatch):
-    import threading
-
-    f = _factors()
-    store = FactorStore(0, str(tmp_path), write_ahead=2 * f.nbytes)
-    release, written = threading.Event(), []
-    write = spill_module._write
-
-    def slow_disk(fh, array):  # the disk takes each write only when released
-        if not release.wait(timeout=30):
-            raise OSError(5, "test disk never released")
-        write(fh, array)
-        written.append(array.nbytes)
-
-    monkeypatch.setattr(spill_module, "_write", slow_disk)
-    samples = [SampleFactors(f"s{i}", {"t": torch.full((64, 8), float(i))}, {}, {"v": torch.arange(64.0) + i})
-               for i in range(3)]
-    store.put(0, samples[0])
-    store.put(1, samples[1])  # two samples' bytes behind: neither put waited for the disk
-    assert not written
-    third = threading.Thread(target=store.put, args=(2, samples[2]))
-    third.start()
-    third.join(timeout=0.5)
-    assert third.is_alive()  # a third would be more than write_ahead behind: it waits for the oldest write
-    release.set()
-    third.join(timeout=30)
-    assert not third.is_alive() and len(written) >= 2
-    for i, sample in enumerate(samples):  # a read waits for its write
-        back = store.get(i)
-        assert torch.equal(back.tensors["t"], sample.tensors["t"]) and torch.equal(back.vectors["v"], sample.vectors["v"])
-    store.close()
-    assert _spill_dirs(tmp_path) == []
-
-
 CHILD = """
 import sys, time, torch
 from selproj_plugin.capture import SampleFactors
@@ -234,9 +200,8 @@ def test_full_disk_while_spilling_is_one_line_error(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(spill_module, "_write", full)
-    store.put(0, _factors())  # written in the background: the failure comes with the next read (or store)
     with pytest.raises(SpillError, match="cannot spill gradient factors to .*: No space left on device; free space"):
-        store.get(0)
+        store.put(0, _factors())
     [spill] = _spill_dirs(tmp_path)
     assert [p.name for p in spill.iterdir()] == [OWNER]  # the partial file went
     store.close()
