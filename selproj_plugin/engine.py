@@ -432,7 +432,7 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
     my_units, kept_pairs = plan.share(rank, world)
     first = plan.first_unit
     kept_label, streamed_label = ("queries", "candidates") if plan.table.kept_queries else ("candidates", "queries")
-    t_capture = t_dots = t_project = 0.0
+    t_capture = t_dots = t_project = t_store = 0.0  # storing (spilling) is part of the dots' time
     captured = 0
 
     def project(f: SampleFactors) -> list[torch.Tensor] | None:
@@ -488,8 +488,10 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
             captured += 1
             kept_projections[i] = project(f)
             self_dot(i, f, kept_projections[i])
+            t3 = time.perf_counter()
             store.put(i, f, spill=i not in in_ram)
             t1 = time.perf_counter()
+            t_store += t1 - t3
             t_dots += t1 - t2
         for i in kept_pairs:  # pairs whose members are both kept
             pairs(i, store.get(i).to(config.device), kept_projections[i])
@@ -523,7 +525,8 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
         store.close()
     shard.meta = {"rank": rank, "world": world, "spilled_bytes": int(spilled),
                   "captures": captured,
-                  "timings": {"capture_s": t_capture, "dots_s": t_dots - t_project, "project_s": t_project}}
+                  "timings": {"capture_s": t_capture, "dots_s": t_dots - t_project, "store_s": t_store,
+                              "project_s": t_project}}
     return shard
 
 
@@ -555,7 +558,7 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
     norms = np.zeros((len(used), len(prep.specs)))
     projected: dict[int, list[torch.Tensor] | None] = {}
     store = FactorStore(plan.table.store_budget, config.spill_dir)
-    t_capture = t_dots = t_project = 0.0
+    t_capture = t_dots = t_project = t_store = 0.0
     try:
         t1 = time.perf_counter()
         for i, f in _capture(prep, plan.encoded, list(_batches(plan.encoded, used, config)), config, set(), "samples"):
@@ -564,8 +567,10 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
             if projector is not None:
                 projected[i] = projector(f)
             t_project += time.perf_counter() - t2
+            t3 = time.perf_counter()
             store.put(i, f)  # storing (spilling) counts as dot-product time: the stream order pays it there too
             t1 = time.perf_counter()
+            t_store += t1 - t3
             t_dots += t1 - t2
         t_dots -= t_project
         shells = {i: store.get(i, set()) for i in used}  # uses and vectors' names, no tensors read
@@ -595,7 +600,7 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
             if projector is not None:
                 shard.rp[key] = np.array([_cosine(x, y) for x, y in zip(projected[q], projected[c])])
     shard.meta = {"rank": 0, "world": 1, "spilled_bytes": int(spilled), "captures": len(used),
-                  "timings": {"capture_s": t_capture, "dots_s": t_dots, "project_s": t_project}}
+                  "timings": {"capture_s": t_capture, "dots_s": t_dots, "store_s": t_store, "project_s": t_project}}
     return shard
 
 

@@ -24,5 +24,8 @@ def test_engine_only_times_engine_and_loop_and_checks_them_against_each_other(ti
     assert 3 + 2 <= result["engine_distinct_samples"] <= 3 + 3 * 2  # 3 queries, each with 2 originals
     assert result["max_rel_error"] <= 1e-4 and result["max_rel_error_self"] <= 1e-4  # the loop's own gradients
     assert result["speedup_vs_loop"] > 0 and result["dots_over_capture"] > 0
+    timings = result["engine_timings"]
+    assert 0 < timings["store_s"] < timings["dots_s"]  # storing is part of the dots' time, not beside it
+    assert "of which storing kept factors" in proc.stdout
     assert result["engine_projection_seconds"] == 0 and "projection" not in result and "fullset" not in result
     assert "dots" in proc.stdout and "speedup vs loop" in proc.stdout
