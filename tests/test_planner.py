@@ -117,6 +117,21 @@ def test_choose_modes_counts_a_shared_input_once():
     assert choose_modes(specs, [70] * 10, 20, shared) == {"q", "k", "v"}
 
 
+def test_choose_modes_past_max_joint_decides_each_alone_with_shared_tensors_paid(monkeypatch):
+    """More linked components than MAX_JOINT: each is decided alone, its shared tensors paid by the others
+    (the cases above, with the costs worked there)."""
+    import selproj_plugin.gram as gram
+
+    monkeypatch.setattr(gram, "MAX_JOINT", 2)
+    specs = [_spec("q", 64, 64), _spec("k", 16, 64), _spec("v", 16, 64)]
+    out = [FactorTensor("tokens", 4 * w, frozenset({n})) for n, w in (("q", 64), ("k", 16), ("v", 16))]
+    shared = out + [FactorTensor("tokens", 4 * 64, frozenset({"q", "k", "v"}))]
+    assert choose_modes(specs, [70] * 10, 20, shared) == set()  # jointly all three; alone none
+    assert choose_modes(specs, [40] * 10, 20, shared) == set()
+    apart = out + [FactorTensor("tokens", 4 * 64, frozenset({n})) for n in ("q", "k", "v")]
+    assert choose_modes(specs, [40] * 10, 20, apart) == {"k", "v"}  # unlinked: never past MAX_JOINT
+
+
 def test_recomputed_table_equals_the_naive_loop_and_the_kept_table():
     model = tiny.model("llama", tied=True)
     tok = tiny.tokenizer()
