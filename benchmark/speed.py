@@ -363,6 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return 0
+    if args.dataset:  # read here, so a bad one is one line, not a worker's traceback
+        from benchmark.data import DatasetError, load_records
+
+        try:
+            load_records(args.dataset)
+        except DatasetError as exc:
+            parser.exit(2, f"error: {exc}\n")
 
     with tempfile.TemporaryDirectory(prefix="selproj-speed-") as tmp:
         if args.only == "fullset":

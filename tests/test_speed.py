@@ -29,3 +29,10 @@ def test_engine_only_times_engine_and_loop_and_checks_them_against_each_other(ti
     assert "of which storing kept factors" in proc.stdout
     assert result["engine_projection_seconds"] == 0 and "projection" not in result and "fullset" not in result
     assert "dots" in proc.stdout and "speedup vs loop" in proc.stdout
+
+
+def test_a_bad_dataset_is_one_line_before_any_worker(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--dataset",
+                           str(tmp_path / "missing.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: dataset file not found: {tmp_path / 'missing.jsonl'}"
