@@ -76,15 +76,26 @@ def timeout_s() -> float:
     return value
 
 
+# torch modules whose functions take ``group=group.WORLD`` as a default, evaluated at import.
+# Imported after the group exists, they keep it alive past ``destroy_process_group`` (transformers
+# imports them with its model classes), and so its gloo worker threads: one that drops a
+# collective's last tensor while the interpreter exits aborts the process (about 1 run in 100).
+BINDS_WORLD_AT_IMPORT = ("torch.distributed.nn.functional", "torch.distributed.fsdp.sharded_grad_scaler")
+
+
 def init_from_env(device: str = "cpu") -> tuple[int, int]:
     """Join the process group that ``torchrun`` describes in the environment, if any.
 
     A collective that waits longer than :func:`timeout_s` fails instead of waiting forever.
     """
+    import importlib
+
     import torch
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        for name in BINDS_WORLD_AT_IMPORT:  # before the group exists, so their defaults stay None
+            importlib.import_module(name)
         cuda = str(device).startswith("cuda")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -259,3 +259,15 @@ def test_ranks_plan_generation_batches_from_the_same_cache_state(tmp_path):
     answers = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert answers[0] == answers[1] and sorted(answers[0]) == sorted(s.id for s in tiny.SAMPLES)
     assert json.loads((tmp_path / "gen.json").read_text()) == answers[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
+def test_leaving_the_session_ends_the_gloo_threads(tmp_path):
+    """A gloo thread alive at interpreter exit can drop a collective's last tensor then and abort the
+    process (SIGABRT, ~1 torchrun run in 100); leaving the session must end them."""
+    from tests.session_worker import leave_after_building_a_model
+
+    mp.spawn(leave_after_building_a_model, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        left = [n for n in (tmp_path / f"rank{rank}.txt").read_text().split("\n") if "gloo" in n]
+        assert not left, f"rank {rank} still runs {left}"
