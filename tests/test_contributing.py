@@ -133,3 +133,25 @@ def test_documented_conformance_test_runs_under_pytest(attention_plugin, tmp_pat
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:]
     assert "7 passed" in done.stdout
+
+
+def test_documented_pyproject_installs_a_plugin_pip_finds(tmp_path):
+    """The plugin folder exactly as documented (its module and its pyproject.toml), installed by pip."""
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    toml = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    source = tmp_path / "src"
+    (source / "selproj_attention").mkdir(parents=True)
+    (source / "selproj_attention" / "__init__.py").write_text(PLUGIN)
+    (source / "pyproject.toml").write_text(toml)
+    site = tmp_path / "site"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+         "--target", str(site), str(source)], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    listed = subprocess.run([sys.executable, "-m", "benchmark.retrieval", "--list-strategies"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    at = lines.index("attention_only  [plugin: attention]")  # the entry point's name, from the documented toml
+    assert lines[at + 1].strip() == "every attention projection (q, k, v, o)" and "warning" not in listed.stderr
