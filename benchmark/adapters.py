@@ -25,6 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from selproj_plugin.distributed import one_line
+
 ADAPTERS = ("trak", "captum")
 RSS_TARGET_GB = 4.0
 
@@ -299,7 +301,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         return main(argv)
     except (ValueError, RuntimeError, OSError) as exc:
-        print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -378,8 +378,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
         print("interrupted: finished stages are cached and a rerun resumes from them", file=sys.stderr)
         return 130
     except (ValueError, OSError, KeyError, ImportError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {distributed.one_line(exc)}", file=sys.stderr)
         return 2
 
 
