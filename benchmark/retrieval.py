@@ -357,6 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.max_spill_gb is not None and args.max_spill_gb < 0:  # before the model loads
         raise ValueError(f"--max-spill-gb must be at least 0, got {args.max_spill_gb}")
+    if args.no_progress:  # also Hugging Face's bars (loading weights, converting the GGUF)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a launcher's stop runs cleanups (spill dirs)
     distributed.init_from_env(args.device)
     with distributed.session():  # one rank's error stops every rank, with its message

@@ -307,3 +307,16 @@ def test_plan_predicts_the_runs_captures_before_any_gradient(tiny_model_dir, sma
             table.unlink()
     # 6 queries x 5 candidates from 6 originals, nothing kept: each query with its 5 candidates
     assert plan["kept"] == 0 and plan["captures"] == 6 * 6
+
+
+def test_no_progress_silences_hugging_face_bars_too(tiny_model_dir, small_dataset, tmp_path):
+    """``--no-progress`` promises no progress bars; transformers draws its own while loading weights."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "benchmark.retrieval",
+                           *argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--plan")],
+                          capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "it/s]" not in done.stderr and "Loading weights" not in done.stderr, done.stderr[-500:]
