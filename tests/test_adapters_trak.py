@@ -459,11 +459,12 @@ def test_projection_dimension_problems_are_one_line_errors(model):
         traker_kwargs(model, "random_projection", {"dim": "0.0001%"})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_trak_on_cuda_matches_cpu(tokenizer, tmp_path):
-    cpu = make_model()
-    gpu = make_model().cuda()
-    want = trak_scores(cpu, tokenizer, QUERIES, CANDIDATES, tmp_path / "cpu", "greedy", {"selection": SELECTION}, scope="all")
-    got = trak_scores(gpu, tokenizer, QUERIES, CANDIDATES, tmp_path / "gpu", "greedy", {"selection": SELECTION},
-                      device=torch.device("cuda"))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_trak_on_a_named_device_matches_the_default(tokenizer, tmp_path, device):
+    """A reducer given ``device=`` scores as on the default CPU path (on CUDA up to float error)."""
+    want = trak_scores(make_model(), tokenizer, QUERIES, CANDIDATES, tmp_path / "default", "greedy",
+                       {"selection": SELECTION}, scope="all")
+    got = trak_scores(make_model().to(device), tokenizer, QUERIES, CANDIDATES, tmp_path / device, "greedy",
+                      {"selection": SELECTION}, scope="all", device=torch.device(device))
     np.testing.assert_allclose(got, want, atol=1e-4)
