@@ -23,6 +23,7 @@ def test_engine_only_times_engine_and_loop_and_checks_them_against_each_other(ti
     assert result["k"] == 2 and result["loop_queries_timed"] == 2
     assert 3 + 2 <= result["engine_distinct_samples"] <= 3 + 3 * 2  # 3 queries, each with 2 originals
     assert result["max_rel_error"] <= 1e-4 and result["max_rel_error_self"] <= 1e-4  # the loop's own gradients
+    assert result["reference"] == "the loop itself" and result["loop_max_rel_error"] == 0
     assert result["speedup_vs_loop"] > 0 and result["dots_over_capture"] > 0
     timings = result["engine_timings"]
     assert 0 < timings["store_s"] < timings["dots_s"]  # storing is part of the dots' time, not beside it
@@ -36,3 +37,18 @@ def test_a_bad_dataset_is_one_line_before_any_worker(tmp_path):
                            str(tmp_path / "missing.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: dataset file not found: {tmp_path / 'missing.jsonl'}"
+
+
+def test_bfloat16_errors_are_measured_against_a_float32_reference(tiny_model_dir, small_dataset, tmp_path):  # noqa: F811
+    """Two bfloat16 runs differ by bfloat16's own error: the engine and the loop are each measured against
+    a float32 loop on the same weights, side by side (on an H200 the bf16 loop alone gave a 0.51 'error')."""
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--model", str(tiny_model_dir),
+                           "--dataset", str(small_dataset), "--queries", "2", "--k", "2", "--loop-queries", "2",
+                           "--dtype", "bfloat16", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["reference"] == "a float32 loop on the same weights"
+    assert 0 < result["loop_max_rel_error"] and 0 < result["max_rel_error"]  # both carry bfloat16's rounding
+    assert result["max_rel_error"] < 0.5 and result["loop_max_rel_error"] < 0.5
+    assert "the bfloat16 loop's own" in proc.stdout
