@@ -101,9 +101,8 @@ def _gram_t(a: torch.Tensor | None, a_index: bool, bs: Sequence[torch.Tensor] | 
 
 def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence[ComponentSpec]) -> np.ndarray:
     """Dot products ``<g_c(i), g_c(j)>`` for every j in ``fjs`` and component c: [J, C] float64."""
-    out = np.zeros((len(fjs), len(specs)), dtype=np.float64)
     if not fjs:
-        return out
+        return np.zeros((0, len(specs)), dtype=np.float64)
 
     def counts(key: str) -> list[int]:
         return [f.tensors[key].shape[0] for f in fjs]
@@ -141,17 +140,19 @@ def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence
             owners[key] = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows)).to(_device(fi))
         return owners[key]
 
+    # one row per component, filled where the factors are and read back once: on a GPU a read per component
+    # would wait for the device about 200 times a call
+    totals = torch.zeros(len(specs), len(fjs), dtype=torch.float64, device=_device(fi))
     for c, spec in enumerate(specs):
         if spec.name in fi.vectors:  # materialised: products rounded once in fp32, summed in float64, no copies
             vi = fi.vectors[spec.name]
-            out[:, c] = [float((f.vectors[spec.name] * vi).sum(dtype=torch.float64)) for f in fjs]
+            for j, f in enumerate(fjs):
+                totals[c, j] = (f.vectors[spec.name] * vi).sum(dtype=torch.float64)
             continue
-        total = torch.zeros(len(fjs), dtype=torch.float64, device=_device(fi))
         for u in fi.uses[spec.name]:
             for v in fjs[0].uses[spec.name]:
-                _use_pair(fi, u, v, counts, gram, owner, total)
-        out[:, c] = total.cpu().numpy()
-    return out
+                _use_pair(fi, u, v, counts, gram, owner, totals[c])
+    return np.ascontiguousarray(totals.T.cpu().numpy())
 
 
 def _use_pair(fi: SampleFactors, u: FactorUse, v: FactorUse, counts, gram, owner, total: torch.Tensor) -> None:
