@@ -57,6 +57,9 @@ class EngineConfig:
     max_length: int = 512
     memory_limit_gb: float = 3.5  # the process's budget: factors beyond what the model and one batch leave are spilled
     device: str = "cpu"
+    # on an accelerator, kept factors stay in its memory up to this (None: half what is free when the run is
+    # planned), so pairs need no copies from host RAM; the rest go to RAM and then disk as on the CPU
+    device_memory_gb: float | None = None
     spill_dir: str | None = None
     max_spill_gb: float | None = None  # disk the factor store may fill; None: half the free space where it spills
     progress: bool = True
@@ -79,15 +82,20 @@ class _Spilled:
 
 
 class FactorStore:
-    """Sample factors by key, in RAM up to ``limit_bytes`` and as one file per sample beyond it.
+    """Sample factors by key: on ``device`` up to ``device_bytes``, in RAM up to ``limit_bytes`` in all (device
+    included), and as one file per sample beyond it.
 
     Spilled factors are memory-mapped on each ``get`` and dropped after use, so the process
     holds at most the limit plus the factors in use, however many are spilled.
     The spill directory goes on close, at exit, or at the next run if this one is killed.
     """
 
-    def __init__(self, limit_bytes: float, spill_dir: str | None = None) -> None:
+    def __init__(self, limit_bytes: float, spill_dir: str | None = None, *,
+                 device: str | torch.device | None = None, device_bytes: float = 0.0) -> None:
         self.limit = limit_bytes
+        self.device = torch.device(device) if device is not None else None
+        self.device_limit = device_bytes if self.device is not None else 0.0
+        self.on_device = 0
         self.in_ram = 0
         self.spilled = 0
         self._items: dict[Any, SampleFactors] = {}
@@ -98,9 +106,14 @@ class FactorStore:
         remove_stale(spill_dir)  # killed runs' directories go at the next start
 
     def put(self, key: Any, f: SampleFactors, spill: bool | None = None) -> None:
-        """Store ``f`` in RAM, or on disk when ``spill`` (None: when the RAM limit is reached)."""
+        """Store ``f`` on the device while its share lasts, else in RAM, or on disk when ``spill`` (None: when
+        the limit is reached)."""
+        if not spill and self.on_device + f.nbytes <= self.device_limit:
+            self.on_device += f.nbytes
+            self._items[key] = f.to(self.device)
+            return
         f = f.to("cpu")
-        if not spill and (spill is False or self.in_ram + f.nbytes <= self.limit):
+        if not spill and (spill is False or self.on_device + self.in_ram + f.nbytes <= self.limit):
             self.in_ram += f.nbytes
             self._items[key] = f
             return
@@ -352,12 +365,13 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
     n_pairs = len(used) + int(c_of.size)
     materialise = _modes(prep, config, [lengths[i] for i in used], n_pairs)
     widths = prep.widths(sorted(materialise))
-    budget, allowance = _store_budget(prep, config), _spill_allowance(config)
+    budget, allowance, on_device = _store_budget(prep, config), _spill_allowance(config), _device_budget(config)
     if world > 1:  # every rank must make the same plan: plan all with the tightest rank's budget and disk
-        budget, allowance = (min(v) for v in zip(*distributed.gather((budget, allowance))))
+        budget, allowance, on_device = (min(v) for v in zip(*distributed.gather((budget, allowance, on_device))))
     table = plan_pairs(lengths, [e.n_targets for e in encoded], q_of, c_of, widths,
-                       store_budget=budget, spill_allowance=allowance,
+                       store_budget=budget + on_device, spill_allowance=allowance,
                        resident_bytes=_resident_bytes(prep.capture.model), batch_tokens=config.batch_tokens)
+    table.device_budget = on_device
     table.materialised = len(materialise)
     if world == 1:  # component by component runs in one process
         table = choose_order(table, prep.widths(), sum(s.rows * s.cols for s in prep.specs),
@@ -405,6 +419,22 @@ def _store_budget(prep: Prepared, config: EngineConfig) -> float:
     return max(0.0, config.memory_limit_gb * 2**30 - held - config.batch_tokens * per_token - 2 * PAIR_CHUNK_BYTES)
 
 
+def _device_budget(config: EngineConfig) -> float:
+    """Bytes of kept factors that stay on the accelerator (none on the CPU)."""
+    device = torch.device(config.device)
+    if device.type == "cpu":
+        return 0.0
+    if config.device_memory_gb is not None:
+        return config.device_memory_gb * 2**30
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2  # the other half: capture batches, Grams, other processes
+    return 0.0
+
+
+def _store(budget: float, device_budget: float, config: EngineConfig) -> FactorStore:
+    return FactorStore(budget, config.spill_dir, device=config.device, device_bytes=device_budget)
+
+
 def _chunks(keys: Sequence[int], store: FactorStore, limit: int) -> Iterator[list[int]]:
     """``keys`` in consecutive runs whose stored factors total at most ``limit`` bytes (at least one each)."""
     chunk: list[int] = []
@@ -427,7 +457,7 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
     shard = TableShard(components=[s.name for s in prep.specs],
                        rp_keys=[t.key for t in projector.transforms] if projector else [])
     kept_projections: dict[int, list[torch.Tensor] | None] = {}
-    store = FactorStore(plan.table.store_budget, config.spill_dir)
+    store = _store(plan.table.store_budget, plan.table.device_budget, config)
     in_ram = set(plan.table.kept[: plan.table.ram_kept])
     my_units, kept_pairs = plan.share(rank, world)
     first = plan.first_unit
@@ -557,7 +587,7 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
     cross = np.zeros((len(side_a), len(side_b), len(prep.specs)))
     norms = np.zeros((len(used), len(prep.specs)))
     projected: dict[int, list[torch.Tensor] | None] = {}
-    store = FactorStore(plan.table.store_budget, config.spill_dir)
+    store = _store(plan.table.store_budget, plan.table.device_budget, config)
     t_capture = t_dots = t_project = t_store = 0.0
     try:
         t1 = time.perf_counter()
@@ -796,7 +826,8 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
     streamed = sorted(set(b_of) - set(stored))
     lengths = [len(encoded[i].input_ids) for i in stored + streamed]
     materialise = _modes(prep, config, lengths, len(stored) * len(set(b_of)))
-    store = FactorStore(_store_budget(prep, config), config.spill_dir)
+    on_device = _device_budget(config)
+    store = _store(_store_budget(prep, config) + on_device, on_device, config)
     dots: dict[int, np.ndarray] = {}
     try:
         for i, f in iter_factors(prep, encoded, stored, config, materialise, "set A"):

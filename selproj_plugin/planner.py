@@ -154,6 +154,7 @@ class TablePlan:
     widths: FactorWidths
     materialised: int = 0
     on_device: bool = False  # capture batches and groups live in accelerator memory, kept factors in host RAM
+    device_budget: float = 0.0  # of ``store_budget``: kept factors held in accelerator memory, not host RAM
     dot_order: str = "stream"  # 'stream': sample by sample past the kept side; 'gram': component by component
     sides: tuple[int, int] = (0, 0)  # distinct queries, distinct candidates
     notes: list[str] = field(default_factory=list)
@@ -169,6 +170,11 @@ class TablePlan:
     @property
     def ram_bytes(self) -> int:
         return int(sum(self.sample_bytes[i] for i in self.kept[: self.ram_kept]))
+
+    @property
+    def device_kept_bytes(self) -> int:
+        """Kept factors in accelerator memory: the store fills it first, so the kept bytes up to its budget."""
+        return int(min(self.ram_bytes, self.device_budget))
 
     @property
     def spill_bytes(self) -> int:
@@ -195,11 +201,13 @@ class TablePlan:
         working = 0 if self.on_device else max(self.batch_bytes, self.group_bytes)
         if self.dot_order == "gram":
             working = max(working, 3 * GRAM_BLOCK_BYTES)  # a block, and its two sides' rows
-        return int(self.resident_bytes + self.ram_bytes + working + 2 * self.pair_buffer_bytes)
+        return int(self.resident_bytes + self.ram_bytes - self.device_kept_bytes + working + 2 * self.pair_buffer_bytes)
 
     def device_bytes(self, model_bytes: int) -> int:
-        """Predicted accelerator memory: the weights, the larger of a capture batch and a group, pair buffers."""
-        return int(model_bytes + max(self.batch_bytes, self.group_bytes) + 2 * self.pair_buffer_bytes)
+        """Predicted accelerator memory: the weights, kept factors held there, the larger of a capture batch and
+        a group, pair buffers."""
+        return int(model_bytes + self.device_kept_bytes + max(self.batch_bytes, self.group_bytes)
+                   + 2 * self.pair_buffer_bytes)
 
     def capture_flops(self) -> float:
         """Forward plus input-gradient backward (weights frozen): 4 multiply-adds' flops per weight per token."""
@@ -257,7 +265,8 @@ class TablePlan:
             "dot_order": self.dot_order, "streamed_groups": len(self.groups), "captures": int(self.passes.sum()), "recomputed": self.recomputed,
             "passes_per_sample_max": int(self.passes.max(initial=0)), "passes_per_sample_mean": float(self.passes[used].mean()) if used.any() else 0.0,
             "mean_tokens": float(np.asarray(self.lengths)[used].mean()) if used.any() else 0.0,
-            "factor_bytes_total": int(sum(self.sample_bytes)), "kept_ram_bytes": self.ram_bytes,
+            "factor_bytes_total": int(sum(self.sample_bytes)), "kept_ram_bytes": self.ram_bytes - self.device_kept_bytes,
+            "kept_device_bytes": self.device_kept_bytes,
             "spill_bytes": self.spill_bytes, "store_budget_bytes": int(self.store_budget),
             "spill_allowance_bytes": int(self.spill_allowance), "resident_bytes": self.resident_bytes,
             "batch_bytes": self.batch_bytes, "group_bytes": self.group_bytes,
@@ -274,7 +283,10 @@ class TablePlan:
         lines = [
             f"plan: {s['samples']} distinct samples ({s['mean_tokens']:.0f} tokens mean), {s['pairs']} pairs; "
             f"keep the {s['kept_side']}' factors ({mode})",
-            f"  kept: {s['kept_in_ram']} in RAM ({g(s['kept_ram_bytes'])} of a {g(s['store_budget_bytes'])} budget), "
+            f"  kept: {s['kept_in_ram']} in "
+            + (f"memory ({g(s['kept_device_bytes'])} on the device, {g(s['kept_ram_bytes'])} in RAM"
+               if self.device_budget else f"RAM ({g(s['kept_ram_bytes'])}")
+            + f" of a {g(s['store_budget_bytes'])} budget), "
             f"{s['kept_spilled']} spilled ({g(s['spill_bytes'])} of a {g(s['spill_allowance_bytes'])} allowance)",
             f"  passes: {s['captures']} captures for {s['samples']} samples ({s['recomputed']} recomputed; at most "
             f"{s['passes_per_sample_max']} per sample)",

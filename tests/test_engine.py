@@ -286,3 +286,11 @@ def test_pair_partners_are_read_in_chunks_that_fit_the_buffer():
         assert list(_chunks(range(5), store, 1)) == [[0], [1], [2], [3], [4]]
     finally:
         store.close()
+
+
+def test_device_share_of_kept_factors_is_none_on_the_cpu_and_as_configured_elsewhere():
+    from selproj_plugin.engine import _device_budget
+
+    assert _device_budget(EngineConfig(device="cpu", device_memory_gb=4)) == 0
+    assert _device_budget(EngineConfig(device="meta", device_memory_gb=1.5)) == 1.5 * 2**30
+    assert _device_budget(EngineConfig(device="meta")) == 0  # no way to ask a non-CUDA device what is free

@@ -220,3 +220,24 @@ def test_fault_table_fast_rows_on_a_tiny_model(tiny_model_dir, small_dataset, ca
     assert code == 0 and len(rows) == 2, table
     assert "full disk on the spill dir" in rows[0] and "exit 2: error: cannot " in rows[0]
     assert "NaN in one sample's loss" in rows[1] and "exit 2: error: sample " in rows[1] and "NaN or inf" in rows[1]
+
+
+def test_kept_factors_fill_the_device_then_ram_then_disk(tmp_path):
+    """On an accelerator the store keeps factors there first (no host copy per pair), then in RAM up to the
+    whole limit, then spills; the 'meta' device stands in for a GPU here."""
+    f = _factors()  # 64 x 8 + 64 float32: 2304 bytes
+    store = FactorStore(2 * f.nbytes, str(tmp_path), device="meta", device_bytes=f.nbytes)
+    for key in "abc":
+        store.put(key, _factors())
+    store.put("d", _factors(), spill=False)  # the plan keeps it in memory: RAM, the device being full
+    try:
+        assert store.get("a").tensors["t"].device.type == "meta"
+        assert store.get("b").tensors["t"].device.type == "cpu" and store.get("d").tensors["t"].device.type == "cpu"
+        assert store.on_device == f.nbytes and store.in_ram == 2 * f.nbytes and store.spilled == f.nbytes
+        assert torch.equal(store.get("c").tensors["t"], f.tensors["t"])  # read back from disk
+    finally:
+        store.close()
+    on_cpu = FactorStore(0, str(tmp_path), device="cpu")  # no device share given: as before, all spilled
+    on_cpu.put("a", _factors())
+    assert on_cpu.spilled == f.nbytes
+    on_cpu.close()

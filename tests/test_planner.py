@@ -209,7 +209,7 @@ def test_ranks_plan_with_the_tightest_ranks_budget(monkeypatch):
     index = np.array([[0, 1], [1, 0], [0, 1], [1, 0]])
     alone = plan_table(model, tok, queries, tiny.SAMPLES[:2], index, across_ranks=True)
     monkeypatch.setattr(distributed, "rank_world", lambda: (0, 2))
-    monkeypatch.setattr(distributed, "gather", lambda mine: [mine, (0.0, 0.0)])  # rank 1: nothing to spare
+    monkeypatch.setattr(distributed, "gather", lambda mine: [mine, (0.0,) * len(mine)])  # rank 1: nothing to spare
     shared = plan_table(model, tok, queries, tiny.SAMPLES[:2], index, across_ranks=True)
     assert len(alone.kept) == 2 and alone.recomputed == 0  # this rank alone keeps both candidates
     assert shared.kept == [] and shared.recomputed > 0
@@ -244,3 +244,17 @@ def test_component_order_norms_are_accumulated_in_float64():
     block = torch.rand(2, 4_000_000, generator=torch.Generator().manual_seed(0))  # 2 rows of 2,000 x 2,000
     exact = block.double().square().sum(dim=1).numpy()
     assert np.max(np.abs(_squared_norms(block, 2_000) - exact) / exact) <= 1e-7  # one fp32 reduction: 1.4e-4
+
+
+def test_kept_factors_on_the_device_leave_host_memory_and_count_on_the_device():
+    lengths = [10] * 7
+    c_of = np.array([[4, 5], [4, 5], [4, 6], [4, 6]])
+    args = dict(store_budget=3000, spill_allowance=0, resident_bytes=0, batch_tokens=10)
+    host = plan_pairs(lengths, [0] * 7, [0, 1, 2, 3], c_of, _widths(100), **args)
+    device = plan_pairs(lengths, [0] * 7, [0, 1, 2, 3], c_of, _widths(100), **args)
+    device.device_budget = 2000
+    assert host.ram_bytes == device.ram_bytes == 3000  # the same samples kept either way
+    assert host.peak_bytes - device.peak_bytes == 2000  # two of the three no longer in host memory
+    assert device.device_bytes(0) - host.device_bytes(0) == 2000
+    assert device.summary()["kept_device_bytes"] == 2000 and device.summary()["kept_ram_bytes"] == 1000
+    assert "on the device" in device.describe() and "on the device" not in host.describe()
