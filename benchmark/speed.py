@@ -86,11 +86,15 @@ def worker_engine(args: argparse.Namespace) -> dict:
     queries, pool, index, original = _setup(args)
     transforms = _projections(model, args.proj_dim, args.seed)
     t0 = time.perf_counter()
+    config = EngineConfig(batch_size=args.batch_size, device=args.device, progress=True)
+    if args.engine_memory_limit_gb is not None:
+        config.memory_limit_gb = args.engine_memory_limit_gb
     table = build_table(model, tok, queries, pool, index, original, transforms=list(transforms.values()),
-                        config=EngineConfig(batch_size=args.batch_size, device=args.device, progress=True))
+                        config=config)
     seconds = time.perf_counter() - t0
     table.save(args.out)
     return {"seconds": seconds, "timings": table.meta["timings"], "distinct_samples": table.meta["distinct_samples"],
+            "memory_limit_gb": config.memory_limit_gb, "spilled_bytes": table.meta["spilled_bytes"],
             "materialised_components": table.meta["materialised_components"], "peak_rss_mb": _peak_rss_mb(),
             "peak_gpu_mb": _peak_gpu_mb(args.device),
             "projections": list(transforms)}
@@ -273,6 +277,8 @@ def _run_worker(name: str, args: argparse.Namespace, out: Path) -> dict:
            "--proj-seeds", str(args.proj_seeds), "--trak-slice", str(args.trak_slice),
            "--trak-samples", str(args.trak_samples), "--memory-limit-gb", str(args.memory_limit_gb),
            "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype]
+    if args.engine_memory_limit_gb is not None:
+        cmd += ["--engine-memory-limit-gb", str(args.engine_memory_limit_gb)]
     if args.model:
         cmd += ["--model", args.model]
     if args.dataset:
@@ -320,6 +326,7 @@ def _fullset(args: argparse.Namespace, tmp: Path) -> dict:
     fullset = {"queries": args.fullset_queries, "candidates": args.fullset_queries,
                "engine_seconds": f_engine_s, "engine_timings": f_engine["timings"],
                "dot_order": f_table.meta["plan"]["dot_order"], "engine_peak_rss_mb": f_engine["peak_rss_mb"],
+               "engine_memory_limit_gb": f_engine["memory_limit_gb"], "engine_spilled_bytes": f_engine["spilled_bytes"],
                "loop_queries_timed": f_loop["queries_timed"], "loop_seconds_measured": f_loop["seconds"],
                "loop_seconds_extrapolated": f_loop["seconds_per_query"] * args.fullset_queries,
                "loop_peak_rss_mb": f_loop["peak_rss_mb"], "max_rel_error": f_rel, "max_rel_error_self": f_self_rel,
@@ -331,7 +338,8 @@ def _fullset(args: argparse.Namespace, tmp: Path) -> dict:
 
 def _print_fullset(fullset: dict) -> None:
     print(f"full set {fullset['queries']}x{fullset['candidates']}: engine {fullset['engine_seconds']:.1f}s "
-          f"({fullset['dot_order']} order, peak RSS {fullset['engine_peak_rss_mb']:.0f} MiB), paper loop "
+          f"({fullset['dot_order']} order, peak RSS {fullset['engine_peak_rss_mb']:.0f} MiB, "
+          f"{fullset['engine_spilled_bytes'] / 2**30:.1f} GiB spilled), paper loop "
           f"{fullset['loop_seconds_measured']:.1f}s for {fullset['loop_queries_timed']} queries -> "
           f"{fullset['loop_seconds_extrapolated']:.1f}s extrapolated: speedup_vs_loop_fullset "
           f"{fullset['speedup_vs_loop_fullset']:.1f}x; largest relative difference to {fullset['reference']} "
@@ -375,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trak-samples", type=int, default=2, help="samples timed for TRAK")
     parser.add_argument("--memory-limit-gb", type=float, default=2.0,
                         help="projection worker: factors kept in RAM for the exact dots (the rest spill to disk)")
+    parser.add_argument("--engine-memory-limit-gb", type=float, default=None,
+                        help="the engine's process memory limit (default: EngineConfig's, 3.5); beyond what it leaves, "
+                             "kept factors spill to disk and their writes count as dot time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu",
                         help="device of the engine and the loop (the projection comparison stays on CPU)")
@@ -449,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_rel_error": max_rel, "max_rel_error_self": self_rel, "reference": loop["reference"],
         "loop_max_rel_error": loop["max_rel_error"], "loop_max_rel_error_self": loop["max_rel_error_self"],
         "engine_peak_rss_mb": engine["peak_rss_mb"], "loop_peak_rss_mb": loop["peak_rss_mb"],
+        "engine_memory_limit_gb": engine["memory_limit_gb"], "engine_spilled_bytes": engine["spilled_bytes"],
         "dots_over_capture": engine["timings"]["dots_s"] / engine["timings"]["capture_s"],
     }
     if proj is not None:
@@ -458,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         result["fullset"] = fullset
         result["speedup_vs_loop_fullset"] = fullset["speedup_vs_loop_fullset"]
     print(f"engine: {engine_s:.1f}s for {args.queries}x{args.k} ({engine['distinct_samples']} distinct samples; "
-          f"plus {engine['timings']['project_s']:.1f}s projecting), peak RSS {engine['peak_rss_mb']:.0f} MiB")
+          f"plus {engine['timings']['project_s']:.1f}s projecting), peak RSS {engine['peak_rss_mb']:.0f} MiB under a "
+          f"{engine['memory_limit_gb']:g} GB limit ({engine['spilled_bytes'] / 2**30:.1f} GiB of factors spilled)")
     print(f"paper loop: {loop['seconds']:.1f}s for {loop['queries_timed']} queries -> {loop_total:.1f}s extrapolated "
           f"to {args.queries}, peak RSS {loop['peak_rss_mb']:.0f} MiB")
     print(f"speedup vs loop: {result['speedup_vs_loop']:.2f}x; largest relative difference to {loop['reference']}: "

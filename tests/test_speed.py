@@ -52,3 +52,21 @@ def test_bfloat16_errors_are_measured_against_a_float32_reference(tiny_model_dir
     assert 0 < result["loop_max_rel_error"] and 0 < result["max_rel_error"]  # both carry bfloat16's rounding
     assert result["max_rel_error"] < 0.5 and result["loop_max_rel_error"] < 0.5
     assert "the bfloat16 loop's own" in proc.stdout
+
+
+def test_the_engines_memory_limit_is_an_option_and_its_spill_is_reported(tiny_model_dir, small_dataset,  # noqa: F811
+                                                                          tmp_path):
+    """--memory-limit-gb is the projection worker's; the engine's own limit decides whether its kept factors
+    spill (their writes count as dot time), so a side-by-side run states it."""
+    spilled = {}
+    for limit in ("0", "8"):
+        out = tmp_path / f"speed-{limit}.json"
+        proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--model", str(tiny_model_dir),
+                               "--dataset", str(small_dataset), "--queries", "2", "--k", "2", "--loop-queries", "1",
+                               "--engine-memory-limit-gb", limit, "--json", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        result = json.loads(out.read_text())
+        assert result["engine_memory_limit_gb"] == float(limit)
+        spilled[limit] = result["engine_spilled_bytes"]
+    assert spilled["0"] > 0 and spilled["8"] == 0
