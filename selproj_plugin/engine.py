@@ -229,11 +229,11 @@ def _capture(prep: Prepared, encoded: Sequence[Encoded], batches: Sequence[Seque
     label = distributed.prefix(label)
     for idx in batches:
         batch = collate([encoded[i] for i in idx], prep.pad_id, config.device)
-        factors, _ = prep.capture.run(batch, sorted(materialise))
+        factors, _ = prep.capture.run(batch)
         del batch
         factors.reverse()
         for i in idx:  # hand each sample's factors over and forget them: the batch's list holds none after use
-            yield i, factors.pop()
+            yield i, prep.capture.materialise(factors.pop(), sorted(materialise))
         done += len(idx)
         if config.progress:
             print(f"\r[selproj] {label}: {done}/{total} ({time.perf_counter() - t0:.0f}s)", end="", file=sys.stderr)
@@ -365,7 +365,8 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
     n_pairs = len(used) + int(c_of.size)
     materialise = _modes(prep, config, [lengths[i] for i in used], n_pairs)
     widths = prep.widths(sorted(materialise))
-    budget, allowance, on_device = _store_budget(prep, config), _spill_allowance(config), _device_budget(config)
+    budget, allowance, on_device = _store_budget(prep, config, widths.per_sample), _spill_allowance(config), \
+        _device_budget(config)
     if world > 1:  # every rank must make the same plan: plan all with the tightest rank's budget and disk
         budget, allowance, on_device = (min(v) for v in zip(*distributed.gather((budget, allowance, on_device))))
     table = plan_pairs(lengths, [e.n_targets for e in encoded], q_of, c_of, widths,
@@ -408,15 +409,17 @@ def _resident_bytes(model: torch.nn.Module) -> int:
         return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _store_budget(prep: Prepared, config: EngineConfig) -> float:
+def _store_budget(prep: Prepared, config: EngineConfig, dense_bytes: int = 0) -> float:
     """Bytes of factors kept in RAM: ``memory_limit_gb`` less what the process holds already (the model),
-    one capture batch and the pair buffers, so the limit bounds the whole process.
+    one capture batch, one sample's materialised gradients (``dense_bytes``) and the pair buffers, so the
+    limit bounds the whole process.
 
     A batch of ``batch_tokens`` holds about two fp32 copies of its factors' widths per token (layer
     inputs and output gradients, then the factors taken from them; measured 2.1 MB a token on SmolLM2-135M)."""
     per_token = 2 * 4 * sum(s.rows + s.cols for s in prep.specs if s.kind == "factor")
     held = _resident_bytes(prep.capture.model)
-    return max(0.0, config.memory_limit_gb * 2**30 - held - config.batch_tokens * per_token - 2 * PAIR_CHUNK_BYTES)
+    return max(0.0, config.memory_limit_gb * 2**30 - held - config.batch_tokens * per_token - dense_bytes
+               - 2 * PAIR_CHUNK_BYTES)
 
 
 def _device_budget(config: EngineConfig) -> float:
@@ -827,7 +830,8 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
     lengths = [len(encoded[i].input_ids) for i in stored + streamed]
     materialise = _modes(prep, config, lengths, len(stored) * len(set(b_of)))
     on_device = _device_budget(config)
-    store = _store(_store_budget(prep, config) + on_device, on_device, config)
+    store = _store(_store_budget(prep, config, prep.widths(sorted(materialise)).per_sample) + on_device, on_device,
+                   config)
     dots: dict[int, np.ndarray] = {}
     try:
         for i, f in iter_factors(prep, encoded, stored, config, materialise, "set A"):

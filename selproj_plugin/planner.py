@@ -51,14 +51,17 @@ class FactorWidths:
     per_target: int
     per_sample: int
     matmul_params: int  # weights a token's forward and (input-)backward pass multiply through
+    captured_per_token: int | None = None  # every factor a batch captures, materialised components' too
 
     def sample_bytes(self, tokens: int, targets: int) -> int:
         return tokens * self.per_token + targets * self.per_target + self.per_sample
 
     @property
     def batch_bytes_per_token(self) -> int:
-        """What a capture batch holds per padded token (the engine's allowance)."""
-        return BATCH_COPIES * (self.per_token + self.per_target)
+        """What a capture batch holds per padded token (the engine's allowance): its factors are all captured
+        before a sample's components are materialised."""
+        captured = self.per_token + self.per_target if self.captured_per_token is None else self.captured_per_token
+        return BATCH_COPIES * captured
 
 
 @dataclass(frozen=True)
@@ -124,14 +127,17 @@ def factor_widths(capture: GradientCapture, specs: Sequence[ComponentSpec], mate
     model = capture.model
     dense = set(materialise)
     per = {"tokens": 0, "targets": 0}
+    captured = 0
     for t in factor_tensors(capture) if tensors is None else tensors:
+        captured += t.row_bytes
         if not t.users <= dense:
             per[t.layout] += t.row_bytes
     fixed = sum(4 * s.component.num_params for s in specs if s.kind == "func")
     fixed += sum(4 * s.rows * s.cols for s in specs if s.kind == "factor" and s.name in dense)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
-    return FactorWidths(per["tokens"], per["targets"], fixed, matmul + (head.weight.numel() if head is not None else 0))
+    return FactorWidths(per["tokens"], per["targets"], fixed, matmul + (head.weight.numel() if head is not None else 0),
+                        captured)
 
 
 @dataclass
@@ -182,8 +188,9 @@ class TablePlan:
 
     @property
     def batch_bytes(self) -> int:
+        """A capture batch's factors, and one sample's whole gradients while they are materialised."""
         longest = max(self.lengths, default=0)
-        return max(self.batch_tokens, longest) * self.widths.batch_bytes_per_token
+        return max(self.batch_tokens, longest) * self.widths.batch_bytes_per_token + self.widths.per_sample
 
     @property
     def group_bytes(self) -> int:

@@ -258,3 +258,21 @@ def test_kept_factors_on_the_device_leave_host_memory_and_count_on_the_device():
     assert device.device_bytes(0) - host.device_bytes(0) == 2000
     assert device.summary()["kept_device_bytes"] == 2000 and device.summary()["kept_ram_bytes"] == 1000
     assert "on the device" in device.describe() and "on the device" not in host.describe()
+
+
+def test_a_capture_batch_counts_every_captured_factor_and_one_materialised_sample():
+    """With every component materialised no factor is stored, yet a batch captures them all before one
+    sample at a time becomes whole gradients: the plan had counted 0 bytes for it."""
+    widths = FactorWidths(0, 0, 5000, 1, captured_per_token=100)
+    plan = plan_pairs([10, 10], [0, 0], [0], np.array([[1]]), widths, store_budget=10**6, spill_allowance=0,
+                      resident_bytes=0, batch_tokens=8)
+    assert plan.batch_bytes == 10 * 2 * 100 + 5000  # the longest sample's tokens, two copies, one whole sample
+
+
+def test_captured_widths_do_not_shrink_when_components_are_materialised():
+    model, tok = tiny.model("llama", tied=True), tiny.tokenizer()
+    prep = prepare(model, tok, None)
+    names = sorted(s.name for s in prep.specs if s.kind == "factor")
+    factored, dense = prep.widths([]), prep.widths(names)
+    assert factored.captured_per_token == factored.per_token + factored.per_target
+    assert dense.per_token == dense.per_target == 0 and dense.captured_per_token == factored.captured_per_token
