@@ -315,3 +315,14 @@ def test_a_batch_is_materialised_one_sample_at_a_time_as_it_is_handed_over(monke
         assert set(names) <= set(f.vectors) and not f.tensors  # all materialised, no factor left over
     assert [len(s) for s in seen] == [1, 2, 3, 4]
 
+
+def test_materialised_dots_sum_fp32_pieces_in_float64_to_the_exact_dot():
+    from selproj_plugin.gram import DOT_BLOCK, _dense_dot
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (5, DOT_BLOCK, 3 * DOT_BLOCK + 17, 300 * DOT_BLOCK + 1):  # shorter than a piece, whole, with a rest
+        a, b = torch.randn(n, generator=gen) + 0.3, torch.randn(n, generator=gen)
+        exact = float(a.double() @ b.double())
+        got = _dense_dot(a, b)
+        assert got.dtype == torch.float64
+        assert abs(float(got) - exact) <= 1e-6 * float(a.double().norm() * b.double().norm())
