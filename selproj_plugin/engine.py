@@ -227,13 +227,14 @@ def _capture(prep: Prepared, encoded: Sequence[Encoded], batches: Sequence[Seque
     """Factors of each sample of ``batches``, one forward/backward per batch, with progress on stderr."""
     done, total, t0 = 0, sum(map(len, batches)), time.perf_counter()
     label = distributed.prefix(label)
+    dense = sorted(materialise)
     for idx in batches:
         batch = collate([encoded[i] for i in idx], prep.pad_id, config.device)
         factors, _ = prep.capture.run(batch)
         del batch
         factors.reverse()
         for i in idx:  # hand each sample's factors over and forget them: the batch's list holds none after use
-            yield i, prep.capture.materialise(factors.pop(), sorted(materialise))
+            yield i, prep.capture.materialise(factors.pop(), dense)
         done += len(idx)
         if config.progress:
             print(f"\r[selproj] {label}: {done}/{total} ({time.perf_counter() - t0:.0f}s)", end="", file=sys.stderr)
@@ -365,8 +366,8 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
     n_pairs = len(used) + int(c_of.size)
     materialise = _modes(prep, config, [lengths[i] for i in used], n_pairs)
     widths = prep.widths(sorted(materialise))
-    budget, allowance, on_device = _store_budget(prep, config, widths.per_sample), _spill_allowance(config), \
-        _device_budget(config)
+    budget = _store_budget(prep, config, widths.per_sample)
+    allowance, on_device = _spill_allowance(config), _device_budget(config)
     if world > 1:  # every rank must make the same plan: plan all with the tightest rank's budget and disk
         budget, allowance, on_device = (min(v) for v in zip(*distributed.gather((budget, allowance, on_device))))
     table = plan_pairs(lengths, [e.n_targets for e in encoded], q_of, c_of, widths,
