@@ -405,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return 0
+    if args.engine_memory_limit_gb is not None and args.engine_memory_limit_gb < 0:  # here, not in a worker
+        parser.exit(2, f"error: --engine-memory-limit-gb must be at least 0, got {args.engine_memory_limit_gb:g}\n")
     if args.dataset:  # read here, so a bad one is one line, not a worker's traceback
         from benchmark.data import DatasetError, load_records
 

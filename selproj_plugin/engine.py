@@ -417,6 +417,8 @@ def _store_budget(prep: Prepared, config: EngineConfig, dense_bytes: int = 0) ->
 
     A batch of ``batch_tokens`` holds about two fp32 copies of its factors' widths per token (layer
     inputs and output gradients, then the factors taken from them; measured 2.1 MB a token on SmolLM2-135M)."""
+    if config.memory_limit_gb < 0:
+        raise ValueError(f"memory_limit_gb must be at least 0, got {config.memory_limit_gb}")
     per_token = 2 * 4 * sum(s.rows + s.cols for s in prep.specs if s.kind == "factor")
     held = _resident_bytes(prep.capture.model)
     return max(0.0, config.memory_limit_gb * 2**30 - held - config.batch_tokens * per_token - dense_bytes
@@ -426,6 +428,8 @@ def _store_budget(prep: Prepared, config: EngineConfig, dense_bytes: int = 0) ->
 def _device_budget(config: EngineConfig) -> float:
     """Bytes of kept factors that stay on the accelerator (none on the CPU)."""
     device = torch.device(config.device)
+    if config.device_memory_gb is not None and config.device_memory_gb < 0:
+        raise ValueError(f"device_memory_gb must be at least 0, got {config.device_memory_gb}")
     if device.type == "cpu":
         return 0.0
     if config.device_memory_gb is not None:

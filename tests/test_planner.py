@@ -221,7 +221,9 @@ def test_bad_dot_order_and_spill_limit_are_one_line_errors():
     from selproj_plugin.engine import plan_table
 
     for config, words in ((EngineConfig(dot_order="diagonal"), "unknown dot order 'diagonal'"),
-                          (EngineConfig(max_spill_gb=-1), "max_spill_gb must be at least 0")):
+                          (EngineConfig(max_spill_gb=-1), "max_spill_gb must be at least 0"),
+                          (EngineConfig(memory_limit_gb=-1), "memory_limit_gb must be at least 0"),
+                          (EngineConfig(device_memory_gb=-2), "device_memory_gb must be at least 0")):
         with pytest.raises(ValueError, match=words) as err:
             plan_table(model, tok, tiny.SAMPLES[:1], tiny.SAMPLES[1:2], np.array([[0]]), config=config)
         assert "\n" not in str(err.value)

@@ -70,3 +70,10 @@ def test_the_engines_memory_limit_is_an_option_and_its_spill_is_reported(tiny_mo
         assert result["engine_memory_limit_gb"] == float(limit)
         spilled[limit] = result["engine_spilled_bytes"]
     assert spilled["0"] > 0 and spilled["8"] == 0
+
+
+def test_a_negative_engine_memory_limit_is_one_line_before_any_worker():
+    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--engine-memory-limit-gb", "-1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --engine-memory-limit-gb must be at least 0, got -1"
