@@ -604,7 +604,7 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
             t_capture += t2 - t1
             if projector is not None:
                 projected[i] = projector(f)
-            t_project += time.perf_counter() - t2
+                t_project += time.perf_counter() - t2
             t3 = time.perf_counter()
             store.put(i, f)  # storing (spilling) counts as dot-product time: the stream order pays it there too
             t1 = time.perf_counter()
