@@ -94,6 +94,7 @@ class PipelineOptions:
     batch_size: int = 8
     memory_limit_gb: float = 3.5
     max_spill_gb: float | None = None
+    dot_order: str = "auto"  # the engine's: 'auto', 'stream' or 'gram'; one asked for is part of the table's key
     plan_only: bool = False  # stop before the table: PipelineResult.plan says what building it would do
     cache_dir: str | None = None
     progress: bool = True
@@ -194,12 +195,13 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     table_key = {**identity, "component_set": opts.scope, "settings": opts.settings, "full_set": opts.full_set,
                  "candidates": opts.candidates, "projections": sorted(transforms), "max_length": opts.max_length,
                  "max_new_tokens": opts.max_new_tokens if "generated" in opts.settings else None,
-                 "queries": [q.id for q in queries]}
+                 "queries": [q.id for q in queries],
+                 **({"dot_order": opts.dot_order} if opts.dot_order != "auto" else {})}
     table_path = cache.path("table", table_key, "npz")
     config = EngineConfig(batch_size=opts.batch_size, max_length=opts.max_length,
                           memory_limit_gb=opts.memory_limit_gb / distributed.local_world(),  # per machine
                           max_spill_gb=opts.max_spill_gb, device=distributed.local_device(opts.device),
-                          progress=opts.progress)
+                          dot_order=opts.dot_order, progress=opts.progress)
     if opts.plan_only:
         plan = plan_table(model, tokenizer, queries, pool, rows, scope=opts.scope, config=config, across_ranks=True)
         return PipelineResult(tables={}, identity=identity, stages=stages, plan=plan)
@@ -243,6 +245,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
                                                                      max_length=opts.max_length,
                                                                      memory_limit_gb=opts.memory_limit_gb,
                                                                      max_spill_gb=opts.max_spill_gb,
+                                                                     dot_order=opts.dot_order,
                                                                      device=distributed.local_device(opts.device),
                                                                      progress=opts.progress))
         start += count

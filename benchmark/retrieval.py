@@ -25,6 +25,7 @@ from benchmark.pipeline import (
 from benchmark.report import METHODS, Baseline, ci_text, format_setting, vs_full_text, write_atomic, write_json
 from selproj_plugin import distributed, scoring, stats
 from selproj_plugin.components import COMPONENT_SETS, PAPER_KINDS
+from selproj_plugin.planner import DOT_ORDERS
 from selproj_plugin.registry import (
     convert_options, get_strategy, get_strategy_class, list_strategies, plugin_errors, plugin_names,
 )
@@ -76,6 +77,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-spill-gb", type=float, default=None,
                    help="disk the engine may fill with kept factors beyond its memory budget (default: half the free "
                         "space of the temporary directory); samples that fit neither are recomputed with each partner")
+    g.add_argument("--dot-order", default="auto", choices=DOT_ORDERS,
+                   help="how the engine takes dot products: 'stream' (sample by sample, as torchrun's ranks do), "
+                        "'gram' (component by component, one process only) or 'auto' (fewer estimated FLOPs; "
+                        "default). One process and torchrun give equal bits in the same order")
     g.add_argument("--plan", action="store_true",
                    help="print what building the table would do (kept, spilled and recomputed samples, passes, "
                         "predicted peak memory, capture FLOPs) and exit before any gradient")
@@ -290,7 +295,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             max_samples=args.max_samples or None, candidates=args.candidates, full_set=args.full_set,
             runs=tuple(runs), scope=args.components or "paper", seed=args.seed, dtype=args.dtype, device=args.device,
             max_length=args.max_length, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            memory_limit_gb=args.memory_limit_gb, max_spill_gb=args.max_spill_gb, plan_only=args.plan,
+            memory_limit_gb=args.memory_limit_gb, max_spill_gb=args.max_spill_gb, dot_order=args.dot_order,
+            plan_only=args.plan,
             cache_dir=args.cache_dir, progress=not args.no_progress,
         ))
         if args.plan:

@@ -4,7 +4,9 @@ Both runs get their own fresh stage cache (the model cache is shared), so each c
 everything; the script prints both wall times and whether the two JSON documents agree
 apart from timings and run bookkeeping.  Both runs use the same threads per process
 (``--threads``, default: the machine's cores shared by the torchrun processes): BLAS splits
-fp32 sums by thread, so only equal threads can give equal bits.  Extra arguments go to
+fp32 sums by thread, so only equal threads can give equal bits.  Both take the dot products in
+the ranks' order (``--dot-order stream`` unless given): one process left to choose may take
+them component by component, the same dots summed in another order.  Extra arguments go to
 ``benchmark.retrieval``.
 """
 
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU threads per process in both runs (default: cores // nproc, at least 1)")
     p.add_argument("--json", dest="json_out", help="write wall times and the comparison here")
     args, extra = p.parse_known_args(argv)
+    if not any(a == "--dot-order" or a.startswith("--dot-order=") for a in extra):
+        extra += ["--dot-order", "stream"]  # the ranks' order: left to choose, one process may take another
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
     print(f"{threads} thread(s) per process in both runs")
     work = Path(tempfile.mkdtemp(prefix="selproj-scaleout-"))

@@ -670,8 +670,10 @@ def build_table(
     ``across_ranks``: the torch.distributed ranks deal out the single-process batches of the
     streamed side (each also captures the kept side, whose factors its pairs need) and every
     rank returns the whole table, equal to one process's bit for bit at equal threads per
-    process.  A rank then saves its share to ``shard_path(rank, world)`` when given, and
-    reuses a shard file already there.
+    process in the same order: ranks stream, while one process left to choose (``dot_order``
+    'auto') may go component by component, the same dots summed in another order.  A rank
+    then saves its share to ``shard_path(rank, world)`` when given, and reuses a shard file
+    already there.
     """
     rank, world = distributed.rank_world() if across_ranks else (0, 1)
     shard_file = Path(shard_path(rank, world)) if shard_path is not None and world > 1 else None

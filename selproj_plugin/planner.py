@@ -38,9 +38,9 @@ GRAM_MARGIN = 0.9
 # factors: the default run's 48 samples took 2:01 in that order against 1:29 streamed, where FLOPs
 # alone favoured it.
 GRAM_MATERIALISE_WEIGHT = 2.0
-# A materialised pair dot whose partner was spilled reads the partner's whole gradient back: about
-# 30 flops' time per parameter (32 x 32 streamed took 515 s of dots against 89 s component by component).
-SPILLED_PAIR_WEIGHT = 30.0
+# A materialised pair dot whose partner was spilled reads the partner's whole gradient back: 52 flops'
+# time per parameter from the page cache, measured beside MEMORY_BOUND_WEIGHT's 45 in memory.
+SPILLED_PAIR_WEIGHT = 52.0
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,23 @@ def test_end_to_end_outputs(tiny_model_dir, small_dataset, tmp_path, capsys):
     assert "== paraphrased ==" in printed and "bm25 (baseline)" in printed
 
 
+def test_a_dot_order_asked_for_gets_its_own_table(tiny_model_dir, small_dataset, tmp_path):
+    """Left to choose, one process takes this small table component by component; asked to stream (for equal
+    bits with torchrun), it must not reuse that table from the cache."""
+    from selproj_plugin.table import ComponentTable
+
+    cache = tmp_path / "cache"
+    docs = {}
+    for order in ("auto", "stream", "auto"):
+        out = tmp_path / f"{order}.json"
+        assert cli(argv(tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full",
+                        "--dot-order", order, "--json", str(out))) == 0
+        docs[order] = json.loads(out.read_text())
+        table = ComponentTable.load(docs[order]["run"]["table_cache"])
+        assert table.meta["plan"]["dot_order"] == ("gram" if order == "auto" else "stream")
+    assert docs["stream"]["run"]["table_reused"] is False and docs["auto"]["run"]["table_reused"] is True
+
+
 def test_components_all_adds_norms_under_its_own_cache_key(tiny_model_dir, small_dataset, tmp_path):
     cache = tmp_path / "cache"
     docs = {}

@@ -23,10 +23,10 @@ INDEX = np.array([[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 0], [4, 0, 1]])
 MAX_LENGTH = 70  # truncates s3 and q4
 
 
-def config():
+def config(dot_order: str = "stream"):
     from selproj_plugin.engine import EngineConfig
 
-    return EngineConfig(batch_size=2, max_length=MAX_LENGTH, progress=False)
+    return EngineConfig(batch_size=2, max_length=MAX_LENGTH, progress=False, dot_order=dot_order)
 
 
 
@@ -79,6 +79,14 @@ def test_two_processes_build_the_same_table_bit_for_bit(tmp_path):
     for name in ARRAYS:
         np.testing.assert_array_equal(getattr(two, name), getattr(one, name), err_msg=name)
     assert float(np.abs(one.cross).max()) > 0
+    # left to choose, one process takes this table component by component (ranks always stream): the same
+    # dots summed in another order, so close but not equal bits
+    auto = build_table(model, tiny.tokenizer(), QUERIES, tiny.SAMPLES, INDEX, np.zeros(5, dtype=int),
+                       transforms=sketches(model), config=config("auto"))
+    assert auto.meta["plan"]["dot_order"] == "gram" and two.meta["plan"]["dot_order"] == "stream"
+    scale = np.sqrt(two.query_self[:, None, :] * two.candidate_self)
+    assert 0 < np.max(np.abs(auto.cross - two.cross) / np.maximum(scale, 1e-30)) <= 1e-4
+    np.testing.assert_allclose(auto.query_self, two.query_self, rtol=1e-4)
     assert one.meta["truncated"] == 2 and two.meta["truncated"] == 2
     assert two.meta["truncated_ids"] == ["q4", "s3"] and two.meta["world_size"] == 2
     # each rank left its own finished shard; together they hold every pair exactly once
@@ -170,7 +178,8 @@ def test_torchrun_benchmark_json_equals_single_process(tiny_model_dir, small_dat
     from benchmark.retrieval import cli
 
     one = tmp_path / "one.json"
-    assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "c1", "--json", str(one))) == 0
+    same_order = ("--dot-order", "stream")  # what the ranks do; one process alone would go component by component
+    assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "c1", "--json", str(one), *same_order)) == 0
     two = tmp_path / "two.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -180,7 +189,7 @@ def test_torchrun_benchmark_json_equals_single_process(tiny_model_dir, small_dat
     assert planned.returncode == 0, planned.stderr[-2000:]
     assert planned.stdout.count("plan: ") == 1  # both ranks plan, rank 0 reports
     assert not list((tmp_path / "c2" / "benchmark").glob("table-*"))
-    cmd = launch + argv(tiny_model_dir, small_dataset, tmp_path / "c2", "--json", str(two))
+    cmd = launch + argv(tiny_model_dir, small_dataset, tmp_path / "c2", "--json", str(two), *same_order)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())

@@ -98,7 +98,10 @@ def _spec(name: str, rows: int, cols: int) -> ComponentSpec:
     return ComponentSpec(Component(name, name, 0, (f"{name}.weight",), rows * cols), "factor", rows, cols, "plain")
 
 
-def test_choose_modes_counts_a_shared_input_once():
+def test_choose_modes_counts_a_shared_input_once(monkeypatch):
+    import selproj_plugin.gram as gram
+
+    monkeypatch.setattr(gram, "MEMORY_BOUND_WEIGHT", 8.0)  # the costs below are worked with a pair dot at 8 flops
     # q (64 x 64), k and v (16 x 64) read one input X of width 64; 10 samples of 40 tokens, 20 pairs.
     # Per stored number of a row, a Gram costs 20 * 40^2 = 32,000; materialising k costs
     # (10 * 40 + 20 * 8) * 1024 = 573,440, doubled by the margin: 1,146,880.
@@ -123,6 +126,7 @@ def test_choose_modes_past_max_joint_decides_each_alone_with_shared_tensors_paid
     import selproj_plugin.gram as gram
 
     monkeypatch.setattr(gram, "MAX_JOINT", 2)
+    monkeypatch.setattr(gram, "MEMORY_BOUND_WEIGHT", 8.0)
     specs = [_spec("q", 64, 64), _spec("k", 16, 64), _spec("v", 16, 64)]
     out = [FactorTensor("tokens", 4 * w, frozenset({n})) for n, w in (("q", 64), ("k", 16), ("v", 16))]
     shared = out + [FactorTensor("tokens", 4 * 64, frozenset({"q", "k", "v"}))]
@@ -207,10 +211,11 @@ def test_ranks_plan_with_the_tightest_ranks_budget(monkeypatch):
     tok = tiny.tokenizer()
     queries = [Sample(f"q{i}", f"Question {i}?", f"Answer {i}.") for i in range(4)]
     index = np.array([[0, 1], [1, 0], [0, 1], [1, 0]])
-    alone = plan_table(model, tok, queries, tiny.SAMPLES[:2], index, across_ranks=True)
+    stream = EngineConfig(dot_order="stream")  # ranks stream; alone, this table would go component by component
+    alone = plan_table(model, tok, queries, tiny.SAMPLES[:2], index, config=stream, across_ranks=True)
     monkeypatch.setattr(distributed, "rank_world", lambda: (0, 2))
     monkeypatch.setattr(distributed, "gather", lambda mine: [mine, (0.0,) * len(mine)])  # rank 1: nothing to spare
-    shared = plan_table(model, tok, queries, tiny.SAMPLES[:2], index, across_ranks=True)
+    shared = plan_table(model, tok, queries, tiny.SAMPLES[:2], index, config=stream, across_ranks=True)
     assert len(alone.kept) == 2 and alone.recomputed == 0  # this rank alone keeps both candidates
     assert shared.kept == [] and shared.recomputed > 0
 
@@ -278,3 +283,31 @@ def test_captured_widths_do_not_shrink_when_components_are_materialised():
     factored, dense = prep.widths([]), prep.widths(names)
     assert factored.captured_per_token == factored.per_token + factored.per_target
     assert dense.per_token == dense.per_target == 0 and dense.captured_per_token == factored.captured_per_token
+
+
+def _smollm2_on_meta() -> torch.nn.Module:
+    """SmolLM2-135M's geometry, no weights: what the measured runs below used."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                  num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                  tie_word_embeddings=True, max_position_embeddings=8192)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("limit_gb", [3.5, 16.0])
+def test_every_original_a_candidate_plans_component_by_component_at_any_limit(limit_gb):
+    """Measured 2026-11-30 on the 2-core CPU, `benchmark.speed --only fullset` (32 x 32, SmolLM2-135M, 177
+    tokens mean) at a 16 GB limit: streamed with every component materialised 211.6 s, component by
+    component 107.8 s. The planner chose streaming there while a materialised pair dot was weighed at 8
+    matrix-product flops a parameter; it measures 45."""
+    from selproj_plugin.engine import plan_table
+
+    n = 32
+    queries = [Sample(f"q{i}", f"Paraphrased question {i:02d} " + "w" * 50, "r" * 100) for i in range(n)]
+    originals = [Sample(f"o{i}", f"Original question {i:02d} " + "w" * 52, "r" * 100) for i in range(n)]
+    plan = plan_table(_smollm2_on_meta(), tiny.tokenizer(), queries, originals, np.tile(np.arange(n), (n, 1)),
+                      config=EngineConfig(memory_limit_gb=limit_gb, max_spill_gb=21.5))
+    assert 170 <= np.mean(plan.lengths) <= 185
+    assert plan.dot_order == "gram"
