@@ -162,6 +162,7 @@ class TablePlan:
     on_device: bool = False  # capture batches and groups live in accelerator memory, kept factors in host RAM
     device_budget: float = 0.0  # of ``store_budget``: kept factors held in accelerator memory, not host RAM
     dot_order: str = "stream"  # 'stream': sample by sample past the kept side; 'gram': component by component
+    dense_params: int = 0  # the components' parameters: what the component order materialises and multiplies
     sides: tuple[int, int] = (0, 0)  # distinct queries, distinct candidates
     notes: list[str] = field(default_factory=list)
 
@@ -224,7 +225,9 @@ class TablePlan:
         """Gram products of every pair and self pair (factors: n_i n_j per stored width, shared inputs once;
         materialised components: n rows cols per capture, rows cols per pair, weighted by ``pair_weight``:
         one pair's dot of two stored gradients reads them from memory, unlike a matrix product; pass
-        :meth:`pair_weight` for the stream order's estimate)."""
+        :meth:`pair_weight` for the stream order's estimate).  In the component order, :meth:`gram_flops`."""
+        if self.dot_order == "gram":
+            return self.gram_flops(materialise_weight=1.0)
         n = np.asarray(self.lengths, dtype=np.float64)
         t = np.asarray(self.targets, dtype=np.float64)
         w_tok, w_tgt, dense = self.widths.per_token / 4, self.widths.per_target / 4, self.widths.per_sample / 4
@@ -241,16 +244,17 @@ class TablePlan:
         spilled = self.spill_bytes / kept if kept else 0.0
         return in_memory + spilled * (SPILLED_PAIR_WEIGHT - in_memory)
 
-    def gram_flops(self, dense_params: int) -> float:
-        """Component by component: every sample's gradient materialised once, one multiply-add per parameter
-        for each query-candidate product and squared norm."""
+    def gram_flops(self, materialise_weight: float = GRAM_MATERIALISE_WEIGHT) -> float:
+        """Component by component: every sample's gradient materialised once (a multiply-add per parameter and
+        token, weighed by ``materialise_weight``: 1 counts flops, the default estimates time), one multiply-add
+        per parameter for each query-candidate product and squared norm."""
         n = float(np.dot(self.passes > 0, self.lengths))
         q, c = self.sides
-        return 2.0 * dense_params * (GRAM_MATERIALISE_WEIGHT * n + q * c + int(np.count_nonzero(self.passes)))
+        return 2.0 * self.dense_params * (materialise_weight * n + q * c + int(np.count_nonzero(self.passes)))
 
-    def in_gram_order(self, widths: FactorWidths) -> "TablePlan":
+    def in_gram_order(self, widths: FactorWidths, dense_params: int) -> "TablePlan":
         """This plan with every sample captured once and its factors (``widths``: none materialised) stored,
-        RAM then spill: the component-major order."""
+        RAM then spill: the component-major order over ``dense_params`` parameters."""
         used = [i for i in range(len(self.lengths)) if self.passes[i]]
         sample_bytes = [widths.sample_bytes(n, t) for n, t in zip(self.lengths, self.targets)]
         ram, ram_kept = 0, 0
@@ -262,6 +266,7 @@ class TablePlan:
         return dataclasses.replace(self, kept=used, ram_kept=ram_kept, groups=[], widths=widths,
                                    sample_bytes=sample_bytes, materialised=0,
                                    passes=(np.asarray(self.passes) > 0).astype(np.int64), dot_order="gram",
+                                   dense_params=int(dense_params),
                                    notes=[n for n in self.notes if "recomputed" not in n])
 
     def summary(self) -> dict[str, Any]:
@@ -298,7 +303,8 @@ class TablePlan:
             f"  passes: {s['captures']} captures for {s['samples']} samples ({s['recomputed']} recomputed; at most "
             f"{s['passes_per_sample_max']} per sample)",
             f"  flops: capture {s['capture_flops'] / 1e12:.1f} TFLOP, dots {s['dot_flops'] / 1e12:.1f} TFLOP "
-            f"({s['materialised_components']} components materialised)",
+            + (f"(every sample's {self.dense_params:,} parameters materialised once, pairs by matrix products)"
+               if self.dot_order == "gram" else f"({s['materialised_components']} components materialised)"),
             f"  predicted peak {'host ' if self.on_device else ''}memory: {g(s['predicted_peak_bytes'])} (resident "
             f"{g(s['resident_bytes'])} + kept {g(s['kept_ram_bytes'])}"
             + ("" if self.on_device else f" + batch/group {g(max(s['batch_bytes'], s['group_bytes']))}")
@@ -384,9 +390,9 @@ def choose_order(plan: TablePlan, widths: FactorWidths, dense_params: int, strea
     sample's factors (``widths``) stored within RAM budget and spill allowance; ``order`` 'stream' or 'gram'
     forces one."""
     check_order(order)
-    gram = plan.in_gram_order(widths)
+    gram = plan.in_gram_order(widths, dense_params)
     fits = gram.ram_bytes + gram.spill_bytes <= plan.store_budget + plan.spill_allowance
-    cheaper = gram.capture_flops() + gram.gram_flops(dense_params) < GRAM_MARGIN * (plan.capture_flops() + stream_dot_flops)
+    cheaper = gram.capture_flops() + gram.gram_flops() < GRAM_MARGIN * (plan.capture_flops() + stream_dot_flops)
     if order == "gram" or (order == "auto" and fits and cheaper):
         return gram
     return plan

@@ -94,6 +94,20 @@ def test_plan_summary_counts_only_the_samples_it_captures():
     assert plan.describe().startswith("plan: 7 distinct samples (10 tokens mean)")
 
 
+def test_component_order_reports_its_own_flops():
+    """The plan's dots FLOPs are those of the order it runs: component by component, every sample's gradient
+    is materialised once and the pairs are matrix products, not the factored Grams of streaming."""
+    q_of = [0, 1]  # 2 queries, each with all 3 candidates; 5 samples of 10..50 tokens (150 in all)
+    plan = plan_pairs([10, 20, 30, 40, 50], [0] * 5, q_of, np.array([[2, 3, 4], [2, 3, 4]]), _widths(4),
+                      store_budget=1e9, spill_allowance=0, resident_bytes=0, batch_tokens=64)
+    gram = plan.in_gram_order(_widths(4), dense_params=1000)
+    # 1000 parameters x 150 tokens materialised, 2 x 3 products and 5 squared norms: 2 flops a multiply-add
+    assert gram.dot_flops() == gram.summary()["dot_flops"] == 2 * 1000 * (150 + 6 + 5)
+    assert "every sample's 1,000 parameters materialised once" in gram.describe()
+    # streamed, the same pairs cost their Grams: n_i n_j per stored number of a row (1 here), self pairs too
+    assert plan.dot_flops() == 2 * ((10 + 20) * (30 + 40 + 50) + 10**2 + 20**2 + 30**2 + 40**2 + 50**2)
+
+
 def _spec(name: str, rows: int, cols: int) -> ComponentSpec:
     return ComponentSpec(Component(name, name, 0, (f"{name}.weight",), rows * cols), "factor", rows, cols, "plain")
 
