@@ -128,9 +128,14 @@ class FactorStore:
 
     def get(self, key: Any, names: set[str] | None = None) -> SampleFactors:
         """The factors stored under ``key`` (spilled ones memory-mapped, read from the page cache without a
-        copy); ``names``: only these tensor and vector keys of a spilled sample."""
+        copy); ``names``: only these tensor and vector keys, so a caller moving them to a device touches no more
+        (the component order asks for one component's few of a sample's ~300 tensors, block after block)."""
         if key in self._items:
-            return self._items[key]
+            f = self._items[key]
+            if names is None:
+                return f
+            return SampleFactors(f.sample_id, {k: f.tensors[k] for k in names if k in f.tensors}, f.uses,
+                                 {k: f.vectors[k] for k in names if k in f.vectors})
         shell, path, where = self._files[key]
         wanted = {k: w for k, w in where.items() if names is None or k in names}
         mapped = np.memmap(path, dtype=np.uint8, mode="c") if any(w.nbytes for w in wanted.values()) else None

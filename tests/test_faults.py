@@ -222,6 +222,23 @@ def test_fault_table_fast_rows_on_a_tiny_model(tiny_model_dir, small_dataset, ca
     assert "NaN in one sample's loss" in rows[1] and "exit 2: error: sample " in rows[1] and "NaN or inf" in rows[1]
 
 
+def test_named_keys_of_a_kept_sample_are_all_a_get_returns_wherever_it_is_kept(tmp_path):
+    """The component order asks for one component's few tensors of a sample, block after block: a sample kept
+    in memory gave all of them, and moving those to the device (a no-op call per tensor on the CPU) took
+    2.5 s of a 32-sample full set's 24.7 s of dots."""
+    store = FactorStore(1e9, str(tmp_path))
+    store.put("ram", _factors())
+    store.put("disk", _factors(), spill=True)
+    try:
+        for key in ("ram", "disk"):
+            part = store.get(key, {"t"})
+            assert set(part.tensors) == {"t"} and part.vectors == {} and torch.equal(part.tensors["t"], torch.ones(64, 8))
+            assert set(store.get(key, {"v"}).vectors) == {"v"} and store.get(key, set()).tensors == {}
+            assert set(store.get(key).tensors) == {"t"} and set(store.get(key).vectors) == {"v"}
+    finally:
+        store.close()
+
+
 def test_kept_factors_fill_the_device_then_ram_then_disk(tmp_path):
     """On an accelerator the store keeps factors there first (no host copy per pair), then in RAM up to the
     whole limit, then spills; the 'meta' device stands in for a GPU here."""
