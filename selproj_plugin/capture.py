@@ -116,7 +116,9 @@ def matrix_rows(spec: ComponentSpec, factors: SampleFactors, start: int, stop: i
         out = torch.empty((stop - start) * spec.cols, dtype=FACTOR_DTYPE, device=device)
     block = out.view(stop - start, spec.cols)
     written = False
-    for use in factors.uses[spec.name]:
+    # products first, so the first writes the block in place; token ids (a tied embedding's input side) then add
+    # their rows to it, and the block is zeroed only when no product wrote it
+    for use in sorted(factors.uses[spec.name], key=lambda u: u.left_index):
         if use.left_index:  # token ids stand for one-hot rows: the block's rows gather the right factor's rows
             if not written:
                 block.zero_()

@@ -617,11 +617,14 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
             t_dots += t1 - t2
         t_dots -= t_project
         shells = {i: store.get(i, set()) for i in used}  # uses and vectors' names, no tensors read
+        blocks = {spec.name: max(1, min(spec.rows, GRAM_BLOCK_BYTES // (4 * spec.cols * len(used))))
+                  for spec in prep.specs}  # rows of a component per block
+        # one block's storage for every block: allocated afresh, each of ~240 blocks was page-faulted in again
+        storage = torch.empty(len(used) * max(blocks[s.name] * s.cols for s in prep.specs), device=config.device)
         for c, spec in enumerate(prep.specs):
-            rows_per_block = max(1, min(spec.rows, GRAM_BLOCK_BYTES // (4 * spec.cols * len(used))))
-            for start in range(0, spec.rows, rows_per_block):
-                stop = min(spec.rows, start + rows_per_block)
-                block = torch.empty(len(used), (stop - start) * spec.cols, device=config.device)
+            for start in range(0, spec.rows, blocks[spec.name]):
+                stop = min(spec.rows, start + blocks[spec.name])
+                block = storage[: len(used) * (stop - start) * spec.cols].view(len(used), -1)
                 for k, i in enumerate(used):  # the store holds factors on the CPU: materialise on the device
                     matrix_rows(spec, store.get(i, factor_keys(spec, shells[i])).to(config.device), start, stop,
                                 out=block[k])

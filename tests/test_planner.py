@@ -174,9 +174,15 @@ def test_recomputed_table_equals_the_naive_loop_and_the_kept_table():
     np.testing.assert_allclose(recomputed.candidate_self, kept.candidate_self, rtol=1e-5)
 
 
-def test_component_by_component_order_equals_the_naive_loop_and_the_streamed_table():
+@pytest.mark.parametrize("block_bytes", [None, 1500])
+def test_component_by_component_order_equals_the_naive_loop_and_the_streamed_table(monkeypatch, block_bytes):
+    """Also with blocks of a few rows (1500 bytes): components split in several blocks, the last one shorter, all
+    in one reused storage that holds the previous block's numbers."""
+    from selproj_plugin import engine
     from selproj_plugin.projection import CountSketch
 
+    if block_bytes is not None:
+        monkeypatch.setattr(engine, "GRAM_BLOCK_BYTES", block_bytes)
     model = tiny.model("qwen2", tied=True)
     tok = tiny.tokenizer()
     comps = catalogue(model, "all")
