@@ -72,9 +72,9 @@ def plan(args: argparse.Namespace) -> dict:
     resident = int(args.host_overhead_gb * GiB)  # interpreter, torch, CUDA context; the weights live on the GPU
     store_budget = max(0.0, args.memory_limit_gb * GiB - resident - 2 * PAIR_CHUNK_BYTES)
     device_budget = max(0.0, args.device_memory_gb * GiB - model_bytes) / 2  # the engine's default share on CUDA
-    table = plan_pairs(lengths.tolist(), targets.tolist(), q_of, c_of, widths, store_budget=store_budget + device_budget,
-                       spill_allowance=args.max_spill_gb * GiB, resident_bytes=resident, batch_tokens=args.batch_tokens)
-    table.device_budget = device_budget
+    table = plan_pairs(lengths.tolist(), targets.tolist(), q_of, c_of, widths, store_budget=store_budget,
+                       device_budget=device_budget, spill_allowance=args.max_spill_gb * GiB, resident_bytes=resident,
+                       batch_tokens=args.batch_tokens)
     table.materialised = len(materialise)
     table = choose_order(table, factor_widths(capture, specs, (), tensors), sum(s.rows * s.cols for s in specs),
                          table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)))

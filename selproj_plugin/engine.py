@@ -376,9 +376,8 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
     if world > 1:  # every rank must make the same plan: plan all with the tightest rank's budget and disk
         budget, allowance, on_device = (min(v) for v in zip(*distributed.gather((budget, allowance, on_device))))
     table = plan_pairs(lengths, [e.n_targets for e in encoded], q_of, c_of, widths,
-                       store_budget=budget + on_device, spill_allowance=allowance,
+                       store_budget=budget, device_budget=on_device, spill_allowance=allowance,
                        resident_bytes=_resident_bytes(prep.capture.model), batch_tokens=config.batch_tokens)
-    table.device_budget = on_device
     table.materialised = len(materialise)
     if world == 1:  # component by component runs in one process
         table = choose_order(table, prep.widths(), sum(s.rows * s.cols for s in prep.specs),
@@ -616,7 +615,7 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
             t_store += t1 - t3
             t_dots += t1 - t2
         t_dots -= t_project
-        shells = {i: store.get(i, set()) for i in used}  # uses and vectors' names, no tensors read
+        shells = {i: store.get(i, set()) for i in used}  # each sample's uses, no tensor or vector read
         blocks = {spec.name: max(1, min(spec.rows, GRAM_BLOCK_BYTES // (4 * spec.cols * len(used))))
                   for spec in prep.specs}  # rows of a component per block
         # one block's storage for every block: allocated afresh, each of ~240 blocks was page-faulted in again

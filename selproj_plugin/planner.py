@@ -315,9 +315,12 @@ class TablePlan:
 
 def plan_pairs(lengths: Sequence[int], targets: Sequence[int], q_of: Sequence[int], c_of: np.ndarray,
                widths: FactorWidths, *, store_budget: float, spill_allowance: float, resident_bytes: int,
-               batch_tokens: int) -> TablePlan:
+               batch_tokens: int, device_budget: float = 0.0) -> TablePlan:
     """Decide which side's factors are kept, which kept-side samples are stored (most reused first,
-    RAM then spill) and which are recomputed with each streamed partner."""
+    in memory, then spilled) and which are recomputed with each streamed partner.
+
+    ``store_budget``: host RAM for kept factors; ``device_budget``: accelerator memory for them besides."""
+    store_budget += device_budget  # the store fills the device first, then RAM: one budget for keeping
     sample_bytes = [widths.sample_bytes(n, t) for n, t in zip(lengths, targets)]
     q_set, c_set = set(q_of), set(int(c) for c in np.asarray(c_of).ravel())
     kept_queries = len(q_set) <= len(c_set)
@@ -371,7 +374,7 @@ def plan_pairs(lengths: Sequence[int], targets: Sequence[int], q_of: Sequence[in
                      "recomputed with each streamed partner")
     return TablePlan(list(lengths), list(targets), sample_bytes, kept, ram_kept, groups, passes, sorted(pair_set),
                      kept_queries, store_budget, spill_allowance, resident_bytes, batch_tokens, widths, notes=notes,
-                     sides=(len(q_set), len(c_set)))
+                     device_budget=device_budget, sides=(len(q_set), len(c_set)))
 
 
 DOT_ORDERS = ("auto", "stream", "gram")
