@@ -92,7 +92,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cache-dir", default=None, help="cache root (default $SELPROJ_CACHE or ~/.cache/selproj)")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bars (but the one-off GGUF conversion draws transformers' own)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # checked here, before a model is loaded or a sample generated: not after minutes of work
+    if not args.memory_limit_gb > 0:
+        p.error(f"--memory-limit-gb must be a positive number of GB, got {args.memory_limit_gb:g}")
+    if args.max_spill_gb is not None and not args.max_spill_gb >= 0:
+        p.error(f"--max-spill-gb must be 0 or more, got {args.max_spill_gb:g}")
+    if args.folds < 2:
+        p.error(f"--folds must be at least 2, got {args.folds}")
+    if not args.table and 0 < args.max_samples < args.folds:
+        p.error(f"--folds {args.folds} needs at least {args.folds} queries, and --max-samples {args.max_samples} "
+                f"gives {args.max_samples}: lower --folds or raise --max-samples")
+    return args
 
 
 def parse_options(items: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
