@@ -95,6 +95,16 @@ class SampleFactors:
         return SampleFactors(self.sample_id, {k: t.to(device) for k, t in self.tensors.items()}, self.uses,
                              {k: v.to(device) for k, v in self.vectors.items()})
 
+    def compact(self) -> "SampleFactors":
+        """These factors in memory of their own.  The capture hands out views of its batch's tensors (no copy for
+        a sample used and dropped, or written to disk); one kept past its batch would keep the whole batch alive."""
+        return SampleFactors(self.sample_id, {k: _compact(t) for k, t in self.tensors.items()}, self.uses,
+                             {k: _compact(v) for k, v in self.vectors.items()})
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
 
 def matrix_form(spec: ComponentSpec, factors: SampleFactors) -> torch.Tensor:
     """The component gradient ``[rows, cols]`` = sum over uses of ``L^T R`` (bias columns included)."""
@@ -263,7 +273,8 @@ class GradientCapture:
 
     # ---- one batch ----------------------------------------------------------------
     def run(self, batch: Batch) -> tuple[list[SampleFactors], torch.Tensor]:
-        """Forward/backward one batch; returns per-sample factors (on CPU) and per-sample losses."""
+        """Forward/backward one batch; returns per-sample factors and per-sample losses.  The factors are
+        views of the batch's tensors where no conversion copies them (:meth:`SampleFactors.compact` to keep one)."""
         geometry = _Geometry(batch)
         for h in self.handlers:
             h.calls = []
@@ -391,12 +402,12 @@ class GradientCapture:
                 x, d = x[keep], d[keep]
             xkey = f"{tag}:ids"
             f.tensors[xkey] = x.to(torch.long).contiguous()
-            f.tensors[dkey] = _own(d)
+            f.tensors[dkey] = _rows(d)
             return FactorUse(xkey, dkey, left_index=True)
         if xkey not in f.tensors:
-            f.tensors[xkey] = _own(x)
+            f.tensors[xkey] = _rows(x)
         if dkey not in f.tensors:
-            f.tensors[dkey] = _own(d)
+            f.tensors[dkey] = _rows(d)
         has_w, has_b = "weight" in names, "bias" in names
         if h.kind == "linear":  # grad W = D^T X
             if not has_w:
@@ -452,9 +463,10 @@ def _sdpa(model: nn.Module) -> Iterator[None]:
             model.set_attn_implementation(current)
 
 
-def _own(t: torch.Tensor) -> torch.Tensor:
-    """A compact float32 copy, so a stored sample never keeps its whole batch's tensor alive."""
-    return t.to(FACTOR_DTYPE).contiguous().clone() if t.dtype == FACTOR_DTYPE else t.to(FACTOR_DTYPE).contiguous()
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A sample's rows in float32, contiguous: a view of the batch's tensor where it already is (copying every
+    sample's ~190 MB of SmolLM2 factors took 1.9 of a 32-sample full set's 35 s of capture)."""
+    return t.to(FACTOR_DTYPE).contiguous()
 
 
 def _module_kind(module: nn.Module, own: dict[str, Component]) -> str:

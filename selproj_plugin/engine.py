@@ -110,12 +110,12 @@ class FactorStore:
         the limit is reached)."""
         if not spill and self.on_device + f.nbytes <= self.device_limit:
             self.on_device += f.nbytes
-            self._items[key] = f.to(self.device)
+            self._items[key] = f.to(self.device).compact()
             return
         f = f.to("cpu")
         if not spill and (spill is False or self.on_device + self.in_ram + f.nbytes <= self.limit):
             self.in_ram += f.nbytes
-            self._items[key] = f
+            self._items[key] = f.compact()  # kept in memory: its batch's tensors must not stay alive with it
             return
         if self._dir is None:
             self._dir = SpillDir(self._parent)
@@ -223,13 +223,21 @@ def _batches(encoded: Sequence[Encoded], order: Sequence[int], config: EngineCon
 
 def iter_factors(prep: Prepared, encoded: Sequence[Encoded], indices: Sequence[int], config: EngineConfig,
                  materialise: set[str] = frozenset(), label: str = "samples") -> Iterator[tuple[int, SampleFactors]]:
-    """Factors of ``encoded[i]`` for each i in ``indices``: one forward/backward per length-sorted batch."""
-    return _capture(prep, encoded, list(_batches(encoded, indices, config)), config, materialise, label)
+    """Factors of ``encoded[i]`` for each i in ``indices`` (each in memory of its own, safe to keep): one
+    forward/backward per length-sorted batch."""
+    for i, f in _capture(prep, encoded, list(_batches(encoded, indices, config)), config, materialise, label):
+        own = f.compact()
+        del f
+        yield i, own
+        del own
 
 
 def _capture(prep: Prepared, encoded: Sequence[Encoded], batches: Sequence[Sequence[int]], config: EngineConfig,
              materialise: set[str] = frozenset(), label: str = "samples") -> Iterator[tuple[int, SampleFactors]]:
-    """Factors of each sample of ``batches``, one forward/backward per batch, with progress on stderr."""
+    """Factors of each sample of ``batches``, one forward/backward per batch, with progress on stderr.
+
+    Each is a view of its batch's tensors: drop it (or keep its :meth:`~SampleFactors.compact` copy) before asking
+    for the next, or the whole batch stays alive through the next capture."""
     done, total, t0 = 0, sum(map(len, batches)), time.perf_counter()
     label = distributed.prefix(label)
     dense = sorted(materialise)
@@ -522,6 +530,14 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
             for j, row in zip(rest, factor_dots(got[hub], [got[j] for j in rest], prep.specs)):
                 put(pair_key(ids[hub], ids[j]), row, projected[hub], projected[j])
 
+    def settle(i: int, f: SampleFactors, waiting: dict[tuple[int, int], dict[int, SampleFactors]]) -> None:
+        """``i`` left waiting for a later capture keeps a copy of its own, not its batch's tensors."""
+        left = [got for got in waiting.values() if got.get(i) is f]
+        if left:
+            own = f.compact()
+            for got in left:
+                got[i] = own
+
     try:
         t1 = time.perf_counter()
         for i, f in _capture(prep, plan.encoded, plan.kept_batches, config, plan.materialise, kept_label):
@@ -532,6 +548,7 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
             self_dot(i, f, kept_projections[i])
             t3 = time.perf_counter()
             store.put(i, f, spill=i not in in_ram)
+            del f
             t1 = time.perf_counter()
             t_store += t1 - t3
             t_dots += t1 - t2
@@ -548,18 +565,21 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
                 unit_of += [u] * len(b)
         waiting: dict[tuple[int, int], dict[int, SampleFactors]] = {}  # (unit, group) -> factors arrived
         captures = _capture(prep, plan.encoded, batches, config, plan.materialise, streamed_label)
-        for n, (i, f) in enumerate(captures):  # to the end: the generator reports progress after each batch
+        n = 0  # not enumerate(): its reused result tuple would hold the last sample through the next capture
+        for i, f in captures:  # to the end: the generator reports progress after each batch
             u = unit_of[n]
+            n += 1
             t2 = time.perf_counter()
             t_capture += t2 - t1
             captured += 1
             f = f.to(config.device)
             for g, members in enumerate(plan.units[u]):
                 if i in members:
-                    got = waiting.setdefault((u, g), {})
-                    got[i] = f
-                    if len(got) == len(members):
+                    waiting.setdefault((u, g), {})[i] = f
+                    if len(waiting[u, g]) == len(members):
                         group(u, members, waiting.pop((u, g)))
+            settle(i, f, waiting)
+            del f
             t1 = time.perf_counter()
             t_dots += t1 - t2
         spilled = store.spilled
@@ -611,6 +631,7 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
                 t_project += time.perf_counter() - t2
             t3 = time.perf_counter()
             store.put(i, f)  # storing (spilling) counts as dot-product time: the stream order pays it there too
+            del f
             t1 = time.perf_counter()
             t_store += t1 - t3
             t_dots += t1 - t2
@@ -797,6 +818,7 @@ def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sa
         for s in prep.specs:
             out[s.name][i] = to_param_layout(s, matrix_form(s, f)).cpu()
         done.append(i)
+        del f
     if across_ranks:
         for i, row in _gathered({i: {name: t[i] for name, t in out.items()} for i in done}, True).items():
             for name, t in out.items():
@@ -818,8 +840,11 @@ def projected_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence
     projector = _Projector(prep.specs, [transform])
     encoded, _ = encode_samples(tokenizer, samples, config.max_length)
     batches = _mine(list(_batches(encoded, range(len(samples)), config)), across_ranks)
-    rows = _gathered({i: projector(f)[0] for i, f in _capture(prep, encoded, batches, config, label="projection")},
-                     across_ranks)
+    mine = {}
+    for i, f in _capture(prep, encoded, batches, config, label="projection"):
+        mine[i] = projector(f)[0]
+        del f
+    rows = _gathered(mine, across_ranks)
     out = torch.zeros(len(samples), transform.dim, dtype=torch.float64)
     for i, row in rows.items():
         out[i] = row
@@ -848,8 +873,9 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
                    config)
     dots: dict[int, np.ndarray] = {}
     try:
-        for i, f in iter_factors(prep, encoded, stored, config, materialise, "set A"):
+        for i, f in _capture(prep, encoded, list(_batches(encoded, stored, config)), config, materialise, "set A"):
             store.put(i, f)
+            del f
         def against_a(f: SampleFactors) -> np.ndarray:  # A in chunks: factors read back stay small
             f = f.to(config.device)
             return np.concatenate([factor_dots(f, [store.get(i).to(config.device) for i in chunk], prep.specs)
@@ -860,6 +886,7 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
         b_batches = _mine(list(_batches(encoded, streamed, config)), across_ranks)
         for b, f in _capture(prep, encoded, b_batches, config, materialise, "set B"):
             dots[b] = against_a(f)
+            del f
     finally:
         store.close()
     dots = _gathered(dots, across_ranks)
