@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
@@ -43,9 +44,14 @@ from selproj_plugin.transforms import Transform
 T = TypeVar("T")
 
 __all__ = [
-    "EngineConfig", "FactorStore", "build_table", "plan_table", "sample_features", "projected_features", "pairwise_dots",
+    "EngineConfig", "FactorStore", "MemoryLimitWarning", "build_table", "plan_table", "sample_features", "projected_features", "pairwise_dots",
     "iter_factors", "factor_dots", "prepare",
 ]
+
+
+class MemoryLimitWarning(UserWarning):
+    """The plan's predicted peak is over ``memory_limit_gb``: what the process already holds and one capture batch
+    need more, with nothing kept."""
 
 
 @dataclass
@@ -392,6 +398,12 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
                              table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)), config.dot_order)
     elif config.dot_order == "gram":
         raise ValueError("dot_order 'gram' runs in one process; use 'stream' or 'auto' under torch.distributed")
+    if table.peak_bytes > config.memory_limit_gb * 2**30:
+        note = (f"predicted peak {table.peak_bytes / 2**30:.2f} GiB is over the {config.memory_limit_gb:g} GB memory "
+                "limit: the process and one capture batch need that much with nothing kept (raise the limit, or "
+                "lower batch_tokens)")
+        table.notes.append(note)
+        warnings.warn(note, MemoryLimitWarning, stacklevel=3)
     kept = set(table.kept)
     partners: dict[int, set[int]] = {}
     self_pairs = set()

@@ -221,6 +221,23 @@ def test_many_partners_choose_the_component_by_component_order():
     assert few.dot_order == "stream" and every.dot_order == "gram"
 
 
+def test_a_limit_below_what_the_process_needs_warns_and_the_plan_says_so():
+    """A limit the process is already over gave a run (and a plan) silently past it."""
+    import warnings
+
+    from selproj_plugin.engine import MemoryLimitWarning, plan_table
+
+    model, tok = tiny.model("llama"), tiny.tokenizer()
+    args = (model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, np.array([[0, 1], [2, 3]]))
+    with pytest.warns(MemoryLimitWarning, match=r"^predicted peak \d+\.\d\d GiB is over the 0.01 GB memory limit"):
+        tight = plan_table(*args, config=EngineConfig(memory_limit_gb=0.01))
+    assert tight.peak_bytes > 0.01 * 2**30 and any("over the 0.01 GB" in n for n in tight.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MemoryLimitWarning)
+        roomy = plan_table(*args, config=EngineConfig(memory_limit_gb=64))
+    assert roomy.peak_bytes <= 64 * 2**30 and not any("memory limit" in n for n in roomy.notes)
+
+
 def test_ranks_plan_with_the_tightest_ranks_budget(monkeypatch):
     """Ranks derive units and shards from the plan, so all must plan alike: a rank with no RAM or disk
     to spare makes every rank recompute, instead of each planning with its own budget."""
