@@ -92,18 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cache-dir", default=None, help="cache root (default $SELPROJ_CACHE or ~/.cache/selproj)")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bars (but the one-off GGUF conversion draws transformers' own)")
-    args = p.parse_args(argv)
-    # checked here, before a model is loaded or a sample generated: not after minutes of work
-    if not args.memory_limit_gb > 0:
-        p.error(f"--memory-limit-gb must be a positive number of GB, got {args.memory_limit_gb:g}")
-    if args.max_spill_gb is not None and not args.max_spill_gb >= 0:
-        p.error(f"--max-spill-gb must be 0 or more, got {args.max_spill_gb:g}")
-    if args.folds < 2:
-        p.error(f"--folds must be at least 2, got {args.folds}")
-    if not args.table and 0 < args.max_samples < args.folds:
-        p.error(f"--folds {args.folds} needs at least {args.folds} queries, and --max-samples {args.max_samples} "
-                f"gives {args.max_samples}: lower --folds or raise --max-samples")
-    return args
+    return p.parse_args(argv)
 
 
 def parse_options(items: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -297,7 +286,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.components:
             raise ValueError("--components applies when building tables; a stored table keeps the component set "
                              "it was built with")
-        tables = {Path(p).stem: ComponentTable.load(p) for p in args.table}
+        tables = {f"{Path(p).stem}-{name}" if name else Path(p).stem: part
+                  for p in args.table for name, part in ComponentTable.load(p).parts().items()}
         document["tables"] = {Path(p).stem: str(p) for p in args.table}
     else:
         settings = parse_settings(args.setting)
@@ -373,8 +363,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if args.max_spill_gb is not None and args.max_spill_gb < 0:  # before the model loads
+    # before the model loads or a sample is generated, not after minutes of work
+    if args.max_spill_gb is not None and not args.max_spill_gb >= 0:
         raise ValueError(f"--max-spill-gb must be at least 0, got {args.max_spill_gb}")
+    if not args.memory_limit_gb > 0:
+        raise ValueError(f"--memory-limit-gb must be a positive number of GB, got {args.memory_limit_gb:g}")
+    if args.folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {args.folds}")
+    if not args.table and 0 < args.max_samples < args.folds:
+        raise ValueError(f"--folds {args.folds} needs at least {args.folds} queries, and --max-samples "
+                         f"{args.max_samples} gives {args.max_samples}: lower --folds or raise --max-samples")
     if args.no_progress:  # also Hugging Face's bars (loading weights, converting the GGUF)
         from transformers.utils import logging as hf_logging
 
