@@ -330,7 +330,7 @@ def full_disk(bench: Bench, reference: dict) -> Row:
         if how == "file-size limit":
             env = {}  # resource limits go through a wrapper below
         # the plan counts on 1 GB of spill that the disk does not have (as when it fills during the run)
-        run = bench.launch("full-disk", cache, extra=("--memory-limit-gb", "0", "--max-spill-gb", "1"), env=env,
+        run = bench.launch("full-disk", cache, extra=("--memory-limit-gb", "0.01", "--max-spill-gb", "1"), env=env,
                            wrapper=None if how != "file-size limit" else _FSIZE_WRAPPER)
     finally:
         undo()

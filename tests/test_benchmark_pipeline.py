@@ -86,6 +86,14 @@ def test_end_to_end_outputs(tiny_model_dir, small_dataset, tmp_path, capsys):
     assert f"**{greedy['heldout_accuracy']:.4f}** | [{ci[0]:.3f}, {ci[1]:.3f}] | held-out" in report
     printed = capsys.readouterr().out
     assert "== paraphrased ==" in printed and "bm25 (baseline)" in printed
+    # the cached table holds both settings; --table scores each apart, with the run's figures (it pooled them)
+    cached = next((tmp_path / "cache").rglob("table-*.npz"))
+    assert cli(["--table", str(cached), "--strategy", "full", "--json", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())["settings"]
+    assert list(again) == [f"{cached.stem}-paraphrased", f"{cached.stem}-generated"]
+    for setting, section in zip(("paraphrased", "generated"), again.values()):
+        assert section["queries"] == doc["settings"][setting]["queries"]
+        assert section["results"]["full"]["accuracy"] == doc["settings"][setting]["results"]["full"]["accuracy"]
 
 
 def test_a_dot_order_asked_for_gets_its_own_table(tiny_model_dir, small_dataset, tmp_path):
@@ -310,7 +318,7 @@ def test_a_transform_no_table_can_express_is_scored_from_gradients(tiny_model_di
 
 def test_plan_predicts_the_runs_captures_before_any_gradient(tiny_model_dir, small_dataset, tmp_path, capsys):
     cache = tmp_path / "cache"
-    for extra in ((), ("--memory-limit-gb", "0", "--max-spill-gb", "0")):  # keep all; recompute every candidate
+    for extra in ((), ("--memory-limit-gb", "0.01", "--max-spill-gb", "0")):  # keep all; recompute every candidate
         plan_json, run_json = tmp_path / "plan.json", tmp_path / "run.json"
         assert cli(argv(tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full",
                         "--plan", "--json", str(plan_json), *extra)) == 0
