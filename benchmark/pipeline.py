@@ -212,6 +212,8 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
             model, tokenizer, queries, pool, rows, is_original, transforms=list(transforms.values()), config=config,
             scope=opts.scope, across_ranks=True,
             shard_path=lambda rank, world: cache.path("table", table_key, f"shard{rank}of{world}.npz"))
+        # the settings' queries one after the other: --table scores each apart, as this run does
+        table.meta["query_groups"] = [[s, len(per_setting[s])] for s in opts.settings]
         if distributed.is_main():
             table.save(table_path)
         reused = False

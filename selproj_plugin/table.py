@@ -150,14 +150,27 @@ class ComponentTable:
         return None
 
     def take(self, rows: np.ndarray) -> "ComponentTable":
-        """A table of only the given query rows (for held-out folds)."""
+        """A table of only the given query rows (for held-out folds); its queries are no longer in groups."""
         return ComponentTable(
             cross=self.cross[rows], query_self=self.query_self[rows], candidate_self=self.candidate_self[rows],
             is_original=self.is_original[rows], components=self.components, num_params=self.num_params,
             kinds=self.kinds, layers=self.layers, query_ids=self.query_ids[rows],
             candidate_ids=self.candidate_ids[rows], rp_dims=self.rp_dims, rp_keys=self.rp_keys,
-            rp_similarity=None if self.rp_similarity is None else self.rp_similarity[:, rows], meta=self.meta,
+            rp_similarity=None if self.rp_similarity is None else self.rp_similarity[:, rows],
+            meta={k: v for k, v in self.meta.items() if k != "query_groups"},
         )
+
+    def parts(self) -> dict[str, "ComponentTable"]:
+        """Each named run of queries in ``meta['query_groups']`` (``[[name, count], ...]`` in row order: the
+        benchmark's settings, which share one table) as a table of its own; ``{'': self}`` without groups."""
+        groups = self.meta.get("query_groups") if isinstance(self.meta, dict) else None
+        if not groups:
+            return {"": self}
+        out, start = {}, 0
+        for name, count in groups:
+            out[str(name)] = self.take(np.arange(start, start + int(count)))
+            start += int(count)
+        return out
 
     def validate(self) -> None:
         """Raise :class:`TableError` with a one-line message on the first inconsistency."""
@@ -180,6 +193,9 @@ class ComponentTable:
                 raise TableError(f"shapes disagree: {name} is {np.shape(arr)}, expected {shape} from cross {self.cross.shape}")
         if q == 0 or k == 0 or c == 0:
             raise TableError(f"table is empty: cross has shape {self.cross.shape}")
+        groups = self.meta.get("query_groups") if isinstance(self.meta, dict) else None
+        if groups and sum(int(n) for _, n in groups) != q:
+            raise TableError(f"meta query_groups {groups} count {sum(int(n) for _, n in groups)} queries, the table {q}")
         originals = np.asarray(self.is_original, dtype=bool).sum(axis=1)
         bad = np.flatnonzero(originals != 1)
         if bad.size:

@@ -77,3 +77,18 @@ def test_take_selects_rows():
     part = table.take(np.array([1, 4]))
     np.testing.assert_array_equal(part.cross, make_arrays()["cross"][[1, 4]])
     assert list(part.query_ids) == ["1", "4"]
+
+
+def test_parts_split_the_recorded_query_groups_in_row_order(tmp_path):
+    arrays = make_arrays()
+    q = arrays["cross"].shape[0]
+    table = ComponentTable(**arrays, meta={"query_groups": [["second", q - 2], ["first", 2]]})
+    table.save(tmp_path / "t.npz")
+    parts = ComponentTable.load(tmp_path / "t.npz").parts()
+    assert list(parts) == ["second", "first"]  # the recorded order, not sorted
+    np.testing.assert_array_equal(parts["second"].cross, arrays["cross"][: q - 2])
+    np.testing.assert_array_equal(parts["first"].cross, arrays["cross"][q - 2:])
+    assert "query_groups" not in parts["first"].meta  # its rows are one group now
+    assert list(ComponentTable(**make_arrays()).parts()) == [""]
+    with pytest.raises(TableError, match=f"count {q + 1} queries, the table {q}"):
+        ComponentTable(**make_arrays(), meta={"query_groups": [["a", q], ["b", 1]]})
