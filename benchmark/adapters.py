@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="hub id or local path (default: the embedded model)")
     p.add_argument("--cache-dir", default=None, help="model cache (default ~/.cache/selproj)")
     p.add_argument("--work-dir", default=None, help="where the temporary table and TRAK stores go (default: the system's)")
-    p.add_argument("--json", default="adapters.json", help="write the results here (default %(default)s)")
+    p.add_argument("--json", default=None, help="also write the results here as JSON")
     p.add_argument("--stage", choices=("table", "cell"), help=argparse.SUPPRESS)
     p.add_argument("--cell", help=argparse.SUPPRESS)
     p.add_argument("--table", default=None,
@@ -289,10 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     agree = all(c.hits == c.engine_hits for c in ok if c.engine_hits is not None)
     print(f"\nevery cell within {RSS_TARGET_GB:g} GB peak RSS: {'yes' if within and len(ok) == len(cells) else 'no'}; "
           f"adapter hits equal the engine's: {'yes' if agree else 'no'}")
-    Path(args.json).write_text(json.dumps({
-        "train": args.train, "queries": args.queries, "memory_limit_gb": args.memory_limit_gb,
-        "model": args.model or "embedded", "threads": torch.get_num_threads(),
-        "cells": [asdict(c) for c in cells]}, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "train": args.train, "queries": args.queries, "memory_limit_gb": args.memory_limit_gb,
+            "model": args.model or "embedded", "threads": torch.get_num_threads(),
+            "cells": [asdict(c) for c in cells]}, indent=2))
     return 0 if len(ok) == len(cells) else 1
 
 
