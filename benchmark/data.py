@@ -148,13 +148,20 @@ _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".par
 
 
 def _hub_rows(name: str, split: str) -> Iterator[Row]:
+    import logging
+
     import datasets
 
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retries (a line each, 5 of them offline) before the one-line error
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatasetError(f"cannot load dataset {name!r} (not a local file, and the hub said: {first})") from None
+    finally:
+        hub_log.setLevel(level)
     for n, row in enumerate(ds):
         yield f"{name}[{n}]", dict(row)
 

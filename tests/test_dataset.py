@@ -146,3 +146,23 @@ def test_unreadable_and_empty_files(tmp_path):
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(DatasetError, match="unsupported dataset file type"):
         load_records(str(tmp_path / "d.txt"))
+
+
+def test_an_unreachable_hub_dataset_is_one_line_without_the_hubs_retry_lines(monkeypatch, caplog):
+    """Offline, huggingface_hub logged a line per retry (12 of them) before the one-line error."""
+    import logging
+
+    import datasets
+
+    def offline(name, split):
+        for n in range(1, 6):
+            logging.getLogger("huggingface_hub.utils._http").warning(f"Retrying in 1s [Retry {n}/5].")
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    before = logging.getLogger("huggingface_hub").level
+    with caplog.at_level(logging.WARNING), pytest.raises(DatasetError) as info:
+        load_records("no-such-user/no-such-dataset")
+    assert "no-such-user/no-such-dataset" in str(info.value) and "\n" not in str(info.value)
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    assert logging.getLogger("huggingface_hub").level == before  # given back as it was
