@@ -400,8 +400,8 @@ def _plan(prep: Prepared, tokenizer: Any, queries: Sequence[Sample], candidates:
         raise ValueError("dot_order 'gram' runs in one process; use 'stream' or 'auto' under torch.distributed")
     if table.peak_bytes > config.memory_limit_gb * 2**30:
         note = (f"predicted peak {table.peak_bytes / 2**30:.2f} GiB is over the {config.memory_limit_gb:g} GB memory "
-                "limit: the process and one capture batch need that much with nothing kept (raise the limit, or "
-                "lower batch_tokens)")
+                "limit: the process and one capture batch need that much with nothing kept (raise the limit; a "
+                "smaller EngineConfig.batch_tokens needs less)")
         table.notes.append(note)
         warnings.warn(note, MemoryLimitWarning, stacklevel=3)
     kept = set(table.kept)
