@@ -93,7 +93,9 @@ def worker_engine(args: argparse.Namespace) -> dict:
                         config=config)
     seconds = time.perf_counter() - t0
     table.save(args.out)
+    plan = table.meta["plan"]
     return {"seconds": seconds, "timings": table.meta["timings"], "distinct_samples": table.meta["distinct_samples"],
+            "capture_flops": plan["capture_flops"], "dot_flops": plan["dot_flops"],
             "memory_limit_gb": config.memory_limit_gb, "spilled_bytes": table.meta["spilled_bytes"],
             "materialised_components": table.meta["materialised_components"], "peak_rss_mb": _peak_rss_mb(),
             "peak_gpu_mb": _peak_gpu_mb(args.device),
@@ -119,7 +121,28 @@ def worker_loop(args: argparse.Namespace) -> dict:
                                                          args.device).items()})
     np.savez(args.out, **dots)
     return {"seconds": seconds, "queries_timed": n, "seconds_per_query": seconds / n, "peak_rss_mb": _peak_rss_mb(),
+            "flops": loop_flops(model, tok, queries, pool, index),
             "peak_gpu_mb": _peak_gpu_mb(args.device)}
+
+
+def loop_flops(model, tok, queries, pool, index) -> float:
+    """Flops of the paper's loop over every query: a pass of the query, then one of each candidate, each a forward,
+    an input-gradient and a weight-gradient backward through every matrix: 6 flops per weight and token.  Beside
+    the engine's planned flops it bounds the speedup a faster engine could show."""
+    from torch import nn
+
+    from selproj_plugin.loss import encode_sample
+
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    length = {}
+
+    def tokens(sample) -> int:
+        if sample.id not in length:
+            length[sample.id] = len(encode_sample(tok, sample, 512).input_ids)
+        return length[sample.id]
+
+    passes = sum(tokens(q) + sum(tokens(pool[j]) for j in row) for q, row in zip(queries, index))
+    return 6.0 * weights * passes
 
 
 def _loop_dots(model, tok, queries, pool, index, device: str, progress: bool = False) -> dict[str, np.ndarray]:
@@ -333,7 +356,21 @@ def _fullset(args: argparse.Namespace, tmp: Path) -> dict:
                "reference": f_loop["reference"], "loop_max_rel_error": f_loop["max_rel_error"],
                "loop_max_rel_error_self": f_loop["max_rel_error_self"]}
     fullset["speedup_vs_loop_fullset"] = fullset["loop_seconds_extrapolated"] / f_engine_s
+    fullset.update(_flops(f_engine, f_loop))
     return fullset
+
+
+def _flops(engine: dict, loop: dict) -> dict:
+    """Planned flops of the engine against the loop's over every query: the speedup the arithmetic allows."""
+    engine_flops = engine["capture_flops"] + engine["dot_flops"]
+    return {"engine_flops": engine_flops, "loop_flops": loop["flops"], "flop_ratio": loop["flops"] / engine_flops,
+            "dot_flops_over_capture_flops": engine["dot_flops"] / engine["capture_flops"]}
+
+
+def _print_flops(f: dict, speedup: float) -> None:
+    print(f"flops: loop {f['loop_flops'] / 1e12:.1f} TFLOP, engine {f['engine_flops'] / 1e12:.1f} TFLOP (dots "
+          f"{f['dot_flops_over_capture_flops']:.2f} of capture): the arithmetic allows {f['flop_ratio']:.1f}x, "
+          f"measured {speedup:.1f}x")
 
 
 def _print_fullset(fullset: dict) -> None:
@@ -344,6 +381,7 @@ def _print_fullset(fullset: dict) -> None:
           f"{fullset['loop_seconds_extrapolated']:.1f}s extrapolated: speedup_vs_loop_fullset "
           f"{fullset['speedup_vs_loop_fullset']:.1f}x; largest relative difference to {fullset['reference']} "
           f"{fullset['max_rel_error']:.2e} (the loop's own {fullset['loop_max_rel_error']:.2e})")
+    _print_flops(fullset, fullset["speedup_vs_loop_fullset"])
 
 
 def _distortions(maps: dict, proj_dim: str) -> dict:
@@ -464,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine_peak_rss_mb": engine["peak_rss_mb"], "loop_peak_rss_mb": loop["peak_rss_mb"],
         "engine_memory_limit_gb": engine["memory_limit_gb"], "engine_spilled_bytes": engine["spilled_bytes"],
         "dots_over_capture": engine["timings"]["dots_s"] / engine["timings"]["capture_s"],
+        **_flops(engine, loop),
     }
     if proj is not None:
         result.update(projection=proj, projection_speedup_vs_trak=proj["speedup_vs_trak"],
@@ -482,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{loop['max_rel_error_self']:.2e}"))
     print(f"dots {engine['timings']['dots_s']:.1f}s (of which storing kept factors {engine['timings']['store_s']:.1f}s) "
           f"against capture {engine['timings']['capture_s']:.1f}s (ratio {result['dots_over_capture']:.2f})")
+    _print_flops(result, result["speedup_vs_loop"])
     if fullset:
         _print_fullset(fullset)
     if proj is not None:

@@ -30,6 +30,8 @@ def test_engine_only_times_engine_and_loop_and_checks_them_against_each_other(ti
     assert "of which storing kept factors" in proc.stdout
     assert result["engine_projection_seconds"] == 0 and "projection" not in result and "fullset" not in result
     assert "dots" in proc.stdout and "speedup vs loop" in proc.stdout
+    assert result["loop_flops"] > result["engine_flops"] > 0 and result["flop_ratio"] > 1  # samples reused
+    assert "the arithmetic allows" in proc.stdout
 
 
 def test_a_bad_dataset_is_one_line_before_any_worker(tmp_path):
@@ -77,3 +79,33 @@ def test_a_negative_engine_memory_limit_is_one_line_before_any_worker():
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --engine-memory-limit-gb must be at least 0, got -1"
+
+
+def test_loop_flops_count_six_per_weight_and_token_of_every_pass():
+    """The loop's arithmetic: per query a pass of itself and one of each candidate, each 6 flops per matrix weight
+    and token (forward, input-gradient and weight-gradient products)."""
+    from benchmark.speed import loop_flops
+    from selproj_plugin.loss import encode_sample
+    from tests import tiny
+
+    model, tok = tiny.model("llama"), tiny.tokenizer()
+    # hidden 16, 4 heads of 4 (2 for k/v), MLP 24, 2 layers; the untied head 261 x 16
+    weights = 2 * (16 * 16 + 2 * 16 * 8 + 16 * 16 + 3 * 16 * 24) + 261 * 16
+    a, b, c, d = tiny.SAMPLES[:4]
+    n = {s.id: len(encode_sample(tok, s, 512).input_ids) for s in (a, b, c, d)}
+    expected = 6 * weights * (n[a.id] + n[c.id] + n[d.id] + n[b.id] + n[d.id] + n[d.id])
+    assert loop_flops(model, tok, [a, b], [c, d], [[0, 1], [1, 1]]) == expected
+
+
+def test_fullset_compares_every_original_as_a_candidate_and_states_the_flop_bound(tiny_model_dir, small_dataset,  # noqa: F811
+                                                                                tmp_path):
+    out = tmp_path / "fullset.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "fullset", "--model", str(tiny_model_dir),
+                           "--dataset", str(small_dataset), "--fullset-queries", "3", "--fullset-loop-queries", "1",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fullset = json.loads(out.read_text())["fullset"]
+    assert fullset["queries"] == fullset["candidates"] == 3 and fullset["max_rel_error"] <= 1e-4
+    # 3 queries x (itself + 3 candidates) passes against 6 captures: the loop does more arithmetic
+    assert fullset["loop_flops"] > fullset["engine_flops"] > 0 and fullset["speedup_vs_loop_fullset"] > 0
+    assert "the arithmetic allows" in proc.stdout
