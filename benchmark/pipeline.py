@@ -212,22 +212,17 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
             model, tokenizer, queries, pool, rows, is_original, transforms=list(transforms.values()), config=config,
             scope=opts.scope, across_ranks=True,
             shard_path=lambda rank, world: cache.path("table", table_key, f"shard{rank}of{world}.npz"))
-        # the settings' queries one after the other: --table scores each apart, as this run does
-        table.meta["query_groups"] = [[s, len(per_setting[s])] for s in opts.settings]
-        if distributed.is_main():
-            table.save(table_path)
-        reused = False
+    # the settings' queries one after the other: --table scores each apart, as this run does (a table cached
+    # before tables recorded it gets the record here: its key holds the queries, so their order is this one)
+    table.meta["query_groups"] = [[s, len(per_setting[s])] for s in opts.settings]
+    if not reused and distributed.is_main():
+        table.save(table_path)
     lap("table")
 
-    tables: dict[str, ComponentTable] = {}
-    bm25_rows: dict[str, np.ndarray] = {}
-    start = 0
-    for s in opts.settings:
-        count = len(per_setting[s])
-        if count:
-            tables[s] = table.take(np.arange(start, start + count))
-            bm25_rows[s] = np.take_along_axis(bm25[originals[start:start + count]], rows[start:start + count], axis=1)
-        start += count
+    spans = {s: np.arange(len(per_setting[s])) + sum(len(per_setting[t]) for t in opts.settings[:k])
+             for k, s in enumerate(opts.settings) if per_setting[s]}  # each setting's rows of the table
+    tables = {s: part for s, part in table.parts().items() if s in spans}
+    bm25_rows = {s: np.take_along_axis(bm25[originals[r]], rows[r], axis=1) for s, r in spans.items()}
     run = {"table_cache": str(table_path), "table_reused": reused, "world_size": world,
            "threads_per_process": torch.get_num_threads()}
     notes = {
@@ -237,20 +232,12 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         "captures": table.meta.get("captures"),  # samples forward/backward'ed for the table (recomputed ones again)
         "total_params": total_params, "proj_dims": proj_dims,
     }
-    similarity = {}
-    start = 0
-    for s in opts.settings:
-        count = len(per_setting[s])
-        part = slice(start, start + count)
-        similarity[s] = gradient_similarity(model, tokenizer, queries[part], pool, rows[part], is_original[part],
-                                            opts.scope, EngineConfig(batch_size=opts.batch_size,
-                                                                     max_length=opts.max_length,
-                                                                     memory_limit_gb=opts.memory_limit_gb,
-                                                                     max_spill_gb=opts.max_spill_gb,
-                                                                     dot_order=opts.dot_order,
-                                                                     device=distributed.local_device(opts.device),
-                                                                     progress=opts.progress))
-        start += count
+    similarity_config = EngineConfig(batch_size=opts.batch_size, max_length=opts.max_length,
+                                     memory_limit_gb=opts.memory_limit_gb, max_spill_gb=opts.max_spill_gb,
+                                     dot_order=opts.dot_order, device=distributed.local_device(opts.device),
+                                     progress=opts.progress)
+    similarity = {s: gradient_similarity(model, tokenizer, [queries[i] for i in r], pool, rows[r], is_original[r],
+                                         opts.scope, similarity_config) for s, r in spans.items()}
     return PipelineResult(tables=tables, identity=identity, stages=stages, notes=notes, run=run, bm25=bm25_rows,
                           similarity=similarity)
 

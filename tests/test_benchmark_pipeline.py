@@ -345,3 +345,20 @@ def test_no_progress_silences_hugging_face_bars_too(tiny_model_dir, small_datase
                           capture_output=True, text=True, cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "it/s]" not in done.stderr and "Loading weights" not in done.stderr, done.stderr[-500:]
+
+
+def test_a_table_cached_before_query_groups_were_recorded_is_scored_per_setting(tiny_model_dir, small_dataset, tmp_path):
+    """Tables cached before ``meta['query_groups']`` existed have no record; the run that reuses one knows its
+    settings' order (the cache key holds the queries) and scores each apart, as it did when it built it."""
+    from selproj_plugin.table import ComponentTable
+
+    cache, first, again = tmp_path / "cache", tmp_path / "first.json", tmp_path / "again.json"
+    assert cli(argv(tiny_model_dir, small_dataset, cache, "--json", str(first))) == 0
+    [path] = [p for p in (cache / "benchmark").iterdir() if p.name.startswith("table-") and p.suffix == ".npz"]
+    old = ComponentTable.load(path)
+    del old.meta["query_groups"]
+    old.save(path)
+    assert cli(argv(tiny_model_dir, small_dataset, cache, "--json", str(again))) == 0
+    doc = json.loads(again.read_text())
+    assert doc["run"]["table_reused"] is True
+    assert strip_timings(doc) == strip_timings(json.loads(first.read_text()))
