@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 import tiny
 from selproj_plugin.components import catalogue
-from selproj_plugin.engine import EngineConfig, build_table, pairwise_dots, sample_features
+from selproj_plugin.engine import EngineConfig, MemoryLimitWarning, build_table, pairwise_dots, sample_features
 from selproj_plugin.loss import IGNORE, ModelError, SampleError, encode_sample, encode_samples
 from selproj_plugin.samples import Sample
 
@@ -123,8 +124,9 @@ def test_spill_to_disk_gives_same_dots():
     disk = pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[2:],
                          config=EngineConfig(batch_size=3, progress=False, memory_limit_gb=0.0), scope="all")
     np.testing.assert_allclose(disk, ram, rtol=1e-12, atol=0)
-    table = build_table(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, np.array([[0, 1], [1, 2]]), np.array([0, 0]),
-                        config=EngineConfig(batch_size=2, progress=False, memory_limit_gb=0.0), scope="all")
+    with pytest.warns(MemoryLimitWarning, match="over the 0 GB memory limit"):  # nothing fits: said, then run
+        table = build_table(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, np.array([[0, 1], [1, 2]]), np.array([0, 0]),
+                            config=EngineConfig(batch_size=2, progress=False, memory_limit_gb=0.0), scope="all")
     assert table.meta["spilled_bytes"] > 0
 
 
@@ -323,7 +325,8 @@ def test_no_batchs_tensors_live_on_into_the_next_capture(monkeypatch, config):
     model, tok = tiny.model("llama"), tiny.tokenizer()
     queries = [Sample(f"q{i}", f"Question number {i}?", f"Answer {i} is here.") for i in range(4)]
     index = np.array([[0, 1], [1, 2], [0, 2], [2, 0]])
-    build_table(model, tok, queries, tiny.SAMPLES[:3], index, np.zeros(4, dtype=int), config=config)
+    with pytest.warns(MemoryLimitWarning) if config.memory_limit_gb == 0 else contextlib.nullcontext():
+        build_table(model, tok, queries, tiny.SAMPLES[:3], index, np.zeros(4, dtype=int), config=config)
     assert bases  # the capture did hand out views
     pairwise_dots(model, tok, queries[:2], tiny.SAMPLES[:3], config=config)
     sample_features(model, tok, queries, config=config)

@@ -11,7 +11,7 @@ import torch
 
 import tiny
 from selproj_plugin.components import Component, catalogue
-from selproj_plugin.engine import EngineConfig, build_table, iter_factors, prepare
+from selproj_plugin.engine import EngineConfig, MemoryLimitWarning, build_table, iter_factors, prepare
 from selproj_plugin.loss import encode_samples
 from selproj_plugin.capture import ComponentSpec, GradientCapture
 from selproj_plugin.gram import choose_modes
@@ -161,7 +161,8 @@ def test_recomputed_table_equals_the_naive_loop_and_the_kept_table():
     kept = build_table(model, tok, queries, cands, index, original, config=EngineConfig(batch_size=3, progress=False),
                        scope="all")
     none = EngineConfig(batch_size=3, progress=False, memory_limit_gb=0.0, max_spill_gb=0.0)
-    recomputed = build_table(model, tok, queries, cands, index, original, config=none, scope="all")
+    with pytest.warns(MemoryLimitWarning):
+        recomputed = build_table(model, tok, queries, cands, index, original, config=none, scope="all")
     assert kept.meta["captures"] == kept.meta["distinct_samples"] == 7
     assert recomputed.meta["plan"]["kept"] == 0 and recomputed.meta["spilled_bytes"] == 0
     assert recomputed.meta["captures"] == recomputed.meta["plan"]["captures"] > 7
@@ -275,8 +276,9 @@ def test_streamed_units_report_one_progress_count(capsys):
     model = tiny.model("llama", tied=True)
     tok = tiny.tokenizer()
     queries = [Sample(f"q{i}", f"Question number {i}?", f"Answer {i} is here.") for i in range(4)]
-    build_table(model, tok, queries, tiny.SAMPLES[:3], np.array([[0, 1], [1, 2], [0, 2], [2, 0]]), np.zeros(4, dtype=int),
-                config=EngineConfig(batch_size=3, memory_limit_gb=0.0, max_spill_gb=0.0))  # four recompute groups
+    with pytest.warns(MemoryLimitWarning):
+        build_table(model, tok, queries, tiny.SAMPLES[:3], np.array([[0, 1], [1, 2], [0, 2], [2, 0]]),
+                    np.zeros(4, dtype=int), config=EngineConfig(batch_size=3, memory_limit_gb=0.0, max_spill_gb=0.0))
     lines = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n") if "[selproj] queries" in line]
     assert len(lines) == 1 and lines[0].startswith("[selproj] queries: 12/12")  # 4 queries + 8 recomputed candidates
 
