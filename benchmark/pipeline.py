@@ -219,9 +219,8 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         table.save(table_path)
     lap("table")
 
-    spans = {s: np.arange(len(per_setting[s])) + sum(len(per_setting[t]) for t in opts.settings[:k])
-             for k, s in enumerate(opts.settings) if per_setting[s]}  # each setting's rows of the table
-    tables = {s: part for s, part in table.parts().items() if s in spans}
+    spans = {s: r for s, r in table.group_rows().items() if r.size}  # each setting's rows of the table
+    tables = {s: table.take(r) for s, r in spans.items()}
     bm25_rows = {s: np.take_along_axis(bm25[originals[r]], rows[r], axis=1) for s, r in spans.items()}
     run = {"table_cache": str(table_path), "table_reused": reused, "world_size": world,
            "threads_per_process": torch.get_num_threads()}

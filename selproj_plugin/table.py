@@ -160,17 +160,19 @@ class ComponentTable:
             meta={k: v for k, v in self.meta.items() if k != "query_groups"},
         )
 
-    def parts(self) -> dict[str, "ComponentTable"]:
-        """Each named run of queries in ``meta['query_groups']`` (``[[name, count], ...]`` in row order: the
-        benchmark's settings, which share one table) as a table of its own; ``{'': self}`` without groups."""
+    def group_rows(self) -> dict[str, np.ndarray]:
+        """The query rows of each named run in ``meta['query_groups']`` (``[[name, count], ...]`` in row order:
+        the benchmark's settings, which share one table); ``{'': every row}`` without groups."""
         groups = self.meta.get("query_groups") if isinstance(self.meta, dict) else None
         if not groups:
-            return {"": self}
-        out, start = {}, 0
-        for name, count in groups:
-            out[str(name)] = self.take(np.arange(start, start + int(count)))
-            start += int(count)
-        return out
+            return {"": np.arange(len(self.query_ids))}
+        ends = np.cumsum([int(count) for _, count in groups])
+        return {str(name): np.arange(end - int(count), end) for (name, count), end in zip(groups, ends)}
+
+    def parts(self) -> dict[str, "ComponentTable"]:
+        """Each named run of queries (:meth:`group_rows`) as a table of its own; ``{'': self}`` without groups."""
+        groups = self.group_rows()
+        return {"": self} if list(groups) == [""] else {name: self.take(rows) for name, rows in groups.items()}
 
     def validate(self) -> None:
         """Raise :class:`TableError` with a one-line message on the first inconsistency."""
