@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+MAX_LENGTH = 512  # tokens a sample keeps, in the loop as in the engine (EngineConfig's default)
 
 
 def _peak_rss_mb() -> float:
@@ -138,7 +139,7 @@ def loop_flops(model, tok, queries, pool, index) -> float:
 
     def tokens(sample) -> int:
         if sample.id not in length:
-            length[sample.id] = len(encode_sample(tok, sample, 512).input_ids)
+            length[sample.id] = len(encode_sample(tok, sample, MAX_LENGTH).input_ids)
         return length[sample.id]
 
     passes = sum(tokens(q) + sum(tokens(pool[j]) for j in row) for q, row in zip(queries, index))
@@ -157,7 +158,7 @@ def _loop_dots(model, tok, queries, pool, index, device: str, progress: bool = F
     params = dict(model.named_parameters())
 
     def grads(sample) -> list[torch.Tensor]:
-        enc = encode_sample(tok, sample, 512)
+        enc = encode_sample(tok, sample, MAX_LENGTH)
         ids = torch.tensor([enc.input_ids], device=device)
         labels = torch.tensor([enc.labels], device=device)
         model.zero_grad(set_to_none=True)
@@ -252,7 +253,7 @@ def worker_projection(args: argparse.Namespace) -> dict:
     # maps' codes and the stored factors are never in memory together
     config = EngineConfig(batch_size=args.batch_size, memory_limit_gb=args.memory_limit_gb)
     exact = pairwise_dots(model, tok, samples, samples, config=config).sum(axis=-1)
-    encoded, _ = encode_samples(tok, samples, 512)
+    encoded, _ = encode_samples(tok, samples, MAX_LENGTH)
     slices: list[torch.Tensor] = []
     materialise_s = 0.0
     for i, f in iter_factors(prep, encoded, range(len(samples)), config, label="projection"):
