@@ -1,8 +1,11 @@
 """The strategy registry: a pluggy manager over built-in and entry-point plugins.
 
 ``list_strategies()`` and ``get_strategy(name, **options)`` are the public entry points.
-A plugin that fails to import or whose hook raises is recorded in ``plugin_errors()``
-by name, reported once through :mod:`warnings`, and skipped; the rest keep working.
+Each plugin is registered with pluggy, validated (``check_pending``: a hook no specification
+names, such as a misspelled ``selproj_strategies``, is an error) and its hook called on its
+own.  A plugin that fails to import, that pluggy refuses or whose hook raises is recorded in
+``plugin_errors()`` by name, reported once through :mod:`warnings`, and skipped; the rest
+keep working.
 ``SELPROJ_DISABLE_PLUGINS=a,b`` blocks plugins by name (entry-point name, or ``builtin``);
 a name that is no plugin is warned about.
 """
@@ -20,7 +23,7 @@ import types
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pluggy
 
@@ -84,37 +87,64 @@ def build_registry(plugins: Sequence[tuple[str, object]] = ()) -> Registry:
     disabled = _disabled()
     for name in disabled:
         manager.set_blocked(name)
-    if not manager.is_blocked(BUILTIN):
-        manager.register(builtin, name=BUILTIN)
     entry_points = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
     known = {BUILTIN} | {ep.name for ep in entry_points} | {name for name, _ in plugins}
     registry.known_plugins = sorted(known)
     registry.unknown_disabled = sorted(disabled - known)
     registry.disabled = sorted(disabled & known)
-    for ep in entry_points:
-        if manager.is_blocked(ep.name) or manager.has_plugin(ep.name):
-            continue
-        try:
-            manager.register(ep.load(), name=ep.name)
-        except Exception as exc:  # a broken plugin must not take the others down
-            registry.errors[ep.name] = f"failed to load: {_one_line(exc)}"
-    for name, plugin in plugins:
-        if not manager.is_blocked(name):
-            manager.register(plugin, name=name)
-    for impl in manager.hook.selproj_strategies.get_hookimpls():
-        try:
-            provided = list(impl.function() or [])
-        except Exception as exc:
-            registry.errors[impl.plugin_name] = f"selproj_strategies raised {_one_line(exc)}"
-            continue
-        for cls in provided:
-            problem = _check_strategy(cls, registry)
-            if problem:
-                registry.errors[impl.plugin_name] = problem
-                continue
-            registry.strategies[cls.name] = cls
-            registry.owners[cls.name] = impl.plugin_name
+    loaders: list[tuple[str, Callable[[], object]]] = [(BUILTIN, lambda: builtin)]
+    loaders += [(ep.name, ep.load) for ep in entry_points]
+    loaders += [(name, lambda plugin=plugin: plugin) for name, plugin in plugins]
+    for name, load in loaders:
+        if not (manager.is_blocked(name) or manager.has_plugin(name)):
+            _add_plugin(registry, name, load)
     return registry
+
+
+def _add_plugin(registry: Registry, name: str, load: Callable[[], object]) -> None:
+    """Load, register and validate one plugin, then call its hook alone, so every failure is its own."""
+    manager = registry.manager
+    try:
+        plugin = load()
+        hash(plugin)  # subset_hook_caller keeps the other plugins in a set
+    except Exception as exc:  # a broken plugin must not take the others down
+        registry.errors[name] = f"failed to load: {_one_line(exc)}"
+        return
+    try:
+        manager.register(plugin, name=name)
+        manager.check_pending()  # the plugins before this one passed, so an unknown hook is this one's
+    except pluggy.PluginValidationError as exc:
+        registry.errors[name] = _validation_error(manager, plugin, exc)
+        manager.unregister(name=name)
+        return
+    others = [p for n, p in manager.list_name_plugin() if n != name and p is not None]
+    try:
+        results = manager.subset_hook_caller("selproj_strategies", others)()
+    except Exception as exc:
+        registry.errors[name] = f"selproj_strategies raised {_one_line(exc)}"
+        return
+    wrong = [r for r in results if not isinstance(r, (list, tuple))]
+    if wrong:
+        registry.errors[name] = f"selproj_strategies returned {wrong[0]!r:.80}, not a list of Reducer classes"
+        return
+    for cls in (cls for result in results for cls in result):
+        problem = _check_strategy(cls, registry)
+        if problem:
+            registry.errors[name] = problem
+            continue
+        registry.strategies[cls.name] = cls
+        registry.owners[cls.name] = name
+
+
+def _validation_error(manager: pluggy.PluginManager, plugin: object, exc: pluggy.PluginValidationError) -> str:
+    """One line for a plugin pluggy refused: its hooks that match no specification, else pluggy's reason."""
+    callers = manager.get_hookcallers(plugin) or []  # None when register itself refused the plugin
+    unknown = [c.name for c in callers if not c.has_spec()
+               and any(i.plugin is plugin and not i.optionalhook for i in c.get_hookimpls())]
+    if not unknown:  # pluggy's reason spans lines: the hook, its definition, what does not match
+        return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    specs = [n for n, c in vars(manager.hook).items() if not n.startswith("_") and c.has_spec()]
+    return f"unknown hook {', '.join(map(repr, unknown))}; selproj's hooks are: {', '.join(specs)}"
 
 
 def _check_strategy(cls: Any, registry: Registry) -> str | None:

@@ -157,7 +157,8 @@ def check_registers(cls: type[Reducer], options: Mapping[str, Any]) -> None:
     """Registered through the ``selproj_strategies`` hook, it is listed under its name with no error."""
     from selproj_plugin.hookspecs import hookimpl
 
-    plugin = types.SimpleNamespace(selproj_strategies=hookimpl(lambda: [cls]))
+    plugin = types.ModuleType("selproj_check")  # a module, as an entry point gives (pluggy hashes plugins)
+    plugin.selproj_strategies = hookimpl(lambda: [cls])
     reg = build_registry(plugins=[("selproj-check", plugin)])
     installed = reg.strategies.get(cls.name) is cls  # a built-in, or already installed by its own entry point
     assert installed or "selproj-check" not in reg.errors, f"registry refused {cls.__name__}: {reg.errors['selproj-check']}"

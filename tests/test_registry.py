@@ -177,3 +177,27 @@ def test_option_text_that_fits_no_type_is_one_line():
         registry_module.convert_options("greedy", {"patience": "three"})
     with pytest.raises(StrategyError, match="strategy 'greedy' has no option patients; options: budget, patience, selection"):
         registry_module.convert_options("greedy", {"patients": "3"})
+
+
+def test_misspelled_hook_is_that_plugins_one_line_error(site):
+    install_plugin(site, "selproj-typo", "typo", "selproj_typo", """
+        from dataclasses import dataclass
+        from selproj_plugin import Reducer, hookimpl
+        @dataclass
+        class Kept(Reducer):
+            name = "typo_kept"
+            summary = "registered by the correctly spelled hook"
+        @hookimpl
+        def selproj_strategies():
+            return [Kept]
+        @hookimpl
+        def selproj_strategie():
+            return [Kept]
+    """)
+    with pytest.warns(registry_module.PluginWarning, match="selproj plugin typo disabled"):
+        registry_module.registry(reload=True)
+    error = str(plugin_errors()["typo"])
+    assert error == "unknown hook 'selproj_strategie'; selproj's hooks are: selproj_strategies"
+    assert "typo_kept" not in list_strategies()  # the plugin is refused, not half-registered
+    assert not registry_module.registry().manager.has_plugin("typo")
+    assert {"full", "greedy"} <= set(list_strategies())
