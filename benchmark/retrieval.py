@@ -116,8 +116,8 @@ def print_strategies() -> None:
         print(f"{name}  [plugin: {owners[name]}]\n    {summary}")
         for option, default in get_strategy_class(name).options().items():
             print(f"    --option {name}.{option}={'' if default is None else default}")
-    for plugin, error in plugin_errors().items():
-        print(f"(plugin {plugin} disabled: {error})")
+    for plugin, errors in plugin_errors().items():
+        print(f"(plugin {plugin} disabled: {'; '.join(errors)})")
 
 
 def print_components(model: str | None, scope: str) -> None:

@@ -52,6 +52,6 @@ def selproj_strategies() -> "list[type[Reducer]]":
     Every consumer calls the two steps through :func:`selproj_plugin.reduction`;
     :func:`selproj_plugin.testing.check_reducer` checks a class against this contract.
     Called once when the registry is built.  An exception raised here, or a class that
-    breaks the contract, disables only this plugin: it is reported by name, and every
-    other strategy keeps working.
+    breaks the contract, disables this whole plugin (none of its classes register): every
+    problem is reported under its name, and every other plugin keeps working.
     """

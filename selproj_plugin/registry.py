@@ -3,9 +3,10 @@
 ``list_strategies()`` and ``get_strategy(name, **options)`` are the public entry points.
 Each plugin is registered with pluggy, validated (``check_pending``: a hook no specification
 names, such as a misspelled ``selproj_strategies``, is an error) and its hook called on its
-own.  A plugin that fails to import, that pluggy refuses or whose hook raises is recorded in
-``plugin_errors()`` by name, reported once through :mod:`warnings`, and skipped; the rest
-keep working.
+own.  A plugin that fails to import, that pluggy refuses, whose hook raises or that returns
+a class breaking the contract is refused whole: none of its classes register, every problem
+is recorded in ``plugin_errors()`` under its name and reported once through :mod:`warnings`;
+the rest keep working.
 ``SELPROJ_DISABLE_PLUGINS=a,b`` blocks plugins by name (entry-point name, or ``builtin``);
 a name that is no plugin is warned about.
 """
@@ -56,7 +57,7 @@ class Registry:
     manager: pluggy.PluginManager
     strategies: dict[str, type[Reducer]] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)  # strategy name -> plugin name
-    errors: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, list[str]] = field(default_factory=dict)  # refused plugin -> every problem, one line each
     known_plugins: list[str] = field(default_factory=list)  # builtin, entry points, extra plugins
     unknown_disabled: list[str] = field(default_factory=list)  # names in SELPROJ_DISABLE_PLUGINS that are no plugin
     disabled: list[str] = field(default_factory=list)  # plugins SELPROJ_DISABLE_PLUGINS blocked
@@ -102,36 +103,46 @@ def build_registry(plugins: Sequence[tuple[str, object]] = ()) -> Registry:
 
 
 def _add_plugin(registry: Registry, name: str, load: Callable[[], object]) -> None:
-    """Load, register and validate one plugin, then call its hook alone, so every failure is its own."""
+    """Load, register and validate one plugin, then call its hook alone, so every failure is its own.
+
+    A plugin is taken whole or not at all: on any problem none of its classes register, it is
+    unregistered, and every problem found is kept.
+    """
     manager = registry.manager
     try:
         plugin = load()
         hash(plugin)  # subset_hook_caller keeps the other plugins in a set
     except Exception as exc:  # a broken plugin must not take the others down
-        registry.errors[name] = f"failed to load: {_one_line(exc)}"
+        registry.errors[name] = [f"failed to load: {_one_line(exc)}"]
         return
     try:
         manager.register(plugin, name=name)
         manager.check_pending()  # the plugins before this one passed, so an unknown hook is this one's
     except pluggy.PluginValidationError as exc:
-        registry.errors[name] = _validation_error(manager, plugin, exc)
+        registry.errors[name] = [_validation_error(manager, plugin, exc)]
         manager.unregister(name=name)
         return
     others = [p for n, p in manager.list_name_plugin() if n != name and p is not None]
     try:
         results = manager.subset_hook_caller("selproj_strategies", others)()
     except Exception as exc:
-        registry.errors[name] = f"selproj_strategies raised {_one_line(exc)}"
-        return
-    wrong = [r for r in results if not isinstance(r, (list, tuple))]
-    if wrong:
-        registry.errors[name] = f"selproj_strategies returned {wrong[0]!r:.80}, not a list of Reducer classes"
-        return
-    for cls in (cls for result in results for cls in result):
-        problem = _check_strategy(cls, registry)
+        results, problems = [], [f"selproj_strategies raised {_one_line(exc)}"]
+    else:
+        problems = [f"selproj_strategies returned {r!r:.80}, not a list of Reducer classes"
+                    for r in results if not isinstance(r, (list, tuple))]
+    classes = [cls for result in results if isinstance(result, (list, tuple)) for cls in result]
+    taken = dict(registry.owners)
+    for cls in classes:
+        problem = _check_strategy(cls, taken)
         if problem:
-            registry.errors[name] = problem
-            continue
+            problems.append(problem)
+        else:
+            taken[cls.name] = name
+    if problems:
+        registry.errors[name] = problems
+        manager.unregister(name=name)
+        return
+    for cls in classes:
         registry.strategies[cls.name] = cls
         registry.owners[cls.name] = name
 
@@ -147,7 +158,8 @@ def _validation_error(manager: pluggy.PluginManager, plugin: object, exc: pluggy
     return f"unknown hook {', '.join(map(repr, unknown))}; selproj's hooks are: {', '.join(specs)}"
 
 
-def _check_strategy(cls: Any, registry: Registry) -> str | None:
+def _check_strategy(cls: Any, taken: dict[str, str]) -> str | None:
+    """The one-line reason ``cls`` cannot register, or None; ``taken`` maps names in use to their plugin."""
     if not (isinstance(cls, type) and issubclass(cls, Reducer) and dataclasses.is_dataclass(cls)):
         return f"provided {cls!r}, which is not a Reducer dataclass"
     if not cls.name or not isinstance(cls.name, str):
@@ -156,8 +168,8 @@ def _check_strategy(cls: Any, registry: Registry) -> str | None:
     if legacy:
         return (f"reducer {cls.__name__} defines {legacy[0]}(), which selproj no longer calls: "
                 "put per-sample work in transform() (see CONTRIBUTING.md)")
-    if cls.name in registry.strategies:
-        return f"strategy name {cls.name!r} is already registered by {registry.owners[cls.name]}"
+    if cls.name in taken:
+        return f"strategy name {cls.name!r} is already registered by {taken[cls.name]}"
     return None
 
 
@@ -171,8 +183,8 @@ def registry(reload: bool = False) -> Registry:
     with _lock:
         if _registry is None or reload:
             _registry = build_registry()
-            for plugin, error in _registry.errors.items():
-                warnings.warn(f"selproj plugin {plugin} disabled: {error}", PluginWarning, stacklevel=3)
+            for plugin, errors in _registry.errors.items():
+                warnings.warn(f"selproj plugin {plugin} disabled: {'; '.join(errors)}", PluginWarning, stacklevel=3)
             for name in _registry.unknown_disabled:
                 warnings.warn(f"{DISABLE_ENV} names {name!r}, which is no selproj plugin; plugins: "
                               f"{', '.join(_registry.known_plugins)}",
@@ -190,9 +202,9 @@ def list_strategies() -> dict[str, str]:
     return {name: cls.summary for name, cls in registry().strategies.items()}
 
 
-def plugin_errors() -> dict[str, str]:
-    """Plugins that failed to load or register, by name, with their one-line error."""
-    return dict(registry().errors)
+def plugin_errors() -> dict[str, list[str]]:
+    """Plugins refused whole (failed to load, validate or register), by name, with every problem, one line each."""
+    return {plugin: list(errors) for plugin, errors in registry().errors.items()}
 
 
 def get_strategy_class(name: str) -> type[Reducer]:
@@ -242,7 +254,8 @@ def _strategy_class(name: str) -> type[Reducer]:
     reg = registry()
     if name not in reg.strategies:
         known = ", ".join(reg.strategies) or "none"
-        broken = f"; plugins that failed: {', '.join(f'{p} ({e})' for p, e in reg.errors.items())}" if reg.errors else ""
+        failed = ", ".join(f"{p} ({'; '.join(e)})" for p, e in reg.errors.items())
+        broken = f"; plugins that failed: {failed}" if reg.errors else ""
         blocked_text = f"; {DISABLE_ENV} blocks plugin(s) {', '.join(reg.disabled)}" if reg.disabled else ""
         raise StrategyError(f"unknown strategy {name!r}; registered: {known}{broken}{blocked_text}")
     return reg.strategies[name]

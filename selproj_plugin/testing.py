@@ -161,7 +161,7 @@ def check_registers(cls: type[Reducer], options: Mapping[str, Any]) -> None:
     plugin.selproj_strategies = hookimpl(lambda: [cls])
     reg = build_registry(plugins=[("selproj-check", plugin)])
     installed = reg.strategies.get(cls.name) is cls  # a built-in, or already installed by its own entry point
-    assert installed or "selproj-check" not in reg.errors, f"registry refused {cls.__name__}: {reg.errors['selproj-check']}"
+    assert installed or "selproj-check" not in reg.errors, f"registry refused {cls.__name__}: {'; '.join(reg.errors['selproj-check'])}"
     assert installed, f"registry refused {cls.__name__}: name {cls.name!r} is taken by plugin {reg.owners.get(cls.name)}"
     fields = [f for f in dataclasses.fields(cls) if f.init]
     missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

@@ -67,8 +67,8 @@ def test_broken_plugins_are_reported_and_others_keep_working(site):
     """)
     registry_module.registry(reload=True)
     errors = plugin_errors()
-    assert "ModuleNotFoundError" in errors["broken_import"]
-    assert errors["broken_hook"] == "selproj_strategies raised RuntimeError: boom"
+    assert len(errors["broken_import"]) == 1 and "ModuleNotFoundError" in errors["broken_import"][0]
+    assert errors["broken_hook"] == ["selproj_strategies raised RuntimeError: boom"]
     assert {"full", "greedy", "random_projection"} <= set(list_strategies())
     with pytest.raises(StrategyError, match=r"unknown strategy 'nope'; registered: full, greedy.*plugins that failed: broken"):
         get_strategy("nope")
@@ -115,7 +115,7 @@ def test_duplicate_strategy_name_is_refused(site):
             return [Again]
     """)
     registry_module.registry(reload=True)
-    assert "already registered by builtin" in plugin_errors()["dupe"]
+    assert plugin_errors()["dupe"] == ["strategy name 'greedy' is already registered by builtin"]
     assert get_strategy("greedy").__class__.__module__ == "selproj_plugin.strategies.greedy"
 
 
@@ -159,7 +159,8 @@ def test_legacy_reduce_is_refused_at_registration(site):
     """)
     registry_module.registry(reload=True)
     assert "old_weighted" not in list_strategies()
-    assert plugin_errors()["old"].startswith("reducer Old defines reduce(), which selproj no longer calls")
+    [error] = plugin_errors()["old"]
+    assert error.startswith("reducer Old defines reduce(), which selproj no longer calls")
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -196,8 +197,42 @@ def test_misspelled_hook_is_that_plugins_one_line_error(site):
     """)
     with pytest.warns(registry_module.PluginWarning, match="selproj plugin typo disabled"):
         registry_module.registry(reload=True)
-    error = str(plugin_errors()["typo"])
-    assert error == "unknown hook 'selproj_strategie'; selproj's hooks are: selproj_strategies"
+    assert plugin_errors()["typo"] == ["unknown hook 'selproj_strategie'; selproj's hooks are: selproj_strategies"]
     assert "typo_kept" not in list_strategies()  # the plugin is refused, not half-registered
     assert not registry_module.registry().manager.has_plugin("typo")
     assert {"full", "greedy"} <= set(list_strategies())
+
+
+def test_a_plugin_with_one_broken_class_is_refused_whole_with_every_error(site):
+    install_plugin(site, "selproj-mixed", "mixed", "selproj_mixed", """
+        from dataclasses import dataclass
+        from selproj_plugin import Reducer, hookimpl
+        @dataclass
+        class Good(Reducer):
+            name = "mixed_good"
+            summary = "fine on its own"
+        @dataclass
+        class Nameless(Reducer):
+            summary = "forgot its name"
+        @dataclass
+        class Old(Reducer):
+            name = "mixed_old"
+            summary = "0.1-style reducer"
+            def similarity(self, a, b):
+                return a @ b.T
+        @hookimpl
+        def selproj_strategies():
+            return [Good, Nameless, Old]
+    """)
+    with pytest.warns(registry_module.PluginWarning, match="selproj plugin mixed disabled: reducer Nameless has no name; "
+                                                          "reducer Old defines similarity"):
+        registry_module.registry(reload=True)
+    assert plugin_errors()["mixed"] == [
+        "reducer Nameless has no name",
+        "reducer Old defines similarity(), which selproj no longer calls: put per-sample work in transform() "
+        "(see CONTRIBUTING.md)",
+    ]
+    assert not {"mixed_good", "mixed_old"} & set(list_strategies())
+    assert not registry_module.registry().manager.has_plugin("mixed")
+    with pytest.raises(StrategyError, match=r"plugins that failed: mixed \(reducer Nameless has no name; reducer Old"):
+        get_strategy("mixed_good")
