@@ -31,7 +31,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def selproj_strategies() -> "list[type[Reducer]]":
     """Return the reducer classes this plugin provides.
 
-    Each class is a ``@dataclass`` subclassing :class:`selproj_plugin.Reducer` with:
+    Each class subclasses :class:`selproj_plugin.Reducer` and is decorated with ``@dataclass``
+    itself (a subclass of another reducer too, or its options are not fields), with:
 
     - ``name`` (ClassVar str): unique; what users pass to ``--strategy``, ``get_strategy``
       and the adapters;

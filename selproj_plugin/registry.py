@@ -158,10 +158,18 @@ def _validation_error(manager: pluggy.PluginManager, plugin: object, exc: pluggy
     return f"unknown hook {', '.join(map(repr, unknown))}; selproj's hooks are: {', '.join(specs)}"
 
 
+def own_dataclass(cls: type) -> bool:
+    """Whether ``cls`` itself is decorated with @dataclass (``is_dataclass`` is also true for undecorated subclasses)."""
+    return "__dataclass_params__" in vars(cls)
+
+
 def _check_strategy(cls: Any, taken: dict[str, str]) -> str | None:
     """The one-line reason ``cls`` cannot register, or None; ``taken`` maps names in use to their plugin."""
-    if not (isinstance(cls, type) and issubclass(cls, Reducer) and dataclasses.is_dataclass(cls)):
+    if not (isinstance(cls, type) and issubclass(cls, Reducer)):
         return f"provided {cls!r}, which is not a Reducer dataclass"
+    if not own_dataclass(cls):
+        return (f"reducer {cls.__name__} is not itself a dataclass, so its options are not fields: "
+                f"add @dataclass above class {cls.__name__}")
     if not cls.name or not isinstance(cls.name, str):
         return f"reducer {cls.__name__} has no name"
     legacy = [m for m in LEGACY_METHODS if any(m in vars(k) for k in cls.__mro__ if k is not object)]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from selproj_plugin.components import Component, catalogue
-from selproj_plugin.registry import LEGACY_METHODS, build_registry
+from selproj_plugin.registry import LEGACY_METHODS, build_registry, own_dataclass
 from selproj_plugin.samples import Sample
 from selproj_plugin.strategies.base import Reducer, ReducerError, Reduction, reduction
 from selproj_plugin.table import ComponentTable
@@ -145,7 +145,7 @@ def _instance(cls: type[Reducer], options: Mapping[str, Any]) -> Reducer:
 def check_class(cls: type[Reducer], options: Mapping[str, Any]) -> None:
     """A Reducer dataclass with a name and a one-line summary, no method of the old interface."""
     assert isinstance(cls, type) and issubclass(cls, Reducer), f"{cls!r} is not a Reducer subclass"
-    assert dataclasses.is_dataclass(cls), f"{cls.__name__} is not a @dataclass (options are its fields)"
+    assert own_dataclass(cls), f"{cls.__name__} is not itself a dataclass (options are its fields): add @dataclass"
     assert isinstance(cls.name, str) and cls.name, f"{cls.__name__}.name must be a non-empty string"
     assert isinstance(cls.summary, str) and cls.summary and "\n" not in cls.summary, \
         f"{cls.__name__}.summary must be one non-empty line"

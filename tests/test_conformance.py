@@ -118,6 +118,12 @@ class Legacy(Reducer):
         return features
 
 
+class Undecorated(Reducer):  # no @dataclass of its own: ``layers`` is a class attribute, not an option
+    name = "broken_undecorated"
+    summary = "forgot @dataclass"
+    layers: int = 2
+
+
 @pytest.mark.parametrize("cls, check, message", [
     (UnknownName, "check_select", "selects 'model.layers.99.mlp.down_proj', which is not a component"),
     (WrongDim, "check_transform", "declared dim"),
@@ -125,6 +131,8 @@ class Legacy(Reducer):
     (Unseeded, "check_transform", "built again"),
     (TableDisagrees, "check_table", "table scoring and the transform on per-sample gradients disagree"),
     (Legacy, "check_class", "defines reduce(), which selproj never calls"),
+    (Undecorated, "check_class", "Undecorated is not itself a dataclass"),
+    (Undecorated, "check_registers", "registry refused Undecorated: reducer Undecorated is not itself a dataclass"),
 ])
 def test_broken_reducers_fail_by_name(cls, check, message):
     with pytest.raises(ReducerCheckError) as err:

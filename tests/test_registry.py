@@ -236,3 +236,26 @@ def test_a_plugin_with_one_broken_class_is_refused_whole_with_every_error(site):
     assert not registry_module.registry().manager.has_plugin("mixed")
     with pytest.raises(StrategyError, match=r"plugins that failed: mixed \(reducer Nameless has no name; reducer Old"):
         get_strategy("mixed_good")
+
+
+def test_a_reducer_subclass_without_its_own_dataclass_decorator_is_refused(site):
+    install_plugin(site, "selproj-undecorated", "undecorated", "selproj_undecorated", """
+        from selproj_plugin import Reducer, hookimpl
+        from selproj_plugin.strategies.greedy import Greedy
+        class Bare(Reducer):  # Reducer is a dataclass, so is_dataclass(Bare) is true by inheritance
+            name = "bare_layers"
+            summary = "an option that is no dataclass field"
+            layers: int = 2
+        class GreedierBare(Greedy):
+            name = "greedier_bare"
+            summary = "a built-in's subclass, undecorated"
+        @hookimpl
+        def selproj_strategies():
+            return [Bare, GreedierBare]
+    """)
+    with pytest.warns(registry_module.PluginWarning, match="selproj plugin undecorated disabled"):
+        registry_module.registry(reload=True)
+    assert plugin_errors()["undecorated"] == [
+        f"reducer {name} is not itself a dataclass, so its options are not fields: add @dataclass above class {name}"
+        for name in ("Bare", "GreedierBare")]
+    assert not {"bare_layers", "greedier_bare"} & set(list_strategies())
