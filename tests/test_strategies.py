@@ -160,3 +160,38 @@ def test_parse_dim(dim, total, expected):
 def test_parse_dim_rejects_garbage():
     with pytest.raises(ValueError, match="count or a percentage"):
         parse_dim("lots", 100)
+
+
+@pytest.mark.parametrize("dim, expected", [("0.5%", 61), ("0.1%", 12)])  # of the tiny llama's 12,272 parameters
+def test_projection_percentages_under_one_percent(dim, expected):
+    from selproj_plugin import reduction
+    from selproj_plugin.components import catalogue
+    from tests import tiny
+
+    model = tiny.model("llama")
+    assert sum(p.numel() for p in model.parameters()) == 12_272
+    reducer = get_strategy("random_projection", dim=dim)
+    assert reduction(reducer, catalogue(model, "all")).transform.dim == expected
+
+
+def test_projection_percentage_that_rounds_to_nothing_is_one_line():
+    from selproj_plugin import reduction
+    from selproj_plugin.components import catalogue
+    from selproj_plugin.strategies.base import ReducerError
+    from tests import tiny
+
+    reducer = get_strategy("random_projection", dim="0.001%")  # the syntax is fine; the model is too small
+    with pytest.raises(ReducerError) as err:
+        reduction(reducer, catalogue(tiny.model("llama"), "all"))
+    assert str(err.value).endswith("projection dimension must be at least 1: 0.001% of 12,272 parameters gives 0")
+
+
+@pytest.mark.parametrize("dim, problem", [
+    ("0%", "a percentage must be above 0 and at most 100"), ("150%", "a percentage must be above 0 and at most 100"),
+    ("nan%", "a percentage must be above 0 and at most 100"), (0, "a count must be a positive whole number"),
+    ("12.5", "a count must be a positive whole number"), ("lots", "a count or a percentage like 1%"),
+])
+def test_projection_dimension_syntax_is_checked_at_construction(dim, problem):
+    with pytest.raises(StrategyError) as err:
+        get_strategy("random_projection", dim=dim)
+    assert problem in str(err.value) and repr(dim) in str(err.value) and "\n" not in str(err.value)

@@ -20,16 +20,37 @@ from selproj_plugin.strategies.base import Reducer
 from selproj_plugin.transforms import Transform
 
 
-def parse_dim(dim: int | str, total_params: int) -> int:
-    """An absolute dimension, or a percentage of the parameters (``"1%"``)."""
+def dim_share(dim: int | str) -> float | None:
+    """The fraction of the parameters a percentage ``dim`` asks for, or None for a count; checks the syntax only.
+
+    A percentage must be above 0 and at most 100, a count a positive whole number; whether a
+    percentage gives at least one dimension depends on the model (:func:`parse_dim`).
+    """
     text = str(dim).strip()
+    percent = text.endswith("%")
     try:
-        value = float(text[:-1]) / 100 * total_params if text.endswith("%") else float(text)
+        value = float(text[:-1] if percent else text)
     except ValueError:
         raise ValueError(f"projection dimension must be a count or a percentage like 1%, got {dim!r}") from None
-    if value < 1 or value != value:
-        raise ValueError(f"projection dimension must be at least 1, got {dim!r}")
-    return int(round(value))
+    if percent:
+        if not 0 < value <= 100:  # also refuses nan
+            raise ValueError(f"projection dimension {dim!r}: a percentage must be above 0 and at most 100")
+        return value / 100
+    if not (value >= 1 and value.is_integer()):
+        raise ValueError(f"projection dimension {dim!r}: a count must be a positive whole number")
+    return None
+
+
+def parse_dim(dim: int | str, total_params: int) -> int:
+    """An absolute dimension, or a percentage of ``total_params`` (``"0.5%"``), at least 1."""
+    share = dim_share(dim)
+    if share is None:
+        return int(float(str(dim).strip()))
+    out = int(round(share * total_params))
+    if out < 1:
+        raise ValueError(f"projection dimension must be at least 1: {str(dim).strip()} of {total_params:,} "
+                         f"parameters gives {out}")
+    return out
 
 
 @dataclass
@@ -43,7 +64,7 @@ class RandomProjection(Reducer):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        parse_dim(self.dim, 100)  # a malformed dimension fails when the option is given
+        dim_share(self.dim)  # a malformed dimension fails when the option is given; its size once the model is known
 
     def transform(self, selected: Sequence[Component]) -> Transform:
         return CountSketch(selected, parse_dim(self.dim, sum(c.num_params for c in selected)), self.seed)
@@ -65,7 +86,6 @@ class RandomProjectionPerComponent(RandomProjection):
     def transform(self, selected: Sequence[Component]) -> Transform:
         sizes = [c.num_params for c in selected]
         total = parse_dim(self.dim, sum(sizes))
-        text = str(self.dim).strip()
-        dims = [max(1, round(float(text[:-1]) / 100 * n)) for n in sizes] if text.endswith("%") \
-            else split_dims(sizes, total)
+        share = dim_share(self.dim)
+        dims = split_dims(sizes, total) if share is None else [max(1, round(share * n)) for n in sizes]
         return PerComponentSketch(selected, dims, self.seed)
