@@ -3,7 +3,9 @@
 Prompt tokens are masked (label -100).  With a chat template the prompt is the user
 turn rendered up to the assistant header; without one it is the plain prompt text.
 The response and one EOS token follow at token level, so exactly ``len(response) + 1``
-positions are trained.  Every error is one line naming the sample or the model.
+positions are trained.  The first response token needs a token before it to be predicted
+from: an empty prompt without a chat template becomes the tokenizer's BOS token, and a
+tokenizer with neither refuses it.  Every error is one line naming the sample or the model.
 """
 
 from __future__ import annotations
@@ -79,6 +81,14 @@ def _eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
+def _bos_id(tokenizer: Any, sample: Sample) -> int:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise SampleError(f"sample {sample.id}: empty prompt, and the tokenizer has neither a BOS token nor a "
+                          "chat template to predict the first response token from")
+    return int(bos)
+
+
 def encode_sample(tokenizer: Any, sample: Sample, max_length: int) -> Encoded:
     """Tokenise one sample: prompt (masked) + response + EOS, right-truncated to ``max_length``."""
     if not sample.response or not sample.response.strip():
@@ -91,6 +101,8 @@ def encode_sample(tokenizer: Any, sample: Sample, max_length: int) -> Encoded:
         prompt_ids = _ids(tokenizer, prefix, special=False)
     else:
         prompt_ids = _ids(tokenizer, sample.prompt, special=True)
+    if not prompt_ids:
+        prompt_ids = [_bos_id(tokenizer, sample)]
     response_ids = _ids(tokenizer, sample.response, special=False) + [eos]
     ids = prompt_ids + response_ids
     labels = [IGNORE] * len(prompt_ids) + response_ids
