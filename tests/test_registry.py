@@ -180,21 +180,22 @@ def test_option_text_that_fits_no_type_is_one_line():
         registry_module.convert_options("greedy", {"patients": "3"})
 
 
+def reducer_plugin(body: str, provided: str) -> str:
+    """A plugin module's source: the imports, ``body`` (classes, extra hooks) and the hook returning ``provided``."""
+    return ("from dataclasses import dataclass\nfrom selproj_plugin import Reducer, hookimpl\n"
+            f"{textwrap.dedent(body)}\n@hookimpl\ndef selproj_strategies():\n    return [{provided}]\n")
+
+
 def test_misspelled_hook_is_that_plugins_one_line_error(site):
-    install_plugin(site, "selproj-typo", "typo", "selproj_typo", """
-        from dataclasses import dataclass
-        from selproj_plugin import Reducer, hookimpl
+    install_plugin(site, "selproj-typo", "typo", "selproj_typo", reducer_plugin("""
         @dataclass
         class Kept(Reducer):
             name = "typo_kept"
             summary = "registered by the correctly spelled hook"
         @hookimpl
-        def selproj_strategies():
-            return [Kept]
-        @hookimpl
         def selproj_strategie():
             return [Kept]
-    """)
+    """, "Kept"))
     with pytest.warns(registry_module.PluginWarning, match="selproj plugin typo disabled"):
         registry_module.registry(reload=True)
     assert plugin_errors()["typo"] == ["unknown hook 'selproj_strategie'; selproj's hooks are: selproj_strategies"]
@@ -204,9 +205,7 @@ def test_misspelled_hook_is_that_plugins_one_line_error(site):
 
 
 def test_a_plugin_with_one_broken_class_is_refused_whole_with_every_error(site):
-    install_plugin(site, "selproj-mixed", "mixed", "selproj_mixed", """
-        from dataclasses import dataclass
-        from selproj_plugin import Reducer, hookimpl
+    install_plugin(site, "selproj-mixed", "mixed", "selproj_mixed", reducer_plugin("""
         @dataclass
         class Good(Reducer):
             name = "mixed_good"
@@ -220,10 +219,7 @@ def test_a_plugin_with_one_broken_class_is_refused_whole_with_every_error(site):
             summary = "0.1-style reducer"
             def similarity(self, a, b):
                 return a @ b.T
-        @hookimpl
-        def selproj_strategies():
-            return [Good, Nameless, Old]
-    """)
+    """, "Good, Nameless, Old"))
     with pytest.warns(registry_module.PluginWarning, match="selproj plugin mixed disabled: reducer Nameless has no name; "
                                                           "reducer Old defines similarity"):
         registry_module.registry(reload=True)
@@ -239,8 +235,7 @@ def test_a_plugin_with_one_broken_class_is_refused_whole_with_every_error(site):
 
 
 def test_a_reducer_subclass_without_its_own_dataclass_decorator_is_refused(site):
-    install_plugin(site, "selproj-undecorated", "undecorated", "selproj_undecorated", """
-        from selproj_plugin import Reducer, hookimpl
+    install_plugin(site, "selproj-undecorated", "undecorated", "selproj_undecorated", reducer_plugin("""
         from selproj_plugin.strategies.greedy import Greedy
         class Bare(Reducer):  # Reducer is a dataclass, so is_dataclass(Bare) is true by inheritance
             name = "bare_layers"
@@ -249,10 +244,7 @@ def test_a_reducer_subclass_without_its_own_dataclass_decorator_is_refused(site)
         class GreedierBare(Greedy):
             name = "greedier_bare"
             summary = "a built-in's subclass, undecorated"
-        @hookimpl
-        def selproj_strategies():
-            return [Bare, GreedierBare]
-    """)
+    """, "Bare, GreedierBare"))
     with pytest.warns(registry_module.PluginWarning, match="selproj plugin undecorated disabled"):
         registry_module.registry(reload=True)
     assert plugin_errors()["undecorated"] == [
