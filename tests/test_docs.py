@@ -39,10 +39,10 @@ def test_check_fails_when_a_record_changes_and_the_rebuild_follows(tmp_path, cap
     record.write_text(json.dumps(data))
     assert docs.main(["--check", "--root", str(root)]) == 1
     err = capsys.readouterr().err
-    assert "docs/benchmarks.md differs" in err
-    assert "0.500 [0.216, 0.457]" not in (root / "docs" / "benchmarks.md").read_text()  # --check writes nothing
+    assert "README.md differs" in err and "docs/benchmarks.md differs" in err
+    assert "0.500 [0.216, 0.457]" not in (root / "README.md").read_text()  # --check writes nothing
     assert docs.main(["--root", str(root)]) == 0
-    assert "0.500 [0.216, 0.457]" in (root / "docs" / "benchmarks.md").read_text()
+    assert "0.500 [0.216, 0.457]" in (root / "README.md").read_text()
     assert docs.main(["--check", "--root", str(root)]) == 0
 
 
@@ -78,6 +78,24 @@ def test_a_marker_naming_no_table_is_an_error(tmp_path, capsys):
     assert "unknown table 'nonesuch'" in capsys.readouterr().err
 
 
+def test_readme_table_holds_the_quick_start_figures_as_measured():
+    # the figures make bench printed, as first reported, so a rendering that rounds or swaps them fails
+    row = {line.split("|")[1].strip(): line for line in README.read_text().splitlines() if line.startswith("| ")}
+    for figure in ("0.484 [0.358, 0.613]", "0.328 [0.216, 0.457]", "+14.1 pts, p = 0.049", "0.188 [0.101, 0.305]",
+                   "0.766 [0.643, 0.862]", "L3 down, L6 up"):
+        assert figure in row["generated"]
+    for figure in ("1.000 [0.944, 1.000]", "0.969 [0.892, 0.996]", "L23 o", "tied with 52 others"):
+        assert figure in row["paraphrased"]
+
+
+def test_readme_is_short_and_starts_with_the_quick_start():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 200
+    head = "\n".join(lines[:40])
+    assert "make bench" in head and "make test" in head and "<!-- table:quickstart:start -->" in head
+    assert [n for n, line in enumerate(lines, 1) if HASH.search(line) or DATE.search(line)] == []
+
+
 def test_docs_prose_has_no_hash_or_date_outside_the_generated_lines():
     for page in PAGES:
         prose = docs.MARKER.sub("", page.read_text())  # generated tables and their lines may name them
@@ -86,7 +104,7 @@ def test_docs_prose_has_no_hash_or_date_outside_the_generated_lines():
 
 
 def test_links_between_the_pages_resolve():
-    for page in [*PAGES, ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md"]:
+    for page in [README, *PAGES, ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md"]:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if not target.startswith("http"):
                 assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
