@@ -21,34 +21,46 @@ class RecordError(ValueError):
 def typed(cls: type, data: Any, where: str = "") -> Any:
     """``data`` (parsed JSON) as dataclass ``cls``: keys it does not declare are ignored, a missing one is an error."""
     if not isinstance(data, dict):
-        raise RecordError(f"{where or cls.__name__}: expected an object, got {type(data).__name__}")
+        raise RecordError(f"{where or cls.__name__}: expected an object, got {data!r:.40}")
     hints, values = get_type_hints(cls), {}
     for f in fields(cls):
         if f.name in data:
-            values[f.name] = _convert(hints[f.name], data[f.name], f"{where}.{f.name}".lstrip("."))
+            values[f.name] = parse(hints[f.name], data[f.name], f"{where}.{f.name}".lstrip("."))
     try:
         return cls(**values)
     except TypeError as exc:
         raise RecordError(f"{where or cls.__name__}: {str(exc).split('() ', 1)[-1]}") from None
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
+def parse(tp: Any, value: Any, where: str) -> Any:
+    """``value`` (parsed JSON) as type ``tp``: dataclasses, lists, tuples, dicts, unions and plain values."""
     origin, args = get_origin(tp), get_args(tp)
     if value is None or tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        return _convert(next(a for a in args if a is not type(None)), value, where)
+        options = [a for a in args if a is not type(None)]
+        return parse(next((a for a in options if _fits(a, value)), options[0]), value, where)
     if is_dataclass(tp):
         return typed(tp, value, where)
+    if not _fits(tp, value):
+        raise RecordError(f"{where}: expected {getattr(origin or tp, '__name__', tp)}, got {value!r:.40}")
     if origin in (list, tuple):
-        return origin(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        return origin(parse(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
-        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, int):
-        return float(value)
-    if not isinstance(value, tp):
-        raise RecordError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
+        return {k: parse(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    return float(value) if tp is float else value
+
+
+def _fits(tp: Any, value: Any) -> bool:
+    """Whether a JSON value has the shape of ``tp`` (an int is a float; an object is a dataclass)."""
+    base = get_origin(tp) or tp
+    if is_dataclass(base):
+        return isinstance(value, dict)
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is tuple:  # JSON has only arrays
+        return isinstance(value, list)
+    return base is Any or isinstance(value, base)
 
 
 # --- records ---------------------------------------------------------------------------------------
@@ -69,7 +81,7 @@ class Record:
     machine: str
     date: str
     commit: str
-    result: dict[str, Any] = field(default_factory=dict)  # the benchmark's --json output
+    result: dict[str, Any] | list[Any] = field(default_factory=dict)  # the benchmark's --json output
     label: str = ""  # the row's name where a table has several records
     note: str = ""
     cost: Cost | None = None
@@ -99,8 +111,8 @@ def load_records(folder: Path) -> list[Record]:
 class PairedTest:  # benchmark.retrieval: vs_full
     difference: float
     p_value: float
-    better: int | None = None
-    worse: int | None = None
+    better: float | None = None  # queries won and lost; fractional where ties are credited
+    worse: float | None = None
 
 
 @dataclass(frozen=True)
@@ -205,7 +217,7 @@ class Adapters:
 
 
 @dataclass(frozen=True)
-class CheckRow:  # benchmark.plancheck: one size
+class CheckRow:  # benchmark.plancheck writes a list of these, one a size
     size: int
     predicted_peak_bytes: int
     measured_peak_bytes: int
@@ -215,11 +227,6 @@ class CheckRow:  # benchmark.plancheck: one size
     kept: int | None = None
     kept_in_ram: int | None = None
     kept_spilled: int | None = None
-
-
-@dataclass(frozen=True)
-class PlanCheck:
-    rows: list[CheckRow]
 
 
 @dataclass(frozen=True)
@@ -248,16 +255,11 @@ class PaperPlan:  # benchmark.plan
 
 
 @dataclass(frozen=True)
-class Fault:  # benchmark.faults: one row
+class Fault:  # benchmark.faults writes a list of these, one a fault
     fault: str
     outcome: str
     seconds: float
     kept: str
-
-
-@dataclass(frozen=True)
-class Faults:
-    rows: list[Fault]
 
 
 @dataclass(frozen=True)

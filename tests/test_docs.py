@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from benchmark import docs
+from benchmark.adapters import Cell
+from benchmark.doc_records import Record
+from benchmark.faults import Row
+from benchmark.retrieval import cli
+from tests.conftest import reference_path
+from tests.test_benchmark_pipeline import argv, small_dataset, tiny_model_dir  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -114,3 +123,53 @@ def test_a_missing_repository_is_one_line(tmp_path, capsys):
     assert docs.main(["--check", "--root", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nowhere/README.md" in err
+
+
+def record(table: str, result) -> Record:
+    return Record(table=table, command="cmd", machine="here", date="today", commit="HEAD", result=result, label="run")
+
+
+def test_what_benchmark_retrieval_writes_is_a_record(tiny_model_dir, small_dataset, tmp_path):  # noqa: F811
+    out = tmp_path / "run.json"
+    assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--strategy", "full,greedy", "--json", str(out))) == 0
+    written = json.loads(out.read_text())
+    rows = {line.split("|")[1].strip(): line for line in docs.quickstart([record("quickstart", written)]).splitlines()}
+    for setting, part in written["settings"].items():
+        greedy, full = part["results"]["greedy"], part["results"]["full"]
+        lo, hi = greedy["heldout_accuracy_ci"]
+        assert f"{greedy['heldout_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]" in rows[setting]
+        assert f"{full['accuracy']:.3f}" in rows[setting] and f"{100 * greedy['vs_full']['difference']:+.1f} pts" in rows[setting]
+
+
+def test_what_benchmark_speed_writes_is_a_record(tiny_model_dir, small_dataset, tmp_path):  # noqa: F811
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--model", str(tiny_model_dir),
+                           "--dataset", str(small_dataset), "--queries", "2", "--k", "2", "--loop-queries", "1",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = json.loads(out.read_text())
+    row = docs.speed_engine([record("speed-engine", written)]).splitlines()[-1]
+    assert f"{written['engine_seconds']:.1f} s: {written['engine_timings']['capture_s']:.1f} + " in row
+    assert f"**{written['speedup_vs_loop']:.3g}x**" in row and f"{written['flop_ratio']:.1f}x" in row
+
+
+def test_what_the_adapter_and_fault_benchmarks_write_are_records():
+    cell = Cell("greedy", "trak", seconds=3.0, peak_rss_bytes=2**30, hits=2, engine_hits=2, queries=2, dim=10,
+                store_bytes=2**29)
+    assert "| greedy | trak | 10 | 3 | 1.00 GB | 2/2 | 2/2 | 0.50 GB |" in docs.adapters([record("adapters", {"cells": [asdict(cell)]})])
+    row = Row("a fault", "exit 1", 2.25, "kept all", True)
+    assert "| a fault | exit 1 | 2.2 | kept all |" in docs.faults([record("faults", [asdict(row)])])
+
+
+def test_the_paper_record_still_holds_on_the_reference_tables(tmp_path):
+    """The committed figures, recomputed from the paper's published dot products by today's command."""
+    out = tmp_path / "paper.json"
+    tables = [str(reference_path("paraphrased")), str(reference_path("model_generated"))]
+    assert cli(["--table", tables[0], "--table", tables[1], "--strategy",
+                "full,greedy,greedy_fidelity,random_projection_per_component", "--json", str(out)]) == 0
+    fresh = docs.paper([record("paper", json.loads(out.read_text()))])
+    committed = docs.paper([r for r in docs.load_records(ROOT / "benchmark" / "records") if r.table == "paper"])
+    p_value = re.compile(r"p = ([0-9.e+-]+)")
+    assert p_value.sub("p", fresh) == p_value.sub("p", committed)
+    for now, then in zip(p_value.findall(fresh), p_value.findall(committed)):  # as precise as they were reported
+        assert float(f"{float(now):.{max(1, len(then.replace('0.', '').split('e')[0].replace('.', '')))}g}") == float(then)
