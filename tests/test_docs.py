@@ -112,11 +112,20 @@ def test_docs_prose_has_no_hash_or_date_outside_the_generated_lines():
         assert found == [], page.name
 
 
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)}
+
+
 def test_links_between_the_pages_resolve():
     for page in [README, *PAGES, ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md"]:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
-            if not target.startswith("http"):
-                assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
+            if target.startswith("http"):
+                continue
+            path = page.parent / target if target else page
+            assert path.exists(), f"{page.name} links to missing {target}"
+            assert not anchor or anchor in anchors(path), f"{page.name} links to missing {target}#{anchor}"
 
 
 def test_a_missing_repository_is_one_line(tmp_path, capsys):
