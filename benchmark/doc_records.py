@@ -14,6 +14,9 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from benchmark.adapters import Cell  # the benchmarks' own rows, read back as they were written
+from benchmark.faults import Row as Fault
+
 class RecordError(ValueError):
     """A record or a marker the generator cannot use; the message is one line."""
 
@@ -199,20 +202,7 @@ class Projection:
 
 
 @dataclass(frozen=True)
-class Cell:  # benchmark.adapters: one strategy x adapter cell
-    strategy: str
-    adapter: str
-    dim: int
-    seconds: float
-    peak_rss_bytes: int
-    hits: int
-    engine_hits: int
-    queries: int
-    store_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class Adapters:
+class Adapters:  # benchmark.adapters
     cells: list[Cell]
 
 
@@ -252,14 +242,6 @@ class PaperPlan:  # benchmark.plan
     device_memory_gb: float
     gpu_hours: float
     tflops_assumed: float
-
-
-@dataclass(frozen=True)
-class Fault:  # benchmark.faults writes a list of these, one a fault
-    fault: str
-    outcome: str
-    seconds: float
-    kept: str
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmark.doc_records import (Adapters, CheckRow, Cost, EngineVsLoop, Fault, PairedTest, PaperPlan, Projection,
+from benchmark.doc_records import (Adapters, CheckRow, Cost, EngineVsLoop, PairedTest, PaperPlan, Projection,
                                    Record, RecordError, Retrieval, ScaleOut, Setting, load_records, parse, typed)
+from benchmark.faults import Row as Fault
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
