@@ -216,7 +216,6 @@ class CheckRow:  # benchmark.plancheck writes a list of these, one a size
     dot_order: str | None = None
     kept: int | None = None
     kept_in_ram: int | None = None
-    kept_spilled: int | None = None
 
 
 @dataclass(frozen=True)

@@ -185,8 +185,8 @@ def plancheck(records: list[Record]) -> str:
     rows = []
     for rec in records:
         for r in _result(list[CheckRow], rec):
-            kept = "" if r.kept is None else f"{r.dot_order}; keep {r.kept} ({r.kept_in_ram} in RAM" + (
-                f", {r.kept_spilled} on disk)" if r.kept_spilled else ")")
+            kept = "" if r.kept is None else \
+                f"{r.dot_order}; keep {r.kept} ({r.kept_in_ram} in RAM, {r.kept - r.kept_in_ram} on disk)"
             rows.append([rec.label, str(r.size), kept, f"{r.predicted_peak_bytes / GiB:.2f} GiB",
                          f"{r.measured_peak_bytes / GiB:.2f} GiB ({r.predicted_peak_bytes / r.measured_peak_bytes:.2f})",
                          f"{r.planned_captures} / {r.measured_captures}"])
