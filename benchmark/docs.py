@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -232,7 +233,7 @@ def runs(records: list[Record]) -> str:
         if c.peak_rss_gib is None:
             return ""
         return f"{c.peak_rss_gib:.2f} GiB" + ("" if c.peak_rss_kib is None else f" ({c.peak_rss_kib:,} KiB)")
-    rows = [[rec.label or f"`{rec.command}`", "" if rec.cost.wall_seconds is None else _minutes(rec.cost.wall_seconds),
+    rows = [[rec.label, "" if rec.cost.wall_seconds is None else _minutes(rec.cost.wall_seconds),
              peak(rec.cost), rec.note] for rec in records]
     return _table(["run", "wall time", "peak RSS", "what it included"], rows)
 
@@ -268,7 +269,11 @@ def provenance(records: list[Record], brief: bool) -> str:
 def render(name: str, records: list[Record], brief: bool) -> str:
     if name not in TABLES:
         raise RecordError(f"unknown table {name!r} in a marker (known: {', '.join(TABLES)})")
-    mine = [r for r in records if r.table == name] if name != "runs" else [r for r in records if r.cost is not None]
+    if name == "runs":  # every timed command, oldest first, numbered so the line below can date each
+        timed = sorted((r for r in records if r.cost is not None), key=lambda r: r.date)
+        mine = [replace(r, label=f"{i}. {r.label or r.command}") for i, r in enumerate(timed, 1)]
+    else:
+        mine = [r for r in records if r.table == name]
     if not mine:
         raise RecordError(f"no record for table {name!r}")
     return f"{TABLES[name](mine)}\n\n{provenance(mine, brief)}\n"
