@@ -22,6 +22,28 @@ FORMAT = "selproj-component-table/1"
 # Projection keys read KIND@DIM:SELECTION_DIGEST:SEED; the paper's reference files hold TRAK
 # projections per component block at a share of its size, stored under this kind and seed "paper".
 PAPER_PROJECTION = "per_component"
+PAPER_SEED = "paper"
+DEFAULT_SEED = "seed0"  # the projection strategies' default seed, as a key spells it
+
+
+@dataclass(frozen=True)
+class _ProjectionKey:
+    """A projection key ``KIND@DIM:SELECTION_DIGEST:SEED`` in parts."""
+
+    kind: str
+    dim: float
+    selection: str
+    seed: str
+
+    @classmethod
+    def parse(cls, key: str) -> "_ProjectionKey | None":
+        head, _, rest = key.partition(":")
+        kind, at, dim = head.partition("@")
+        selection, _, seed = rest.partition(":")
+        try:
+            return cls(kind, float(dim), selection, seed) if at else None
+        except ValueError:
+            return None
 
 
 class TableError(ValueError):
@@ -72,7 +94,7 @@ class ComponentTable:
         if self.rp_similarity is not None and self.rp_keys is None and self.rp_dims is not None:
             # the paper's reference files: TRAK projections per component block at a share of its size
             digest = selection_digest(self.component_list)
-            self.rp_keys = np.array([f"{PAPER_PROJECTION}@{int(d)}:{digest}:paper" for d in self.rp_dims])
+            self.rp_keys = np.array([f"{PAPER_PROJECTION}@{int(d)}:{digest}:{PAPER_SEED}" for d in self.rp_dims])
         if self.query_ids is None:
             self.query_ids = np.array([str(i) for i in range(n_q)])
         if self.candidate_ids is None:
@@ -120,34 +142,31 @@ class ComponentTable:
         return np.array([index[n] for n in names], dtype=int)
 
     def projection(self, key: str) -> np.ndarray | None:
-        """[Q, K] similarity stored under transform ``key`` (``KIND@DIM:DIGEST:SEED``), or None.
+        """[Q, K] similarity stored under transform ``key`` (``KIND@DIM:DIGEST:SEED``), or None when the table
+        stores no projection of that kind and selection.
 
-        Without an exact match, a stored one of the same kind and selection whose dimension is
-        within 1% (rounding of a percentage) is used, whatever its seed: another draw of the same map.
+        One of the paper's draws (seed ``paper``: another tool's, its seed unknown) stands in for the default
+        seed at a dimension within 1% (rounding of a percentage).  Any other seed or dimension the table lacks
+        is a :class:`TableError` naming what it holds: another draw's similarities would hide a seed's variance.
         """
         if self.rp_similarity is None or self.rp_keys is None:
             return None
         keys = [str(k) for k in self.rp_keys]
         if key in keys:
             return np.asarray(self.rp_similarity[keys.index(key)], dtype=np.float64)
-
-        def parts(k: str) -> tuple[str, float, str] | None:
-            head, _, rest = k.partition(":")
-            kind, at, dim = head.partition("@")
-            digest = rest.split(":")[0]
-            try:
-                return (kind, float(dim), digest) if at else None
-            except ValueError:
-                return None
-
-        want = parts(key)
+        want = _ProjectionKey.parse(key)
         if want is None:
             return None
-        for i, k in enumerate(keys):
-            have = parts(k)
-            if have and have[0] == want[0] and have[2] == want[2] and abs(have[1] - want[1]) <= 0.01 * want[1]:
+        same = [(i, have) for i, have in enumerate(map(_ProjectionKey.parse, keys))
+                if have and (have.kind, have.selection) == (want.kind, want.selection)]
+        for i, have in same:
+            if have.seed == PAPER_SEED and want.seed == DEFAULT_SEED and abs(have.dim - want.dim) <= 0.01 * want.dim:
                 return np.asarray(self.rp_similarity[i], dtype=np.float64)
-        return None
+        if not same:
+            return None
+        held = ", ".join(f"{have.seed} at dim {have.dim:g}" for _, have in same)
+        raise TableError(f"the table stores no {want.kind} projection {want.seed} at dim {want.dim:g} of this "
+                         f"selection; it holds {held}: ask for one of those, or build a table with this one")
 
     def take(self, rows: np.ndarray) -> "ComponentTable":
         """A table of only the given query rows (for held-out folds); its queries are no longer in groups."""

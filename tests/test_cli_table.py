@@ -139,3 +139,20 @@ def test_numbers_out_of_range_fail_before_any_work(capsys, monkeypatch, argv, me
     monkeypatch.setattr(retrieval, "build_tables", lambda *a, **k: pytest.fail("work began"))
     monkeypatch.setattr(retrieval.ComponentTable, "load", lambda *a, **k: pytest.fail("work began"))
     assert one_line_error(capsys, argv) == message
+
+
+def test_a_seed_sweep_on_a_table_holding_one_seed_is_a_one_line_error(capsys, tmp_path):
+    """Seed 1 scored with seed 0's similarities would show a sweep no variance."""
+    from selproj_plugin import get_strategy
+    from selproj_plugin.strategies.base import reduction
+    from selproj_plugin.table import ComponentTable
+
+    table = ComponentTable(**make_arrays())
+    key = reduction(get_strategy("random_projection", dim=8, seed=0), table.component_list).transform.key
+    path = tmp_path / "seed0.npz"
+    ComponentTable(**make_arrays(), rp_dims=np.array([8]), rp_similarity=np.full((1, 6, 3), 0.5),
+                   rp_keys=np.array([key])).save(path)
+    args = ["--table", str(path), "--strategy", "random_projection", "--proj-dim", "8"]
+    assert cli([*args, "--json", str(tmp_path / "seed0.json")]) == 0
+    err = one_line_error(capsys, [*args, "--option", "random_projection.seed=1"])
+    assert "no count_sketch projection seed1 at dim 8" in err and "it holds seed0 at dim 8" in err

@@ -92,3 +92,34 @@ def test_parts_split_the_recorded_query_groups_in_row_order(tmp_path):
     assert list(ComponentTable(**make_arrays()).parts()) == [""]
     with pytest.raises(TableError, match=f"count {q + 1} queries, the table {q}"):
         ComponentTable(**make_arrays(), meta={"query_groups": [["a", q], ["b", 1]]})
+
+
+def _with_projection(key: str, sims: np.ndarray) -> ComponentTable:
+    return ComponentTable(**make_arrays(), rp_dims=np.array([8]), rp_similarity=sims[None], rp_keys=np.array([key]))
+
+
+def test_a_seed_the_table_lacks_is_an_error_naming_the_stored_seeds_not_another_draw():
+    from selproj_plugin import get_strategy
+    from selproj_plugin.strategies.base import reduction
+
+    comps = ComponentTable(**make_arrays()).component_list
+    key = {s: reduction(get_strategy("random_projection", dim=8, seed=s), comps).transform.key for s in (0, 1)}
+    sims = np.random.default_rng(3).uniform(-1, 1, size=(6, 3))
+    table = _with_projection(key[0], sims)
+    np.testing.assert_array_equal(table.projection(key[0]), sims)
+    with pytest.raises(TableError) as info:
+        table.projection(key[1])
+    assert "seed1" in str(info.value) and "it holds seed0 at dim 8" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(TableError, match="it holds seed0 at dim 8"):
+        table.projection(key[0].replace("@8:", "@9:"))  # no rounding slack for a table's own draws
+    assert table.projection(key[0].replace("count_sketch", "per_component")) is None  # another kind: not stored
+
+
+def test_the_papers_draws_stand_in_for_the_default_seed_only():
+    paper = ComponentTable(**make_arrays(), rp_dims=np.array([100]), rp_similarity=np.ones((1, 6, 3)))
+    [stored] = [str(k) for k in paper.rp_keys]
+    kind_and_selection = stored.rsplit("@", 1)[0], stored.split(":")[1]
+    asked = f"{kind_and_selection[0]}@101:{kind_and_selection[1]}:seed0"  # a percentage rounded per component
+    np.testing.assert_array_equal(paper.projection(asked), np.ones((6, 3)))
+    with pytest.raises(TableError, match="it holds paper at dim 100"):
+        paper.projection(asked.replace(":seed0", ":seed1"))
