@@ -40,8 +40,10 @@ class _ProjectionKey:
         head, _, rest = key.partition(":")
         kind, at, dim = head.partition("@")
         selection, _, seed = rest.partition(":")
+        if not (kind and at and selection and seed):  # another transform's key (a plugin's own form)
+            return None
         try:
-            return cls(kind, float(dim), selection, seed) if at else None
+            return cls(kind, float(dim), selection, seed)
         except ValueError:
             return None
 

@@ -123,3 +123,10 @@ def test_the_papers_draws_stand_in_for_the_default_seed_only():
     np.testing.assert_array_equal(paper.projection(asked), np.ones((6, 3)))
     with pytest.raises(TableError, match="it holds paper at dim 100"):
         paper.projection(asked.replace(":seed0", ":seed1"))
+
+
+def test_keys_not_of_the_projection_form_are_only_matched_exactly():
+    """A plugin's transform keys (``sign@N``) name no selection or seed: another of its keys is no other draw."""
+    table = _with_projection("sign@8", np.ones((6, 3)))
+    assert table.projection("sign@9") is None
+    np.testing.assert_array_equal(table.projection("sign@8"), np.ones((6, 3)))
