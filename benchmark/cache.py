@@ -9,6 +9,7 @@ recomputed.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,25 @@ def digest(value: Any, length: int = 16) -> str:
     """Stable short hash of a JSON-serialisable value."""
     text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """Hash of what tokenises a sample: a fast tokenizer's whole definition (vocabulary, merges,
+    normalisation, added and special tokens, post-processing), else its vocabulary, with its special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return digest({"class": type(tokenizer).__name__, "definition": definition,
+                   "special": getattr(tokenizer, "special_tokens_map", {})})
+
+
+def package_version() -> str:
+    """This package's installed version: a table built by another release may differ."""
+    try:
+        return importlib.metadata.version("selproj-plugin")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing it
+        from selproj_plugin import __version__
+
+        return __version__
 
 
 def default_root() -> Path:

@@ -14,14 +14,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmark.cache import StageCache, digest
+from benchmark.cache import StageCache, digest, package_version, tokenizer_digest
 from benchmark.candidates import bm25_scores, top_k
 from benchmark.data import Dataset, load_dataset
 from benchmark.generate import generate_responses
 from selproj_plugin.components import Component
 from selproj_plugin.samples import Sample
 from selproj_plugin.strategies.base import Reducer, Reduction, Similarity, reduction
-from selproj_plugin.table import ComponentTable
+from selproj_plugin.table import FORMAT as TABLE_FORMAT, ComponentTable
 from selproj_plugin.transforms import Transform
 
 SETTINGS = ("paraphrased", "generated")
@@ -162,6 +162,8 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         "model": opts.model or DEFAULT_MODEL_NAME, "weights": weights_fingerprint(model), "dtype": opts.dtype,
         "dataset": dataset.name, "dataset_samples": len(dataset),
         "dataset_digest": digest([dataclasses.asdict(r) for r in dataset.records]),
+        # samples are tokenised, and prompts wrapped, by these: generations and tables depend on them
+        "tokenizer": tokenizer_digest(tokenizer), "chat_template": digest(getattr(tokenizer, "chat_template", None)),
     }
     comps = catalogue(model, opts.scope)
     total_params = sum(c.num_params for c in comps)
@@ -195,7 +197,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     table_key = {**identity, "component_set": opts.scope, "settings": opts.settings, "full_set": opts.full_set,
                  "candidates": opts.candidates, "projections": sorted(transforms), "max_length": opts.max_length,
                  "max_new_tokens": opts.max_new_tokens if "generated" in opts.settings else None,
-                 "queries": [q.id for q in queries],
+                 "queries": [q.id for q in queries], "package": package_version(), "table_format": TABLE_FORMAT,
                  **({"dot_order": opts.dot_order} if opts.dot_order != "auto" else {})}
     table_path = cache.path("table", table_key, "npz")
     config = EngineConfig(batch_size=opts.batch_size, max_length=opts.max_length,

@@ -151,3 +151,46 @@ def test_unreadable_stage_file_is_reported_and_recomputed(tiny_model_dir, small_
     first, again = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("first", "again"))
     assert comparable(first) == comparable(again)
     assert again["run"]["table_reused"] is (stage != "table")
+
+
+def test_a_tokenizer_chat_template_or_release_change_gets_new_tables(tmp_path, small_dataset, monkeypatch):  # noqa: F811
+    """The same weights at the same path with another chat template wrap every prompt differently, so
+    their gradients differ; a table from another release of this package may differ too."""
+    from benchmark import pipeline
+
+    path, cache = tmp_path / "model", tmp_path / "cache"
+    tiny.model("llama", tied=True).save_pretrained(path)
+    tiny.tokenizer().save_pretrained(path)
+    args = argv(path, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full")
+
+    def run(name: str) -> dict:
+        assert cli([*args, "--json", str(tmp_path / f"{name}.json")]) == 0
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    first = run("first")
+    tok = tiny.tokenizer()
+    tok.chat_template = tiny.CHAT_TEMPLATE.replace("'<|' + m['role'] + '|>'", "'<|' + m['role'] + '|>\\n'")
+    tok.save_pretrained(path)
+    templated = run("templated")
+    assert templated["run"]["table_reused"] is False
+    assert templated["identity"]["chat_template"] != first["identity"]["chat_template"]
+    assert templated["run"]["table_cache"] != first["run"]["table_cache"]
+    monkeypatch.setattr(pipeline, "package_version", lambda: "999.0")
+    assert run("released")["run"]["table_reused"] is False
+    assert len(list((cache / "benchmark").glob("table-*.npz"))) == 3
+
+
+def test_tokenizer_digest_follows_vocabulary_special_tokens_and_normalisation():
+    from tokenizers import normalizers
+
+    from benchmark.cache import tokenizer_digest
+
+    base = tokenizer_digest(tiny.tokenizer())
+    assert tokenizer_digest(tiny.tokenizer()) == base
+    assert tokenizer_digest(tiny.tokenizer(bos=True)) != base  # post-processing adds <bos>
+    lower = tiny.tokenizer()
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert tokenizer_digest(lower) != base
+    other_pad = tiny.tokenizer()
+    other_pad.pad_token = "<eos>"
+    assert tokenizer_digest(other_pad) != base
