@@ -8,6 +8,7 @@ candidates' gradients are shared) -> one table per setting.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -208,6 +209,11 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         plan = plan_table(model, tokenizer, queries, pool, rows, scope=opts.scope, config=config, across_ranks=True)
         return PipelineResult(tables={}, identity=identity, stages=stages, plan=plan)
     table = cache.load(table_path, ComponentTable.load)
+    candidate_ids = np.array([[pool[j].id for j in row] for row in rows]).reshape(rows.shape)
+    problem = None if table is None else _other_rows(table, [q.id for q in queries], candidate_ids)
+    if problem is not None:  # the key holds the candidate count, not which ones (a BM25 release may rank others)
+        print(f"[selproj] cached {table_path.name} was built for other rows ({problem}): rebuilding it", file=sys.stderr)
+        table = None
     reused = all(distributed.gather(table is not None))  # the ranks must agree on building it together
     if not reused:
         table = build_table(
@@ -241,6 +247,19 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
                                          opts.scope, similarity_config) for s, r in spans.items()}
     return PipelineResult(tables=tables, identity=identity, stages=stages, notes=notes, run=run, bm25=bm25_rows,
                           similarity=similarity)
+
+
+def _other_rows(table: ComponentTable, query_ids: Sequence[str], candidate_ids: np.ndarray) -> str | None:
+    """Where a cached table's queries or candidates differ from the run's, row by row (None where they agree)."""
+    if table.n_queries != len(query_ids) or table.candidate_ids.shape != candidate_ids.shape:
+        return f"{table.n_queries} x {table.n_candidates}, the run {len(query_ids)} x {candidate_ids.shape[1]}"
+    for row, (have, want) in enumerate(zip(table.query_ids, query_ids)):
+        if str(have) != str(want):
+            return f"row {row} is query {have}, the run's {want}"
+    for row, (have, want) in enumerate(zip(table.candidate_ids.astype(str), candidate_ids.astype(str))):
+        if list(have) != list(want):
+            return f"query {query_ids[row]} has candidates {', '.join(have)}, the run {', '.join(want)}"
+    return None
 
 
 def gradient_similarity(model: Any, tokenizer: Any, queries: Sequence[Sample], pool: Sequence[Sample],

@@ -362,3 +362,29 @@ def test_a_table_cached_before_query_groups_were_recorded_is_scored_per_setting(
     doc = json.loads(again.read_text())
     assert doc["run"]["table_reused"] is True
     assert strip_timings(doc) == strip_timings(json.loads(first.read_text()))
+
+
+def test_a_cached_table_for_other_candidates_is_rebuilt_not_reused(tiny_model_dir, small_dataset, tmp_path, capsys,
+                                                                    monkeypatch):
+    """The key holds the candidate count, not which candidates: another BM25 ranking (a bm25s release) gives
+    other rows, and their table must be built, not taken from the cache."""
+    cache, first, other = tmp_path / "cache", tmp_path / "first.json", tmp_path / "other.json"
+    args = argv(tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full",
+                "--candidates", "3")
+    from selproj_plugin.table import ComponentTable
+
+    assert cli([*args, "--json", str(first)]) == 0
+    path = json.loads(first.read_text())["run"]["table_cache"]
+    before = ComponentTable.load(path).candidate_ids
+    real = pipeline.bm25_scores
+    monkeypatch.setattr(pipeline, "bm25_scores", lambda queries, pool: -real(queries, pool))  # another ranking
+    capsys.readouterr()
+    assert cli([*args, "--json", str(other)]) == 0
+    doc = json.loads(other.read_text())
+    assert doc["run"]["table_reused"] is False and doc["run"]["table_cache"] == path  # same key, other rows
+    err = [line for line in capsys.readouterr().err.splitlines() if "[selproj]" in line]
+    assert len(err) == 1 and "was built for other rows (query t" in err[0] and "rebuilding it" in err[0], err
+    after = ComponentTable.load(path).candidate_ids
+    assert after.shape == before.shape and not np.array_equal(after, before)
+    assert cli([*args, "--json", str(other)]) == 0
+    assert json.loads(other.read_text())["run"]["table_reused"] is True  # the rebuilt table fits this run
