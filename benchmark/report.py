@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from selproj_plugin.atomic import atomic_write
 from selproj_plugin.stats import PairedTest
 from selproj_plugin.strategies.base import StrategyResult
 
@@ -31,17 +31,7 @@ METHODS = {
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write text so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def write_json(path: str | os.PathLike, document: Mapping[str, Any]) -> Path:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from selproj_plugin.atomic import atomic_write
 from selproj_plugin.components import Component, kind_and_layer
 from selproj_plugin.transforms import selection_digest
 
@@ -53,18 +53,8 @@ class TableError(ValueError):
 
 
 def savez_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
-    """``np.savez`` through a temporary file and a rename: a partial file never replaces a good one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``np.savez`` written atomically (:func:`~selproj_plugin.atomic.atomic_write`)."""
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 @dataclass

@@ -130,3 +130,30 @@ def test_keys_not_of_the_projection_form_are_only_matched_exactly():
     table = _with_projection("sign@8", np.ones((6, 3)))
     assert table.projection("sign@9") is None
     np.testing.assert_array_equal(table.projection("sign@8"), np.ones((6, 3)))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_atomic_writes_get_a_plain_open_s_mode_and_reach_the_disk(tmp_path, monkeypatch, umask, mode):
+    """Tables and reports are shared (the model cache on purpose): not mkstemp's private 0600; and the file's bytes
+    and its rename are synced, so a crash cannot leave a renamed file without its bytes."""
+    import os
+    import stat
+
+    from benchmark.report import write_json
+
+    real = os.fsync
+    synced = []
+
+    def fsync(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    old = os.umask(umask)
+    try:
+        written = [ComponentTable(**make_arrays()).save(tmp_path / "t.npz"), write_json(tmp_path / "r.json", {"a": 1})]
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in written] == [mode, mode]
+    assert synced == ["file", "dir", "file", "dir"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "t.npz"]
