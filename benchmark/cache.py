@@ -54,10 +54,15 @@ def default_root() -> Path:
 
 
 class StageCache:
-    """Files of one run's stages under ``root/benchmark/<stage>-<key>.<suffix>``."""
+    """Files of one run's stages under ``root/benchmark/<stage>-<key>.<suffix>``.
+
+    A cache that cannot be written (read-only, full, not a directory) costs only the reuse: the
+    first failed write is reported in one line, later ones are not tried, and the run goes on.
+    """
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = (Path(root).expanduser() if root else default_root()) / "benchmark"
+        self.unwritable: str | None = None  # the first failed write's path and error
 
     def path(self, stage: str, key: Any, suffix: str) -> Path:
         return self.root / f"{stage}-{digest(key)}.{suffix}"
@@ -70,12 +75,28 @@ class StageCache:
             return read(path)
         except (OSError, ValueError) as exc:
             print(f"[selproj] cached {path.name} is unreadable ({one_line(exc)}): recomputing it", file=sys.stderr)
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a read-only cache: the recomputed result's write reports it
+                pass
             return None
 
     def load_json(self, path: Path) -> Any | None:
         """The cached document, or None when absent or unreadable (then it is recomputed)."""
         return self.load(path, lambda p: json.loads(p.read_text(encoding="utf-8")))
 
-    def save_json(self, path: Path, value: Any) -> Path:
-        return write_atomic(path, json.dumps(value, sort_keys=True))
+    def save(self, path: Path, write: Callable[[Path], Any]) -> bool:
+        """``write(path)``; False, the result kept by the caller, when the cache cannot be written."""
+        if self.unwritable is not None:
+            return False
+        try:
+            write(path)
+        except OSError as exc:
+            self.unwritable = f"{path}: {one_line(exc)}"
+            print(f"[selproj] cannot write the cache {self.unwritable}; the run goes on without caching",
+                  file=sys.stderr)
+            return False
+        return True
+
+    def save_json(self, path: Path, value: Any) -> bool:
+        return self.save(path, lambda p: write_atomic(p, json.dumps(value, sort_keys=True)))

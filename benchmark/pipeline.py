@@ -223,14 +223,13 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     # the settings' queries one after the other: --table scores each apart, as this run does (a table cached
     # before tables recorded it gets the record here: its key holds the queries, so their order is this one)
     table.meta["query_groups"] = [[s, len(per_setting[s])] for s in opts.settings]
-    if not reused and distributed.is_main():
-        table.save(table_path)
+    cached = reused or (distributed.is_main() and cache.save(table_path, table.save))
     lap("table")
 
     spans = {s: r for s, r in table.group_rows().items() if r.size}  # each setting's rows of the table
     tables = {s: table.take(r) for s, r in spans.items()}
     bm25_rows = {s: np.take_along_axis(bm25[originals[r]], rows[r], axis=1) for s, r in spans.items()}
-    run = {"table_cache": str(table_path), "table_reused": reused, "world_size": world,
+    run = {"table_cache": str(table_path) if cached else None, "table_reused": reused, "world_size": world,
            "threads_per_process": torch.get_num_threads()}
     notes = {
         "empty_generations": len(dataset) - len(per_setting["generated"]) if "generated" in per_setting else 0,

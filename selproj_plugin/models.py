@@ -9,6 +9,7 @@ entry counts only once its completion marker is written.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
 import json
@@ -114,7 +115,6 @@ def _write_entry(target: Path) -> None:
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    print(f"[selproj] converting the embedded {DEFAULT_GGUF} to fp32 in {target} (once)", file=sys.stderr)
     try:
         model, tokenizer = _convert_default()
         model.save_pretrained(str(tmp))
@@ -138,8 +138,13 @@ def default_model_dir(cache: str | os.PathLike | None = None, *, broken_build: s
     target = cache_dir(cache) / _CACHE_SUBDIR
     if entry_problem(target) is None and (broken_build is None or _build_id(target) != broken_build):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{target.name}.lock")):
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(target.parent / f".{target.name}.lock"))
+        lock.acquire()
+    except OSError as exc:  # a read-only or otherwise unwritable cache root
+        return _private_entry(target, exc)
+    try:
         problem = entry_problem(target)
         if problem is None and broken_build is not None and _build_id(target) == broken_build:
             problem = "it does not load"
@@ -148,8 +153,26 @@ def default_model_dir(cache: str | os.PathLike | None = None, *, broken_build: s
                 print(f"[selproj] model cache {target} is incomplete or corrupt ({problem}): rebuilding it",
                       file=sys.stderr)
                 shutil.rmtree(target, ignore_errors=True)
-            _write_entry(target)
+            print(f"[selproj] converting the embedded {DEFAULT_GGUF} to fp32 in {target} (once)", file=sys.stderr)
+            try:
+                _write_entry(target)
+            except OSError as exc:  # the root is full, or turned read-only under the lock
+                return _private_entry(target, exc)
+    finally:
+        lock.release()
     return target
+
+
+def _private_entry(target: Path, exc: OSError) -> Path:
+    """The default model converted into a temporary directory of this process, removed at its exit:
+    a cache root that cannot be written must not stop a run that can convert the model itself."""
+    tmp = Path(tempfile.mkdtemp(prefix="selproj-model-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    entry = tmp / _CACHE_SUBDIR
+    print(f"[selproj] cannot write the model cache {target} ({one_line(exc)}): converting the embedded "
+          f"{DEFAULT_GGUF} into {entry} for this run only", file=sys.stderr)
+    _write_entry(entry)
+    return entry
 
 
 def load_model(

@@ -194,3 +194,83 @@ def test_tokenizer_digest_follows_vocabulary_special_tokens_and_normalisation():
     other_pad = tiny.tokenizer()
     other_pad.pad_token = "<eos>"
     assert tokenizer_digest(other_pad) != base
+
+
+def _refuse_writes_under(root: Path, error: int, suffix: str = ""):
+    """An atomic writer that fails with ``error`` for files under ``root`` (ending in ``suffix``), as a read-only
+    or full cache does (tests run as root, which chmod does not stop)."""
+    from selproj_plugin import atomic
+
+    real = atomic.atomic_write
+
+    def write(path, data):
+        if Path(root) in Path(path).parents and str(path).endswith(suffix):
+            raise OSError(error, os.strerror(error), str(path))
+        return real(path, data)
+    return write
+
+
+@pytest.mark.parametrize("fault", ["read-only", "full for the table", "not a directory"])
+def test_an_unwritable_cache_keeps_the_results_and_says_so_in_one_line(tiny_model_dir, small_dataset, tmp_path,  # noqa: F811
+                                                                       capsys, monkeypatch, fault):
+    import errno
+
+    from benchmark import report
+    from selproj_plugin import table as table_module
+
+    reference = tmp_path / "reference.json"
+    assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "good-cache", "--json", str(reference),
+                    "--out", str(tmp_path / "reference"))) == 0
+    cache = tmp_path / "cache"
+    if fault == "not a directory":
+        cache.write_text("a file where the cache should be")
+        cache = cache / "under-a-file"
+        message = "Not a directory"
+    else:
+        error, suffix = (errno.EROFS, "") if fault == "read-only" else (errno.ENOSPC, ".npz")
+        for module in (report, table_module):
+            monkeypatch.setattr(module, "atomic_write", _refuse_writes_under(cache, error, suffix))
+        message = os.strerror(error)
+    capsys.readouterr()
+    out, result = tmp_path / "out", tmp_path / "result.json"
+    assert cli(argv(tiny_model_dir, small_dataset, cache, "--json", str(result), "--out", str(out))) == 0
+    captured = capsys.readouterr()
+    assert "== paraphrased ==" in captured.out and "== generated ==" in captured.out
+    err = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"[selproj] cannot write the cache {cache}/benchmark/"), err
+    assert message in err[0] and ("table-" in err[0]) is (fault == "full for the table"), err
+    doc = json.loads(result.read_text())
+    assert doc["run"]["table_cache"] is None and doc["run"]["table_reused"] is False
+    assert comparable(doc) == comparable(json.loads(reference.read_text()))
+    assert comparable(json.loads((out / "results.json").read_text())) == comparable(doc)
+
+
+@pytest.mark.parametrize("fault", ["root under a file", "full under the lock"])
+def test_an_unwritable_model_cache_converts_into_a_temporary_directory(tmp_path, fake_convert, capsys, monkeypatch,
+                                                                       fault):
+    import errno
+
+    cache = tmp_path / "cache"
+    if fault == "root under a file":
+        cache.write_text("a file")
+        cache = cache / "selproj"
+        expected = "Not a directory"
+    else:
+        real = models._write_entry
+
+        def full(target):
+            if target.parent == cache:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+            return real(target)
+        monkeypatch.setattr(models, "_write_entry", full)
+        expected = os.strerror(errno.ENOSPC)
+    capsys.readouterr()
+    model, _ = models.load_model(cache=cache)
+    err = [line for line in capsys.readouterr().err.splitlines() if "[selproj]" in line]
+    assert len(err) == (1 if fault == "root under a file" else 2), err
+    assert err[-1].startswith(f"[selproj] cannot write the model cache {cache / models._CACHE_SUBDIR} (")
+    assert expected in err[-1]
+    assert "for this run only" in err[-1] and fake_convert() == 1
+    assert torch.equal(model.lm_head.weight, tiny.model("llama", tied=True).lm_head.weight)
+    private = Path(err[-1].split(" into ")[1].split(" for this run")[0])
+    assert models.entry_problem(private) is None and not private.is_relative_to(tmp_path)
