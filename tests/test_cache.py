@@ -196,6 +196,12 @@ def test_tokenizer_digest_follows_vocabulary_special_tokens_and_normalisation():
     assert tokenizer_digest(other_pad) != base
 
 
+def _under_a_file(path: Path) -> Path:
+    """A path that cannot be created: its parent is a file (what no chmod can do to root)."""
+    path.write_text("a file where a directory should be")
+    return path / "cache"
+
+
 def _refuse_writes_under(root: Path, error: int, suffix: str = ""):
     """An atomic writer that fails with ``error`` for files under ``root`` (ending in ``suffix``), as a read-only
     or full cache does (tests run as root, which chmod does not stop)."""
@@ -223,9 +229,7 @@ def test_an_unwritable_cache_keeps_the_results_and_says_so_in_one_line(tiny_mode
                     "--out", str(tmp_path / "reference"))) == 0
     cache = tmp_path / "cache"
     if fault == "not a directory":
-        cache.write_text("a file where the cache should be")
-        cache = cache / "under-a-file"
-        message = "Not a directory"
+        cache, message = _under_a_file(cache), "Not a directory"
     else:
         error, suffix = (errno.EROFS, "") if fault == "read-only" else (errno.ENOSPC, ".npz")
         for module in (report, table_module):
@@ -252,9 +256,7 @@ def test_an_unwritable_model_cache_converts_into_a_temporary_directory(tmp_path,
 
     cache = tmp_path / "cache"
     if fault == "root under a file":
-        cache.write_text("a file")
-        cache = cache / "selproj"
-        expected = "Not a directory"
+        cache, expected = _under_a_file(cache), "Not a directory"
     else:
         real = models._write_entry
 
