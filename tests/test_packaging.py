@@ -55,3 +55,10 @@ def test_the_wheel_carries_the_data_its_code_reads(tmp_path):
                              cwd=tmp_path, env=env)
     assert planned.returncode == 0, planned.stderr[-2000:]
     assert "GPU-hours" in planned.stdout
+
+
+def test_torch_floor_loads_checkpoints_without_pickle_code():
+    """Captum's default checkpoint loader calls ``torch.load(path)``: only torch>=2.6 makes that weights-only."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch = next(Requirement(r) for r in project["dependencies"] if Requirement(r).name == "torch")
+    assert not torch.specifier.contains("2.5.1") and torch.specifier.contains("2.6.0")
