@@ -166,20 +166,19 @@ class ReducerProjector(AbstractProjector):
     forms: ``{param name: [B, ...]}`` (functional computers) and a flat ``[B, P]`` tensor
     laid out over the selected tensors or over every model parameter (iterative computer).
     ``proj_dim`` is the reducer's dimension; ``proj_type`` a stable string naming reducer,
-    options and selection.
+    options and selection.  ``fast_jl=True`` (CUDA, a ``random_projection`` to a multiple of
+    512) swaps in TRAK's dense CUDA projector: other vectors than the engine's, so never by default.
     """
 
     def __init__(self, model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
                  *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 seed: int = 0, fast_jl: bool | None = None, max_batch_size: int = 32, scope: str = "paper") -> None:
+                 seed: int = 0, fast_jl: bool = False, max_batch_size: int = 32, scope: str = "paper") -> None:
         self.plan: Plan = plan(model, resolve_reducer(strategy, options), scope)
         dim = self.plan.dimension
         device = device_name(device, model)
         proj_type = self.plan.fingerprint()
         self.inner: AbstractProjector | None = None
-        if fast_jl is None:
-            fast_jl = self.plan.reducer.name == "random_projection" and device.startswith("cuda") and fast_jl_available()
-        if fast_jl:
+        if fast_jl:  # opt-in only: TRAK's dense projector gives other vectors than the engine's count sketch
             if self.plan.reducer.name != "random_projection":
                 raise AdapterError(f"fast_jl replaces a random projection; strategy {self.plan.reducer.name!r} is not one")
             if not (device.startswith("cuda") and fast_jl_available()):
@@ -312,7 +311,7 @@ class RowSaver(MmapSaver):
 
 def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
                   *, device: str | torch.device | None = None, score: str = "cosine",
-                  use_half_precision: bool = False, fast_jl: bool | None = None, scope: str = "paper",
+                  use_half_precision: bool = False, fast_jl: bool = False, scope: str = "paper",
                   memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB) -> dict[str, Any]:
     """Keyword arguments for ``trak.TRAKer`` (add ``train_set_size`` and ``save_dir``).
 
@@ -364,7 +363,7 @@ class ReducedTRAKer(TRAKer):
     def __init__(self, model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
                  *, train_set_size: int, save_dir: str | os.PathLike, device: str | torch.device | None = None,
                  score: str = "cosine", memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB, scope: str = "paper",
-                 use_half_precision: bool = False, fast_jl: bool | None = None,
+                 use_half_precision: bool = False, fast_jl: bool = False,
                  logging_level: int = logging.WARNING, load_from_save_dir: bool = True) -> None:
         if not save_dir:
             raise AdapterError("save_dir is required: the stores grow to train_set_size x proj_dim floats")

@@ -468,3 +468,14 @@ def test_trak_on_a_named_device_matches_the_default(tokenizer, tmp_path, device)
     got = trak_scores(make_model().to(device), tokenizer, QUERIES, CANDIDATES, tmp_path / device, "greedy",
                       {"selection": SELECTION}, scope="all", device=torch.device(device))
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_fast_jl_is_opt_in_on_cuda(model, monkeypatch):
+    """On a GPU with fast_jl installed the default is still the reducer's own count sketch (the engine's vectors)."""
+    from selproj_plugin.adapters import trak as trak_adapter
+
+    monkeypatch.setattr(trak_adapter, "fast_jl_available", lambda: True)
+    monkeypatch.setattr(trak_adapter, "device_name", lambda device, model: "cuda")
+    projector = ReducerProjector(model, "random_projection", device="cuda")  # dim "1%": no multiple of 512
+    assert projector.inner is None and not projector.proj_type.endswith(":fast_jl")
+    assert projector.proj_dim == projector.plan.dimension
