@@ -262,6 +262,14 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return token_loss.sum(-1) / valid.sum(-1).clamp(min=1).to(token_loss.dtype)
 
 
+def check_labels(labels: torch.Tensor) -> None:
+    """Every row has a response token to take the loss of; a fully masked row would be a silent zero gradient."""
+    empty = (labels[:, 1:] == IGNORE).all(dim=1).nonzero()
+    if len(empty):
+        raise AdapterError(f"row {int(empty[0])} of the batch has no response token (every label is {IGNORE}): "
+                           f"its loss and gradient would be zero; drop it or give it a response")
+
+
 def encode(tokenizer: Any, samples: Sequence[Sample], *, max_length: int = 512,
            device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask, labels)`` for samples: the engine's tokenisation, right-padded."""
@@ -308,3 +316,4 @@ def check_batch(batch: Sequence[torch.Tensor]) -> None:
     shapes = {tuple(t.shape) for t in batch}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise AdapterError(f"input_ids, attention_mask and labels must share one [batch, length] shape, got {sorted(shapes)}")
+    check_labels(batch[2])

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from selproj_plugin.adapters._common import (
-    DEFAULT_MEMORY_LIMIT_GB, AdapterError, Plan, encode, gigabytes, memory_limit_bytes, plan, reduce_gradients,
+    DEFAULT_MEMORY_LIMIT_GB, AdapterError, Plan, check_labels, encode, gigabytes, memory_limit_bytes, plan, reduce_gradients,
     release_freed_memory, resolve_reducer, response_loss, row_slices, rows_in_parts, take_rows,
 )
 from selproj_plugin.adapters._rows import RowFile, streamed_dots
@@ -81,6 +81,7 @@ class ResponseLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        check_labels(labels)
         losses = response_loss(logits, labels)
         return losses if self.reduction == "none" else losses.sum()
 
@@ -209,6 +210,7 @@ class ReducedTracInCP(TracInCP):
         """Reduced (and, with ``normalize``, unit-norm) per-sample gradients: a 1-tuple ``([N, D],)``."""
         if len(inputs) != 2 or targets is None:
             raise AdapterError("a batch is (input_ids, attention_mask, labels)")
+        check_labels(targets)
         loss_fn = loss_fn if loss_fn is not None else self.loss_fn
         n = targets.shape[0]
         step = self.plan.gradient_rows(self.limit_bytes / 8, self.model, targets.shape[1])

@@ -168,3 +168,23 @@ def test_bad_input_is_a_one_line_error(model, tokenizer, checkpoint):
     assert "\n" not in str(err.value)
     with pytest.raises(AdapterError, match="reduction must be 'none' or 'sum'"):
         ResponseLoss("mean")
+
+
+def test_a_row_without_response_tokens_is_a_one_line_error(model, tokenizer):
+    from selproj_plugin.adapters.trak import CausalLMOutput, SelectedGradientComputer
+
+    input_ids, mask, labels = encode(tokenizer, QUERIES[:3])
+    labels[1] = -100  # e.g. a prompt longer than max_length: nothing left to take the loss of
+    batch = (input_ids, mask, labels)
+    message = r"row 1 of the batch has no response token \(every label is -100\)"
+    computer = SelectedGradientComputer(model, CausalLMOutput(), grad_wrt=["model.norm.weight"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES[:2]), None, "greedy",
+                                 {"selection": LINEAR_SELECTION})
+        calls = [lambda: computer.compute_per_sample_grad(batch), lambda: tracin.influence(batch),
+                 lambda: ResponseLoss("none")(torch.zeros(3, input_ids.shape[1], 8), labels)]
+        for call in calls:
+            with pytest.raises(AdapterError, match=message) as err:
+                call()
+            assert "\n" not in str(err.value)
