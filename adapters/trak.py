@@ -320,7 +320,8 @@ def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: M
     selproj default) or ``"trak"`` (TRAK's whitened inner product, which inverts a
     ``proj_dim`` square matrix); ``scope`` is the component set the reducer selects from
     (``"paper"``: embedding and weight matrices; ``"all"``).  Per-sample gradients are
-    reduced in micro-batches under ``memory_limit_gb``.  Switches an sdpa model to eager
+    reduced in micro-batches under ``memory_limit_gb``.  ``use_half_precision`` (float16
+    stores) is for projections only: a selection's raw gradient entries underflow in float16.  Switches an sdpa model to eager
     attention and turns ``device`` into the string TRAK expects.
     """
     if score not in ("cosine", "trak"):
@@ -330,6 +331,10 @@ def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: M
     require_eager(model)
     dtype = torch.float16 if use_half_precision else torch.float32
     projector = ReducerProjector(model, strategy, options, device=device, dtype=dtype, fast_jl=fast_jl, scope=scope)
+    if use_half_precision and projector.plan.dimension >= projector.plan.num_params:
+        raise AdapterError(f"use_half_precision=True stores float16 rows, and strategy {projector.plan.reducer.name!r} keeps "
+                           "unprojected gradients, whose small entries underflow in float16; use a projecting reducer "
+                           "or use_half_precision=False")
     xtx = 2 * projector.proj_dim ** 2 * 4  # TRAK's X^T X and its inverse, float32
     if score == "trak" and xtx > limit:
         raise AdapterError(f"score='trak' inverts a {projector.proj_dim:,}-square matrix ({gigabytes(xtx)}), over the "

@@ -479,3 +479,13 @@ def test_fast_jl_is_opt_in_on_cuda(model, monkeypatch):
     projector = ReducerProjector(model, "random_projection", device="cuda")  # dim "1%": no multiple of 512
     assert projector.inner is None and not projector.proj_type.endswith(":fast_jl")
     assert projector.proj_dim == projector.plan.dimension
+
+
+def test_half_precision_is_refused_for_unprojected_gradients(model):
+    assert torch.tensor(1e-8).half() == 0  # a 135M model's gradient entries are often this small
+    for strategy, options in [("full", None), ("greedy", {"selection": SELECTION})]:
+        with pytest.raises(AdapterError, match=rf"strategy '{strategy}' keeps unprojected gradients, whose small "
+                                               r"entries underflow in float16") as err:
+            traker_kwargs(model, strategy, options, use_half_precision=True, scope="all")
+        assert "\n" not in str(err.value)
+    assert traker_kwargs(model, "random_projection", use_half_precision=True)["use_half_precision"] is True
