@@ -11,6 +11,7 @@ the response-masked per-sample loss written so ``torch.func.vmap`` can batch it
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -19,7 +20,7 @@ import hashlib
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -219,6 +220,44 @@ def reduce_gradients(plan_: Plan, grads: Mapping[str, torch.Tensor]) -> torch.Te
     if out.shape[1] != dim:
         raise AdapterError(f"strategy {plan_.reducer.name!r} returned {out.shape[1]} dimensions but declares {dim}")
     return out
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What computing gradients may change on a user's model, so it can be put back after every call."""
+
+    training: tuple[bool, ...]  # every module's flag, in ``model.modules()`` order
+    requires_grad: tuple[bool, ...]  # every parameter's, in ``model.parameters()`` order
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelState":
+        return cls(tuple(m.training for m in model.modules()), tuple(p.requires_grad for p in model.parameters()))
+
+    def restore(self, model: nn.Module) -> None:
+        self.restore_training(model)
+        for p, flag in zip(model.parameters(), self.requires_grad):
+            p.requires_grad_(flag)
+
+    def restore_training(self, model: nn.Module) -> None:
+        for m, flag in zip(model.modules(), self.training):
+            m.training = flag
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module, params: Iterable[nn.Parameter] = ()) -> Iterator[None]:
+    """``model`` in eval mode with ``params`` requiring grad, the user's state put back afterwards.
+
+    Eval mode as in the engine (:mod:`selproj_plugin.capture`): dropout would make every
+    gradient a different random draw, so no two paths (or calls) would agree.
+    """
+    state = ModelState.of(model)
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        state.restore(model)
 
 
 def require_eager(model: nn.Module, switch: bool = True) -> None:

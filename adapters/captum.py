@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from selproj_plugin.adapters._common import (
-    DEFAULT_MEMORY_LIMIT_GB, AdapterError, Plan, check_labels, encode, gigabytes, memory_limit_bytes, plan, reduce_gradients,
+    DEFAULT_MEMORY_LIMIT_GB, AdapterError, ModelState, Plan, check_labels, encode, evaluating, gigabytes, memory_limit_bytes,
+    plan, reduce_gradients,
     release_freed_memory, resolve_reducer, response_loss, row_slices, rows_in_parts, take_rows,
 )
 from selproj_plugin.adapters._rows import RowFile, streamed_dots
@@ -171,16 +172,19 @@ class ReducedTracInCP(TracInCP):
                 raise AdapterError("checkpoints_load_func needs checkpoints to load")
             checkpoints, checkpoints_load_func = [CURRENT], _no_load
         loss = ResponseLoss("sum" if sample_wise_grads_per_batch else "none")
+        user_state = ModelState.of(model)  # Captum sets requires_grad on the layers' parameters for good
         super().__init__(
             model, train_dataset, checkpoints, checkpoints_load_func or _load_flexible_state_dict, layers=layers,
             loss_fn=loss, batch_size=batch_size, sample_wise_grads_per_batch=sample_wise_grads_per_batch,
         )
+        user_state.restore(model)
         self.normalize = normalize
         self._logits = _Logits(model)
         named = dict(model.named_parameters())
         self._params = [named[n] for n in self.plan.param_names]
         names = {id(p): n for n, p in named.items()}
-        self._layer_param_names = [names.get(id(p)) for p in _extract_parameters_from_layers(self.layer_modules)]
+        self._layer_params = list(_extract_parameters_from_layers(self.layer_modules))
+        self._layer_param_names = [names.get(id(p)) for p in self._layer_params]
 
     # ---- per-sample gradients, reduced a micro-batch at a time -------------------------
     def _gradients(self, inputs: Tuple[Any, ...], targets: Tensor, loss_fn: Callable,
@@ -217,7 +221,8 @@ class ReducedTracInCP(TracInCP):
 
         def part_of(rows: slice) -> Tensor:
             *part_inputs, part_targets = take_rows((*inputs, targets), rows)
-            grads = self._gradients(tuple(part_inputs), part_targets, loss_fn, reduction_type)
+            with evaluating(self.model, self._layer_params if self.sample_wise_grads_per_batch else self._params):
+                grads = self._gradients(tuple(part_inputs), part_targets, loss_fn, reduction_type)
             release_freed_memory()  # the backward's temporaries
             part = reduce_gradients(self.plan, grads).float()
             del grads

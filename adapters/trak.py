@@ -41,8 +41,8 @@ from trak.score_computers import AbstractScoreComputer, BasicScoreComputer
 from trak.traker import TRAKer
 
 from selproj_plugin.adapters._common import (
-    DEFAULT_MEMORY_LIMIT_GB, AdapterError, Plan, check_batch, device_name, encode, gigabytes, memory_limit_bytes,
-    plan, reduce_gradients, release_freed_memory, require_eager, resolve_reducer, response_loss, row_slices,
+    DEFAULT_MEMORY_LIMIT_GB, AdapterError, ModelState, Plan, check_batch, device_name, encode, evaluating, gigabytes,
+    memory_limit_bytes, plan, reduce_gradients, release_freed_memory, require_eager, resolve_reducer, response_loss, row_slices,
     rows_in_parts, split_flat, take_rows,
 )
 from selproj_plugin.adapters._rows import RowFile, streamed_cosine
@@ -110,6 +110,7 @@ class SelectedGradientComputer(AbstractGradientComputer):
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  grad_wrt: Optional[Iterable[str]] = None) -> None:
         super().__init__(model, task, grad_dim, dtype, device)
+        self.user_state = ModelState.of(model)
         require_eager(model)
         self.grad_wrt = list(grad_wrt) if grad_wrt is not None else None
         if self.grad_wrt is not None and not self.grad_wrt:
@@ -117,7 +118,13 @@ class SelectedGradientComputer(AbstractGradientComputer):
         self.load_model_params(model)
 
     def load_model_params(self, model: nn.Module) -> None:
-        """Split the (new) weights into differentiated ones and constants."""
+        """Split the (new) weights into differentiated ones and constants.
+
+        TRAKer calls this right after ``model.eval()`` in ``load_checkpoint`` and
+        ``start_scoring_checkpoint``: the training flags the model had are put back.
+        """
+        if hasattr(self, "user_state"):
+            self.user_state.restore_training(model)
         named = dict(model.named_parameters())
         wanted = self.grad_wrt if self.grad_wrt is not None else [n for n, p in named.items() if p.requires_grad]
         missing = [n for n in wanted if n not in named]
@@ -137,11 +144,12 @@ class SelectedGradientComputer(AbstractGradientComputer):
         def output(weights: dict[str, Tensor], buffers: dict[str, Tensor], *row: Tensor) -> Tensor:
             return task.get_output(model, {**constants, **weights}, buffers, *row)
 
-        return torch.func.vmap(
-            torch.func.grad(output, argnums=0),
-            in_dims=(None, None, *([0] * len(batch))),
-            randomness="different",
-        )(self.func_weights, self.func_buffers, *batch)
+        with evaluating(model):
+            return torch.func.vmap(
+                torch.func.grad(output, argnums=0),
+                in_dims=(None, None, *([0] * len(batch))),
+                randomness="different",
+            )(self.func_weights, self.func_buffers, *batch)
 
     def compute_loss_grad(self, batch: Sequence[Tensor]) -> Tensor:
         """Out-to-loss gradient from the model output function."""
