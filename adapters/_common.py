@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -228,12 +227,16 @@ class ModelState:
 
     training: tuple[bool, ...]  # every module's flag, in ``model.modules()`` order
     requires_grad: tuple[bool, ...]  # every parameter's, in ``model.parameters()`` order
+    attention: str | None  # see :func:`attention`
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelState":
-        return cls(tuple(m.training for m in model.modules()), tuple(p.requires_grad for p in model.parameters()))
+        return cls(tuple(m.training for m in model.modules()), tuple(p.requires_grad for p in model.parameters()),
+                   attention(model))
 
     def restore(self, model: nn.Module) -> None:
+        if attention(model) != self.attention:
+            model.set_attn_implementation(self.attention)
         self.restore_training(model)
         for p, flag in zip(model.parameters(), self.requires_grad):
             p.requires_grad_(flag)
@@ -244,8 +247,9 @@ class ModelState:
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module, params: Iterable[nn.Parameter] = ()) -> Iterator[None]:
-    """``model`` in eval mode with ``params`` requiring grad, the user's state put back afterwards.
+def evaluating(model: nn.Module, params: Iterable[nn.Parameter] = (), eager: bool = False) -> Iterator[None]:
+    """``model`` in eval mode with ``params`` requiring grad (and eager attention if ``eager``), the
+    user's state put back afterwards.
 
     Eval mode as in the engine (:mod:`selproj_plugin.capture`): dropout would make every
     gradient a different random draw, so no two paths (or calls) would agree.
@@ -253,6 +257,9 @@ def evaluating(model: nn.Module, params: Iterable[nn.Parameter] = ()) -> Iterato
     state = ModelState.of(model)
     try:
         model.eval()
+        if eager and state.attention not in (None, "eager"):
+            check_eager_possible(model)
+            model.set_attn_implementation("eager")
         for p in params:
             p.requires_grad_(True)
         yield
@@ -260,16 +267,17 @@ def evaluating(model: nn.Module, params: Iterable[nn.Parameter] = ()) -> Iterato
         state.restore(model)
 
 
-def require_eager(model: nn.Module, switch: bool = True) -> None:
-    """Make ``model`` use eager attention (sdpa/flash kernels break ``torch.func.vmap``)."""
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None) if config is not None else None
-    if impl in (None, "eager"):
-        return
-    if not switch or not hasattr(model, "set_attn_implementation"):
+def attention(model: nn.Module) -> str | None:
+    """The model's attention implementation (transformers' ``config._attn_implementation``; None elsewhere)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def check_eager_possible(model: nn.Module) -> None:
+    """Per-sample gradients under ``torch.func.vmap`` need eager attention (sdpa and flash kernels have no
+    batching rule); a model that can be neither is a one-line error."""
+    impl = attention(model)
+    if impl not in (None, "eager") and not hasattr(model, "set_attn_implementation"):
         raise AdapterError(f"model uses {impl!r} attention, which vmap cannot batch; load it with attn_implementation='eager'")
-    model.set_attn_implementation("eager")
-    warnings.warn(f"switched the model from {impl!r} to eager attention for per-sample gradients", stacklevel=3)
 
 
 def device_name(device: str | torch.device | None, model: nn.Module) -> str:

@@ -42,7 +42,7 @@ from trak.traker import TRAKer
 
 from selproj_plugin.adapters._common import (
     DEFAULT_MEMORY_LIMIT_GB, AdapterError, ModelState, Plan, check_batch, device_name, encode, evaluating, gigabytes,
-    memory_limit_bytes, plan, reduce_gradients, release_freed_memory, require_eager, resolve_reducer, response_loss, row_slices,
+    memory_limit_bytes, plan, reduce_gradients, check_eager_possible, release_freed_memory, resolve_reducer, response_loss, row_slices,
     rows_in_parts, split_flat, take_rows,
 )
 from selproj_plugin.adapters._rows import RowFile, streamed_cosine
@@ -111,7 +111,7 @@ class SelectedGradientComputer(AbstractGradientComputer):
                  grad_wrt: Optional[Iterable[str]] = None) -> None:
         super().__init__(model, task, grad_dim, dtype, device)
         self.user_state = ModelState.of(model)
-        require_eager(model)
+        check_eager_possible(model)
         self.grad_wrt = list(grad_wrt) if grad_wrt is not None else None
         if self.grad_wrt is not None and not self.grad_wrt:
             raise AdapterError("grad_wrt names no parameter")
@@ -144,7 +144,7 @@ class SelectedGradientComputer(AbstractGradientComputer):
         def output(weights: dict[str, Tensor], buffers: dict[str, Tensor], *row: Tensor) -> Tensor:
             return task.get_output(model, {**constants, **weights}, buffers, *row)
 
-        with evaluating(model):
+        with evaluating(model, eager=True):
             return torch.func.vmap(
                 torch.func.grad(output, argnums=0),
                 in_dims=(None, None, *([0] * len(batch))),
@@ -329,14 +329,15 @@ def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: M
     ``proj_dim`` square matrix); ``scope`` is the component set the reducer selects from
     (``"paper"``: embedding and weight matrices; ``"all"``).  Per-sample gradients are
     reduced in micro-batches under ``memory_limit_gb``.  ``use_half_precision`` (float16
-    stores) is for projections only: a selection's raw gradient entries underflow in float16.  Switches an sdpa model to eager
-    attention and turns ``device`` into the string TRAK expects.
+    stores) is for projections only: a selection's raw gradient entries underflow in float16.
+    Gradients are taken with eager attention (the model's own is put back after each call) and
+    ``device`` becomes the string TRAK expects.
     """
     if score not in ("cosine", "trak"):
         raise AdapterError(f"score must be 'cosine' or 'trak', got {score!r}")
     limit = memory_limit_bytes(memory_limit_gb)
     device = device_name(device, model)
-    require_eager(model)
+    check_eager_possible(model)
     dtype = torch.float16 if use_half_precision else torch.float32
     projector = ReducerProjector(model, strategy, options, device=device, dtype=dtype, fast_jl=fast_jl, scope=scope)
     if use_half_precision and projector.plan.dimension >= projector.plan.num_params:

@@ -89,3 +89,14 @@ def test_captum_influence_is_the_eval_mode_influence_and_the_flags_stay(tokenize
                                     normalize=False).influence(queries)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first, reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max()))
+
+
+def test_sdpa_is_put_back_after_each_gradient_call(tokenizer):
+    model = gpt2("sdpa")
+    before = state(model)
+    batch = encode(tokenizer, tiny.SAMPLES[:3])
+    got = SelectedGradientComputer(model, CausalLMOutput(), grad_wrt=WRT).compute_per_sample_grad(batch)
+    assert state(model) == before and model.config._attn_implementation == "sdpa"
+    want = SelectedGradientComputer(gpt2("eager"), CausalLMOutput(), grad_wrt=WRT).compute_per_sample_grad(batch)
+    for name in WRT:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-8)

@@ -414,12 +414,17 @@ def test_cosine_score_computer():
 
 
 # ---- pitfalls -----------------------------------------------------------------------------
-def test_sdpa_model_is_switched_to_eager(tokenizer):
+def test_sdpa_model_keeps_sdpa_and_scores_as_eager(model, tokenizer, tmp_path):
     sdpa = make_model(attn="sdpa")
     assert sdpa.config._attn_implementation == "sdpa"
-    with pytest.warns(UserWarning, match="switched the model from 'sdpa' to eager attention"):
-        kwargs = traker_kwargs(sdpa, "full")
-    assert sdpa.config._attn_implementation == "eager" and kwargs["model"] is sdpa
+    kwargs = traker_kwargs(sdpa, "greedy", {"selection": SELECTION}, scope="all")
+    assert sdpa.config._attn_implementation == "sdpa" and kwargs["model"] is sdpa
+    got = trak_scores(sdpa, tokenizer, QUERIES, CANDIDATES, tmp_path / "sdpa", "greedy", {"selection": SELECTION},
+                      scope="all")
+    assert sdpa.config._attn_implementation == "sdpa"  # eager only while vmap runs (sdpa has no batching rule)
+    want = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "eager", "greedy", {"selection": SELECTION},
+                       scope="all")
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_device_object_becomes_a_string(model, tokenizer, tmp_path):
