@@ -20,9 +20,6 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, T
 
 import numpy as np
 import torch
-from captum._utils.gradient import _compute_jacobian_wrt_params_with_sample_wise_trick, _extract_parameters_from_layers
-from captum.influence import TracInCP
-from captum.influence._utils.common import KMostInfluentialResults, _format_inputs_dataset, _load_flexible_state_dict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -30,6 +27,10 @@ from selproj_plugin.adapters._common import (
     DEFAULT_MEMORY_LIMIT_GB, AdapterError, ModelState, Plan, check_labels, encode, evaluating, gigabytes, memory_limit_bytes,
     plan, reduce_gradients,
     release_freed_memory, resolve_reducer, response_loss, row_slices, rows_in_parts, take_rows,
+)
+from selproj_plugin.adapters._private import (
+    KMostInfluentialResults, TracInCPBase, compute_jacobian_sample_wise, extract_parameters_from_layers,
+    format_inputs_dataset, load_flexible_state_dict,
 )
 from selproj_plugin.adapters._rows import RowFile, streamed_dots
 from selproj_plugin.samples import Sample
@@ -108,7 +109,7 @@ def _no_load(model: nn.Module, checkpoint: str) -> float:
     return 1.0
 
 
-class ReducedTracInCP(TracInCP):
+class ReducedTracInCP(TracInCPBase):
     """TracInCP over a selproj reducer's reduced per-sample gradients of a causal LM.
 
     Gradients of the response-masked per-sample loss are taken for the selected
@@ -174,7 +175,7 @@ class ReducedTracInCP(TracInCP):
         loss = ResponseLoss("sum" if sample_wise_grads_per_batch else "none")
         user_state = ModelState.of(model)  # Captum sets requires_grad on the layers' parameters for good
         super().__init__(
-            model, train_dataset, checkpoints, checkpoints_load_func or _load_flexible_state_dict, layers=layers,
+            model, train_dataset, checkpoints, checkpoints_load_func or load_flexible_state_dict, layers=layers,
             loss_fn=loss, batch_size=batch_size, sample_wise_grads_per_batch=sample_wise_grads_per_batch,
         )
         user_state.restore(model)
@@ -183,7 +184,7 @@ class ReducedTracInCP(TracInCP):
         named = dict(model.named_parameters())
         self._params = [named[n] for n in self.plan.param_names]
         names = {id(p): n for n, p in named.items()}
-        self._layer_params = list(_extract_parameters_from_layers(self.layer_modules))
+        self._layer_params = list(extract_parameters_from_layers(self.layer_modules))
         self._layer_param_names = [names.get(id(p)) for p in self._layer_params]
 
     # ---- per-sample gradients, reduced a micro-batch at a time -------------------------
@@ -191,7 +192,7 @@ class ReducedTracInCP(TracInCP):
                    reduction_type: Optional[str]) -> dict[str, Tensor]:
         """``{param: [m, ...]}`` per-sample gradients of the selected tensors for one micro-batch."""
         if self.sample_wise_grads_per_batch:
-            jac = _compute_jacobian_wrt_params_with_sample_wise_trick(
+            jac = compute_jacobian_sample_wise(
                 self._logits, inputs, targets, loss_fn, reduction_type or "sum", self.layer_modules)
             wanted = set(self.plan.param_names)
             return {n: g for n, g in zip(self._layer_param_names, jac) if n in wanted}
@@ -204,7 +205,7 @@ class ReducedTracInCP(TracInCP):
             return {n: g.unsqueeze(0) for n, g in zip(self.plan.param_names, rows[0])}
         return {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(self.plan.param_names)}
 
-    def _basic_computation_tracincp(
+    def batch_gradients(
         self,
         inputs: Tuple[Any, ...],
         targets: Optional[Tensor] = None,
@@ -236,7 +237,7 @@ class ReducedTracInCP(TracInCP):
     # ---- test inputs beyond the memory limit ----------------------------------------------
     def _batches(self, inputs: Union[Tuple[Any, ...], DataLoader]) -> list[tuple[Any, ...]]:
         """Test inputs as batches of at most ``test_rows`` samples."""
-        return [take_rows(batch, rows) for batch in _format_inputs_dataset(inputs)
+        return [take_rows(batch, rows) for batch in format_inputs_dataset(inputs)
                 for rows in row_slices(batch[0].shape[0], self.test_rows)]
 
     def _fits(self, inputs: Union[Tuple[Any, ...], DataLoader]) -> bool:
@@ -244,11 +245,11 @@ class ReducedTracInCP(TracInCP):
         batches = list(inputs) if isinstance(inputs, DataLoader) else [tuple(inputs)]
         return sum(b[0].shape[0] for b in batches) <= self.test_rows
 
-    def _influence(self, inputs: Union[Tuple[Any, ...], DataLoader], show_progress: bool = False,
-                   aggregate: bool = False) -> Tensor:
-        """Captum's ``_influence``; test rows beyond their share wait on disk, met a block of columns at a time."""
+    def influence_matrix(self, inputs: Union[Tuple[Any, ...], DataLoader], show_progress: bool = False,
+                         aggregate: bool = False) -> Tensor:
+        """Captum's influence matrix; test rows beyond their share wait on disk, met a block of columns at a time."""
         if self._fits(inputs):
-            return super()._influence(inputs, show_progress, aggregate)
+            return super().influence_matrix(inputs, show_progress, aggregate)
         batches = self._batches(inputs)
         total = None
         with tempfile.TemporaryDirectory(dir=self.spill_dir, prefix="selproj-tracin-") as spill:
@@ -258,14 +259,14 @@ class ReducedTracInCP(TracInCP):
                                      np.float32, "w+")
                 start = 0
                 for batch in batches:
-                    (rows,) = self._basic_computation_tracincp(batch[0:-1], batch[-1], self.test_loss_fn,
+                    (rows,) = self.batch_gradients(batch[0:-1], batch[-1], self.test_loss_fn,
                                                                self.test_reduction_type)
                     tests[start:start + len(rows)] = rows
                     start += len(rows)
                     del rows
                 scores = []
                 for batch in self.train_dataloader:
-                    (rows,) = self._basic_computation_tracincp(batch[0:-1], batch[-1], self.loss_fn,
+                    (rows,) = self.batch_gradients(batch[0:-1], batch[-1], self.loss_fn,
                                                                self.reduction_type)
                     scores.append(streamed_dots(tests, rows, self.limit_bytes // 8))
                     del rows
@@ -274,12 +275,12 @@ class ReducedTracInCP(TracInCP):
         total = total.to(torch.float32)
         return total.sum(dim=0, keepdim=True) if aggregate else total
 
-    def _get_k_most_influential(self, inputs: Union[Tuple[Any, ...], DataLoader], k: int = 5,
-                                proponents: bool = True, show_progress: bool = False,
-                                aggregate: bool = False) -> KMostInfluentialResults:
+    def most_influential(self, inputs: Union[Tuple[Any, ...], DataLoader], k: int = 5,
+                         proponents: bool = True, show_progress: bool = False,
+                         aggregate: bool = False) -> KMostInfluentialResults:
         if self._fits(inputs):
-            return super()._get_k_most_influential(inputs, k, proponents, show_progress, aggregate)
-        scores, indices = torch.topk(self._influence(inputs, show_progress, aggregate), k, dim=1, largest=proponents)
+            return super().most_influential(inputs, k, proponents, show_progress, aggregate)
+        scores, indices = torch.topk(self.influence_matrix(inputs, show_progress, aggregate), k, dim=1, largest=proponents)
         return KMostInfluentialResults(indices, scores)
 
     def self_influence(self, inputs: Union[Tuple[Any, ...], DataLoader, None] = None, show_progress: bool = False,

@@ -36,15 +36,14 @@ from torch import Tensor, nn
 from trak.gradient_computers import AbstractGradientComputer
 from trak.modelout_functions import AbstractModelOutput
 from trak.projectors import AbstractProjector, CudaProjector, ProjectionType
-from trak.savers import MmapSaver
 from trak.score_computers import AbstractScoreComputer, BasicScoreComputer
-from trak.traker import TRAKer
 
 from selproj_plugin.adapters._common import (
     DEFAULT_MEMORY_LIMIT_GB, AdapterError, ModelState, Plan, check_batch, device_name, encode, evaluating, gigabytes,
     memory_limit_bytes, plan, reduce_gradients, check_eager_possible, release_freed_memory, resolve_reducer, response_loss, row_slices,
     rows_in_parts, split_flat, take_rows,
 )
+from selproj_plugin.adapters._private import SaverBase, TRAKerBase
 from selproj_plugin.adapters._rows import RowFile, streamed_cosine
 from selproj_plugin.strategies.base import Reducer
 
@@ -297,17 +296,17 @@ class CosineScoreComputer(AbstractScoreComputer):
         accumulator += (features.to(self.device, torch.float32) @ t.T).detach().cpu()
 
 
-class RowSaver(MmapSaver):
+class RowSaver(SaverBase):
     """TRAK's ``MmapSaver`` with the ``[samples, proj_dim]`` stores as :class:`RowFile` (same files, same metadata).
 
     TRAK maps those arrays, so every page it writes or reads stays resident; the small
     ones (scores, out-to-loss, bookkeeping) are still mapped as TRAK does.
     """
 
-    def _load(self, fname, shape, mode, dtype=None):
+    def load_store(self, fname, shape, mode, dtype=None):
         name = Path(fname).name
         if name not in WIDE_STORES and not name.endswith("_grads.mmap"):
-            return super()._load(fname, shape, mode, dtype)
+            return super().load_store(fname, shape, mode, dtype)
         if name == "features.mmap":
             return None  # cosine features are the stored gradients, normalised at scoring time
         dtype = dtype or (np.float16 if self.use_half_precision else np.float32)
@@ -361,7 +360,7 @@ def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: M
     }
 
 
-class ReducedTRAKer(TRAKer):
+class ReducedTRAKer(TRAKerBase):
     """``trak.TRAKer`` over a selproj reducer that keeps memory under ``memory_limit_gb``.
 
     Built from :func:`traker_kwargs`; ``save_dir`` is required (TRAK's default writes to the
@@ -396,7 +395,7 @@ class ReducedTRAKer(TRAKer):
         return self.projector.plan
 
     def _parts(self, batch: Sequence[Tensor], inds: Optional[Iterable[int]], num_samples: Optional[int],
-               last: str) -> Iterable[tuple[tuple[Tensor, ...], np.ndarray]]:
+               target: bool) -> Iterable[tuple[tuple[Tensor, ...], np.ndarray]]:
         """``(rows of batch, their indices)`` parts that fit the memory limit; indices as TRAKer assigns them."""
         check_batch(batch)
         if (inds is None) == (num_samples is None):
@@ -405,8 +404,8 @@ class ReducedTRAKer(TRAKer):
         if inds is None:
             if num_samples != n:
                 raise AdapterError(f"num_samples={num_samples} but the batch holds {n} samples")
-            start = getattr(self, last)
-            setattr(self, last, start + n)
+            start = self.next_index(target)
+            self.set_next_index(target, start + n)
             inds = np.arange(start, start + n)
         inds = np.asarray(inds).reshape(-1)
         if len(inds) != n:
@@ -417,9 +416,9 @@ class ReducedTRAKer(TRAKer):
     def featurize(self, batch: Iterable[Tensor], inds: Optional[Iterable[int]] = None,
                   num_samples: Optional[int] = None) -> None:
         """TRAKer's ``featurize``, a part of the batch at a time."""
-        if self.ckpt_loaded != self.saver.current_model_id:
+        if self.loaded_model_id != self.saver.current_model_id:
             raise AdapterError("no checkpoint loaded: call load_checkpoint before featurize")
-        for part, idx in self._parts(list(batch), inds, num_samples, "_last_ind"):
+        for part, idx in self._parts(list(batch), inds, num_samples, target=False):
             super().featurize(batch=part, inds=idx)
 
     def score(self, batch: Iterable[Tensor], inds: Optional[Iterable[int]] = None,
@@ -429,7 +428,7 @@ class ReducedTRAKer(TRAKer):
         if not state.get("is_finalized"):
             raise AdapterError(f"model ID {self.saver.current_model_id} is not finalized: call finalize_features and "
                                "start_scoring_checkpoint before score")
-        for part, idx in self._parts(list(batch), inds, num_samples, "_last_ind_target"):
+        for part, idx in self._parts(list(batch), inds, num_samples, target=True):
             super().score(batch=part, inds=idx)
 
     def finalize_features(self, model_ids: Iterable[int] = None, del_grads: bool = False) -> None:
@@ -446,13 +445,13 @@ class ReducedTRAKer(TRAKer):
             self.saver.load_current_store(model_id)
             state["is_finalized"] = 1
             self.saver.serialize_current_model_id_metadata()
-        self._last_ind = 0
+        self.set_next_index(False, 0)
 
     def finalize_scores(self, exp_name: str, model_ids: Iterable[int] = None, allow_skip: bool = False) -> np.ndarray:
         """``[train, targets]`` scores averaged over checkpoints, as an in-memory array (the store may be deleted)."""
         if not self.streaming:
             return np.array(super().finalize_scores(exp_name, model_ids, allow_skip))
-        self._last_ind_target = 0
+        self.set_next_index(True, 0)
         experiment = self.saver.experiments.get(exp_name)
         if experiment is None:
             raise AdapterError(f"experiment {exp_name!r} does not exist; start_scoring_checkpoint and score first")
