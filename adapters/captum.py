@@ -146,9 +146,11 @@ class ReducedTracInCP(TracInCPBase):
         self.plan = plan(model, resolve_reducer(strategy, options), scope)
         self.dim = self.plan.dimension
         self.limit_bytes = memory_limit_bytes(memory_limit_gb)
-        self.test_rows = self.plan.rows(self.limit_bytes / 2, self.plan.row_bytes)
+        # float64 rows: Captum's products of float32 rows, summed over a full gradient, lose digits
+        self.row_bytes = 2 * self.plan.row_bytes
+        self.test_rows = self.plan.rows(self.limit_bytes / 2, self.row_bytes)
         self.spill_dir = spill_dir
-        train_rows = self.plan.rows(self.limit_bytes / 8, self.plan.row_bytes)
+        train_rows = self.plan.rows(self.limit_bytes / 8, self.row_bytes)
         if batch_size is None:
             batch_size = min(MAX_BATCH, train_rows)
         given = getattr(train_dataset, "batch_size", None) if isinstance(train_dataset, DataLoader) else batch_size
@@ -157,7 +159,7 @@ class ReducedTracInCP(TracInCPBase):
         if given is not None and given > train_rows:
             raise AdapterError(
                 f"a training batch of {given} samples holds {given} x {self.dim:,} reduced floats "
-                f"({gigabytes(given * self.plan.row_bytes)}), over an eighth of the memory limit of "
+                f"({gigabytes(given * self.row_bytes)}), over an eighth of the memory limit of "
                 f"{gigabytes(self.limit_bytes)}; use batch_size<={train_rows} or batch_size=None")
         layers = _layers_of(model, self.plan)
         if sample_wise_grads_per_batch:
@@ -225,7 +227,7 @@ class ReducedTracInCP(TracInCPBase):
             with evaluating(self.model, self._layer_params if self.sample_wise_grads_per_batch else self._params):
                 grads = self._gradients(tuple(part_inputs), part_targets, loss_fn, reduction_type)
             release_freed_memory()  # the backward's temporaries
-            part = reduce_gradients(self.plan, grads).float()
+            part = reduce_gradients(self.plan, grads).double()
             del grads
             release_freed_memory()
             if self.normalize:
@@ -272,7 +274,6 @@ class ReducedTracInCP(TracInCPBase):
                     del rows
                 part = torch.cat(scores, dim=1) * learning_rate
                 total = part if total is None else total + part
-        total = total.to(torch.float32)
         return total.sum(dim=0, keepdim=True) if aggregate else total
 
     def most_influential(self, inputs: Union[Tuple[Any, ...], DataLoader], k: int = 5,

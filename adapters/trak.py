@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 FAST_JL_MULTIPLE = 512  # fast_jl kernels project to multiples of 512 dimensions
+SCORE_BLOCK_COLUMNS = 2**20  # float64 copies of this many columns at a time when scoring
 WIDE_STORES = ("grads.mmap", "features.mmap")  # and "<experiment>_grads.mmap": [samples, proj_dim]
 
 
@@ -280,20 +281,26 @@ class CosineScoreComputer(AbstractScoreComputer):
         super().__init__(dtype, device)
 
     def get_xtx(self, grads: Tensor) -> Tensor:
-        """Squared norm of every row ``[n]`` (stands in for XᵀX)."""
+        """Squared norm of every row ``[n]`` (stands in for XᵀX), summed in float64."""
         g = grads.to(self.device, torch.float32)
-        return (g * g).sum(dim=1)
+        return torch.sum(g * g, dim=1, dtype=torch.float64)
 
     def get_x_xtx_inv(self, grads: Tensor, xtx: Tensor) -> Tensor:
         """Unit-norm rows (all-zero rows stay zero)."""
         g = grads.to(self.device, torch.float32)
-        return (g / xtx.sqrt().clamp(min=1e-30).unsqueeze(1)).to(self.dtype)
+        return (g / xtx.sqrt().clamp(min=1e-30).to(torch.float32).unsqueeze(1)).to(self.dtype)
 
     def get_scores(self, features: Tensor, target_grads: Tensor, accumulator: Tensor) -> None:
-        """``accumulator[n, m] += cos(train n, target m)``."""
+        """``accumulator[n, m] += cos(train n, target m)``, products summed in float64 a block of columns at a
+        time: float32 sums over a full gradient's 10^8 entries lose digits."""
         t = target_grads.to(self.device, torch.float32)
-        t = t / t.norm(dim=1, keepdim=True).clamp(min=1e-30)
-        accumulator += (features.to(self.device, torch.float32) @ t.T).detach().cpu()
+        f = features.to(self.device, torch.float32)
+        dots = torch.zeros(f.shape[0], t.shape[0], dtype=torch.float64, device=self.device)
+        for start in range(0, t.shape[1], SCORE_BLOCK_COLUMNS):
+            stop = start + SCORE_BLOCK_COLUMNS
+            dots += f[:, start:stop].double() @ t[:, start:stop].double().T
+        norms = torch.sum(t * t, dim=1, dtype=torch.float64).sqrt().clamp(min=1e-30)
+        accumulator += (dots / norms).to(accumulator.dtype).detach().cpu()
 
 
 class RowSaver(SaverBase):

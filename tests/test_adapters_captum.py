@@ -188,3 +188,57 @@ def test_a_row_without_response_tokens_is_a_one_line_error(model, tokenizer):
             with pytest.raises(AdapterError, match=message) as err:
                 call()
             assert "\n" not in str(err.value)
+
+
+# ---- long vectors: a full gradient has 10^8 entries ------------------------------------
+from selproj_plugin.transforms import Concatenate, Transform  # noqa: E402
+
+
+class Tiled(Transform):
+    """The selected gradients concatenated, then repeated: same cosines, ~4M entries a row.
+
+    A repeated pattern makes partial sums grow coherently, so float32 accumulation over the row
+    loses digits as it does on a real model's full gradient (4e-2 of a cosine on SmolLM2-135M).
+    """
+
+    def __init__(self, selected, repeats):
+        self.inner, self.repeats = Concatenate(selected), repeats
+        self.components, self.dim = self.inner.components, self.inner.dim * repeats
+        self.key = f"tiled{repeats}:{self.inner.key}"
+
+    def __call__(self, features):
+        return self.inner(features).repeat(1, self.repeats)
+
+
+def tiled_reducer(repeats):
+    from dataclasses import dataclass
+
+    from selproj_plugin import Reducer
+
+    @dataclass
+    class TiledFull(Reducer):
+        name = "tiled_full"
+
+        def transform(self, selected):
+            return Tiled(selected, repeats)
+
+    return TiledFull()
+
+
+def test_cosines_of_long_rows_are_summed_in_float64(model, tokenizer, tmp_path):
+    from test_adapters_trak import reduced_trak_scores, trak_scores
+
+    expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES)
+    total = sum(c.num_params for c in catalogue(model))
+    reducer = tiled_reducer(4_000_000 // total)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, reducer, batch_size=4)
+        captum = tracin.influence(encode(tokenizer, QUERIES)).detach().double().numpy()
+        spilled = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, reducer, memory_limit_gb=0.05,
+                                  spill_dir=tmp_path).influence(encode(tokenizer, QUERIES)).detach().double().numpy()
+    _, reduced = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "r", reducer)
+    plain = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "p", reducer, memory_limit_gb=1.0)
+    paths = {"ReducedTracInCP": captum, "ReducedTracInCP spilled": spilled, "ReducedTRAKer": reduced, "TRAKer": plain}
+    errors = {name: np.abs(got - expected).max() / np.abs(expected).max() for name, got in paths.items()}
+    assert max(errors.values()) <= 1e-5, errors
