@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from selproj_plugin.adapters._common import ModelState, encode, plan
+from selproj_plugin.adapters._common import ModelState, encode, plan, release_freed_memory
 from selproj_plugin.adapters._rows import RowFile, streamed_cosine
 from selproj_plugin.engine import EngineConfig, build_table, projected_features, sample_features
 from selproj_plugin.registry import get_strategy, list_strategies
@@ -81,7 +81,8 @@ class Setting:
 
     @property
     def config(self) -> EngineConfig:
-        return EngineConfig(progress=False, max_length=self.max_length)
+        """One sample per capture batch: the engine's peak memory then stays near the adapters'."""
+        return EngineConfig(progress=False, max_length=self.max_length, batch_tokens=self.max_length)
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,7 @@ def compare(model: nn.Module, tokenizer: Any, setting: Setting, names: Sequence[
                 def record(name: str, path: str, got: np.ndarray) -> None:
                     kept = ModelState.of(model) == state
                     state.restore(model)  # the next path starts from the condition, whatever this one did
+                    release_freed_memory()  # a full gradient's freed pages, before the next path allocates its own
                     out.append(Difference(name, path, str(condition), relative(got, reference[name]), kept))
                     if report is not None:
                         report(out[-1])
@@ -326,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=2, help="embedded paraphrases scored (default 2)")
     parser.add_argument("--candidates", type=int, default=1, help="embedded originals they are scored against "
                         "(default 1: plain TRAKer holds every candidate's full gradient when it finalizes)")
-    parser.add_argument("--max-length", type=int, default=32, help="tokens per sample (default 32)")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per sample (default 64)")
     parser.add_argument("--strategy", action="append", help="a reducer to check (repeatable; default: every one)")
     parser.add_argument("--dropout", type=float, default=0.1, help="attention dropout for the train-mode states")
     parser.add_argument("--json", type=Path, help="write the differences here")
