@@ -18,6 +18,7 @@ from selproj_plugin.registry import list_strategies
 pytest.importorskip("trak")
 pytest.importorskip("captum")
 from benchmark.parity import CONDITIONS, PATHS, TOLERANCE, Setting, compare, format_table, relative  # noqa: E402
+from test_adapters_state import state  # noqa: E402
 from tests.test_contributing import PLUGIN  # noqa: E402
 from tests.test_registry import install_plugin  # noqa: E402
 
@@ -35,11 +36,6 @@ def dropout_llama() -> torch.nn.Module:
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p)) if p.dim() == 1 else p.mul_(5.0)  # gradients less alike
     return model.train()
-
-
-def state(model: torch.nn.Module) -> tuple:
-    return (tuple(m.training for m in model.modules()), tuple(p.requires_grad for p in model.parameters()),
-            model.config._attn_implementation)
 
 
 @pytest.fixture(scope="module")
