@@ -165,7 +165,9 @@ def engine_feature_rows(model: nn.Module, tokenizer: Any, setting: Setting, redu
                                      scope=setting.scope)[0]
         else:
             features = sample_features(model, tokenizer, [sample], names, setting.config, scope=setting.scope)
-            yield p.reduction.transform({n: features[n] for n in names})[0]  # selection order, not model order
+            row = p.reduction.transform({n: features[n] for n in names})[0]  # selection order, not model order
+            del features  # a full gradient: not twice in memory while the row is written
+            yield row
 
 
 def engine_feature_cosines(model: nn.Module, tokenizer: Any, setting: Setting, reducer: Reducer,
@@ -330,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(default 1: plain TRAKer holds every candidate's full gradient when it finalizes)")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per sample (default 64)")
     parser.add_argument("--strategy", action="append", help="a reducer to check (repeatable; default: every one)")
+    parser.add_argument("--condition", action="append", choices=[str(c) for c in CONDITIONS],
+                        help="a model state to try (repeatable; default: all four)")
     parser.add_argument("--dropout", type=float, default=0.1, help="attention dropout for the train-mode states")
     parser.add_argument("--json", type=Path, help="write the differences here")
     args = parser.parse_args(argv)
@@ -346,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setting = embedded_setting(args.queries, args.candidates, args.max_length)
         model, tokenizer = load_model()
         with_attention_dropout(model, args.dropout)
-        differences = compare(model, tokenizer, setting, args.strategy,
+        conditions = [c for c in CONDITIONS if args.condition is None or str(c) in args.condition]
+        differences = compare(model, tokenizer, setting, args.strategy, conditions,
                               report=lambda d: print(f"  {d.reducer} / {d.path} / {d.condition}: {d.relative:.2e}",
                                                      file=sys.stderr, flush=True))
     except (ValueError, OSError) as exc:
