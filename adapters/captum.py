@@ -25,8 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from selproj_plugin.adapters._common import (
     DEFAULT_MEMORY_LIMIT_GB, AdapterError, ModelState, Plan, check_labels, encode, evaluating, gigabytes, memory_limit_bytes,
-    plan, reduce_gradients,
-    release_freed_memory, resolve_reducer, response_loss, row_slices, rows_in_parts, take_rows,
+    plan, reduce_gradients, release_freed_memory, resolve_reducer, response_loss, row_slices, rows_in_parts, take_rows,
 )
 from selproj_plugin.adapters._private import (
     KMostInfluentialResults, TracInCPBase, compute_jacobian_sample_wise, extract_parameters_from_layers,
