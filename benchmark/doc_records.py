@@ -16,6 +16,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from benchmark.adapters import Cell  # the benchmarks' own rows, read back as they were written
 from benchmark.faults import Row as Fault
+from benchmark.parity import Difference
 
 class RecordError(ValueError):
     """A record or a marker the generator cannot use; the message is one line."""
@@ -148,6 +149,11 @@ class Setting:
 @dataclass(frozen=True)
 class Retrieval:
     settings: dict[str, Setting]
+
+
+@dataclass(frozen=True)
+class Parity:  # benchmark.parity
+    differences: list[Difference]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmark.doc_records import (Adapters, CheckRow, Cost, EngineVsLoop, PairedTest, PaperPlan, Projection,
+from benchmark.doc_records import (Adapters, CheckRow, Cost, EngineVsLoop, PairedTest, PaperPlan, Parity, Projection,
                                    Record, RecordError, Retrieval, ScaleOut, Setting, load_records, parse, typed)
 from benchmark.faults import Row as Fault
 
@@ -182,6 +182,33 @@ def adapters(records: list[Record]) -> str:
                    "TRAK store"], rows)
 
 
+def _differences(records: list[Record]) -> list:
+    return [d for r in records for d in _result(Parity, r).differences]
+
+
+def parity(records: list[Record]) -> str:
+    """Reducers x paths, one column per model state: the largest relative difference to the engine's table."""
+    diffs = _differences(records)
+    conditions = list(dict.fromkeys(d.condition for d in diffs))
+    cell = {(d.reducer, d.path, d.condition): d for d in diffs}
+    rows = [[reducer, path] + [("" if (d := cell.get((reducer, path, c))) is None else
+                                f"{d.relative:.1e}" + ("" if d.state_kept else " (state changed)")) for c in conditions]
+            for reducer, path in dict.fromkeys((d.reducer, d.path) for d in diffs)]
+    return _table(["reducer", "path", *conditions], rows)
+
+
+def parity_summary(records: list[Record]) -> str:
+    """One row per model state: the largest difference over every reducer and path, and the state kept."""
+    diffs = _differences(records)
+    rows = []
+    for c in dict.fromkeys(d.condition for d in diffs):
+        mine = [d for d in diffs if d.condition == c]
+        worst = max(mine, key=lambda d: d.relative)
+        rows.append([c, f"{worst.relative:.1e} ({worst.reducer}, {worst.path})",
+                     f"{sum(d.state_kept for d in mine)} of {len(mine)}"])
+    return _table(["model state", "largest relative difference", "state put back"], rows)
+
+
 def plancheck(records: list[Record]) -> str:
     rows = []
     for rec in records:
@@ -246,6 +273,7 @@ TABLES: dict[str, Callable[[list[Record]], str]] = {
     "quickstart": quickstart, "paper": paper, "speed-engine": speed_engine, "speed-fullset": speed_fullset,
     "speed-gpu": speed_gpu, "projection": projection, "adapters": adapters, "plancheck": plancheck,
     "paper-plan": paper_plan, "faults": faults, "scaleout": scaleout, "runs": runs,
+    "parity": parity, "parity-summary": parity_summary,
 }
 
 
@@ -273,7 +301,8 @@ def render(name: str, records: list[Record], brief: bool) -> str:
         timed = sorted((r for r in records if r.cost is not None), key=lambda r: r.date)
         mine = [replace(r, label=f"{i}. {r.label or r.command}") for i, r in enumerate(timed, 1)]
     else:
-        mine = [r for r in records if r.table == name]
+        table = "parity" if name == "parity-summary" else name  # the summary reads the parity records
+        mine = [r for r in records if r.table == table]
     if not mine:
         raise RecordError(f"no record for table {name!r}")
     return f"{TABLES[name](mine)}\n\n{provenance(mine, brief)}\n"

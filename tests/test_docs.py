@@ -170,6 +170,19 @@ def test_what_the_adapter_and_fault_benchmarks_write_are_records():
     assert "| a fault | exit 1 | 2.2 | kept all |" in docs.faults([record("faults", [asdict(row)])])
 
 
+def test_what_benchmark_parity_writes_is_a_record():
+    from benchmark.parity import Difference
+
+    written = {"differences": [asdict(Difference("greedy", "TRAKer", "train/sdpa", 2.5e-6, True)),
+                               asdict(Difference("full", "TRAKer", "train/sdpa", 3.0e-7, False)),
+                               asdict(Difference("greedy", "TRAKer", "eval/eager", 0.0, True))]}
+    table = docs.parity([record("parity", written)])
+    assert "| greedy | TRAKer | 2.5e-06 | 0.0e+00 |" in table and "| full | TRAKer | 3.0e-07 (state changed) |  |" in table
+    summary = docs.parity_summary([record("parity", written)])
+    assert "| train/sdpa | 2.5e-06 (greedy, TRAKer) | 1 of 2 |" in summary
+    assert "| eval/eager | 0.0e+00 (greedy, TRAKer) | 1 of 1 |" in summary
+
+
 def test_the_paper_record_still_holds_on_the_reference_tables(tmp_path):
     """The committed figures, recomputed from the paper's published dot products by today's command."""
     out = tmp_path / "paper.json"
