@@ -366,8 +366,12 @@ def _spill_allowance(config: EngineConfig) -> float:
     import shutil
     import tempfile
 
+    # the store creates a missing spill directory: its disk is the nearest existing parent's
+    where = Path(config.spill_dir or tempfile.gettempdir()).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
     try:
-        return shutil.disk_usage(config.spill_dir or tempfile.gettempdir()).free / 2
+        return shutil.disk_usage(where).free / 2
     except OSError:
         return 0.0
 

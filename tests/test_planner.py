@@ -11,7 +11,7 @@ import torch
 
 import tiny
 from selproj_plugin.components import Component, catalogue
-from selproj_plugin.engine import EngineConfig, MemoryLimitWarning, build_table, iter_factors, prepare
+from selproj_plugin.engine import EngineConfig, MemoryLimitWarning, build_table, iter_factors, plan_table, prepare
 from selproj_plugin.loss import encode_samples
 from selproj_plugin.capture import ComponentSpec, GradientCapture
 from selproj_plugin.gram import choose_modes
@@ -350,3 +350,13 @@ def test_every_original_a_candidate_plans_component_by_component_at_any_limit(li
                       config=EngineConfig(memory_limit_gb=limit_gb, max_spill_gb=21.5))
     assert 170 <= np.mean(plan.lengths) <= 185
     assert plan.dot_order == "gram"
+
+
+def test_a_spill_directory_not_made_yet_is_measured_at_its_nearest_existing_parent(tmp_path):
+    import shutil
+
+    model = tiny.model("llama")
+    tok = tiny.tokenizer()
+    config = EngineConfig(progress=False, spill_dir=str(tmp_path / "not" / "made" / "yet"))
+    plan = plan_table(model, tok, tiny.SAMPLES[:1], tiny.SAMPLES, np.array([[1, 2]]), config=config)
+    assert plan.spill_allowance == pytest.approx(shutil.disk_usage(tmp_path).free / 2, rel=0.05)
