@@ -636,6 +636,7 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
     norms = np.zeros((len(used), len(prep.specs)))
     projected: dict[int, list[torch.Tensor] | None] = {}
     store = _store(plan.table.store_budget, plan.table.device_budget, config)
+    in_ram = set(plan.table.kept[: plan.table.ram_kept])
     t_capture = t_dots = t_project = t_store = 0.0
     try:
         t1 = time.perf_counter()
@@ -646,7 +647,8 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
                 projected[i] = projector(f)
                 t_project += time.perf_counter() - t2
             t3 = time.perf_counter()
-            store.put(i, f)  # storing (spilling) counts as dot-product time: the stream order pays it there too
+            # the plan's RAM share by its predicted sizes, the rest spilled: within the allowance it was chosen for
+            store.put(i, f, spill=i not in in_ram)  # storing (spilling) counts as dot time, as in the stream order
             del f
             t1 = time.perf_counter()
             t_store += t1 - t3
@@ -872,6 +874,8 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
                   *, scope: str = "paper", across_ranks: bool = False) -> np.ndarray:
     """Every ``<g_c(a), g_c(b)>``: [A, B, C] float64 (``samples_a`` factors stored, ``samples_b`` streamed).
 
+    A's factors are kept in RAM up to the memory limit and on disk up to the spill allowance; when they do not
+    all fit, A is taken in passes of whole capture batches and B streams past each pass.
     With ``across_ranks`` every torch.distributed rank stores A and streams its deal of B's batches.
     """
     config = config or EngineConfig()
@@ -881,30 +885,70 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
     a_of = [pos[s.id] for s in samples_a]
     b_of = [pos[s.id] for s in samples_b]
     stored = sorted(set(a_of))
-    streamed = sorted(set(b_of) - set(stored))
-    lengths = [len(encoded[i].input_ids) for i in stored + streamed]
-    materialise = _modes(prep, config, lengths, len(stored) * len(set(b_of)))
+    b_set = sorted(set(b_of))
+    lengths = [len(encoded[i].input_ids) for i in sorted(set(stored) | set(b_set))]
+    materialise = _modes(prep, config, lengths, len(stored) * len(b_set))
+    widths = prep.widths(sorted(materialise))
     on_device = _device_budget(config)
-    store = _store(_store_budget(prep, config, prep.widths(sorted(materialise)).per_sample) + on_device, on_device,
-                   config)
-    dots: dict[int, np.ndarray] = {}
-    try:
-        for i, f in _capture(prep, encoded, list(_batches(encoded, stored, config)), config, materialise, "set A"):
-            store.put(i, f)
-            del f
-        def against_a(f: SampleFactors) -> np.ndarray:  # A in chunks: factors read back stay small
-            f = f.to(config.device)
-            return np.concatenate([factor_dots(f, [store.get(i).to(config.device) for i in chunk], prep.specs)
-                                   for chunk in _chunks(stored, store, PAIR_CHUNK_BYTES)])
-
-        for b in _mine(sorted(set(b_of) & set(stored)), across_ranks):
-            dots[b] = against_a(store.get(b))
-        b_batches = _mine(list(_batches(encoded, streamed, config)), across_ranks)
-        for b, f in _capture(prep, encoded, b_batches, config, materialise, "set B"):
-            dots[b] = against_a(f)
-            del f
-    finally:
-        store.close()
-    dots = _gathered(dots, across_ranks)
+    budget = _store_budget(prep, config, widths.per_sample) + on_device
+    allowance = _spill_allowance(config)
+    if across_ranks:  # every rank must make the same passes: the tightest rank's budget and disk
+        budget, allowance = (min(v) for v in zip(*distributed.gather((budget, allowance))))
+    size = {i: widths.sample_bytes(len(encoded[i].input_ids), encoded[i].n_targets) for i in stored}
     col = {i: n for n, i in enumerate(stored)}
+    dots: dict[int, np.ndarray] = {}
+    for batches, in_ram in _passes(list(_batches(encoded, stored, config)), size, budget, allowance):
+        members = [i for b in batches for i in b]
+        store = _store(budget, on_device, config)
+        try:
+            for i, f in _capture(prep, encoded, batches, config, materialise, "set A"):
+                store.put(i, f, spill=i not in in_ram)
+                del f
+            def against_a(b: int, f: SampleFactors) -> None:  # A in chunks: factors read back stay small
+                f = f.to(config.device)
+                row = dots.setdefault(b, np.zeros((len(stored), len(prep.specs))))
+                for chunk in _chunks(members, store, PAIR_CHUNK_BYTES):
+                    row[[col[a] for a in chunk]] = factor_dots(f, [store.get(a).to(config.device) for a in chunk],
+                                                               prep.specs)
+
+            for b in _mine(sorted(set(b_set) & set(members)), across_ranks):
+                against_a(b, store.get(b))
+            streamed = sorted(set(b_set) - set(members))
+            for b, f in _capture(prep, encoded, _mine(list(_batches(encoded, streamed, config)), across_ranks), config,
+                                 materialise, "set B"):
+                against_a(b, f)
+                del f
+        finally:
+            store.close()
+    dots = _gathered(dots, across_ranks)
     return np.stack([np.stack([dots[b][col[a]] for b in b_of]) for a in a_of])
+
+
+def _passes(batches: list[list[int]], size: dict[int, int], budget: float,
+            allowance: float) -> Iterator[tuple[list[list[int]], set[int]]]:
+    """Whole batches in passes whose predicted factors fit ``budget`` in RAM and ``allowance`` on disk, each
+    with the samples it keeps in RAM (at least one batch a pass: one that fits neither is held in RAM)."""
+    def fit(batch: list[int], room: float) -> tuple[set[int], float, float]:
+        held, ram = set(), 0.0
+        for i in batch:
+            if ram + size[i] <= room:
+                held.add(i)
+                ram += size[i]
+        return held, ram, sum(size[i] for i in batch) - ram
+
+    taken: list[list[int]] = []
+    ram: set[int] = set()
+    used = spilled = 0.0
+    for batch in batches:
+        held, held_bytes, disk = fit(batch, budget - used)
+        if taken and spilled + disk > allowance:
+            yield taken, ram
+            taken, ram, used, spilled = [], set(), 0.0, 0.0
+            held, held_bytes, disk = fit(batch, budget)
+        if spilled + disk > allowance:  # alone in its pass and still too large for the disk: held in RAM
+            held, held_bytes, disk = set(batch), float(sum(size[i] for i in batch)), 0.0
+        taken.append(batch)
+        ram |= held
+        used, spilled = used + held_bytes, spilled + disk
+    if taken:
+        yield taken, ram

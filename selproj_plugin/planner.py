@@ -391,11 +391,15 @@ def choose_order(plan: TablePlan, widths: FactorWidths, dense_params: int, strea
                  order: str = "auto") -> TablePlan:
     """The plan in the dot order with fewer FLOPs (capture included): component by component needs every
     sample's factors (``widths``) stored within RAM budget and spill allowance; ``order`` 'stream' or 'gram'
-    forces one."""
+    forces one, except that a forced 'gram' that does not fit streams (with a note): the disk bound holds."""
     check_order(order)
     gram = plan.in_gram_order(widths, dense_params)
     fits = gram.ram_bytes + gram.spill_bytes <= plan.store_budget + plan.spill_allowance
     cheaper = gram.capture_flops() + gram.gram_flops() < GRAM_MARGIN * (plan.capture_flops() + stream_dot_flops)
-    if order == "gram" or (order == "auto" and fits and cheaper):
+    if fits and (order == "gram" or (order == "auto" and cheaper)):
         return gram
+    if order == "gram":
+        plan.notes.append(f"dot order 'gram' needs every sample's factors ({(gram.ram_bytes + gram.spill_bytes) / GiB:.2f}"
+                          f" GiB) within RAM budget and spill allowance ({(plan.store_budget + plan.spill_allowance) / GiB:.2f}"
+                          " GiB): streaming instead")
     return plan

@@ -398,3 +398,61 @@ def test_materialised_dots_sum_fp32_pieces_in_float64_to_the_exact_dot():
         got = _dense_dot(a, b)
         assert got.dtype == torch.float64
         assert abs(float(got) - exact) <= 1e-6 * float(a.double().norm() * b.double().norm())
+
+
+def _spill_counter(monkeypatch):
+    """Bytes every spill file was given, counted as the store writes them."""
+    from selproj_plugin.spill import SpillDir
+
+    written = []
+    save = SpillDir.save
+
+    def counting(self, name, arrays):
+        written.append(sum(np.asarray(a).nbytes for a in arrays))
+        return save(self, name, arrays)
+
+    monkeypatch.setattr(SpillDir, "save", counting)
+    return written
+
+
+def test_pairwise_dots_spill_no_more_than_allowed_and_give_the_same_dots(monkeypatch):
+    model = tiny.model("llama")
+    tok = tiny.tokenizer()
+    ram = pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[1:], config=CFG, scope="all")
+    written = _spill_counter(monkeypatch)
+    pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[1:], scope="all",
+                  config=EngineConfig(batch_size=1, progress=False, memory_limit_gb=0.0))
+    everything = sum(written)
+    assert everything > 0 and len(written) == 3
+    written.clear()
+    allowance = everything * 0.5
+    bounded = pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[1:], scope="all",
+                            config=EngineConfig(batch_size=1, progress=False, memory_limit_gb=0.0,
+                                                max_spill_gb=allowance / 2**30))
+    assert 0 < sum(written) <= allowance
+    norms = np.sqrt(np.abs(np.stack([ram[i, i - 1] for i in (1, 2)])))  # self dots of samples 1 and 2
+    scale = np.maximum(norms.max(axis=0), 1e-30) ** 2
+    assert np.max(np.abs(bounded - ram) / scale) <= TOL
+
+
+def test_a_forced_component_order_spills_no_more_than_allowed(monkeypatch):
+    model = tiny.model("llama")
+    tok = tiny.tokenizer()
+    index, original = np.array([[1, 2, 3], [2, 3, 1]]), np.array([0, 0])
+    stream = build_table(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, index, original, scope="all",
+                         config=EngineConfig(batch_size=2, progress=False, dot_order="stream"))
+    written = _spill_counter(monkeypatch)
+    with pytest.warns(MemoryLimitWarning):
+        everything = build_table(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, index, original, scope="all",
+                                 config=EngineConfig(batch_size=2, progress=False, dot_order="gram", memory_limit_gb=0.0))
+    assert everything.meta["plan"]["dot_order"] == "gram" and sum(written) > 0
+    allowance = sum(written) * 0.5
+    written.clear()
+    with pytest.warns(MemoryLimitWarning):
+        bounded = build_table(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, index, original, scope="all",
+                              config=EngineConfig(batch_size=2, progress=False, dot_order="gram", memory_limit_gb=0.0,
+                                                  max_spill_gb=allowance / 2**30))
+    assert sum(written) <= allowance
+    assert any("dot order 'gram'" in n for n in bounded.meta["plan"]["notes"])
+    scale = np.sqrt(stream.query_self[:, None, :] * stream.candidate_self)
+    assert np.max(np.abs(bounded.cross - stream.cross) / np.maximum(scale, 1e-30)) <= TOL
