@@ -13,6 +13,7 @@ computed, and the batch loss is the sum of per-sample mean losses, so each sampl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -40,15 +41,18 @@ class FactorUse:
     """One use of a component's weight: its gradient contribution is ``L^T R`` (matrix form).
 
     ``left``/``right`` are tensor keys in :attr:`SampleFactors.tensors` (``right`` None means
-    a bias-only use whose right factor is a single ones column).  ``left_index``: the left
-    factor is token ids standing for one-hot rows.  ``aug``: side ('left'/'right') that gets
-    an extra ones column carrying the bias gradient.
+    a bias-only use whose right factor is a single ones column).  ``left_at``/``right_at``: the
+    factor's position in a stacked tensor ``[layers, rows, width]`` (None: the tensor is the factor).
+    ``left_index``: the left factor is token ids standing for one-hot rows.  ``aug``: side
+    ('left'/'right') that gets an extra ones column carrying the bias gradient.
     """
 
     left: str
     right: str | None
     left_index: bool = False
     aug: str | None = None
+    left_at: int | None = None
+    right_at: int | None = None
 
 
 @dataclass
@@ -89,7 +93,13 @@ class SampleFactors:
         return sum(t.numel() * t.element_size() for t in (*self.tensors.values(), *self.vectors.values()))
 
     def rows(self, key: str) -> int:
-        return int(self.tensors[key].shape[0])
+        t = self.tensors[key]
+        return int(t.shape[-2] if t.dim() > 1 else t.shape[0])
+
+    def factor(self, key: str, at: int | None) -> torch.Tensor:
+        """One factor: the tensor under ``key``, or its layer ``at`` when it is a stack."""
+        t = self.tensors[key]
+        return t if at is None else t[at]
 
     def to(self, device: str | torch.device) -> "SampleFactors":
         return SampleFactors(self.sample_id, {k: t.to(device) for k, t in self.tensors.items()}, self.uses,
@@ -133,7 +143,7 @@ def matrix_rows(spec: ComponentSpec, factors: SampleFactors, start: int, stop: i
             if not written:
                 block.zero_()
                 written = True
-            ids = factors.tensors[use.left]
+            ids = factors.factor(use.left, use.left_at)
             inside = (ids >= start) & (ids < stop)
             block.index_add_(0, ids[inside] - start, _full_right(spec, factors, use)[inside])
             continue
@@ -159,12 +169,13 @@ def factor_keys(spec: ComponentSpec, factors: SampleFactors) -> set[str]:
 
 def _full_left(spec: ComponentSpec, f: SampleFactors, use: FactorUse) -> torch.Tensor:
     """A dense left factor with its bias column (token-id factors go through :func:`matrix_rows`' gather)."""
-    return _pad_cols(f.tensors[use.left], spec.rows, use.aug == "left")
+    return _pad_cols(f.factor(use.left, use.left_at), spec.rows, use.aug == "left")
 
 
 def _full_right(spec: ComponentSpec, f: SampleFactors, use: FactorUse) -> torch.Tensor:
     n = f.rows(use.left)
-    t = f.tensors[use.right] if use.right is not None else torch.zeros(n, 0, device=f.tensors[use.left].device)
+    t = f.factor(use.right, use.right_at) if use.right is not None else \
+        torch.zeros(n, 0, device=f.tensors[use.left].device)
     return _pad_cols(t, spec.cols, use.aug == "right")
 
 
@@ -282,10 +293,8 @@ class GradientCapture:
             losses = forward_losses(self.model, batch)
             losses.sum().backward()
         try:
-            out = [SampleFactors(sid) for sid in batch.sample_ids]
-            shared_inputs: dict = {}
-            for h in self.handlers:
-                self._collect(h, geometry, batch, out, shared_inputs)
+            with torch.no_grad():
+                out = self._assemble(geometry, batch)
             for f in out:  # a component the loss never reached has a zero gradient
                 for spec in self.specs.values():
                     if spec.kind == "factor":
@@ -306,8 +315,7 @@ class GradientCapture:
             if spec.kind == "factor" and name in f.uses:
                 f.vectors[name] = matrix_form(spec, f).reshape(-1)
                 del f.uses[name]
-        live = {k for uses in f.uses.values() for u in uses for k in (u.left, u.right) if k}
-        f.tensors = {k: t for k, t in f.tensors.items() if k in live}
+        f.tensors, f.uses = _prune(f.tensors, f.uses)
         return f
 
     @contextlib.contextmanager
@@ -346,14 +354,14 @@ class GradientCapture:
                 x = x.expand(geometry.batch_size, -1)  # broadcast position ids (GPT-2 wpe)
                 out = out.expand(geometry.batch_size, *out.shape[1:])
             new_out = out if out.requires_grad else out.detach().clone().requires_grad_(True)
-            call: dict[str, Any] = {"x": x.detach(), "grad": None}
+            call: dict[str, Any] = {"x": x, "grad": None}  # detached when stacked, under no_grad
             if h.kind == "func":
                 call["args"] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
                 call["kwargs"] = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
             h.calls.append(call)
 
             def grab(grad: torch.Tensor) -> None:
-                call["grad"] = grad.detach()
+                call["grad"] = grad
 
             new_out.register_hook(grab)
             if new_out is out and out is (output[0] if isinstance(output, (tuple, list)) else output):
@@ -366,57 +374,68 @@ class GradientCapture:
 
         return hook
 
-    # ---- per-sample assembly -----------------------------------------------------
-    def _collect(self, h: _Handler, geometry: _Geometry, batch: Batch, out: list[SampleFactors],
-                 shared_inputs: dict) -> None:
-        for call_no, call in enumerate(h.calls):
-            grad = call["grad"]
-            if grad is None:
-                continue  # output did not reach the loss: zero gradient contribution
-            _check_finite(grad, geometry, batch, h)
-            if h.kind == "func":
-                self._collect_func(h, call, geometry, out)
-                continue
-            x_tensor = call["x"]
-            ident = (x_tensor.data_ptr(), tuple(x_tensor.shape), tuple(x_tensor.stride()))
-            xkey = shared_inputs.setdefault(ident, f"{h.name}#{call_no}:in")
-            xs = geometry.split(x_tensor, h.layout, h.name)
-            ds = geometry.split(grad, h.layout, h.name)
-            tag = f"{h.name}#{call_no}"
-            for comp in set(h.params.values()):
-                names = {n for n, c in h.params.items() if c is comp}
-                spec = self.specs[comp.name]
-                for f, x, d in zip(out, xs, ds):
-                    use = self._use(h, spec, names, tag, xkey, f, x, d)
-                    f.uses.setdefault(comp.name, []).append(use)
+    # ---- assembly ----------------------------------------------------------------
+    def _assemble(self, geometry: _Geometry, batch: Batch) -> list[SampleFactors]:
+        """The batch's factors: every matrix factor stacked with its like across layers (one tensor for the 30
+        layers' q inputs), each sample a view of its rows of each stack; embeddings and torch.func modules per sample.
 
-    def _use(self, h: _Handler, spec: ComponentSpec, names: set[str], tag: str, xkey: str,
-             f: SampleFactors, x: torch.Tensor, d: torch.Tensor) -> FactorUse:
-        dkey = f"{tag}:out"
-        if h.kind == "embedding":
-            pad = getattr(h.module, "padding_idx", None)
-            if getattr(h.module, "scale_grad_by_freq", False):
-                raise CaptureError(f"module {h.name}: embeddings with scale_grad_by_freq are not supported")
+        Stacks make later work a handful of batched operations, however many layers; an input shared by several
+        modules (q/k/v, gate/up) is one factor of the stack of its users' kinds."""
+        out = [SampleFactors(sid) for sid in batch.sample_ids]
+        shared: dict[str, list[FactorUse]] = {s.name: [] for s in self.specs.values() if s.kind == "factor"}
+        own: list[dict[str, list[FactorUse]]] = [{} for _ in out]  # per-sample uses (embeddings)
+        stacks = _Stacks(geometry)
+        matrix_calls = []
+        for h in self.handlers:
+            for call_no, call in enumerate(h.calls):
+                if call["grad"] is None:
+                    continue  # output did not reach the loss: zero gradient contribution
+                if h.kind in ("func", "embedding"):
+                    _check_finite(call["grad"], geometry, batch, h)
+                    if h.kind == "func":
+                        self._collect_func(h, call, geometry, out)
+                    else:
+                        self._collect_embedding(h, call_no, call, geometry, out, own)
+                else:
+                    matrix_calls.append((h, call))
+        users: dict[tuple, set[str]] = {}
+        for h, call in matrix_calls:
+            users.setdefault(_ident(call["x"]), set()).update(c.kind for c in h.params.values())
+        for h, call in matrix_calls:
+            kinds = "+".join(sorted({c.kind for c in h.params.values()}))
+            xkey, xat = stacks.add(call["x"], h, "in", "+".join(sorted(users[_ident(call["x"])])))
+            dkey, dat = stacks.add(call["grad"], h, "out", kinds)
+            names_of: dict[str, set[str]] = {}
+            for n, c in h.params.items():
+                names_of.setdefault(c.name, set()).add(n)
+            for comp, names in names_of.items():
+                shared[comp].append(_matrix_use(h.kind, names, xkey, xat, dkey, dat))
+        for _, call in matrix_calls:  # the stacks hold them now: each stack's parts go once it is built
+            call["x"] = call["grad"] = None
+        del matrix_calls
+        tensors = stacks.per_sample(batch, out)
+        for f, mine, rows in zip(out, own, tensors):
+            f.tensors.update(rows)
+            for comp, uses in shared.items():
+                f.uses[comp] = uses + mine.get(comp, [])
+        return out
+
+    def _collect_embedding(self, h: _Handler, call_no: int, call: dict[str, Any], geometry: _Geometry,
+                           out: list[SampleFactors], own: list[dict[str, list[FactorUse]]]) -> None:
+        pad = getattr(h.module, "padding_idx", None)
+        if getattr(h.module, "scale_grad_by_freq", False):
+            raise CaptureError(f"module {h.name}: embeddings with scale_grad_by_freq are not supported")
+        tag = f"{h.name}#{call_no}"
+        xs = geometry.split(call["x"], h.layout, h.name)
+        ds = geometry.split(call["grad"], h.layout, h.name)
+        for f, mine, x, d in zip(out, own, xs, ds):
             if pad is not None:
                 keep = x != pad  # PyTorch never updates the padding row
                 x, d = x[keep], d[keep]
-            xkey = f"{tag}:ids"
-            f.tensors[xkey] = x.to(torch.long).contiguous()
-            f.tensors[dkey] = _rows(d)
-            return FactorUse(xkey, dkey, left_index=True)
-        if xkey not in f.tensors:
-            f.tensors[xkey] = _rows(x)
-        if dkey not in f.tensors:
-            f.tensors[dkey] = _rows(d)
-        has_w, has_b = "weight" in names, "bias" in names
-        if h.kind == "linear":  # grad W = D^T X
-            if not has_w:
-                return FactorUse(dkey, None, aug="right")
-            return FactorUse(dkey, xkey, aug="right" if has_b else None)
-        # conv1d: grad W = X^T D (weight is in x out), bias is an extra row
-        if not has_w:
-            return FactorUse(dkey, None, aug="right")
-        return FactorUse(xkey, dkey, aug="left" if has_b else None)
+            f.tensors[f"{tag}:ids"] = x.to(torch.long).contiguous()
+            f.tensors[f"{tag}:out"] = _rows(d)
+            for comp in set(h.params.values()):
+                mine.setdefault(comp.name, []).append(FactorUse(f"{tag}:ids", f"{tag}:out", left_index=True))
 
     def _collect_func(self, h: _Handler, call: dict[str, Any], geometry: _Geometry, out: list[SampleFactors]) -> None:
         x, grad = call["x"], call["grad"]
@@ -445,6 +464,103 @@ class GradientCapture:
             for i, f in enumerate(out):
                 prev = f.vectors.get(comp.name)
                 f.vectors[comp.name] = flat[i] if prev is None else prev + flat[i]
+
+
+def _ident(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), tuple(t.shape), tuple(t.stride())
+
+
+def _matrix_use(kind: str, names: set[str], xkey: str, xat: int, dkey: str, dat: int) -> FactorUse:
+    """A linear (grad W = D^T X) or Conv1D (grad W = X^T D, bias an extra row) module's use of its factors."""
+    has_w, has_b = "weight" in names, "bias" in names
+    if not has_w:
+        return FactorUse(dkey, None, aug="right", left_at=dat)
+    if kind == "linear":
+        return FactorUse(dkey, xkey, aug="right" if has_b else None, left_at=dat, right_at=xat)
+    return FactorUse(xkey, dkey, aug="left" if has_b else None, left_at=xat, right_at=dat)
+
+
+class _Stacks:
+    """A batch's matrix factors by kind: tensors of one layout, role, width and users' kinds stacked across layers."""
+
+    def __init__(self, geometry: _Geometry) -> None:
+        self.geometry = geometry
+        self.parts: dict[str, list[tuple[torch.Tensor, _Handler]]] = {}
+        self.at: dict[tuple, tuple[str, int]] = {}
+
+    def add(self, t: torch.Tensor, h: _Handler, role: str, kinds: str) -> tuple[str, int]:
+        """Key and position of ``t`` in its stack (a tensor added twice, a shared input, is stacked once)."""
+        ident = (role, _ident(t))
+        if ident not in self.at:
+            t = self._shaped(t, h)
+            key = f"{h.layout}:{role}:{kinds}:{t.shape[-1]}"
+            parts = self.parts.setdefault(key, [])
+            self.at[ident] = key, len(parts)
+            parts.append((t, h))
+        return self.at[ident]
+
+    def _shaped(self, t: torch.Tensor, h: _Handler) -> torch.Tensor:
+        g = self.geometry
+        b, w = g.batch_size, g.width
+        if h.layout == "targets" and t.dim() == 2 and t.shape[0] == g.n_targets:
+            return t
+        if h.layout == "tokens" and t.dim() == 3 and tuple(t.shape[:2]) == (b, w):
+            return t
+        if h.layout == "tokens" and t.dim() == 2 and t.shape[0] == b * w:
+            return t.view(b, w, -1)
+        raise CaptureError(f"{h.name}: cannot split a tensor of shape {tuple(t.shape)} into the batch's samples")
+
+    def per_sample(self, batch: Batch, out: list[SampleFactors]) -> list[dict[str, torch.Tensor]]:
+        """Each sample's rows of every stack: views, ``[layers, rows, width]``; a stack's parts are let go once
+        it is built, so the batch's activations and the stacks are not all held at once."""
+        g = self.geometry
+        rows: list[dict[str, torch.Tensor]] = [{} for _ in out]
+        counts = batch.target_mask.sum(dim=1).tolist()
+        for key, parts in self.parts.items():
+            stack = torch.stack([t for t, _ in parts])
+            if stack.dtype != FACTOR_DTYPE:
+                stack = stack.to(FACTOR_DTYPE)
+            if ":out:" in key and not bool(torch.isfinite(stack.sum())):
+                for t, h in parts:  # find the sample and module to name
+                    _check_finite(t, g, batch, h)
+            handlers = parts[0][1]
+            parts.clear()
+            if handlers.layout == "targets":
+                for r, piece in zip(rows, stack.split(counts, dim=1)):
+                    r[key] = piece
+            else:
+                for r, n, piece in zip(rows, g.lengths, stack.unbind(1)):
+                    r[key] = piece if n == g.width else piece[:, :n]
+        self.at.clear()
+        return rows
+
+
+def _prune(tensors: dict[str, torch.Tensor],
+           uses: dict[str, list[FactorUse]]) -> tuple[dict[str, torch.Tensor], dict[str, list[FactorUse]]]:
+    """Only the factors ``uses`` still read: a stack keeps the layers some use reads (renumbered)."""
+    live: dict[str, set[int | None]] = {}
+    for us in uses.values():
+        for u in us:
+            live.setdefault(u.left, set()).add(u.left_at)
+            if u.right is not None:
+                live.setdefault(u.right, set()).add(u.right_at)
+    kept, moved = {}, {}
+    for k, t in tensors.items():
+        if k not in live:
+            continue
+        ats = live[k]
+        if None in ats or len(ats) == t.shape[0]:
+            kept[k] = t
+            continue
+        order = sorted(ats)
+        kept[k] = t[torch.tensor(order, device=t.device)]
+        moved[k] = {a: n for n, a in enumerate(order)}
+
+    def renumbered(u: FactorUse) -> FactorUse:
+        return dataclasses.replace(u, left_at=moved[u.left][u.left_at] if u.left in moved else u.left_at,
+                                   right_at=moved[u.right][u.right_at] if u.right in moved else u.right_at)
+
+    return kept, ({c: [renumbered(u) for u in us] for c, us in uses.items()} if moved else uses)
 
 
 @contextlib.contextmanager

@@ -104,33 +104,47 @@ def _gram_t(a: torch.Tensor | None, a_index: bool, bs: Sequence[torch.Tensor] | 
     return out
 
 
+# A stacked Gram (layers x partners' rows x rows) is taken a few layers at a time beyond this many bytes: a pair
+# block's Grams, their product and the shared inputs' cached Gram stay a few of these.
+GRAM_STACK_BYTES = 64 * 2**20
+
+
 def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence[ComponentSpec]) -> np.ndarray:
-    """Dot products ``<g_c(i), g_c(j)>`` for every j in ``fjs`` and component c: [J, C] float64."""
+    """Dot products ``<g_c(i), g_c(j)>`` for every j in ``fjs`` and component c: [J, C] float64.
+
+    Components whose factors lie at the same places of the same stacks (the 30 layers' q projections) are taken
+    together: one batched Gram per factor for all of them and all partners, so the number of operations depends
+    on neither the layers nor the partners."""
     if not fjs:
         return np.zeros((0, len(specs)), dtype=np.float64)
-
-    def counts(key: str) -> list[int]:
-        return [f.tensors[key].shape[0] for f in fjs]
-
-    # the same gram (shared inputs of q/k/v, gate/up) is used by several components: count uses, free after last
-    pending: dict[tuple, int] = {}
-    for spec in specs:
-        if spec.name in fi.vectors:
+    device = _device(fi)
+    totals = torch.zeros(len(specs), len(fjs), dtype=torch.float64, device=device)
+    groups: dict[tuple, list[int]] = {}
+    for c, spec in enumerate(specs):
+        if spec.name in fi.vectors:  # materialised: fp32 dots of short pieces, summed in float64
+            vi = fi.vectors[spec.name]
+            for j, f in enumerate(fjs):
+                totals[c, j] = _dense_dot(f.vectors[spec.name], vi)
             continue
-        for u in fi.uses[spec.name]:
-            for v in fjs[0].uses[spec.name]:
-                for key in ((u.left, v.left, u.left_index, v.left_index), (u.right, v.right, False, False)):
-                    pending[key] = pending.get(key, 0) + 1
-    grams: dict[tuple, torch.Tensor] = {}
+        groups.setdefault(_signature(fi.uses[spec.name]) + _signature(fjs[0].uses[spec.name]), []).append(c)
+    blocks = []  # a group's components a few layers at a time: its Grams stay within GRAM_STACK_BYTES
+    for members in groups.values():
+        us, vs = fi.uses[specs[members[0]].name], fjs[0].uses[specs[members[0]].name]
+        rows_i = max([fi.rows(u.left) for u in us], default=0)
+        rows_j = max([sum(f.rows(v.left) for f in fjs) for v in vs], default=0)
+        step = max(1, GRAM_STACK_BYTES // max(1, 4 * rows_i * rows_j))
+        blocks += [members[start: start + step] for start in range(0, len(members), step)]
+    # a Gram is shared by blocks that read the same factors at the same places (q/k/v's input): count, free after last
+    pending: dict[tuple, int] = {}
+    for block in blocks:
+        for left, right in _use_pairs(fi, fjs, specs, block):
+            for key in (left, right):
+                pending[key] = pending.get(key, 0) + 1
+    grams: dict[tuple, torch.Tensor | None] = {}
 
-    def gram(ki: str | None, kj: str | None, i_index: bool, j_index: bool) -> torch.Tensor:
-        """The partners' rows against ``fi``'s: [sum of partners' rows, fi's rows]."""
-        key = (ki, kj, i_index, j_index)
+    def gram(key: tuple) -> torch.Tensor | None:
         if key not in grams:
-            a = fi.tensors[ki] if ki is not None else None
-            bs = [f.tensors[kj] for f in fjs] if kj is not None else None
-            n_b = sum(b.shape[0] for b in bs) if bs is not None else 0
-            grams[key] = _gram_t(a, i_index, bs, j_index, a.shape[0] if a is not None else 0, n_b)
+            grams[key] = _stacked_gram(fi, fjs, *key)
         g = grams[key]
         pending[key] -= 1
         if pending[key] == 0:
@@ -139,25 +153,77 @@ def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence
 
     owners: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def owner(rows: list[int]) -> torch.Tensor:  # which partner each row of a gram belongs to
-        key = tuple(rows)
-        if key not in owners:
-            owners[key] = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows)).to(_device(fi))
-        return owners[key]
+    def owner(key: str) -> torch.Tensor:  # which partner each row of a Gram belongs to
+        rows = tuple(f.rows(key) for f in fjs)
+        if rows not in owners:
+            owners[rows] = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows)).to(device)
+        return owners[rows]
 
-    # one row per component, filled where the factors are and read back once: on a GPU a read per component
-    # would wait for the device about 200 times a call
-    totals = torch.zeros(len(specs), len(fjs), dtype=torch.float64, device=_device(fi))
-    for c, spec in enumerate(specs):
-        if spec.name in fi.vectors:  # materialised: fp32 dots of short pieces, summed in float64
-            vi = fi.vectors[spec.name]
-            for j, f in enumerate(fjs):
-                totals[c, j] = _dense_dot(f.vectors[spec.name], vi)
-            continue
-        for u in fi.uses[spec.name]:
-            for v in fjs[0].uses[spec.name]:
-                _use_pair(fi, u, v, counts, gram, owner, totals[c])
+    done, order = [], []
+    for block in blocks:
+        us, vs = fi.uses[specs[block[0]].name], fjs[0].uses[specs[block[0]].name]
+        out = torch.zeros(len(block), len(fjs), dtype=torch.float64, device=device)
+        for (u, v), (left, right) in zip([(u, v) for u in us for v in vs], _use_pairs(fi, fjs, specs, block)):
+            part = _use_pair(u, v, gram(left), gram(right))
+            if part is not None:
+                out.index_add_(1, owner(v.left), part)
+        done.append(out)
+        order += block
+    if done:
+        totals.index_copy_(0, torch.tensor(order, device=device), torch.cat(done) if len(done) > 1 else done[0])
     return np.ascontiguousarray(totals.T.cpu().numpy())
+
+
+def _use_pairs(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence[ComponentSpec],
+               block: list[int]) -> list[tuple[tuple, tuple]]:
+    """The Gram keys (left, right) of every pair of uses of a block's components, in uses' order."""
+    us = [fi.uses[specs[c].name] for c in block]
+    vs = [fjs[0].uses[specs[c].name] for c in block]
+    keys = []
+    for a, u in enumerate(us[0]):
+        for b, v in enumerate(vs[0]):
+            left = (u.left, v.left, u.left_index, v.left_index, _ats(us, a, "left"), _ats(vs, b, "left"))
+            right = (u.right, v.right, False, False, _ats(us, a, "right"), _ats(vs, b, "right"))
+            keys.append((left, right))
+    return keys
+
+
+def _signature(uses: Sequence[FactorUse]) -> tuple:
+    """What components must share to be taken together: the same factors' keys and kinds, any layer."""
+    return tuple((u.left, u.right, u.left_index, u.aug, u.left_at is None, u.right_at is None) for u in uses)
+
+
+def _ats(uses: Sequence[Sequence[FactorUse]], n: int, side: str) -> tuple[int, ...] | None:
+    """The block's layers of its components' ``n``-th use's ``side`` factor (None: not a stack)."""
+    ats = tuple(getattr(u[n], f"{side}_at") for u in uses)
+    return None if ats[0] is None else ats
+
+
+def _layers(t: torch.Tensor, ats: tuple[int, ...] | None) -> torch.Tensor:
+    """``t``'s layers ``ats`` as a stack ([1, rows, width] for a tensor that is not a stack)."""
+    if ats is None:
+        return t.unsqueeze(0)
+    if ats == tuple(range(ats[0], ats[0] + len(ats))):
+        return t if len(ats) == t.shape[0] else t[ats[0]: ats[0] + len(ats)]
+    return t[torch.tensor(ats, device=t.device)]
+
+
+def _stacked_gram(fi: SampleFactors, fjs: Sequence[SampleFactors], ki: str | None, kj: str | None, i_index: bool,
+                  j_index: bool, ats_i: tuple[int, ...] | None, ats_j: tuple[int, ...] | None) -> torch.Tensor | None:
+    """``B A^T`` per layer, ``[layers, partners' rows, fi's rows]`` float32, with B the partners' rows one after
+    another; token ids stand for one-hot rows."""
+    if ki is None or kj is None:
+        return None
+    a = fi.tensors[ki]
+    bs = [f.tensors[kj] for f in fjs]
+    if i_index or j_index:  # an embedding, one component: its other use may be a stack's one layer (a tied head)
+        a = a if ats_i is None else a[ats_i[0]]
+        bs = bs if ats_j is None else [b[ats_j[0]] for b in bs]
+        n_b = sum(b.shape[0] for b in bs)
+        return _gram_t(a, i_index, bs, j_index, a.shape[0], n_b).unsqueeze(0)
+    a = _layers(a, ats_i)
+    b = _layers(bs[0], ats_j) if len(bs) == 1 else torch.cat([_layers(x, ats_j) for x in bs], dim=1)
+    return torch.bmm(b, a.transpose(1, 2))
 
 
 def _dense_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -171,26 +237,23 @@ def _dense_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return total + (a[whole:] * b[whole:]).sum(dtype=torch.float64)
 
 
-def _use_pair(fi: SampleFactors, u: FactorUse, v: FactorUse, counts, gram, owner, total: torch.Tensor) -> None:
-    """Adds to ``total`` the per-j sums of (L_i L_j^T + aug) * (R_i R_j^T + aug) for one pair of uses.
+def _use_pair(u: FactorUse, v: FactorUse, gl: torch.Tensor, gr: torch.Tensor | None) -> torch.Tensor | None:
+    """Per layer and partner row, the sums over fi's rows of (L_i L_j^T + aug) * (R_i R_j^T + aug) for one pair of
+    uses: ``[layers, partners' rows]`` float64 (None: no coordinates in common).
 
     The product of the two fp32 Grams is rounded once per entry and summed in float64.
     """
-    n_i = fi.tensors[u.left].shape[0]
-    rows = counts(v.left)
-    gl = gram(u.left, v.left, u.left_index, v.left_index)
-    gr = gram(u.right, v.right, False, False) if (u.right is not None and v.right is not None) else None
-    if n_i == 0 or sum(rows) == 0:
-        return
+    if gl.shape[1] == 0 or gl.shape[2] == 0:
+        return None
     both_right = u.aug == "right" and v.aug == "right"
     if gr is None and not both_right:
-        return  # a bias-only use against a weight use: no coordinates in common
+        return None  # a bias-only use against a weight use: no coordinates in common
     if u.aug == "left" and v.aug == "left":
         gl = gl + 1.0
     if both_right:  # the ones columns: a missing right factor is all ones
         gr = None if gr is None else gr + 1.0
     product = gl if gr is None else gl * gr
-    total.index_add_(0, owner(rows), product.sum(dim=1, dtype=torch.float64))
+    return product.sum(dim=2, dtype=torch.float64)
 
 
 def _device(f: SampleFactors) -> torch.device:
