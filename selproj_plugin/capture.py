@@ -128,36 +128,73 @@ def matrix_rows(spec: ComponentSpec, factors: SampleFactors, start: int, stop: i
     ``out``: a contiguous buffer of ``(stop - start) * cols`` numbers to write the rows into, so a caller
     filling a block of samples' rows pays no temporary and no copy.
     """
-    if spec.name in factors.vectors:
-        rows = factors.vectors[spec.name].view(spec.rows, spec.cols)[start:stop].reshape(-1)
-        return rows if out is None else out.copy_(rows)
+    return stacked_rows([spec], factors, start, stop, None if out is None else out.view(1, -1)).view(-1)
+
+
+def stacked_rows(specs: Sequence[ComponentSpec], factors: SampleFactors, start: int, stop: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`matrix_rows` of several components at once, ``[len(specs), (stop - start) * cols]``: components of
+    one shape whose factors lie at the same places of the same stacks (:func:`stack_key`), one batched product
+    for all of them."""
+    spec, n = specs[0], len(specs)
     if out is None:
         device = next(iter(factors.tensors.values())).device if factors.tensors else None
-        out = torch.empty((stop - start) * spec.cols, dtype=FACTOR_DTYPE, device=device)
-    block = out.view(stop - start, spec.cols)
+        out = torch.empty(n, (stop - start) * spec.cols, dtype=FACTOR_DTYPE, device=device)
+    block = out.view(n, stop - start, spec.cols)
+    if spec.name in factors.vectors:
+        for s, rows in zip(specs, block):
+            rows.copy_(factors.vectors[s.name].view(s.rows, s.cols)[start:stop])
+        return out
+    uses = [factors.uses[s.name] for s in specs]
     written = False
     # products first, so the first writes the block in place; token ids (a tied embedding's input side) then add
     # their rows to it, and the block is zeroed only when no product wrote it
-    for use in sorted(factors.uses[spec.name], key=lambda u: u.left_index):
-        if use.left_index:  # token ids stand for one-hot rows: the block's rows gather the right factor's rows
+    for k in sorted(range(len(uses[0])), key=lambda k: uses[0][k].left_index):
+        use = uses[0][k]
+        if use.left_index:  # token ids stand for one-hot rows (an embedding: one component, no stack)
             if not written:
                 block.zero_()
                 written = True
             ids = factors.factor(use.left, use.left_at)
             inside = (ids >= start) & (ids < stop)
-            block.index_add_(0, ids[inside] - start, _full_right(spec, factors, use)[inside])
+            right = _pad_cols(factors.factor(use.right, use.right_at), spec.cols, use.aug == "right")
+            block[0].index_add_(0, ids[inside] - start, right[inside])
             continue
-        left = _full_left(spec, factors, use)
-        if not left.shape[0]:
+        left = _pad_cols(layers(factors.tensors[use.left], tuple(u[k].left_at for u in uses)), spec.rows,
+                         use.aug == "left")
+        if not left.shape[1]:
             continue
+        if use.right is not None:
+            right = layers(factors.tensors[use.right], tuple(u[k].right_at for u in uses))
+        else:
+            right = torch.zeros(*left.shape[:2], 0, dtype=left.dtype, device=left.device)
+        right = _pad_cols(right, spec.cols, use.aug == "right")
         if written:
-            block.addmm_(left[:, start:stop].T, _full_right(spec, factors, use))
+            block.baddbmm_(left[:, :, start:stop].transpose(1, 2), right)
         else:  # the first product is written in place: no zeroed buffer to add it to
-            torch.mm(left[:, start:stop].T, _full_right(spec, factors, use), out=block)
+            torch.bmm(left[:, :, start:stop].transpose(1, 2), right, out=block)
             written = True
     if not written:
         block.zero_()
     return out
+
+
+def stack_key(spec: ComponentSpec, factors: SampleFactors) -> tuple:
+    """What components share when :func:`stacked_rows` and the pair dots take them together: shape, factors' stacks
+    and kinds, any layer (a materialised or torch.func component, an embedding: its name, alone)."""
+    uses = factors.uses.get(spec.name)
+    if spec.name in factors.vectors or not uses or any(u.left_index or u.left_at is None for u in uses):
+        return (spec.name,)
+    return (spec.rows, spec.cols) + tuple((u.left, u.right, u.aug) for u in uses)
+
+
+def layers(t: torch.Tensor, ats: tuple[int | None, ...]) -> torch.Tensor:
+    """A stack's layers ``ats`` (``[len(ats), rows, width]``; a tensor that is not a stack: ``[1, ...]``)."""
+    if ats[0] is None:
+        return t.unsqueeze(0)
+    if ats == tuple(range(ats[0], ats[0] + len(ats))):
+        return t if len(ats) == t.shape[0] else t[ats[0]: ats[0] + len(ats)]
+    return t[torch.tensor(ats, device=t.device)]
 
 
 def factor_keys(spec: ComponentSpec, factors: SampleFactors) -> set[str]:
@@ -167,25 +204,14 @@ def factor_keys(spec: ComponentSpec, factors: SampleFactors) -> set[str]:
     return {k for use in factors.uses.get(spec.name, ()) for k in (use.left, use.right) if k is not None}
 
 
-def _full_left(spec: ComponentSpec, f: SampleFactors, use: FactorUse) -> torch.Tensor:
-    """A dense left factor with its bias column (token-id factors go through :func:`matrix_rows`' gather)."""
-    return _pad_cols(f.factor(use.left, use.left_at), spec.rows, use.aug == "left")
-
-
-def _full_right(spec: ComponentSpec, f: SampleFactors, use: FactorUse) -> torch.Tensor:
-    n = f.rows(use.left)
-    t = f.factor(use.right, use.right_at) if use.right is not None else \
-        torch.zeros(n, 0, device=f.tensors[use.left].device)
-    return _pad_cols(t, spec.cols, use.aug == "right")
-
-
 def _pad_cols(t: torch.Tensor, width: int, ones_last: bool) -> torch.Tensor:
-    if t.shape[1] == width:
+    """``t`` widened to ``width`` columns with zeros, the last one ones when it carries a bias."""
+    if t.shape[-1] == width:
         return t
-    pad = torch.zeros(t.shape[0], width - t.shape[1], dtype=t.dtype, device=t.device)
+    pad = torch.zeros(*t.shape[:-1], width - t.shape[-1], dtype=t.dtype, device=t.device)
     if ones_last:
-        pad[:, -1] = 1.0
-    return torch.cat([t, pad], dim=1)
+        pad[..., -1] = 1.0
+    return torch.cat([t, pad], dim=-1)
 
 
 def to_param_layout(spec: ComponentSpec, matrix: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from selproj_plugin.capture import (
-    ComponentSpec, GradientCapture, SampleFactors, factor_keys, matrix_form, matrix_rows, to_param_layout,
+    ComponentSpec, GradientCapture, SampleFactors, factor_keys, matrix_form, stack_key, stacked_rows, to_param_layout,
 )
 from selproj_plugin import distributed
 from selproj_plugin.components import catalogue, check_scope, select
@@ -609,11 +609,30 @@ def _compute_shard(prep: Prepared, plan: _Plan, rank: int, world: int, config: E
 
 
 def _squared_norms(block: torch.Tensor, cols: int) -> np.ndarray:
-    """Each row's squared norm: fp32 norms of its ``cols``-long pieces, summed in float64.  One fp32
-    reduction over a component's million coordinates erred by 3.2e-4 (SmolLM2's layer 11 down_proj,
-    measured); a float64 reduction of the whole block took 17x as long."""
-    pieces = torch.linalg.vector_norm(block.view(block.shape[0], -1, cols), dim=2)
-    return pieces.double().square().sum(dim=1).cpu().numpy()
+    """Each sample's and layer's squared norm (``block``: [samples, layers, numbers]): fp32 norms of ``cols``-long
+    pieces, summed in float64.  One fp32 reduction over a component's million coordinates erred by 3.2e-4
+    (SmolLM2's layer 11 down_proj, measured); a float64 reduction of the whole block took 17x as long."""
+    pieces = torch.linalg.vector_norm(block.view(*block.shape[:2], -1, cols), dim=3)
+    return pieces.double().square().sum(dim=2).cpu().numpy()
+
+
+def _gram_blocks(specs: Sequence[ComponentSpec], shell: SampleFactors, n: int) -> list[tuple[list[int], int, int]]:
+    """The component order's blocks, each at most GRAM_BLOCK_BYTES for ``n`` samples: (components, first row,
+    row after last), components of one stack several layers at once where whole ones fit, else rows of one."""
+    groups: dict[tuple, list[int]] = {}
+    for c, spec in enumerate(specs):
+        groups.setdefault(stack_key(spec, shell), []).append(c)
+    out = []
+    for members in groups.values():
+        spec = specs[members[0]]
+        per_layer = 4 * spec.rows * spec.cols * n
+        if per_layer <= GRAM_BLOCK_BYTES:
+            step = GRAM_BLOCK_BYTES // per_layer
+            out += [(members[k: k + step], 0, spec.rows) for k in range(0, len(members), step)]
+            continue
+        rows = max(1, GRAM_BLOCK_BYTES // (4 * spec.cols * n))
+        out += [([c], start, min(spec.rows, start + rows)) for c in members for start in range(0, spec.rows, rows)]
+    return out
 
 
 def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _Projector | None) -> TableShard:
@@ -655,20 +674,20 @@ def _gram_shard(prep: Prepared, plan: _Plan, config: EngineConfig, projector: _P
             t_dots += t1 - t2
         t_dots -= t_project
         shells = {i: store.get(i, set()) for i in used}  # each sample's uses, no tensor or vector read
-        blocks = {spec.name: max(1, min(spec.rows, GRAM_BLOCK_BYTES // (4 * spec.cols * len(used))))
-                  for spec in prep.specs}  # rows of a component per block
+        blocks = _gram_blocks(prep.specs, shells[used[0]], len(used))
         # one block's storage for every block: allocated afresh, each of ~240 blocks was page-faulted in again
-        storage = torch.empty(len(used) * max(blocks[s.name] * s.cols for s in prep.specs), device=config.device)
-        for c, spec in enumerate(prep.specs):
-            for start in range(0, spec.rows, blocks[spec.name]):
-                stop = min(spec.rows, start + blocks[spec.name])
-                block = storage[: len(used) * (stop - start) * spec.cols].view(len(used), -1)
-                for k, i in enumerate(used):  # the store holds factors on the CPU: materialise on the device
-                    matrix_rows(spec, store.get(i, factor_keys(spec, shells[i])).to(config.device), start, stop,
-                                out=block[k])
-                b = block[n_a:] if b_rows is None else block[b_rows]
-                cross[:, :, c] += (block[:n_a] @ b.T).double().cpu().numpy()
-                norms[:, c] += _squared_norms(block, spec.cols)
+        storage = torch.empty(len(used) * max(len(m) * (stop - start) * prep.specs[m[0]].cols
+                                              for m, start, stop in blocks), device=config.device)
+        for members, start, stop in blocks:  # components of one stack a few layers at a time, or rows of one
+            specs = [prep.specs[c] for c in members]
+            block = storage[: len(used) * len(members) * (stop - start) * specs[0].cols].view(len(used), len(members), -1)
+            keys = set().union(*(factor_keys(spec, shells[used[0]]) for spec in specs))
+            for k, i in enumerate(used):  # the store holds factors on the CPU: materialise on the device
+                stacked_rows(specs, store.get(i, keys).to(config.device), start, stop, out=block[k])
+            b = block[n_a:] if b_rows is None else block[b_rows]
+            products = torch.bmm(block[:n_a].transpose(0, 1), b.permute(1, 2, 0))  # [layers, A, B]
+            cross[:, :, members] += products.double().cpu().numpy().transpose(1, 2, 0)
+            norms[:, members] += _squared_norms(block, specs[0].cols)
         t_dots += time.perf_counter() - t1
         spilled = store.spilled
     finally:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 import torch
 
-from selproj_plugin.capture import ComponentSpec, FactorUse, SampleFactors
+from selproj_plugin.capture import ComponentSpec, FactorUse, SampleFactors, layers
 
 if TYPE_CHECKING:
     from selproj_plugin.planner import FactorTensor
@@ -199,15 +199,6 @@ def _ats(uses: Sequence[Sequence[FactorUse]], n: int, side: str) -> tuple[int, .
     return None if ats[0] is None else ats
 
 
-def _layers(t: torch.Tensor, ats: tuple[int, ...] | None) -> torch.Tensor:
-    """``t``'s layers ``ats`` as a stack ([1, rows, width] for a tensor that is not a stack)."""
-    if ats is None:
-        return t.unsqueeze(0)
-    if ats == tuple(range(ats[0], ats[0] + len(ats))):
-        return t if len(ats) == t.shape[0] else t[ats[0]: ats[0] + len(ats)]
-    return t[torch.tensor(ats, device=t.device)]
-
-
 def _stacked_gram(fi: SampleFactors, fjs: Sequence[SampleFactors], ki: str | None, kj: str | None, i_index: bool,
                   j_index: bool, ats_i: tuple[int, ...] | None, ats_j: tuple[int, ...] | None) -> torch.Tensor | None:
     """``B A^T`` per layer, ``[layers, partners' rows, fi's rows]`` float32, with B the partners' rows one after
@@ -221,8 +212,9 @@ def _stacked_gram(fi: SampleFactors, fjs: Sequence[SampleFactors], ki: str | Non
         bs = bs if ats_j is None else [b[ats_j[0]] for b in bs]
         n_b = sum(b.shape[0] for b in bs)
         return _gram_t(a, i_index, bs, j_index, a.shape[0], n_b).unsqueeze(0)
-    a = _layers(a, ats_i)
-    b = _layers(bs[0], ats_j) if len(bs) == 1 else torch.cat([_layers(x, ats_j) for x in bs], dim=1)
+    a = layers(a, ats_i or (None,))
+    b = layers(bs[0], ats_j or (None,)) if len(bs) == 1 else \
+        torch.cat([layers(x, ats_j or (None,)) for x in bs], dim=1)
     return torch.bmm(b, a.transpose(1, 2))
 
 
