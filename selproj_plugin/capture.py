@@ -107,13 +107,18 @@ class SampleFactors:
 
     def compact(self) -> "SampleFactors":
         """These factors in memory of their own.  The capture hands out views of its batch's tensors (no copy for
-        a sample used and dropped, or written to disk); one kept past its batch would keep the whole batch alive."""
-        return SampleFactors(self.sample_id, {k: _compact(t) for k, t in self.tensors.items()}, self.uses,
-                             {k: _compact(v) for k, v in self.vectors.items()})
+        a sample used and dropped, or written to disk); one kept past its batch would keep the whole batch alive.
+        Views that share a storage only this sample's tensors fill (a stack's materialised layers) stay as they are."""
+        tensors = [*self.tensors.values(), *self.vectors.values()]
+        held: dict[int, int] = {}
+        for t in tensors:
+            held[t.untyped_storage().data_ptr()] = held.get(t.untyped_storage().data_ptr(), 0) + t.nbytes
 
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t.clone() if t.untyped_storage().nbytes() > held[t.untyped_storage().data_ptr()] else t
 
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+        return SampleFactors(self.sample_id, {k: own(t) for k, t in self.tensors.items()}, self.uses,
+                             {k: own(v) for k, v in self.vectors.items()})
 
 
 def matrix_form(spec: ComponentSpec, factors: SampleFactors) -> torch.Tensor:
@@ -336,11 +341,15 @@ class GradientCapture:
         """``f`` with the factor components ``names`` held as whole gradients and the factors only they used
         dropped. One sample at a time: a batch of short samples materialised together held several whole
         gradients at once (8 x 538 MB on SmolLM2-135M)."""
+        groups: dict[tuple, list[ComponentSpec]] = {}
         for name in names:
             spec = self.specs[name]
             if spec.kind == "factor" and name in f.uses:
-                f.vectors[name] = matrix_form(spec, f).reshape(-1)
-                del f.uses[name]
+                groups.setdefault(stack_key(spec, f), []).append(spec)
+        for specs in groups.values():  # a stack's layers in one batched product, each a view of the result
+            for spec, rows in zip(specs, stacked_rows(specs, f, 0, specs[0].rows)):
+                f.vectors[spec.name] = rows
+                del f.uses[spec.name]
         f.tensors, f.uses = _prune(f.tensors, f.uses)
         return f
 

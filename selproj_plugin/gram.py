@@ -120,13 +120,21 @@ def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence
     device = _device(fi)
     totals = torch.zeros(len(specs), len(fjs), dtype=torch.float64, device=device)
     groups: dict[tuple, list[int]] = {}
+    dense: dict[int, list[int]] = {}  # materialised components by size
     for c, spec in enumerate(specs):
-        if spec.name in fi.vectors:  # materialised: fp32 dots of short pieces, summed in float64
-            vi = fi.vectors[spec.name]
-            for j, f in enumerate(fjs):
-                totals[c, j] = _dense_dot(f.vectors[spec.name], vi)
-            continue
-        groups.setdefault(_signature(fi.uses[spec.name]) + _signature(fjs[0].uses[spec.name]), []).append(c)
+        if spec.name in fi.vectors:
+            dense.setdefault(fi.vectors[spec.name].numel(), []).append(c)
+        else:
+            groups.setdefault(_signature(fi.uses[spec.name]) + _signature(fjs[0].uses[spec.name]), []).append(c)
+    done, order = [], []
+    for size, members in dense.items():  # a few layers at a time, partners' copies within GRAM_STACK_BYTES
+        step = max(1, GRAM_STACK_BYTES // (4 * size * len(fjs)))
+        for start in range(0, len(members), step):
+            block = [specs[c].name for c in members[start: start + step]]
+            a = torch.stack([fi.vectors[n] for n in block])
+            b = torch.stack([f.vectors[n] for f in fjs for n in block]).view(len(fjs), len(block), -1)
+            done.append(_dense_dots(a, b).T)
+            order += members[start: start + step]
     blocks = []  # a group's components a few layers at a time: its Grams stay within GRAM_STACK_BYTES
     for members in groups.values():
         us, vs = fi.uses[specs[members[0]].name], fjs[0].uses[specs[members[0]].name]
@@ -159,7 +167,6 @@ def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence
             owners[rows] = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows)).to(device)
         return owners[rows]
 
-    done, order = [], []
     for block in blocks:
         us, vs = fi.uses[specs[block[0]].name], fjs[0].uses[specs[block[0]].name]
         out = torch.zeros(len(block), len(fjs), dtype=torch.float64, device=device)
@@ -218,15 +225,18 @@ def _stacked_gram(fi: SampleFactors, fjs: Sequence[SampleFactors], ki: str | Non
     return torch.bmm(b, a.transpose(1, 2))
 
 
-def _dense_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``<a, b>`` of two materialised gradients: fp32 dots of DOT_BLOCK-long pieces summed in float64.
+def _dense_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``<a_l, b_jl>`` of materialised gradients (``a``: [layers, P], ``b``: [partners, layers, P]): [partners,
+    layers] float64, fp32 dots of DOT_BLOCK-long pieces summed in float64.
 
     As exact as rounding each product once and summing in float64 (a piece's fp32 sum errs ~1e-6 of the
     pair's norms), and 6x as fast on a 134M-long pair (0.08 s against 0.49 s on the 2-core CPU)."""
-    n = a.numel()
+    n = a.shape[-1]
     whole = n - n % DOT_BLOCK
-    total = torch.einsum("ij,ij->i", a[:whole].view(-1, DOT_BLOCK), b[:whole].view(-1, DOT_BLOCK)).sum(dtype=torch.float64)
-    return total + (a[whole:] * b[whole:]).sum(dtype=torch.float64)
+    pieces = torch.einsum("lkd,jlkd->jlk", a[:, :whole].view(a.shape[0], -1, DOT_BLOCK),
+                          b[:, :, :whole].view(*b.shape[:2], -1, DOT_BLOCK))
+    total = pieces.sum(dim=2, dtype=torch.float64)
+    return total + (a[:, whole:] * b[:, :, whole:]).sum(dim=2, dtype=torch.float64) if whole < n else total
 
 
 def _use_pair(u: FactorUse, v: FactorUse, gl: torch.Tensor, gr: torch.Tensor | None) -> torch.Tensor | None:

@@ -378,8 +378,8 @@ def test_a_batch_is_materialised_one_sample_at_a_time_as_it_is_handed_over(monke
     prep = prepare(model, tok, None)
     names = sorted(s.name for s in prep.specs if s.kind == "factor")
     made = []
-    real = capture.matrix_form
-    monkeypatch.setattr(capture, "matrix_form", lambda spec, f: made.append(f.sample_id) or real(spec, f))
+    real = capture.stacked_rows
+    monkeypatch.setattr(capture, "stacked_rows", lambda specs, f, *a, **k: made.append(f.sample_id) or real(specs, f, *a, **k))
     enc, _ = encode_samples(tok, tiny.SAMPLES[:4], 512)
     seen = []
     for i, f in iter_factors(prep, enc, range(4), EngineConfig(batch_size=4, progress=False), set(names)):
@@ -389,13 +389,13 @@ def test_a_batch_is_materialised_one_sample_at_a_time_as_it_is_handed_over(monke
 
 
 def test_materialised_dots_sum_fp32_pieces_in_float64_to_the_exact_dot():
-    from selproj_plugin.gram import DOT_BLOCK, _dense_dot
+    from selproj_plugin.gram import DOT_BLOCK, _dense_dots
 
     gen = torch.Generator().manual_seed(0)
     for n in (5, DOT_BLOCK, 3 * DOT_BLOCK + 17, 300 * DOT_BLOCK + 1):  # shorter than a piece, whole, with a rest
         a, b = torch.randn(n, generator=gen) + 0.3, torch.randn(n, generator=gen)
         exact = float(a.double() @ b.double())
-        got = _dense_dot(a, b)
+        got = _dense_dots(a[None], b[None, None])[0, 0]
         assert got.dtype == torch.float64
         assert abs(float(got) - exact) <= 1e-6 * float(a.double().norm() * b.double().norm())
 
