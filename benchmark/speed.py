@@ -49,7 +49,9 @@ def _peak_gpu_mb(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if str(device).startswith("cuda") else None
 
 
-def _setup(args: argparse.Namespace):
+def _setup(args: argparse.Namespace, own_pool: bool = False):
+    """Queries (paraphrases), candidate pool (originals: every record's, or with ``own_pool`` the queries' own),
+    each query's candidates and the column of its original."""
     from benchmark.candidates import bm25_topk
     from benchmark.data import load_records
 
@@ -58,7 +60,7 @@ def _setup(args: argparse.Namespace):
     if args.fullset:  # every original a candidate of every query
         pool = [r.original for r in records[: args.queries]]
         return queries, pool, np.tile(np.arange(len(pool)), (len(queries), 1)), np.arange(len(queries))
-    pool = [r.original for r in records]
+    pool = [r.original for r in (records[: args.queries] if own_pool else records)]
     index = bm25_topk([q.prompt + " " + q.response for q in queries], [p.prompt + " " + p.response for p in pool],
                       args.k, force=list(range(len(queries))))
     original = np.array([int(np.flatnonzero(row == q)[0]) for q, row in enumerate(index)])
@@ -101,6 +103,39 @@ def worker_engine(args: argparse.Namespace) -> dict:
             "materialised_components": table.meta["materialised_components"], "peak_rss_mb": _peak_rss_mb(),
             "peak_gpu_mb": _peak_gpu_mb(args.device),
             "projections": list(transforms)}
+
+
+PLAIN_BATCH = 4  # the yardstick's batch size: a plain batched forward+backward, weight gradients included
+
+
+def worker_ops(args: argparse.Namespace) -> dict:
+    """The GPU cost proxy on ``--ops-queries`` queries: aten calls of the whole table and of a plain batched
+    forward+backward over its distinct samples, capture against the plain pass on the engine's batches (calls and
+    tokens/s), each counted and timed in separate passes."""
+    from selproj_plugin.engine import EngineConfig, build_table, capture_batches, prepare
+    from selproj_plugin.models import load_model
+    from selproj_plugin.opcount import OpCounter, measure, plain_backward, plain_step
+
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    # the queries' own originals as the pool: 16 x 5 is 32 distinct samples and 80 pairs (issue #25's yardstick)
+    queries, pool, index, original = _setup(argparse.Namespace(**{**vars(args), "queries": min(args.ops_queries, args.queries)}),
+                                            True)
+    config = EngineConfig(batch_size=args.batch_size, device=args.device, progress=False)
+    with OpCounter() as counter:
+        table = build_table(model, tok, queries, pool, index, original, config=config)
+    distinct = list({s.id: s for s in [*queries, *(pool[j] for j in index.ravel())]}.values())
+    plain_ops, _ = plain_backward(model, tok, distinct, PLAIN_BATCH, MAX_LENGTH, args.device)
+    prep = prepare(model, tok, None)
+    batches = capture_batches(prep, tok, distinct, config)
+    capture = {count: measure(lambda b: prep.capture.run(b), batches, count) for count in (True, False)}
+    plain = {count: measure(plain_step(model), batches, count) for count in (True, False)}
+    return {"queries": len(queries), "pairs": int(index.size), "distinct_samples": table.meta["distinct_samples"],
+            "dot_order": table.meta["plan"]["dot_order"], "table_ops": counter.total, "plain_ops": plain_ops,
+            "plain_batch": PLAIN_BATCH, "table_ops_over_plain": counter.total / plain_ops,
+            "ops_per_pair": counter.total / index.size, "capture_ops": capture[True].ops,
+            "plain_ops_same_batches": plain[True].ops, "capture_ops_over_plain": capture[True].ops / plain[True].ops,
+            "capture_tokens_per_s": capture[False].tokens_per_s, "plain_tokens_per_s": plain[False].tokens_per_s,
+            "capture_batches": len(batches)}
 
 
 def worker_loop(args: argparse.Namespace) -> dict:
@@ -291,7 +326,7 @@ def worker_projection(args: argparse.Namespace) -> dict:
     return result
 
 
-WORKERS = {"engine": worker_engine, "loop": worker_loop, "projection": worker_projection}
+WORKERS = {"engine": worker_engine, "loop": worker_loop, "projection": worker_projection, "ops": worker_ops}
 
 
 def _run_worker(name: str, args: argparse.Namespace, out: Path) -> dict:
@@ -300,7 +335,8 @@ def _run_worker(name: str, args: argparse.Namespace, out: Path) -> dict:
            "--batch-size", str(args.batch_size), "--proj-dim", args.proj_dim, "--proj-queries", str(args.proj_queries),
            "--proj-seeds", str(args.proj_seeds), "--trak-slice", str(args.trak_slice),
            "--trak-samples", str(args.trak_samples), "--memory-limit-gb", str(args.memory_limit_gb),
-           "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype]
+           "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype,
+           "--ops-queries", str(args.ops_queries)]
     if args.engine_memory_limit_gb is not None:
         cmd += ["--engine-memory-limit-gb", str(args.engine_memory_limit_gb)]
     if args.model:
@@ -374,6 +410,14 @@ def _print_flops(f: dict, speedup: float) -> None:
           f"measured {speedup:.1f}x")
 
 
+def _print_ops(ops: dict) -> None:
+    print(f"aten calls ({ops['queries']}x{ops['pairs'] // max(1, ops['queries'])}, {ops['distinct_samples']} samples, {ops['dot_order']} order): "
+          f"table {ops['table_ops']:,} = {ops['table_ops_over_plain']:.2f}x a plain forward+backward in batches of "
+          f"{ops['plain_batch']} ({ops['plain_ops']:,}), {ops['ops_per_pair']:.0f} a pair; capture "
+          f"{ops['capture_ops_over_plain']:.2f}x the plain pass on its {ops['capture_batches']} batches; tokens/s "
+          f"capture {ops['capture_tokens_per_s']:.0f}, plain {ops['plain_tokens_per_s']:.0f}")
+
+
 def _print_fullset(fullset: dict) -> None:
     print(f"full set {fullset['queries']}x{fullset['candidates']}: engine {fullset['engine_seconds']:.1f}s "
           f"({fullset['dot_order']} order, peak RSS {fullset['engine_peak_rss_mb']:.0f} MiB, "
@@ -437,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fullset-queries", type=int, default=32,
                         help="queries (and originals) of the full-set comparison: every original a candidate")
     parser.add_argument("--fullset-loop-queries", type=int, default=2, help="full-set queries timed with the loop")
+    parser.add_argument("--ops-queries", type=int, default=16,
+                        help="queries of the aten-call count (0: none; at most --queries), at --k candidates among their own "
+                             "originals; also capture tokens/s")
     parser.add_argument("--fullset", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -477,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.json).write_text(json.dumps(result, indent=2))
             return 0
         engine, loop, table, max_rel, self_rel = _engine_and_loop(args, Path(tmp))
+        ops = _run_worker("ops", args, Path(tmp) / "ops.json") if args.ops_queries else None
         fullset = _fullset(args, Path(tmp)) if args.fullset_queries and args.only == "all" else None
     exact_cos = table.cross.sum(-1) / np.sqrt(table.query_self.sum(-1)[:, None] * table.candidate_self.sum(-1))
     table_rp = {}
@@ -511,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     if fullset:
         result["fullset"] = fullset
         result["speedup_vs_loop_fullset"] = fullset["speedup_vs_loop_fullset"]
+    if ops:
+        result["ops"] = ops
     print(f"engine: {engine_s:.1f}s for {args.queries}x{args.k} ({engine['distinct_samples']} distinct samples; "
           f"plus {engine['timings']['project_s']:.1f}s projecting), peak RSS {engine['peak_rss_mb']:.0f} MiB under a "
           f"{engine['memory_limit_gb']:g} GB limit ({engine['spilled_bytes'] / 2**30:.1f} GiB of factors spilled)")
@@ -523,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dots {engine['timings']['dots_s']:.1f}s (of which storing kept factors {engine['timings']['store_s']:.1f}s) "
           f"against capture {engine['timings']['capture_s']:.1f}s (ratio {result['dots_over_capture']:.2f})")
     _print_flops(result, result["speedup_vs_loop"])
+    if ops:
+        _print_ops(ops)
     if fullset:
         _print_fullset(fullset)
     if proj is not None:

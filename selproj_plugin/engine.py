@@ -29,7 +29,7 @@ from selproj_plugin.capture import (
 from selproj_plugin import distributed
 from selproj_plugin.components import catalogue, check_scope, select
 from selproj_plugin.gram import MEMORY_BOUND_WEIGHT, choose_modes, factor_dots
-from selproj_plugin.loss import Encoded, ModelError, collate, encode_samples, pad_token_id, require_trainable
+from selproj_plugin.loss import Batch, Encoded, ModelError, collate, encode_samples, pad_token_id, require_trainable
 from selproj_plugin.models import model_name
 from selproj_plugin.planner import (
     GRAM_BLOCK_BYTES, PAIR_CHUNK_BYTES, FactorTensor, FactorWidths, TablePlan, check_order, choose_order, factor_tensors,
@@ -225,6 +225,13 @@ def _batches(encoded: Sequence[Encoded], order: Sequence[int], config: EngineCon
         batch.append(i)
     if batch:
         yield batch
+
+
+def capture_batches(prep: Prepared, tokenizer: Any, samples: Sequence[Sample], config: EngineConfig) -> list[Batch]:
+    """``samples`` collated in the batches the engine captures them in (benchmarks time a plain pass on the same)."""
+    encoded, _ = encode_samples(tokenizer, samples, config.max_length)
+    return [collate([encoded[i] for i in idx], prep.pad_id, config.device)
+            for idx in _batches(encoded, range(len(encoded)), config)]
 
 
 def iter_factors(prep: Prepared, encoded: Sequence[Encoded], indices: Sequence[int], config: EngineConfig,

@@ -8,11 +8,15 @@ backward (weight gradients included) over the same batches, the yardstick the en
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from selproj_plugin.loss import Batch
 
 
 class OpCounter(TorchDispatchMode):
@@ -31,21 +35,53 @@ class OpCounter(TorchDispatchMode):
         return sum(self.by_op.values())
 
 
+@dataclass(frozen=True)
+class PassCost:
+    """One pass over a list of batches: aten calls (0 when not counted), padded tokens, seconds."""
+
+    ops: int
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def measure(step: Callable[[Batch], Any], batches: Sequence[Batch], count: bool) -> PassCost:
+    """``step`` over ``batches``: counted (``count``; dispatch then costs time) or timed."""
+    counter = OpCounter()
+    t0 = time.perf_counter()
+    for batch in batches:
+        if count:
+            with counter:
+                step(batch)
+        else:
+            step(batch)
+    return PassCost(counter.total, sum(b.input_ids.numel() for b in batches), time.perf_counter() - t0)
+
+
+def plain_step(model: torch.nn.Module) -> Callable[[Batch], None]:
+    """A plain forward and backward of a batch, weight gradients included (then dropped)."""
+    from selproj_plugin.loss import forward_losses
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(batch: Batch) -> None:
+        forward_losses(model, batch).sum().backward()
+        for p in params:
+            p.grad = None
+    return step
+
+
 def plain_backward(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Any], batch_size: int,
                    max_length: int = 512, device: str | torch.device = "cpu") -> tuple[int, int]:
-    """A plain batched forward and backward of ``samples`` in batches of ``batch_size`` (weight gradients included,
-    the model's own loss path): its aten calls and padded tokens."""
-    from selproj_plugin.loss import collate, encode_samples, forward_losses, pad_token_id
+    """The yardstick: a plain batched forward and backward of ``samples`` in batches of ``batch_size`` in the
+    order given: its aten calls and padded tokens."""
+    from selproj_plugin.loss import collate, encode_samples, pad_token_id
 
     encoded, _ = encode_samples(tokenizer, samples, max_length)
     pad = pad_token_id(tokenizer)
-    counter, tokens = OpCounter(), 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start: start + batch_size], pad, device)
-        tokens += batch.input_ids.numel()
-        with counter:
-            forward_losses(model, batch).sum().backward()
-        for p in params:
-            p.grad = None
-    return counter.total, tokens
+    batches = [collate(encoded[k: k + batch_size], pad, device) for k in range(0, len(encoded), batch_size)]
+    cost = measure(plain_step(model), batches, count=True)
+    return cost.ops, cost.tokens

@@ -32,6 +32,13 @@ def test_engine_only_times_engine_and_loop_and_checks_them_against_each_other(ti
     assert "dots" in proc.stdout and "speedup vs loop" in proc.stdout
     assert result["loop_flops"] > result["engine_flops"] > 0 and result["flop_ratio"] > 1  # samples reused
     assert "the arithmetic allows" in proc.stdout
+    ops = result["ops"]  # the GPU cost proxy, counted on the same task (--ops-queries defaults to 16: all 3 here)
+    assert ops["queries"] == 3 and ops["pairs"] == 6 and ops["plain_batch"] == 4
+    assert ops["table_ops"] > ops["plain_ops"] > 0 and ops["table_ops_over_plain"] == ops["table_ops"] / ops["plain_ops"]
+    assert ops["ops_per_pair"] == ops["table_ops"] / 6
+    assert 0 < ops["capture_ops"] < 1.25 * ops["plain_ops_same_batches"]
+    assert ops["capture_tokens_per_s"] > 0 and ops["plain_tokens_per_s"] > 0
+    assert "aten calls" in proc.stdout
 
 
 def test_a_bad_dataset_is_one_line_before_any_worker(tmp_path):
