@@ -5,9 +5,8 @@
 # is left to the CPU benchmark. Writes $OUT/speed-<dtype>.json and $OUT/fullset-<dtype>.json (OUT defaults to
 # ./gpu-check) with each run's log beside it, and prints one line per figure. DEVICE, DTYPES, QUERIES,
 # FULLSET, MODEL, TIMEOUT (seconds per run) and PYTHON override the defaults.
-# On an H200 (2026-11-30) the old sizing, every part of benchmark.speed at 32 queries, ran past 265 s a dtype;
-# the engine part alone, run for both dtypes in one call, took 154 s together (engine and loop: 32.9 s fp32, 43.3 s
-# bf16), which a TIMEOUT of 110 s a run leaves room for.
+# TIMEOUT's default leaves room for the engine part of benchmark.speed at 32 queries on an H200-class GPU
+# (docs/benchmarks.md#on-a-gpu); every part of it at once takes several times longer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-check}"

@@ -20,9 +20,8 @@ if TYPE_CHECKING:
     from selproj_plugin.planner import FactorTensor
 
 # A materialised dot reads two full vectors from memory; weigh its flops as this many matmul flops.
-# Measured side by side on the 2-core CPU, 2026-11-30: a pair dot of SmolLM2-135M's 134M parameters took
-# 0.08 s against Grams at 153-172 GFLOP/s, 45-49 flops' time a parameter (8 before made the full set at a
-# 16 GB limit stream with every component materialised: 211.6 s against 107.8 s component by component).
+# Measured side by side on the 2-core CPU (docs/engine.md): a dot of SmolLM2-135M's whole gradient costs
+# 45-49 matmul flops' time a parameter; a lower weight made the full set materialise everything, 2x slower.
 MEMORY_BOUND_WEIGHT = 45.0
 # A materialised gradient also takes 2-3x the memory of its factors at typical lengths, so
 # materialise only where it saves at least this share of the flops.

@@ -33,10 +33,8 @@ GRAM_BLOCK_BYTES = 256 * 2**20  # component-major order: one block of every samp
 # Component by component stores every sample's factors (the stream order only one side's), so it is
 # chosen only where it saves at least a tenth of the estimated work.
 GRAM_MARGIN = 0.9
-# Calibrations measured on SmolLM2-135M, 2-core CPU, 2026-11-30. Materialising every component of
-# every stored sample (block by block, factors read back) runs at about half the rate of a Gram of
-# factors: the default run's 48 samples took 2:01 in that order against 1:29 streamed, where FLOPs
-# alone favoured it.
+# Calibrated on SmolLM2-135M on the 2-core CPU (docs/engine.md): materialising every component of every
+# stored sample (block by block, factors read back) runs at about half the rate of a Gram of factors.
 GRAM_MATERIALISE_WEIGHT = 2.0
 # A materialised pair dot whose partner was spilled reads the partner's whole gradient back: 52 flops'
 # time per parameter from the page cache, measured beside MEMORY_BOUND_WEIGHT's 45 in memory.
