@@ -279,6 +279,8 @@ TABLES: dict[str, Callable[[list[Record]], str]] = {
 
 def provenance(records: list[Record], brief: bool) -> str:
     """The table's one line: command and machine, and in the docs the date and commit of every record."""
+    if brief and len(records) > 1:  # several runs feed one table: name each command, their costs are in the docs
+        return "; ".join(f"`{r.command}`" for r in records) + f" on the {records[0].machine}."
     if brief:
         r = records[0]
         cost = "" if r.cost is None or r.cost.wall_seconds is None else \
