@@ -26,6 +26,7 @@ from torch import nn
 
 from selproj_plugin.components import Component, catalogue
 from selproj_plugin.loss import IGNORE, collate, encode_samples, pad_token_id
+from selproj_plugin.model_state import ModelState, attention
 from selproj_plugin.registry import get_strategy
 from selproj_plugin.samples import Sample
 from selproj_plugin.strategies.base import Reducer, Reduction, reduction
@@ -221,31 +222,6 @@ def reduce_gradients(plan_: Plan, grads: Mapping[str, torch.Tensor]) -> torch.Te
     return out
 
 
-@dataclass(frozen=True)
-class ModelState:
-    """What computing gradients may change on a user's model, so it can be put back after every call."""
-
-    training: tuple[bool, ...]  # every module's flag, in ``model.modules()`` order
-    requires_grad: tuple[bool, ...]  # every parameter's, in ``model.parameters()`` order
-    attention: str | None  # see :func:`attention`
-
-    @classmethod
-    def of(cls, model: nn.Module) -> "ModelState":
-        return cls(tuple(m.training for m in model.modules()), tuple(p.requires_grad for p in model.parameters()),
-                   attention(model))
-
-    def restore(self, model: nn.Module) -> None:
-        if attention(model) != self.attention:
-            model.set_attn_implementation(self.attention)
-        self.restore_training(model)
-        for p, flag in zip(model.parameters(), self.requires_grad):
-            p.requires_grad_(flag)
-
-    def restore_training(self, model: nn.Module) -> None:
-        for m, flag in zip(model.modules(), self.training):
-            m.training = flag
-
-
 @contextlib.contextmanager
 def evaluating(model: nn.Module, params: Iterable[nn.Parameter] = (), eager: bool = False) -> Iterator[None]:
     """``model`` in eval mode with ``params`` requiring grad (and eager attention if ``eager``), the
@@ -265,11 +241,6 @@ def evaluating(model: nn.Module, params: Iterable[nn.Parameter] = (), eager: boo
         yield
     finally:
         state.restore(model)
-
-
-def attention(model: nn.Module) -> str | None:
-    """The model's attention implementation (transformers' ``config._attn_implementation``; None elsewhere)."""
-    return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
 def check_eager_possible(model: nn.Module) -> None:

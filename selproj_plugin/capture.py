@@ -22,6 +22,7 @@ from torch import nn
 
 from selproj_plugin.components import Component
 from selproj_plugin.loss import Batch, SampleError, forward_losses, require_trainable
+from selproj_plugin.model_state import ModelState
 from selproj_plugin.models import model_name
 
 try:  # GPT-2 style transposed linear layer
@@ -355,18 +356,14 @@ class GradientCapture:
 
     @contextlib.contextmanager
     def _frozen(self) -> Iterator[None]:
-        params = list(self.model.parameters())
-        states = [p.requires_grad for p in params]
-        training = self.model.training
+        state = ModelState.of(self.model)
         self.model.eval()
-        for p in params:
+        for p in self.model.parameters():
             p.requires_grad_(False)
         try:
             yield
         finally:
-            for p, s in zip(params, states):
-                p.requires_grad_(s)
-            self.model.train(training)
+            state.restore(self.model)
 
     @contextlib.contextmanager
     def _hooks(self, geometry: _Geometry) -> Iterator[None]:

@@ -456,3 +456,13 @@ def test_a_forced_component_order_spills_no_more_than_allowed(monkeypatch):
     assert any("dot order 'gram'" in n for n in bounded.meta["plan"]["notes"])
     scale = np.sqrt(stream.query_self[:, None, :] * stream.candidate_self)
     assert np.max(np.abs(bounded.cross - stream.cross) / np.maximum(scale, 1e-30)) <= TOL
+
+
+def test_each_modules_training_flag_is_put_back_after_capture():
+    """A model in train mode with one block held in eval (a common fine-tuning set-up) comes back exactly so."""
+    model, tok = tiny.model("llama"), tiny.tokenizer()
+    model.train()
+    model.model.layers[0].eval()
+    before = [m.training for m in model.modules()]
+    sample_features(model, tok, tiny.SAMPLES[:2], config=CFG)
+    assert [m.training for m in model.modules()] == before
