@@ -45,7 +45,8 @@ def plan(args: argparse.Namespace) -> dict:
     from selproj_plugin.capture import GradientCapture
     from selproj_plugin.components import catalogue
     from selproj_plugin.gram import MEMORY_BOUND_WEIGHT, choose_modes
-    from selproj_plugin.planner import PAIR_CHUNK_BYTES, choose_order, factor_tensors, factor_widths, plan_pairs
+    from selproj_plugin.budget import PAIR_CHUNK_BYTES
+    from selproj_plugin.planner import choose_order, factor_tensors, factor_widths, plan_pairs
 
     config = AutoConfig.for_model(**json.loads(Path(args.config).read_text()))
     with torch.device("meta"):
@@ -75,7 +76,7 @@ def plan(args: argparse.Namespace) -> dict:
     table = plan_pairs(lengths.tolist(), targets.tolist(), q_of, c_of, widths, store_budget=store_budget,
                        device_budget=device_budget, spill_allowance=args.max_spill_gb * GiB, resident_bytes=resident,
                        batch_tokens=args.batch_tokens)
-    table.materialised = len(materialise)
+    table.materialise = frozenset(materialise)
     table = choose_order(table, factor_widths(capture, specs, (), tensors), sum(s.rows * s.cols for s in specs),
                          table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)))
     table.on_device = True

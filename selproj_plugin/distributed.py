@@ -148,6 +148,22 @@ def gather(obj: T) -> list[T]:
     return out
 
 
+def deal(items: list[T], across_ranks: bool) -> list[T]:
+    """The items (batches) this rank computes: all of them, or its round-robin deal under torch.distributed."""
+    rank, world = rank_world() if across_ranks else (0, 1)
+    return items[rank::world]
+
+
+def gathered(rows: dict[int, Any], across_ranks: bool) -> dict[int, Any]:
+    """Every rank's rows, on every rank (the rows themselves outside a process group)."""
+    if not across_ranks:
+        return rows
+    merged: dict[int, Any] = {}
+    for part in gather(rows):
+        merged.update(part)
+    return merged
+
+
 def main_first(fn: Callable[[], T]) -> T:
     """``fn()`` on rank 0 first, then on the other ranks: rank 0 fills a shared cache that they only read.
 

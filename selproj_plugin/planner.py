@@ -9,27 +9,39 @@ the group's own factors, nothing kept, so memory stays that of one group at any 
 
 :func:`factor_widths` reads a model's per-token factor sizes from one forward pass with no
 gradient (a ``meta``-device model built from a config works, so a 1B model can be planned
-without its weights); :func:`plan_pairs` decides; :class:`TablePlan` predicts and describes.
+without its weights); :func:`plan_pairs` decides, :func:`choose_order` picks the dot order and
+:func:`plan_samples` does both for the engine's samples and settings; :class:`TablePlan` (the one plan type)
+predicts, describes, and tells each rank its share.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
+from selproj_plugin import distributed
+from selproj_plugin.batching import batches, units
+from selproj_plugin.budget import GRAM_BLOCK_BYTES, PAIR_CHUNK_BYTES, device_budget, resident_bytes, spill_allowance, store_budget
 from selproj_plugin.capture import ComponentSpec, GradientCapture
+from selproj_plugin.engine_config import EngineConfig, MemoryLimitWarning
+from selproj_plugin.gram import MEMORY_BOUND_WEIGHT
+from selproj_plugin.loss import Encoded, encode_samples
+from selproj_plugin.samples import Sample, dedupe
+from selproj_plugin.shards import pair_key
+
+if TYPE_CHECKING:
+    from selproj_plugin.prepared import Prepared
 
 GiB = 2**30
 # What one capture batch holds per padded token, as a multiple of its factor bytes per token: the
 # layer inputs and output gradients of the batch, then the factors copied out of them (measured
 # about 2.1 MB a token on SmolLM2-135M; the same allowance the engine subtracts from its budget).
 BATCH_COPIES = 2
-PAIR_CHUNK_BYTES = 256 * 2**20  # stored partners' factors read back per Gram call
-GRAM_BLOCK_BYTES = 256 * 2**20  # component-major order: one block of every sample's materialised gradient rows
 # Component by component stores every sample's factors (the stream order only one side's), so it is
 # chosen only where it saves at least a tenth of the estimated work.
 GRAM_MARGIN = 0.9
@@ -156,17 +168,60 @@ class TablePlan:
     resident_bytes: int
     batch_tokens: int
     widths: FactorWidths
-    materialised: int = 0
+    materialise: frozenset[str] = frozenset()  # components captured as whole gradients rather than factors
     on_device: bool = False  # capture batches and groups live in accelerator memory, kept factors in host RAM
     device_budget: float = 0.0  # of ``store_budget``: kept factors held in accelerator memory, not host RAM
     dot_order: str = "stream"  # 'stream': sample by sample past the kept side; 'gram': component by component
     dense_params: int = 0  # the components' parameters: what the component order materialises and multiplies
     sides: tuple[int, int] = (0, 0)  # distinct queries, distinct candidates
     notes: list[str] = field(default_factory=list)
+    # The samples behind the indices, and what every rank derives alike from them (:func:`plan_samples`).  A unit
+    # is what a rank captures as one piece: one length-sorted batch of streamed samples that recompute nothing, or
+    # one query-centred group (a streamed sample and the partners it recomputes).  Ranks deal whole units out, so
+    # every sample is captured in the same batch (and so with the same fp32 rounding) however many ranks run.
+    q_of: list[int] = field(default_factory=list)  # each query's sample
+    c_of: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))  # each query's candidates'
+    samples: list[Sample] = field(default_factory=list)
+    encoded: list[Encoded] = field(default_factory=list)
+    kept_batches: list[list[int]] = field(default_factory=list)
+    units: list[list[list[int]]] = field(default_factory=list)  # unit -> its groups -> [hub, recomputed partners...]
+    partners: dict[int, list[int]] = field(default_factory=dict)  # sample -> the kept samples it is paired with
+    self_pairs: set[int] = field(default_factory=set)  # samples paired with themselves (a query that is its candidate)
 
     @property
     def pairs(self) -> int:
         return len(self.pair_list)
+
+    @property
+    def materialised(self) -> int:
+        return len(self.materialise)
+
+    @property
+    def first_unit(self) -> dict[int, int]:
+        """Each streamed sample's first unit: its self dot is taken there (once, by one rank)."""
+        first: dict[int, int] = {}
+        for u, groups in enumerate(self.units):
+            for g in groups:
+                for i in g:
+                    first.setdefault(i, u)
+        return first
+
+    def share(self, rank: int, world: int) -> tuple[list[int], list[int]]:
+        """A rank's units (indices) and the kept samples whose kept-kept pairs it computes."""
+        return list(range(len(self.units)))[rank::world], sorted(set(self.partners) & set(self.kept))[rank::world]
+
+    def expected(self, rank: int, world: int) -> tuple[set[str], set[tuple[str, str]]]:
+        """Sample ids and pairs a rank's shard holds (every rank computes the kept samples' self dots)."""
+        units, kept_pairs = self.share(rank, world)
+        first = self.first_unit
+        ids_of = lambda i: self.samples[i].id  # noqa: E731
+        mine = set(self.kept) | {i for u in units for g in self.units[u] for i in g if first[i] == u}
+        pairs = {pair_key(ids_of(i), ids_of(j)) for i in kept_pairs for j in self.partners.get(i, ())}
+        for u in units:
+            for hub, *members in self.units[u]:
+                pairs |= {pair_key(ids_of(hub), ids_of(j)) for j in [*self.partners.get(hub, ()), *members]}
+        pairs |= {pair_key(ids_of(i), ids_of(i)) for i in self.self_pairs & mine}
+        return {ids_of(i) for i in mine}, pairs
 
     @property
     def recomputed(self) -> int:
@@ -262,7 +317,7 @@ class TablePlan:
             ram += sample_bytes[i]
             ram_kept += 1
         return dataclasses.replace(self, kept=used, ram_kept=ram_kept, groups=[], widths=widths,
-                                   sample_bytes=sample_bytes, materialised=0,
+                                   sample_bytes=sample_bytes, materialise=frozenset(),
                                    passes=(np.asarray(self.passes) > 0).astype(np.int64), dot_order="gram",
                                    dense_params=int(dense_params),
                                    notes=[n for n in self.notes if "recomputed" not in n])
@@ -372,7 +427,8 @@ def plan_pairs(lengths: Sequence[int], targets: Sequence[int], q_of: Sequence[in
                      "recomputed with each streamed partner")
     return TablePlan(list(lengths), list(targets), sample_bytes, kept, ram_kept, groups, passes, sorted(pair_set),
                      kept_queries, store_budget, spill_allowance, resident_bytes, batch_tokens, widths, notes=notes,
-                     device_budget=device_budget, sides=(len(q_set), len(c_set)))
+                     device_budget=device_budget, sides=(len(q_set), len(c_set)), q_of=list(q_of),
+                     c_of=np.asarray(c_of, dtype=np.int64))
 
 
 DOT_ORDERS = ("auto", "stream", "gram")
@@ -401,3 +457,55 @@ def choose_order(plan: TablePlan, widths: FactorWidths, dense_params: int, strea
                           f" GiB) within RAM budget and spill allowance ({(plan.store_budget + plan.spill_allowance) / GiB:.2f}"
                           " GiB): streaming instead")
     return plan
+
+
+def plan_samples(prep: "Prepared", tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
+                 candidate_index: np.ndarray, config: EngineConfig, world: int = 1) -> tuple[TablePlan, int]:
+    """The plan of a table of ``queries`` x ``candidates[candidate_index]`` under ``config`` (the budgets of the
+    tightest of ``world`` ranks), with the samples it was made for, and how many samples were truncated."""
+    check_order(config.dot_order)
+    unique, pos = dedupe(list(queries) + list(candidates))
+    encoded, n_truncated = encode_samples(tokenizer, unique, config.max_length)
+    n_q, n_k = candidate_index.shape
+    q_of = [pos[s.id] for s in queries]
+    c_of = np.array([[pos[candidates[j].id] for j in row] for row in candidate_index], dtype=np.int64).reshape(n_q, n_k)
+    used = sorted(set(q_of) | set(c_of.ravel().tolist()))
+    lengths = [len(e.input_ids) for e in encoded]
+    n_pairs = len(used) + int(c_of.size)
+    materialise = prep.modes(config, [lengths[i] for i in used], n_pairs)
+    widths = prep.widths(sorted(materialise))
+    budget = store_budget(prep, config, widths.per_sample)
+    allowance, on_device = spill_allowance(config), device_budget(config)
+    if world > 1:  # every rank must make the same plan: plan all with the tightest rank's budget and disk
+        budget, allowance, on_device = (min(v) for v in zip(*distributed.gather((budget, allowance, on_device))))
+    table = plan_pairs(lengths, [e.n_targets for e in encoded], q_of, c_of, widths,
+                       store_budget=budget, device_budget=on_device, spill_allowance=allowance,
+                       resident_bytes=resident_bytes(prep.capture.model), batch_tokens=config.batch_tokens)
+    table.materialise = frozenset(materialise)
+    if world == 1:  # component by component runs in one process
+        table = choose_order(table, prep.widths(), sum(s.rows * s.cols for s in prep.specs),
+                             table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)), config.dot_order)
+    elif config.dot_order == "gram":
+        raise ValueError("dot_order 'gram' runs in one process; use 'stream' or 'auto' under torch.distributed")
+    if table.peak_bytes > config.memory_limit_gb * 2**30:
+        note = (f"predicted peak {table.peak_bytes / 2**30:.2f} GiB is over the {config.memory_limit_gb:g} GB memory "
+                "limit: the process and one capture batch need that much with nothing kept (raise the limit; a "
+                "smaller EngineConfig.batch_tokens needs less)")
+        table.notes.append(note)
+        warnings.warn(note, MemoryLimitWarning, stacklevel=3)
+    kept = set(table.kept)
+    partners: dict[int, set[int]] = {}
+    self_pairs = set()
+    for q, row in zip(q_of, c_of):
+        for c in map(int, row):
+            if q == c:
+                self_pairs.add(q)
+            elif q in kept or c in kept:
+                held, other = (q, c) if q in kept else (c, q)
+                partners.setdefault(other, set()).add(held)
+    table.samples, table.encoded = unique, encoded
+    table.kept_batches = list(batches(encoded, sorted(kept), config))
+    table.units = units(encoded, table.groups, config)
+    table.partners = {i: sorted(js) for i, js in partners.items()}
+    table.self_pairs = self_pairs
+    return table, n_truncated

@@ -29,6 +29,16 @@ def pair_key(a: str, b: str) -> Pair:
 
 
 @dataclass
+class Timings:
+    """Seconds an executor spent capturing, taking dots (storing, i.e. spilling, included), storing and projecting."""
+
+    capture_s: float = 0.0
+    dots_s: float = 0.0
+    store_s: float = 0.0
+    project_s: float = 0.0
+
+
+@dataclass
 class TableShard:
     """Self dots ``{id: [C]}``, pair dots ``{pair: [C]}`` and cosines ``{pair: [R]}`` under transforms ``rp_keys``."""
 

@@ -230,18 +230,18 @@ def test_partially_frozen_model_and_parameters_restored():
 
 
 def test_capture_batches_stay_within_the_token_budget():
-    from selproj_plugin.engine import _batches
+    from selproj_plugin.batching import batches as capture_batches
 
     tok = tiny.tokenizer()
     enc, _ = encode_samples(tok, tiny.SAMPLES * 3, 512)
     config = EngineConfig(batch_size=4, batch_tokens=2 * max(len(e.input_ids) for e in enc), progress=False)
-    batches = list(_batches(enc, range(len(enc)), config))
+    batches = list(capture_batches(enc, range(len(enc)), config))
     assert sorted(i for b in batches for i in b) == list(range(len(enc)))
     for b in batches:
         padded = len(b) * max(len(enc[i].input_ids) for i in b)
         assert len(b) <= 4 and (len(b) == 1 or padded <= config.batch_tokens), (b, padded)
     one = EngineConfig(batch_size=4, batch_tokens=1, progress=False)  # a sample longer than the budget goes alone
-    assert all(len(b) == 1 for b in _batches(enc, range(len(enc)), one))
+    assert all(len(b) == 1 for b in capture_batches(enc, range(len(enc)), one))
 
 
 def test_capture_hands_each_samples_factors_over_and_keeps_none():
@@ -267,7 +267,8 @@ def test_capture_hands_out_views_and_whatever_keeps_a_sample_copies_it_out():
     """The capture copies no factor (copying every sample's ~190 MB of SmolLM2 factors took 1.9 of a full set's
     35 s of capture); the store's RAM and ``iter_factors`` copy a sample out, so a kept sample never keeps its
     whole batch's tensors alive."""
-    from selproj_plugin.engine import FactorStore, _capture, iter_factors, prepare
+    from selproj_plugin.engine import FactorStore, iter_factors, prepare
+    from selproj_plugin.prepared import capture
 
     model, tok = tiny.model("llama"), tiny.tokenizer()
     enc, _ = encode_samples(tok, tiny.SAMPLES[:3], 512)
@@ -281,7 +282,7 @@ def test_capture_hands_out_views_and_whatever_keeps_a_sample_copies_it_out():
     def storages(f):
         return {t.untyped_storage().data_ptr() for t in f.tensors.values() if t.is_floating_point()}
 
-    got = dict(_capture(prep, enc, [[0, 1, 2]], cfg))
+    got = dict(capture(prep, enc, [[0, 1, 2]], cfg))
     assert storages(got[0]) & storages(got[1]) and not owns(got[0])  # rows of one batch tensor, not copies
     store = FactorStore(float("inf"))
     try:
@@ -347,25 +348,25 @@ def test_capture_runs_sdpa_and_gives_the_model_back_eager():
 
 
 def test_pair_partners_are_read_in_chunks_that_fit_the_buffer():
-    from selproj_plugin.engine import FactorStore, _chunks
+    from selproj_plugin.engine import FactorStore
     from selproj_plugin.capture import SampleFactors
 
     store = FactorStore(0.0)  # everything spilled: sizes must still be known without reading
     try:
         for k, n in enumerate([10, 30, 30, 50, 5]):
             store.put(k, SampleFactors(str(k), {"x": torch.zeros(n)}))
-        assert list(_chunks(range(5), store, 64 * 4)) == [[0, 1], [2], [3, 4]]
-        assert list(_chunks(range(5), store, 1)) == [[0], [1], [2], [3], [4]]
+        assert list(store.chunks(range(5), 64 * 4)) == [[0, 1], [2], [3, 4]]
+        assert list(store.chunks(range(5), 1)) == [[0], [1], [2], [3], [4]]
     finally:
         store.close()
 
 
 def test_device_share_of_kept_factors_is_none_on_the_cpu_and_as_configured_elsewhere():
-    from selproj_plugin.engine import _device_budget
+    from selproj_plugin.budget import device_budget
 
-    assert _device_budget(EngineConfig(device="cpu", device_memory_gb=4)) == 0
-    assert _device_budget(EngineConfig(device="meta", device_memory_gb=1.5)) == 1.5 * 2**30
-    assert _device_budget(EngineConfig(device="meta")) == 0  # no way to ask a non-CUDA device what is free
+    assert device_budget(EngineConfig(device="cpu", device_memory_gb=4)) == 0
+    assert device_budget(EngineConfig(device="meta", device_memory_gb=1.5)) == 1.5 * 2**30
+    assert device_budget(EngineConfig(device="meta")) == 0  # no way to ask a non-CUDA device what is free
 
 
 def test_a_batch_is_materialised_one_sample_at_a_time_as_it_is_handed_over(monkeypatch):

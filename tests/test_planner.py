@@ -179,11 +179,11 @@ def test_recomputed_table_equals_the_naive_loop_and_the_kept_table():
 def test_component_by_component_order_equals_the_naive_loop_and_the_streamed_table(monkeypatch, block_bytes):
     """Also with blocks of a few rows (1500 bytes): components split in several blocks, the last one shorter, all
     in one reused storage that holds the previous block's numbers."""
-    from selproj_plugin import engine
+    from selproj_plugin import gram_order
     from selproj_plugin.projection import CountSketch
 
     if block_bytes is not None:
-        monkeypatch.setattr(engine, "GRAM_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(gram_order, "GRAM_BLOCK_BYTES", block_bytes)
     model = tiny.model("qwen2", tied=True)
     tok = tiny.tokenizer()
     comps = catalogue(model, "all")
@@ -285,11 +285,11 @@ def test_streamed_units_report_one_progress_count(capsys):
 
 def test_component_order_norms_are_accumulated_in_float64():
     """Long rows (a component's million coordinates) lose ~1e-4 in an fp32 reduction; the self dots must not."""
-    from selproj_plugin.engine import _squared_norms
+    from selproj_plugin.gram_order import squared_norms
 
     block = torch.rand(2, 4_000_000, generator=torch.Generator().manual_seed(0))  # 2 rows of 2,000 x 2,000
     exact = block.double().square().sum(dim=1).numpy()
-    assert np.max(np.abs(_squared_norms(block[:, None], 2_000)[:, 0] - exact) / exact) <= 1e-7  # one fp32 reduction: 1.4e-4
+    assert np.max(np.abs(squared_norms(block[:, None], 2_000)[:, 0] - exact) / exact) <= 1e-7  # one fp32 reduction: 1.4e-4
 
 
 def test_kept_factors_on_the_device_leave_host_memory_and_count_on_the_device():
