@@ -8,11 +8,12 @@ cosine with m - 1 other candidates earns 1/m (a component that scores every cand
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from selproj_plugin.table import ComponentTable
+if TYPE_CHECKING:  # annotations only: table.py imports transforms, which scores through this module
+    from selproj_plugin.table import ComponentTable
 
 # Accuracies (means of credits) closer than this are equal: they differ only by summation order.
 TIE_TOLERANCE = 1e-9

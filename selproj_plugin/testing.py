@@ -3,7 +3,8 @@
 ``check_reducer(MyReducer)`` runs a reducer class through everything a reducer meets: the
 plugin registry, the contract's two steps on a real catalogue, table scoring, the engine's
 per-sample features, TRAK and Captum, on a tiny random-init Llama built here (offline, a
-few seconds).  It raises :class:`ReducerCheckError` listing every violated check by name;
+few seconds).  The TRAK and Captum checks come from the adapters (``selproj_plugin.adapters.conformance``)
+through the ``selproj.checks`` entry-point group, so this module never imports the adapters.  It raises :class:`ReducerCheckError` listing every violated check by name;
 ``reducer_checks(MyReducer)`` gives the same checks one by one for ``pytest.mark.parametrize``::
 
     @pytest.mark.parametrize("check", reducer_checks(MyReducer), ids=str)
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from selproj_plugin.components import Component, catalogue
-from selproj_plugin.registry import LEGACY_METHODS, build_registry, own_dataclass
+from selproj_plugin.registry import LEGACY_METHODS, _one_line as one_line, build_registry, own_dataclass
 from selproj_plugin.samples import Sample
 from selproj_plugin.strategies.base import Reducer, ReducerError, Reduction, reduction
 from selproj_plugin.table import ComponentTable
@@ -97,7 +99,7 @@ class _World:
 
 
 @functools.lru_cache(maxsize=1)
-def _world() -> _World:
+def world() -> _World:
     from selproj_plugin.engine import EngineConfig, build_table
 
     model, tokenizer = tiny_model()
@@ -110,7 +112,7 @@ def _features(red: Reduction, samples: list[Sample]) -> dict[str, torch.Tensor]:
     """The engine's per-sample gradients of the selection, in selection order."""
     from selproj_plugin.engine import EngineConfig, sample_features
 
-    w = _world()
+    w = world()
     feats = sample_features(w.model, w.tokenizer, samples, red.names, EngineConfig(progress=False))
     return {n: feats[n] for n in red.names}
 
@@ -120,14 +122,14 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp(min=1e-300)
 
 
-def _expected_cosines(red: Reduction) -> np.ndarray:
+def expected_cosines(red: Reduction) -> np.ndarray:
     """[Q, train] cosines of the transform applied to the engine's features: the reference every path must give."""
     q = _unit(red.transform(_features(red, QUERIES)))
     t = _unit(red.transform(_features(red, TRAIN)))
     return (q @ t.T).numpy()
 
 
-def _assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
+def assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
     got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
     assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
     worst = float(np.max(np.abs(got - want)))
@@ -135,10 +137,10 @@ def _assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
 
 
 # ---- the checks --------------------------------------------------------------------------
-def _instance(cls: type[Reducer], options: Mapping[str, Any]) -> Reducer:
+def instance(cls: type[Reducer], options: Mapping[str, Any]) -> Reducer:
     reducer = cls(**options)
     if cls.fitted:
-        reducer.fit(_world().table)
+        reducer.fit(world().table)
     return reducer
 
 
@@ -170,8 +172,8 @@ def check_registers(cls: type[Reducer], options: Mapping[str, Any]) -> None:
 
 def check_select(cls: type[Reducer], options: Mapping[str, Any]) -> None:
     """``select`` returns catalogue names, at least one, no repeats, the same each time, catalogue untouched."""
-    w = _world()
-    reducer = _instance(cls, options)
+    w = world()
+    reducer = instance(cls, options)
     before = tuple(w.catalogue)
     first = reducer.select(w.catalogue)
     assert isinstance(first, (list, tuple)) and all(isinstance(n, str) for n in first), \
@@ -184,8 +186,8 @@ def check_select(cls: type[Reducer], options: Mapping[str, Any]) -> None:
 
 def check_transform(cls: type[Reducer], options: Mapping[str, Any]) -> None:
     """``transform`` maps [N, d_c] features to finite [N, dim], per sample, the same when built again."""
-    w = _world()
-    red = reduction(_instance(cls, options), w.catalogue)
+    w = world()
+    red = reduction(instance(cls, options), w.catalogue)
     t = red.transform
     assert isinstance(t, Transform), f"transform returned {type(t).__name__}, not a Transform"
     feats = _features(red, TRAIN)
@@ -196,15 +198,15 @@ def check_transform(cls: type[Reducer], options: Mapping[str, Any]) -> None:
     single = torch.cat([t({n: v[i:i + 1] for n, v in feats.items()}) for i in range(len(TRAIN))])
     assert torch.allclose(single.double(), out.double(), rtol=1e-5, atol=1e-7 * float(out.abs().max())), \
         "transform mixes samples: a sample's output depends on the rest of its batch"
-    again = reduction(_instance(cls, options), w.catalogue).transform(feats)
+    again = reduction(instance(cls, options), w.catalogue).transform(feats)
     assert torch.equal(again, out), "a transform built again for the same model gives other outputs (seed it)"
     assert isinstance(t.key, str) and t.key, "transform.key must name the map (tables store similarities under it)"
 
 
 def check_table(cls: type[Reducer], options: Mapping[str, Any]) -> None:
     """Table scoring gives what the transform gives on gradients, or refuses in one line."""
-    w = _world()
-    reducer = _instance(cls, options)
+    w = world()
+    reducer = instance(cls, options)
     red = reduction(reducer, w.table.component_list)
     try:
         result = cls(**options).evaluate(w.table, folds=3)
@@ -213,66 +215,42 @@ def check_table(cls: type[Reducer], options: Mapping[str, Any]) -> None:
         assert "\n" not in str(exc), "the refusal is not one line"
         return
     assert 0 <= result.accuracy <= 1 and result.dim == red.transform.dim
-    on_gradients = _expected_cosines(reduction(reducer, w.catalogue))
+    on_gradients = expected_cosines(reduction(reducer, w.catalogue))
     rows = np.arange(len(QUERIES))[:, None]
     want = on_gradients[rows, CANDIDATES]
-    _assert_close(result.similarity, want, "table scoring and the transform on per-sample gradients disagree")
+    assert_close(result.similarity, want, "table scoring and the transform on per-sample gradients disagree")
 
 
-def check_trak(cls: type[Reducer], options: Mapping[str, Any]) -> None:
-    """Inside TRAK (``traker_kwargs``) the cosines equal the transform's on the engine's gradients."""
-    import logging
-    import tempfile
-
-    from trak import TRAKer
-
-    from selproj_plugin.adapters.trak import encode, traker_kwargs
-
-    w = _world()
-    reducer = _instance(cls, options)
-    with tempfile.TemporaryDirectory(prefix="selproj-check-") as save_dir:
-        traker = TRAKer(train_set_size=len(TRAIN), save_dir=save_dir, logging_level=logging.ERROR,
-                        **traker_kwargs(w.model, reducer))
-        traker.load_checkpoint(w.model.state_dict(), model_id=0)
-        traker.featurize(batch=encode(w.tokenizer, TRAIN), num_samples=len(TRAIN))
-        traker.finalize_features()
-        traker.start_scoring_checkpoint(exp_name="check", checkpoint=w.model.state_dict(), model_id=0,
-                                        num_targets=len(QUERIES))
-        traker.score(batch=encode(w.tokenizer, QUERIES), num_samples=len(QUERIES))
-        scores = np.asarray(traker.finalize_scores(exp_name="check"), dtype=np.float64).T
-    _assert_close(scores, _expected_cosines(reduction(reducer, w.catalogue)),
-                  "TRAK's cosines differ from the transform's on the engine's gradients")
+CheckFunction = Callable[[type[Reducer], Mapping[str, Any]], None]
+CHECKS: tuple[CheckFunction, ...] = (check_class, check_registers, check_select, check_transform, check_table)
+# Packages add checks here: an entry point naming a tuple of check functions (the adapters add TRAK and Captum).
+CHECKS_ENTRY_POINT_GROUP = "selproj.checks"
 
 
-def check_captum(cls: type[Reducer], options: Mapping[str, Any]) -> None:
-    """Inside Captum (``ReducedTracInCP``) the cosines equal the transform's on the engine's gradients."""
-    import os
-    import tempfile
-    import warnings
+def extra_checks() -> list[CheckFunction]:
+    """The checks of every ``selproj.checks`` entry point, by entry-point name; one that fails to load
+    becomes a check that fails with its error, so a broken package is reported, never skipped."""
+    found: dict[str, Any] = {}
+    for ep in importlib.metadata.entry_points(group=CHECKS_ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep)  # an editable install may list its metadata twice
+    checks: list[CheckFunction] = []
+    for name in sorted(found):
+        try:
+            checks.extend(found[name].load())
+        except Exception as exc:
+            def unloadable(cls, options, name=name, error=one_line(exc)):
+                raise AssertionError(f"the {CHECKS_ENTRY_POINT_GROUP} entry point {name!r} does not load: {error}")
 
-    from selproj_plugin.adapters.captum import ReducedTracInCP, dataset, encode
-
-    w = _world()
-    reducer = _instance(cls, options)
-    with tempfile.TemporaryDirectory(prefix="selproj-check-") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Captum warns that token ids take no gradient
-        checkpoint = os.path.join(tmp, "model.pt")
-        torch.save(w.model.state_dict(), checkpoint)
-        tracin = ReducedTracInCP(w.model, dataset(w.tokenizer, TRAIN), [checkpoint], reducer, batch_size=2)
-        scores = tracin.influence(encode(w.tokenizer, QUERIES)).detach().double().numpy()
-    _assert_close(scores, _expected_cosines(reduction(reducer, w.catalogue)),
-                  "Captum's cosines differ from the transform's on the engine's gradients")
-
-
-CHECKS: tuple[Callable[[type[Reducer], Mapping[str, Any]], None], ...] = (
-    check_class, check_registers, check_select, check_transform, check_table, check_trak, check_captum,
-)
+            unloadable.__name__ = f"check_{name}_loads"
+            checks.append(unloadable)
+    return checks
 
 
 def reducer_checks(cls: type[Reducer], options: Mapping[str, Any] | None = None) -> list[Check]:
     """Every conformance check of ``cls`` (built with ``options``), each a callable named for what it checks."""
     opts = dict(options or {})
-    return [Check(f"{cls.__name__}:{fn.__name__}", functools.partial(fn, cls, opts)) for fn in CHECKS]
+    return [Check(f"{cls.__name__}:{fn.__name__}", functools.partial(fn, cls, opts))
+            for fn in (*CHECKS, *extra_checks())]
 
 
 def check_reducer(cls: type[Reducer], options: Mapping[str, Any] | None = None) -> None:

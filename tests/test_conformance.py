@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import pytest
@@ -145,3 +146,44 @@ def test_broken_reducers_fail_by_name(cls, check, message):
 def test_legacy_reducer_is_also_refused_by_the_registry():
     with pytest.raises(ReducerCheckError, match=r"check_registers: registry refused Legacy: reducer Legacy defines reduce\(\)"):
         check_reducer(Legacy)
+
+
+# ---- checks from other packages, found through the selproj.checks entry point ------------------
+def test_the_adapters_add_the_trak_and_captum_checks_to_any_reducer():
+    names = [str(c).split(":", 1)[1] for c in reducer_checks(UnknownName)]
+    assert names == ["check_class", "check_registers", "check_select", "check_transform", "check_table",
+                     "check_trak", "check_captum"]
+    trak = next(c for c in reducer_checks(UnknownName) if str(c).endswith("check_trak"))
+    assert trak.run.func.__module__ == "selproj_plugin.adapters.conformance"
+
+
+def _checks_package(site, entry: str) -> None:
+    """A distribution on sys.path whose ``selproj.checks`` entry point is ``entry``."""
+    info = site / "selproj_extra_checks-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: selproj-extra-checks\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[selproj.checks]\n{entry}\n")
+    importlib.invalidate_caches()
+
+
+def test_a_package_adds_its_own_check(tmp_path, monkeypatch):
+    (tmp_path / "selproj_extra_checks.py").write_text(
+        "def check_no_embedding(cls, options):\n"
+        "    assert cls.name != 'broken_unknown', 'no embedding here'\n"
+        "CHECKS = (check_no_embedding,)\n")
+    _checks_package(tmp_path, "extra = selproj_extra_checks:CHECKS")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    checks = {str(c): c for c in reducer_checks(UnknownName)}
+    assert list(checks)[-1] == "UnknownName:check_no_embedding"  # after the kit's and the adapters' checks
+    with pytest.raises(AssertionError, match="no embedding here"):
+        checks["UnknownName:check_no_embedding"]()
+
+
+def test_a_checks_entry_point_that_does_not_load_is_a_failing_check(tmp_path, monkeypatch):
+    _checks_package(tmp_path, "broken = selproj_no_such_checks:CHECKS")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    check = next(c for c in reducer_checks(UnknownName) if "broken" in str(c))
+    assert str(check) == "UnknownName:check_broken_loads"
+    with pytest.raises(AssertionError, match="the selproj.checks entry point 'broken' does not load: "
+                                             "ModuleNotFoundError: No module named 'selproj_no_such_checks'"):
+        check()
