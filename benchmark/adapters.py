@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from selproj_plugin.distributed import one_line
+from benchmark.peak import peak_rss_bytes
+from selproj_plugin.errors import one_line
 
 ADAPTERS = ("trak", "captum")
 RSS_TARGET_GB = 4.0
@@ -60,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-limit-gb", type=float, default=DEFAULT_MEMORY_LIMIT_GB,
                    help="the adapters' memory limit (default %(default)s, their default)")
     p.add_argument("--model", default=None, help="hub id or local path (default: the embedded model)")
-    p.add_argument("--cache-dir", default=None, help="model cache (default ~/.cache/selproj)")
+    p.add_argument("--cache-dir", default=None, help="model cache (default $SELPROJ_CACHE or ~/.cache/selproj)")
     p.add_argument("--work-dir", default=None, help="where the temporary table and TRAK stores go (default: the system's)")
     p.add_argument("--json", default=None, help="also write the results here as JSON")
     p.add_argument("--stage", choices=("table", "cell"), help=argparse.SUPPRESS)
@@ -85,16 +86,6 @@ def samples(args: argparse.Namespace) -> tuple[list[Any], list[Any], np.ndarray]
         raise ValueError(f"the embedded dataset has {len(records)} samples, fewer than --train {args.train}")
     originals = np.arange(args.queries) * (args.train // args.queries)
     return [r.original for r in records], [records[i].paraphrase for i in originals], originals
-
-
-def peak_rss() -> int:
-    """This process's peak resident set size (VmHWM), bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def directory_bytes(path: str | os.PathLike) -> int:
@@ -163,7 +154,7 @@ def cell_stage(args: argparse.Namespace) -> None:
             scores, cell.dim, cell.components = run_captum(model, tokenizer, reducer, train, queries,
                                                            args.memory_limit_gb)
     cell.seconds = time.perf_counter() - start
-    cell.peak_rss_bytes = peak_rss()
+    cell.peak_rss_bytes = peak_rss_bytes()
     cell.queries = len(queries)
     cell.hits = int(np.sum(np.argmax(scores, axis=1) == originals))
     expected = engine_similarity(reducer, table)

@@ -17,7 +17,8 @@ import sys
 from typing import Any, Callable, TypeVar
 
 from benchmark.report import write_atomic
-from selproj_plugin.distributed import one_line
+from selproj_plugin.errors import one_line
+from selproj_plugin.models import cache_dir
 
 T = TypeVar("T")
 
@@ -47,12 +48,6 @@ def package_version() -> str:
         return __version__
 
 
-def default_root() -> Path:
-    """``$SELPROJ_CACHE`` or ``~/.cache/selproj``: the same root the model cache uses."""
-    env = os.environ.get("SELPROJ_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "selproj"
-
-
 class StageCache:
     """Files of one run's stages under ``root/benchmark/<stage>-<key>.<suffix>``.
 
@@ -61,7 +56,7 @@ class StageCache:
     """
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
-        self.root = (Path(root).expanduser() if root else default_root()) / "benchmark"
+        self.root = cache_dir(root or None) / "benchmark"  # under the model cache's root
         self.unwritable: str | None = None  # the first failed write's path and error
 
     def path(self, stage: str, key: Any, suffix: str) -> Path:

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selproj_plugin.models import cache_dir
+
 VOLATILE = ("stages", "seconds", "peak_memory", "date", "run")
 
 
@@ -49,7 +51,7 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
 
 
 def run(nproc: int, threads: int, extra: list[str], cache: Path, out: Path) -> float:
-    model_cache = Path(os.environ.get("SELPROJ_CACHE", Path.home() / ".cache" / "selproj"))
+    model_cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     for entry in model_cache.glob("SmolLM2-*"):  # reuse the converted default model, nothing else
         target = cache / entry.name

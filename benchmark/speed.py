@@ -29,17 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmark.peak import peak_rss_bytes
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MAX_LENGTH = 512  # tokens a sample keeps, in the loop as in the engine (EngineConfig's default)
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM), in MiB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """Peak resident memory of this process, in MiB."""
+    return peak_rss_bytes() / 2**20
 
 
 def _peak_gpu_mb(device: str) -> float | None:

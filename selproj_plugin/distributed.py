@@ -18,6 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
+from selproj_plugin.errors import one_line
 
 T = TypeVar("T")
 
@@ -47,12 +48,6 @@ class _Done:
     """What a rank contributes to the last collective, when it leaves the group."""
 
     rank: int
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when it has none)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def rank_world() -> tuple[int, int]:

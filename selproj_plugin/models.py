@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from selproj_plugin.distributed import one_line
+from selproj_plugin.errors import one_line
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import pluggy
 
 from selproj_plugin import hookspecs
+from selproj_plugin.errors import one_line
 from selproj_plugin.strategies import builtin
 from selproj_plugin.strategies.base import Reducer
 
@@ -65,11 +66,6 @@ class Registry:
 
 _lock = threading.Lock()
 _registry: Registry | None = None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _disabled() -> set[str]:
@@ -113,7 +109,7 @@ def _add_plugin(registry: Registry, name: str, load: Callable[[], object]) -> No
         plugin = load()
         hash(plugin)  # subset_hook_caller keeps the other plugins in a set
     except Exception as exc:  # a broken plugin must not take the others down
-        registry.errors[name] = [f"failed to load: {_one_line(exc)}"]
+        registry.errors[name] = [f"failed to load: {one_line(exc, with_type=True)}"]
         return
     try:
         manager.register(plugin, name=name)
@@ -126,7 +122,7 @@ def _add_plugin(registry: Registry, name: str, load: Callable[[], object]) -> No
     try:
         results = manager.subset_hook_caller("selproj_strategies", others)()
     except Exception as exc:
-        results, problems = [], [f"selproj_strategies raised {_one_line(exc)}"]
+        results, problems = [], [f"selproj_strategies raised {one_line(exc, with_type=True)}"]
     else:
         problems = [f"selproj_strategies returned {r!r:.80}, not a list of Reducer classes"
                     for r in results if not isinstance(r, (list, tuple))]

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from selproj_plugin.distributed import one_line
+from selproj_plugin.errors import one_line
 from selproj_plugin.table import TableError, savez_atomic
 
 FORMAT = "selproj-table-shard/1"

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from selproj_plugin.components import Component, catalogue
-from selproj_plugin.registry import LEGACY_METHODS, _one_line as one_line, build_registry, own_dataclass
+from selproj_plugin.errors import one_line
+from selproj_plugin.registry import LEGACY_METHODS, build_registry, own_dataclass
 from selproj_plugin.samples import Sample
 from selproj_plugin.strategies.base import Reducer, ReducerError, Reduction, reduction
 from selproj_plugin.table import ComponentTable
@@ -238,7 +239,7 @@ def extra_checks() -> list[CheckFunction]:
         try:
             checks.extend(found[name].load())
         except Exception as exc:
-            def unloadable(cls, options, name=name, error=one_line(exc)):
+            def unloadable(cls, options, name=name, error=one_line(exc, with_type=True)):
                 raise AssertionError(f"the {CHECKS_ENTRY_POINT_GROUP} entry point {name!r} does not load: {error}")
 
             unloadable.__name__ = f"check_{name}_loads"

@@ -56,6 +56,14 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert cache_dir() == models.Path.home() / ".cache" / "selproj"
 
 
+def test_the_stage_cache_and_the_scale_out_bench_use_the_model_caches_root(monkeypatch, tmp_path):
+    from benchmark.cache import StageCache
+
+    monkeypatch.setenv("SELPROJ_CACHE", str(tmp_path / "env"))
+    assert StageCache().root == tmp_path / "env" / "benchmark"
+    assert StageCache(tmp_path / "arg").root == tmp_path / "arg" / "benchmark"
+
+
 def test_default_gguf_is_found_without_importing_the_plugin():
     path = models.default_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()

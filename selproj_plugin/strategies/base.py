@@ -26,6 +26,7 @@ import numpy as np
 
 from selproj_plugin import scoring, stats
 from selproj_plugin.components import Component, resolve
+from selproj_plugin.errors import one_line
 from selproj_plugin.table import ComponentTable
 from selproj_plugin.transforms import Concatenate, Transform, TransformError
 
@@ -210,7 +211,7 @@ def reduction(reducer: Reducer, catalogue: Sequence[Component]) -> Reduction:
     except ReducerError:
         raise
     except (ValueError, KeyError, TypeError) as exc:
-        raise ReducerError(f"strategy {label!r}: select failed: {_one_line(exc)}") from None
+        raise ReducerError(f"strategy {label!r}: select failed: {one_line(exc)}") from None
     if isinstance(names, str) or not all(isinstance(n, str) for n in names or ()):
         raise ReducerError(f"strategy {label!r}: select must return a list of component names, got {names!r:.80}")
     names = list(names)
@@ -228,7 +229,7 @@ def reduction(reducer: Reducer, catalogue: Sequence[Component]) -> Reduction:
     try:
         transform = reducer.transform(selected)
     except (ValueError, TypeError) as exc:
-        raise ReducerError(f"strategy {label!r}: transform failed: {_one_line(exc)}") from None
+        raise ReducerError(f"strategy {label!r}: transform failed: {one_line(exc)}") from None
     if not isinstance(transform, Transform):
         raise ReducerError(f"strategy {label!r}: transform must return a selproj_plugin.transforms.Transform, "
                            f"got {type(transform).__name__}")
@@ -261,6 +262,3 @@ def _resolves(catalogue: Sequence[Component], name: str) -> bool:
     return True
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
