@@ -1,26 +1,36 @@
-"""Shared fixtures: the paper's reference tables (read-only, from ../shared) and synthetic tables."""
+"""Fixtures shared by the test modules (helpers: tests/helpers.py, tests/tiny.py, tests/attribution.py).
+
+Tables: ``paraphrased`` and ``model_generated`` are the paper's (../shared, skipped with one reason when
+absent); ``synthetic_paraphrased`` and ``synthetic_model_generated`` are committed tables of the same schema,
+so the table paths run on a fresh clone.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "reference" / "paper-olmo1b-lima"
+from tests.helpers import PAPER, PAPER_SKIP, install_plugin, reference_path, synthetic_path  # noqa: E402
 
 
-def reference_path(setting: str) -> Path:
-    path = REFERENCE / f"{setting}.npz"
-    if not path.is_file():
-        pytest.skip(f"reference file {path} not present (CI lays ../shared beside the clone)")
-    return path
+# ---- the paper's tables, and the fresh clone's report of their absence ------------------------
+def pytest_report_header(config):
+    found = all((PAPER / f"{s}.npz").is_file() for s in ("paraphrased", "model_generated"))
+    return f"paper reference tables: {'found in ' + str(PAPER) if found else PAPER_SKIP + '; their tests skip'}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if isinstance(r.longrepr, tuple) and r.longrepr[2].endswith(PAPER_SKIP)]
+    if skipped:
+        terminalreporter.write_line(f"{len(skipped)} tests skipped: {PAPER_SKIP}", yellow=True, bold=True)
 
 
 @pytest.fixture(scope="session")
@@ -37,16 +47,93 @@ def model_generated():
     return ComponentTable.load(reference_path("model_generated"))
 
 
-def make_arrays(q: int = 6, k: int = 3, c: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
-    """Arrays of a small valid table: positive self products, original in column 0."""
-    rng = np.random.default_rng(seed)
-    is_original = np.zeros((q, k), dtype=bool)
-    is_original[:, 0] = True
-    return {
-        "cross": rng.normal(size=(q, k, c)),
-        "query_self": rng.uniform(1, 2, size=(q, c)),
-        "candidate_self": rng.uniform(1, 2, size=(q, k, c)),
-        "is_original": is_original,
-        "components": np.array([f"model.layers.{i}.mlp.down_proj.weight" for i in range(c)]),
-        "num_params": np.full(c, 10, dtype=np.int64),
-    }
+@pytest.fixture(scope="session")
+def synthetic_paraphrased():
+    from selproj_plugin.table import ComponentTable
+
+    return ComponentTable.load(synthetic_path("paraphrased"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_model_generated():
+    from selproj_plugin.table import ComponentTable
+
+    return ComponentTable.load(synthetic_path("model_generated"))
+
+
+# ---- the benchmark pipeline on a tiny model saved to disk ---------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tests import tiny
+
+    path = tmp_path_factory.mktemp("tinyllama")
+    tiny.model("llama", tied=True).save_pretrained(path)
+    tiny.tokenizer().save_pretrained(path)
+    return path
+
+
+TOPICS = ["cats sleep", "rivers flow", "bread rises", "stars burn", "coins save", "code runs"]
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    """Six short samples (the tiny byte-level tokenizer makes long texts long)."""
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    rows = [{"id": f"t{i}", "prompt": f"Why {t}?", "response": f"Because {t} a lot.",
+             "paraphrased_prompt": f"Reason {t}?", "paraphrased_response": f"{t} often, that is why."}
+            for i, t in enumerate(TOPICS)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# ---- the adapters' tiny Llama and plugins -------------------------------------------------------
+@pytest.fixture(scope="session")
+def model():
+    """The TRAK and Captum tests' tiny Llama (tests.attribution.make_model)."""
+    from tests.attribution import make_model
+
+    return make_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tests import tiny
+
+    return tiny.tokenizer(chat=True)
+
+
+@pytest.fixture
+def weighted_plugin(tmp_path, monkeypatch):
+    """Install ``weighted_mlp`` through the ``selproj`` entry-point group; yields (names, weights) for a model."""
+    from selproj_plugin import registry as registry_module
+    from selproj_plugin.components import catalogue
+    from tests.attribution import WEIGHTED_PLUGIN
+
+    site = tmp_path / "site"
+    site.mkdir()
+    install_plugin(site, "selproj-weighted", "weighted", "selproj_weighted_plugin", WEIGHTED_PLUGIN)
+    monkeypatch.syspath_prepend(str(site))
+    registry_module.registry(reload=True)
+
+    def expected(model):
+        names = [c.name for c in catalogue(model) if c.kind in ("gate", "up", "down")]
+        return names, [3.0 if n.endswith("down_proj") else 1.0 for n in names]
+
+    yield expected
+    monkeypatch.undo()
+    registry_module.registry(reload=True)
+
+
+@pytest.fixture
+def attention_plugin(tmp_path, monkeypatch):
+    """CONTRIBUTING.md's plugin installed as `selproj_attention` with the documented entry point `attention`;
+    yields the folder it is installed in."""
+    from selproj_plugin import registry as registry_module
+    from tests.helpers import contributing_python_blocks
+
+    install_plugin(tmp_path, "selproj-attention", "attention", "selproj_attention", contributing_python_blocks()[0])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry_module.registry(reload=True)
+    yield tmp_path
+    monkeypatch.undo()
+    registry_module.registry(reload=True)

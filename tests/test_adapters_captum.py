@@ -16,10 +16,9 @@ from selproj_plugin.adapters.captum import (  # noqa: E402
 )
 from selproj_plugin.adapters.captum import _Logits  # noqa: E402
 from selproj_plugin.components import catalogue  # noqa: E402
-from test_adapters_trak import (  # noqa: E402,F401  (fixtures and helpers shared with the TRAK tests)
+from tests.attribution import (  # noqa: E402
     CANDIDATES, QUERIES, RP_MIN_CORRELATION, SELECTION, TINY_LIMIT_GB, Recorder, assert_same_retrieval,
-    component_order, engine_cosines,
-    model, tokenizer, weighted_plugin,
+    component_order, engine_cosines, reduced_trak_scores, trak_scores,
 )
 from selproj_plugin.engine import EngineConfig, pairwise_dots  # noqa: E402
 
@@ -225,9 +224,9 @@ def tiled_reducer(repeats):
     return TiledFull()
 
 
+@pytest.mark.slow
 def test_cosines_of_long_rows_are_summed_in_float64(model, tokenizer, tmp_path):
-    from test_adapters_trak import reduced_trak_scores, trak_scores
-
+    pytest.importorskip("trak")
     expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES)
     total = sum(c.num_params for c in catalogue(model))
     reducer = tiled_reducer(4_000_000 // total)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import tiny
+from tests import tiny
 
 pytest.importorskip("trak")
 pytest.importorskip("captum")
@@ -20,13 +20,9 @@ from selproj_plugin.adapters.trak import (  # noqa: E402
     CausalLMOutput, SelectedGradientComputer, encode, traker_kwargs,
 )
 
+from tests.attribution import state  # noqa: E402
+
 WRT = ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"]
-
-
-def state(model: torch.nn.Module) -> tuple:
-    """Everything the adapters may touch: each module's training flag, each parameter's requires_grad, attention."""
-    return (tuple(m.training for m in model.modules()), tuple(p.requires_grad for p in model.parameters()),
-            model.config._attn_implementation)
 
 
 def gpt2(attn: str = "eager") -> torch.nn.Module:
@@ -35,11 +31,6 @@ def gpt2(attn: str = "eager") -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(tiny.config("gpt2"), attn_implementation=attn).float()
     assert model.config.resid_pdrop > 0 and model.config.attn_pdrop > 0
     return model.train()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.tokenizer(chat=True)
 
 
 def test_trak_gradients_are_the_eval_mode_gradients_and_the_flags_stay(tokenizer):

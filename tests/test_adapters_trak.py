@@ -3,27 +3,23 @@
 The expected cosines come from ``selproj_plugin.engine.pairwise_dots`` (hooked gradient
 factors, a different computation from the adapter's ``vmap(grad)``); TRAK's own
 ``FunctionalGradientComputer`` is the reference for the selected-gradient computer.
-Helpers here (tiny model, samples, engine cosines, plugin install) are shared with
-``test_adapters_captum.py``.
+The tiny model, samples and engine cosines are in ``tests/attribution.py``, the fixtures in conftest.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-import textwrap
 
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import tiny
-from selproj_plugin import registry as registry_module
 from selproj_plugin.components import catalogue, select
-from selproj_plugin.engine import EngineConfig, pairwise_dots
-from selproj_plugin.samples import Sample
+from tests.attribution import (
+    CANDIDATES, QUERIES, RP_MIN_CORRELATION, SELECTION, TINY_LIMIT_GB, Recorder, assert_same_retrieval,
+    component_order, engine_cosines, make_model, reduced_trak_scores, trak_scores,
+)
 
 trak = pytest.importorskip("trak")
 from trak import TRAKer  # noqa: E402
@@ -34,175 +30,6 @@ from selproj_plugin.adapters.trak import (  # noqa: E402
     AdapterError, CausalLMOutput, CosineScoreComputer, ReducedTRAKer, ReducerProjector, SelectedGradientComputer,
     check_fast_jl_dim, encode, traker_kwargs,
 )
-
-SELECTION = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.v_proj.weight", "model.norm"]
-RP_MIN_CORRELATION = 0.95
-TINY_LIMIT_GB = 1e-6  # every step holds one sample; score blocks of the minimum width
-
-QUERIES = [
-    Sample("q0", "What is the capital of France?", "The capital of France is Paris."),
-    Sample("q1", "Give me a fruit", "An apple a day keeps the doctor away."),
-    Sample("q2", "Count to five", "one two three four five"),
-    Sample("q3", "Describe the sea", "The sea is wide, deep and blue."),
-]
-CANDIDATES = [
-    Sample("c0", "What's France's capital city?", "Paris is the capital of France."),
-    Sample("c1", "Name a fruit", "An apple a day keeps doctors away!"),
-    Sample("c2", "Count up to 5", "one, two, three, four, five"),
-    Sample("c3", "Tell me about the ocean", "The ocean is wide and deep and blue."),
-    Sample("c4", "Say something", "zzz qqq xxx"),
-    Sample("c5", "Random numbers", "8 1 9 3 3 7 2"),
-    Sample("c6", "Weather?", "It may rain tomorrow afternoon."),
-    Sample("c7", "Write code", "def f(x): return x * 2"),
-    Sample("c8", "A colour", "Green."),
-    Sample("c9", "Greeting", "Hello there, friend!"),
-]
-
-
-def make_model(seed: int = 0, attn: str = "eager") -> LlamaForCausalLM:
-    """Tiny random-init Llama (~150k parameters), fp32, eval mode."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, pad_token_id=0)
-    model = LlamaForCausalLM._from_config(config, attn_implementation=attn).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-            else:
-                p.mul_(3.0)
-    return model
-
-
-@pytest.fixture(scope="session")
-def model():
-    return make_model()
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return tiny.tokenizer(chat=True)
-
-
-def engine_cosines(model, tokenizer, queries, candidates, components=None, weights=None, scope="paper") -> np.ndarray:
-    """[Q, K] cosines of the (optionally per-component weighted) concatenated gradients, from the engine."""
-    config = EngineConfig(progress=False, batch_size=4)
-    cross = pairwise_dots(model, tokenizer, queries, candidates, components, config, scope=scope)
-    q_self = np.einsum("iic->ic", pairwise_dots(model, tokenizer, queries, queries, components, config, scope=scope))
-    k_self = np.einsum("iic->ic", pairwise_dots(model, tokenizer, candidates, candidates, components, config,
-                                                scope=scope))
-    w = np.ones(cross.shape[2]) if weights is None else np.asarray(weights, dtype=np.float64) ** 2
-    num = (cross * w).sum(-1)
-    return num / np.sqrt(np.outer((q_self * w).sum(-1), (k_self * w).sum(-1)))
-
-
-def component_order(model, names) -> list[str]:
-    """Component names of a selection in model order (the engine's column order)."""
-    return [c.name for c in select(catalogue(model, "all"), names)]
-
-
-def trak_scores(model, tokenizer, queries, candidates, tmp_path, strategy, options=None, **kwargs) -> np.ndarray:
-    """[Q, K] scores from a TRAKer built with ``traker_kwargs``."""
-    traker = TRAKer(train_set_size=len(candidates), save_dir=str(tmp_path / "trak"), logging_level=logging.ERROR,
-                    **traker_kwargs(model, strategy, options, **kwargs))
-    traker.load_checkpoint(model.state_dict(), model_id=0)
-    device = next(model.parameters()).device
-    traker.featurize(batch=encode(tokenizer, candidates, device=device), num_samples=len(candidates))
-    traker.finalize_features()
-    traker.start_scoring_checkpoint(exp_name="queries", checkpoint=model.state_dict(), model_id=0,
-                                    num_targets=len(queries))
-    traker.score(batch=encode(tokenizer, queries, device=device), num_samples=len(queries))
-    return np.asarray(traker.finalize_scores(exp_name="queries"), dtype=np.float64).T
-
-
-def reduced_trak_scores(model, tokenizer, queries, candidates, save_dir, strategy, options=None, **kwargs):
-    """(traker, [Q, K] scores) from a ReducedTRAKer, every batch passed whole."""
-    traker = ReducedTRAKer(model, strategy, options, train_set_size=len(candidates), save_dir=save_dir, **kwargs)
-    traker.load_checkpoint(model.state_dict(), model_id=0)
-    traker.featurize(batch=encode(tokenizer, candidates), num_samples=len(candidates))
-    traker.finalize_features()
-    traker.start_scoring_checkpoint(exp_name="queries", checkpoint=model.state_dict(), model_id=0,
-                                    num_targets=len(queries))
-    traker.score(batch=encode(tokenizer, queries), num_samples=len(queries))
-    return traker, np.asarray(traker.finalize_scores(exp_name="queries"), dtype=np.float64).T
-
-
-class Recorder:
-    """Counts a reducer's transform constructions and the rows of every transform call."""
-
-    def __init__(self, monkeypatch, reducer) -> None:
-        self.built, self.rows = 0, []
-        build = reducer.transform
-
-        def counted(selected):
-            self.built += 1
-            transform = build(selected)
-            call = type(transform).__call__
-
-            def recording(this, features):
-                self.rows.append(next(iter(features.values())).shape[0])
-                return call(this, features)
-
-            monkeypatch.setattr(type(transform), "__call__", recording)
-            return transform
-
-        reducer.transform = counted
-
-
-def assert_same_retrieval(scores: np.ndarray, expected: np.ndarray) -> None:
-    """Same per-query ranking of candidates, correlation >= 0.999, same values to 1e-4."""
-    assert scores.shape == expected.shape
-    np.testing.assert_array_equal(np.argsort(-scores, axis=1), np.argsort(-expected, axis=1))
-    assert np.corrcoef(scores.ravel(), expected.ravel())[0, 1] >= 0.999
-    np.testing.assert_allclose(scores, expected, atol=1e-4)
-
-
-# ---- a third-party reducer, installed as a real entry-point plugin ------------------
-PLUGIN = '''
-from dataclasses import dataclass
-from selproj_plugin import Concatenate, Reducer, hookimpl
-
-@dataclass
-class WeightedMLP(Reducer):
-    """Every MLP matrix, the down projections weighted by ``down_weight``."""
-    name = "weighted_mlp"
-    summary = "MLP components, down projections up-weighted"
-    down_weight: float = 3.0
-
-    def select(self, components):
-        return [c.name for c in components if c.kind in ("gate", "up", "down")]
-
-    def transform(self, selected):
-        return Concatenate(selected, weights=[self.down_weight if c.kind == "down" else 1.0 for c in selected])
-
-@hookimpl
-def selproj_strategies():
-    return [WeightedMLP]
-'''
-
-
-@pytest.fixture
-def weighted_plugin(tmp_path, monkeypatch):
-    """Install ``weighted_mlp`` through the ``selproj`` entry-point group; yields (names, weights) for a model."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "selproj_weighted_plugin.py").write_text(textwrap.dedent(PLUGIN))
-    info = site / "selproj_weighted-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: selproj-weighted\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[selproj]\nweighted = selproj_weighted_plugin\n")
-    monkeypatch.syspath_prepend(str(site))
-    importlib.invalidate_caches()
-    registry_module.registry(reload=True)
-
-    def expected(model):
-        names = [c.name for c in catalogue(model) if c.kind in ("gate", "up", "down")]
-        return names, [3.0 if n.endswith("down_proj") else 1.0 for n in names]
-
-    yield expected
-    monkeypatch.undo()
-    registry_module.registry(reload=True)
 
 
 # ---- scores against the engine --------------------------------------------------------

@@ -13,36 +13,10 @@ import torch
 from benchmark import pipeline
 from benchmark.scaleout import comparable as strip_timings
 from benchmark.retrieval import cli
-from tests import tiny
+from tests.helpers import argv, install_plugin, synthetic_path
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tinyllama")
-    tiny.model("llama", tied=True).save_pretrained(path)
-    tiny.tokenizer().save_pretrained(path)
-    return path
-
-
-TOPICS = ["cats sleep", "rivers flow", "bread rises", "stars burn", "coins save", "code runs"]
-
-
-@pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory) -> Path:
-    """Six short samples (the tiny byte-level tokenizer makes long texts long)."""
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    rows = [{"id": f"t{i}", "prompt": f"Why {t}?", "response": f"Because {t} a lot.",
-             "paraphrased_prompt": f"Reason {t}?", "paraphrased_response": f"{t} often, that is why."}
-            for i, t in enumerate(TOPICS)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def argv(model_dir, dataset, cache, *extra):
-    return ["--model", str(model_dir), "--dataset", str(dataset), "--cache-dir", str(cache), "--max-length", "160",
-            "--max-new-tokens", "6", "--no-progress", *extra]
-
-
+@pytest.mark.slow
 def test_end_to_end_outputs(tiny_model_dir, small_dataset, tmp_path, capsys):
     out = tmp_path / "out"
     code = cli(argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--strategy",
@@ -96,6 +70,7 @@ def test_end_to_end_outputs(tiny_model_dir, small_dataset, tmp_path, capsys):
         assert section["results"]["full"]["accuracy"] == doc["settings"][setting]["results"]["full"]["accuracy"]
 
 
+@pytest.mark.slow
 def test_a_dot_order_asked_for_gets_its_own_table(tiny_model_dir, small_dataset, tmp_path):
     """Left to choose, one process takes this small table component by component; asked to stream (for equal
     bits with torchrun), it must not reuse that table from the cache."""
@@ -113,6 +88,7 @@ def test_a_dot_order_asked_for_gets_its_own_table(tiny_model_dir, small_dataset,
     assert docs["stream"]["run"]["table_reused"] is False and docs["auto"]["run"]["table_reused"] is True
 
 
+@pytest.mark.slow
 def test_components_all_adds_norms_under_its_own_cache_key(tiny_model_dir, small_dataset, tmp_path):
     cache = tmp_path / "cache"
     docs = {}
@@ -128,6 +104,7 @@ def test_components_all_adds_norms_under_its_own_cache_key(tiny_model_dir, small
     assert "model.norm" in norms and every["components"] == paper["components"] + len(norms)
 
 
+@pytest.mark.slow
 def test_interrupted_table_save_leaves_no_table_and_resumes(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     reference = tmp_path / "reference.json"
@@ -170,6 +147,7 @@ def one_line_error(capsys, args) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_bad_input_errors(tiny_model_dir, small_dataset, tmp_path, capsys):
     cache = tmp_path / "cache"
     err = one_line_error(capsys, argv(tmp_path / "no-such-model", small_dataset, cache))
@@ -190,6 +168,7 @@ def test_bad_input_errors(tiny_model_dir, small_dataset, tmp_path, capsys):
     assert "--max-spill-gb must be at least 0, got -1.0" in err
 
 
+@pytest.mark.slow
 def test_full_set_reports_rank_metrics(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "full.json"
     assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--setting", "paraphrased", "--full-set",
@@ -255,12 +234,12 @@ def selproj_strategies():
 '''
 
 
+@pytest.mark.slow
 def test_a_transform_no_table_can_express_is_scored_from_gradients(tiny_model_dir, small_dataset, tmp_path,
                                                                    monkeypatch, capsys):
     from selproj_plugin import registry as registry_module
     from selproj_plugin.engine import EngineConfig, sample_features
     from selproj_plugin.samples import Sample
-    from tests.test_registry import install_plugin
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     install_plugin(tmp_path, "selproj-sign", "sign", "selproj_sign_plugin", CUSTOM_PLUGIN)
@@ -305,9 +284,7 @@ def test_a_transform_no_table_can_express_is_scored_from_gradients(tiny_model_di
         again = json.loads(stored.read_text())["results"]["sign_mlp"]
         assert again["accuracy"] == pytest.approx(result["sign_mlp"]["accuracy"])
         # ... and a table without them has no gradients to fall back on: one line, never scored as something else
-        from tests.conftest import reference_path
-
-        assert cli(["--table", str(reference_path("paraphrased")), "--strategy", "sign_mlp"]) == 2
+        assert cli(["--table", str(synthetic_path("paraphrased")), "--strategy", "sign_mlp"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: strategy 'sign_mlp': its transform (SignOf, sign@") \
             and "cannot be scored from a component table" in err[-1]
@@ -316,6 +293,7 @@ def test_a_transform_no_table_can_express_is_scored_from_gradients(tiny_model_di
         registry_module.registry(reload=True)
 
 
+@pytest.mark.slow
 def test_plan_predicts_the_runs_captures_before_any_gradient(tiny_model_dir, small_dataset, tmp_path, capsys):
     cache = tmp_path / "cache"
     for extra in ((), ("--memory-limit-gb", "0.01", "--max-spill-gb", "0")):  # keep all; recompute every candidate
@@ -334,6 +312,7 @@ def test_plan_predicts_the_runs_captures_before_any_gradient(tiny_model_dir, sma
     assert plan["kept"] == 0 and plan["captures"] == 6 * 6
 
 
+@pytest.mark.slow
 def test_no_progress_silences_hugging_face_bars_too(tiny_model_dir, small_dataset, tmp_path):
     """``--no-progress`` promises no progress bars; transformers draws its own while loading weights."""
     import subprocess
@@ -347,6 +326,7 @@ def test_no_progress_silences_hugging_face_bars_too(tiny_model_dir, small_datase
     assert "it/s]" not in done.stderr and "Loading weights" not in done.stderr, done.stderr[-500:]
 
 
+@pytest.mark.slow
 def test_a_table_cached_before_query_groups_were_recorded_is_scored_per_setting(tiny_model_dir, small_dataset, tmp_path):
     """Tables cached before ``meta['query_groups']`` existed have no record; the run that reuses one knows its
     settings' order (the cache key holds the queries) and scores each apart, as it did when it built it."""
@@ -364,6 +344,7 @@ def test_a_table_cached_before_query_groups_were_recorded_is_scored_per_setting(
     assert strip_timings(doc) == strip_timings(json.loads(first.read_text()))
 
 
+@pytest.mark.slow
 def test_a_cached_table_for_other_candidates_is_rebuilt_not_reused(tiny_model_dir, small_dataset, tmp_path, capsys,
                                                                     monkeypatch):
     """The key holds the candidate count, not which candidates: another BM25 ranking (a bm25s release) gives

@@ -6,35 +6,24 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-import tiny
+from tests import tiny
 from benchmark.retrieval import cli
 from benchmark.scaleout import comparable
 from selproj_plugin import models
-from tests.test_benchmark_pipeline import argv, small_dataset, tiny_model_dir  # noqa: F401
+from tests.helpers import argv
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _convert_tiny(count: Path, delay: float = 0.0):
-    """A stand-in for the GGUF conversion that counts its calls in ``count`` (one byte each)."""
-    def convert():
-        with open(count, "a") as fh:
-            fh.write("x")
-        time.sleep(delay)
-        return tiny.model("llama", tied=True), tiny.tokenizer()
-    return convert
 
 
 @pytest.fixture()
 def fake_convert(tmp_path, monkeypatch):
     count = tmp_path / "conversions"
-    monkeypatch.setattr(models, "_convert_default", _convert_tiny(count))
+    monkeypatch.setattr(models, "_convert_default", tiny.convert_tiny(count))
     return lambda: len(count.read_text()) if count.exists() else 0
 
 
@@ -85,11 +74,10 @@ def test_partial_or_corrupt_entry_is_reported_in_one_line_and_rebuilt(tmp_path, 
 RACER = """
 import sys, time
 from pathlib import Path
-sys.path.insert(0, "tests")
 from selproj_plugin import models
-from test_cache import _convert_tiny
+from tests.tiny import convert_tiny
 cache, count, go = sys.argv[1:]
-models._convert_default = _convert_tiny(Path(count), delay=1.0)
+models._convert_default = convert_tiny(Path(count), delay=1.0)
 print("ready", flush=True)
 while not Path(go).exists():
     time.sleep(0.005)
@@ -99,13 +87,14 @@ models.load_model(cache=cache)
 """
 
 
+@pytest.mark.slow
 def test_concurrent_first_runs_convert_once(tmp_path, monkeypatch):
     cache, count, go = tmp_path / "cache", tmp_path / "conversions", tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     racers = [subprocess.Popen([sys.executable, "-c", RACER, str(cache), str(count), str(go)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     assert [r.stdout.readline().strip() for r in racers] == ["ready", "ready"]
-    monkeypatch.setattr(models, "_convert_default", _convert_tiny(count, delay=1.0))
+    monkeypatch.setattr(models, "_convert_default", tiny.convert_tiny(count, delay=1.0))
     go.touch()
     models.load_model(cache=cache)  # this process races too
     for r in racers:
@@ -123,7 +112,8 @@ def test_weights_fingerprint_follows_the_weights_not_the_object():
     assert models.weights_fingerprint(a.to(torch.bfloat16)) != models.weights_fingerprint(b.to(torch.bfloat16))
 
 
-def test_a_model_changed_at_the_same_path_gets_new_tables(tmp_path, small_dataset):  # noqa: F811
+@pytest.mark.slow
+def test_a_model_changed_at_the_same_path_gets_new_tables(tmp_path, small_dataset):
     path, cache = tmp_path / "model", tmp_path / "cache"
     tiny.model("llama", tied=True).save_pretrained(path)
     tiny.tokenizer().save_pretrained(path)
@@ -137,8 +127,9 @@ def test_a_model_changed_at_the_same_path_gets_new_tables(tmp_path, small_datase
     assert len(list((cache / "benchmark").glob("table-*.npz"))) == 2  # the old table stays under its own key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["table", "generations"])
-def test_unreadable_stage_file_is_reported_and_recomputed(tiny_model_dir, small_dataset, tmp_path, capsys,  # noqa: F811
+def test_unreadable_stage_file_is_reported_and_recomputed(tiny_model_dir, small_dataset, tmp_path, capsys,
                                                           stage):
     cache = tmp_path / "cache"
     assert cli(argv(tiny_model_dir, small_dataset, cache, "--json", str(tmp_path / "first.json"))) == 0
@@ -153,7 +144,8 @@ def test_unreadable_stage_file_is_reported_and_recomputed(tiny_model_dir, small_
     assert again["run"]["table_reused"] is (stage != "table")
 
 
-def test_a_tokenizer_chat_template_or_release_change_gets_new_tables(tmp_path, small_dataset, monkeypatch):  # noqa: F811
+@pytest.mark.slow
+def test_a_tokenizer_chat_template_or_release_change_gets_new_tables(tmp_path, small_dataset, monkeypatch):
     """The same weights at the same path with another chat template wrap every prompt differently, so
     their gradients differ; a table from another release of this package may differ too."""
     from benchmark import pipeline
@@ -216,8 +208,9 @@ def _refuse_writes_under(root: Path, error: int, suffix: str = ""):
     return write
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["read-only", "full for the table", "not a directory"])
-def test_an_unwritable_cache_keeps_the_results_and_says_so_in_one_line(tiny_model_dir, small_dataset, tmp_path,  # noqa: F811
+def test_an_unwritable_cache_keeps_the_results_and_says_so_in_one_line(tiny_model_dir, small_dataset, tmp_path,
                                                                        capsys, monkeypatch, fault):
     import errno
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmark.retrieval import cli
-from tests.conftest import make_arrays, reference_path
+from tests.helpers import make_arrays, reference_path, synthetic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_fixed_selection_reports_no_heldout(tmp_path):
 
 
 def test_out_draws_the_greedy_path_only_when_a_strategy_has_one(tmp_path):
-    table = str(reference_path("paraphrased"))
+    table = str(synthetic_path("paraphrased"))
     assert cli(["--table", table, "--strategy", "full,single_component", "--out", str(tmp_path / "a")]) == 0
     files = {p.name for p in (tmp_path / "a").iterdir()}
     assert not any(f.startswith("greedy-") for f in files), files
@@ -84,7 +84,7 @@ def test_wrong_shapes_and_nan(capsys, tmp_path):
 
 
 def test_components_needs_a_model(capsys):
-    err = one_line_error(capsys, ["--table", str(reference_path("paraphrased")), "--components", "all"])
+    err = one_line_error(capsys, ["--table", str(synthetic_path("paraphrased")), "--components", "all"])
     assert "--components applies when building tables" in err
 
 
@@ -98,6 +98,7 @@ def test_bad_option(capsys):
                                                            "--option", "greedy.nope=1"])
 
 
+@pytest.mark.slow
 def test_broken_plugin_exits_nonzero_without_traceback(tmp_path):
     (tmp_path / "selproj_bad.py").write_text("raise RuntimeError('plugin exploded')\n")
     info = tmp_path / "selproj_bad-0.1.dist-info"

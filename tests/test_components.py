@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import tiny
+from tests import tiny
 from selproj_plugin.components import catalogue, kind_and_layer, select
 
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,30 +17,9 @@ from selproj_plugin import registry as registry_module
 from selproj_plugin.registry import get_strategy, list_strategies
 from selproj_plugin.table import ComponentTable
 from selproj_plugin.testing import check_reducer
-from tests.conftest import reference_path
-from tests.test_registry import install_plugin
+from tests.helpers import ROOT, contributing_python_blocks, synthetic_path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def python_blocks() -> list[str]:
-    """Every ```python block of CONTRIBUTING.md, in order."""
-    text = (ROOT / "CONTRIBUTING.md").read_text()
-    return [part.split("```", 1)[0] for part in text.split("```python\n")[1:]]
-
-
-PLUGIN, WEIGHTED, CONFORMANCE = python_blocks()
-
-
-@pytest.fixture
-def attention_plugin(tmp_path, monkeypatch):
-    """The documented plugin installed as `selproj_attention` with the documented entry point `attention`."""
-    install_plugin(tmp_path, "selproj-attention", "attention", "selproj_attention", PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    registry_module.registry(reload=True)
-    yield tmp_path
-    monkeypatch.undo()
-    registry_module.registry(reload=True)
+PLUGIN, WEIGHTED, CONFORMANCE = contributing_python_blocks()
 
 
 def test_documented_plugin_is_registered_under_its_entry_point(attention_plugin):
@@ -49,21 +27,23 @@ def test_documented_plugin_is_registered_under_its_entry_point(attention_plugin)
     assert registry_module.plugin_names()["attention_only"] == "attention"
 
 
+@pytest.mark.slow
 def test_documented_plugin_in_the_cli_table_mode(attention_plugin, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(attention_plugin), str(ROOT)])}
     out_json = tmp_path / "out.json"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmark.retrieval", "--table", str(reference_path("paraphrased")),
+        [sys.executable, "-m", "benchmark.retrieval", "--table", str(synthetic_path("paraphrased")),
          "--strategy", "attention_only", "--option", "attention_only.layers=4", "--json", str(out_json)],
         capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     result = json.loads(out_json.read_text())["results"]["attention_only"]
-    table = ComponentTable.load(reference_path("paraphrased"))
+    table = ComponentTable.load(synthetic_path("paraphrased"))
     expected = [str(n) for n, k, layer in zip(table.components, table.kinds, table.layers)
                 if k in {"q", "k", "v", "o"} and 0 <= layer < 4]
     assert result["components"] == expected and len(expected) == 16
 
 
+@pytest.mark.slow
 def test_documented_plugin_by_name_in_trak_and_captum(attention_plugin, tmp_path):
     import logging
 
@@ -102,6 +82,7 @@ def test_documented_plugin_by_name_in_trak_and_captum(attention_plugin, tmp_path
     np.testing.assert_allclose(captum, expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_documented_plugin_passes_the_conformance_kit(attention_plugin):
     from selproj_attention import AttentionOnly
 
@@ -109,7 +90,8 @@ def test_documented_plugin_passes_the_conformance_kit(attention_plugin):
     check_reducer(AttentionOnly, {"layers": 1})
 
 
-def test_documented_weighted_transform_scores_the_same_on_tables_and_gradients(paraphrased):
+def test_documented_weighted_transform_scores_the_same_on_tables_and_gradients(synthetic_paraphrased):
+    paraphrased = synthetic_paraphrased
     namespace: dict = {}
     exec(compile(WEIGHTED, "CONTRIBUTING.md", "exec"), namespace)
     cls = namespace["WeightedMLP"]
@@ -125,6 +107,7 @@ def test_documented_weighted_transform_scores_the_same_on_tables_and_gradients(p
     assert not np.allclose(result.similarity, unweighted.similarity)  # the weights were applied
 
 
+@pytest.mark.slow
 def test_documented_conformance_test_runs_under_pytest(attention_plugin, tmp_path):
     test_file = tmp_path / "test_plugin_conforms.py"
     test_file.write_text(textwrap.dedent(CONFORMANCE))
@@ -135,6 +118,7 @@ def test_documented_conformance_test_runs_under_pytest(attention_plugin, tmp_pat
     assert "7 passed" in done.stdout
 
 
+@pytest.mark.slow
 def test_documented_pyproject_installs_a_plugin_pip_finds(tmp_path):
     """The plugin folder exactly as documented (its module and its pyproject.toml), installed by pip."""
     text = (ROOT / "CONTRIBUTING.md").read_text()

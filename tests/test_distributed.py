@@ -14,7 +14,8 @@ import pytest
 import torch.multiprocessing as mp
 
 from tests import tiny
-from tests.test_benchmark_pipeline import argv, small_dataset, strip_timings, tiny_model_dir  # noqa: F401
+from benchmark.scaleout import comparable as strip_timings
+from tests.helpers import argv
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERIES = [tiny.Sample(f"q{i}", f"Question {i} about trees?", f"Reply {i}: they grow.") for i in range(4)] + [
@@ -64,6 +65,7 @@ def _worker(rank: int, world: int, port: int, out: str, seed: int = 0) -> None:
 ARRAYS = ("cross", "query_self", "candidate_self", "rp_similarity", "is_original", "candidate_ids", "query_ids")
 
 
+@pytest.mark.slow
 def test_two_processes_build_the_same_table_bit_for_bit(tmp_path):
     from selproj_plugin.engine import build_table
     from selproj_plugin.shards import TableShard
@@ -97,6 +99,7 @@ def test_two_processes_build_the_same_table_bit_for_bit(tmp_path):
         tuple(sorted((q.id, tiny.SAMPLES[c].id))) for q, row in zip(QUERIES, INDEX) for c in row}
 
 
+@pytest.mark.slow
 def test_rerun_reuses_the_finished_shard_of_a_rank(tmp_path):
     """A run where rank 0's shard is lost: rank 1 reuses its shard, rank 0 recomputes (here with other weights)."""
     from selproj_plugin.shards import TableShard
@@ -164,6 +167,7 @@ def _features(across_ranks: bool) -> dict[str, np.ndarray]:
             "dots": pairwise_dots(model, tok, QUERIES[:2], samples, **kw)}
 
 
+@pytest.mark.slow
 def test_library_features_shard_over_ranks(tmp_path):
     out = tmp_path / "features.npz"
     mp.spawn(_features_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
@@ -174,7 +178,8 @@ def test_library_features_shard_over_ranks(tmp_path):
             np.testing.assert_array_equal(two[name], value, err_msg=name)
 
 
-def test_torchrun_benchmark_json_equals_single_process(tiny_model_dir, small_dataset, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_torchrun_benchmark_json_equals_single_process(tiny_model_dir, small_dataset, tmp_path):
     from benchmark.retrieval import cli
 
     one = tmp_path / "one.json"
@@ -228,6 +233,7 @@ def _failing_worker(rank: int, world: int, port: int, out: str, where: str) -> N
     Path(out, f"rank{rank}.txt").write_text(f"{time.perf_counter() - start:.1f}\n{ending}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["after the last gather", "in its shard"])
 def test_one_ranks_error_stops_every_rank_with_its_message(tmp_path, where):
     """Without agreement the healthy rank waits in its collective until the timeout (here 120 s)."""
@@ -263,6 +269,7 @@ def _generate_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_plan_generation_batches_from_the_same_cache_state(tmp_path):
     mp.spawn(_generate_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     answers = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -270,6 +277,7 @@ def test_ranks_plan_generation_batches_from_the_same_cache_state(tmp_path):
     assert json.loads((tmp_path / "gen.json").read_text()) == answers[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
 def test_leaving_the_session_ends_the_gloo_threads(tmp_path):
     """A gloo thread alive at interpreter exit can drop a collective's last tensor then and abort the

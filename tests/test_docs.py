@@ -17,8 +17,7 @@ from benchmark.adapters import Cell
 from benchmark.doc_records import Record
 from benchmark.faults import Row
 from benchmark.retrieval import cli
-from tests.conftest import reference_path
-from tests.test_benchmark_pipeline import argv, small_dataset, tiny_model_dir  # noqa: F401
+from tests.helpers import argv, reference_path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -138,7 +137,8 @@ def record(table: str, result) -> Record:
     return Record(table=table, command="cmd", machine="here", date="today", commit="HEAD", result=result, label="run")
 
 
-def test_what_benchmark_retrieval_writes_is_a_record(tiny_model_dir, small_dataset, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_what_benchmark_retrieval_writes_is_a_record(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "run.json"
     assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--strategy", "full,greedy", "--json", str(out))) == 0
     written = json.loads(out.read_text())
@@ -150,7 +150,8 @@ def test_what_benchmark_retrieval_writes_is_a_record(tiny_model_dir, small_datas
         assert f"{full['accuracy']:.3f}" in rows[setting] and f"{100 * greedy['vs_full']['difference']:+.1f} pts" in rows[setting]
 
 
-def test_what_benchmark_speed_writes_is_a_record(tiny_model_dir, small_dataset, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_what_benchmark_speed_writes_is_a_record(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--model", str(tiny_model_dir),
                            "--dataset", str(small_dataset), "--queries", "2", "--k", "2", "--loop-queries", "1",
@@ -183,6 +184,7 @@ def test_what_benchmark_parity_writes_is_a_record():
     assert "| eval/eager | 0.0e+00 (greedy, TRAKer) | 1 of 1 |" in summary
 
 
+@pytest.mark.slow
 def test_the_paper_record_still_holds_on_the_reference_tables(tmp_path):
     """The committed figures, recomputed from the paper's published dot products by today's command."""
     out = tmp_path / "paper.json"

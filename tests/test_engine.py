@@ -9,30 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-import tiny
+from tests import tiny
 from selproj_plugin.components import catalogue
 from selproj_plugin.engine import EngineConfig, MemoryLimitWarning, build_table, pairwise_dots, sample_features
 from selproj_plugin.loss import IGNORE, ModelError, SampleError, encode_sample, encode_samples
 from selproj_plugin.samples import Sample
 
-TOL = 1e-5
+TOL = tiny.NAIVE_TOL
 CFG = EngineConfig(batch_size=3, progress=False)
 CASES = [(f, False) for f in tiny.FAMILIES if f != "gpt2"] + [("llama", True), ("qwen2", True), ("gpt2", True)]
-
-
-def _naive(model, tok, samples, max_length=512):
-    enc, _ = encode_samples(tok, samples, max_length)
-    return [tiny.naive_grads(model, e) for e in enc]
-
-
-def _vec(model, grads, comp):
-    params = dict(model.named_parameters())
-    return torch.cat([grads[p].reshape(-1) if p in grads else torch.zeros(params[p].numel())
-                      for p in comp.param_names]).double()
-
-
-def _naive_dots(model, comps, ga, gb):
-    return np.array([[[float(_vec(model, a, c) @ _vec(model, b, c)) for c in comps] for b in gb] for a in ga])
 
 
 def _rel(got, ref, norms_a, norms_b):
@@ -45,16 +30,16 @@ def test_features_and_dots_match_naive_loop(family, tied):
     model = tiny.model(family, tied)
     tok = tiny.tokenizer(chat=family != "gpt2")
     comps = catalogue(model, "all")
-    naive = _naive(model, tok, tiny.SAMPLES)
+    naive = tiny.naive(model, tok, tiny.SAMPLES)
     feats = sample_features(model, tok, tiny.SAMPLES, config=CFG, scope="all")
     assert set(feats) == {c.name for c in comps}
     for c in comps:
         for i in range(len(tiny.SAMPLES)):
-            ref = _vec(model, naive[i], c)
+            ref = tiny.component_vector(model, naive[i], c)
             err = float((feats[c.name][i].double() - ref).norm() / ref.norm())
             assert err <= TOL, (c.name, i, err)
-    ref = _naive_dots(model, comps, naive[:2], naive)
-    norms = np.sqrt(np.stack([_naive_dots(model, comps, [g], [g])[0, 0] for g in naive]))
+    ref = tiny.naive_dots(model, comps, naive[:2], naive)
+    norms = np.sqrt(np.stack([tiny.naive_dots(model, comps, [g], [g])[0, 0] for g in naive]))
     for mode in ("factored", "materialised", "auto"):
         got = pairwise_dots(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES,
                             config=EngineConfig(batch_size=2, progress=False, mode=mode), scope="all")
@@ -70,7 +55,7 @@ def test_tied_embedding_is_one_component_with_both_uses():
     comps = catalogue(model, "all")
     embed = [c for c in comps if c.kind == "embed"]
     assert len(embed) == 1 and not any(c.kind == "lm_head" for c in comps)
-    naive = _naive(model, tok, tiny.SAMPLES[:1])[0]
+    naive = tiny.naive(model, tok, tiny.SAMPLES[:1])[0]
     feats = sample_features(model, tok, tiny.SAMPLES[:1], components=[embed[0].name], config=CFG, scope="all")
     ref = naive[embed[0].param_names[0]].reshape(-1).double()
     # the LM-head use dominates the rows of tokens never seen in the input: both uses are needed
@@ -86,11 +71,11 @@ def test_build_table_matches_naive_and_dedupes():
     index = np.array([[0, 1, 2], [2, 3, 1]])  # s1 and s2 shared by both queries
     original = np.array([0, 0])
     table = build_table(model, tok, queries, cands, index, original, config=CFG, scope="all")
-    gq = _naive(model, tok, queries)
-    gc = _naive(model, tok, cands)
-    ref = np.stack([_naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(2)])
-    qself = np.stack([_naive_dots(model, comps, [g], [g])[0, 0] for g in gq])
-    cself = np.stack([[_naive_dots(model, comps, [gc[j]], [gc[j]])[0, 0] for j in row] for row in index])
+    gq = tiny.naive(model, tok, queries)
+    gc = tiny.naive(model, tok, cands)
+    ref = np.stack([tiny.naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(2)])
+    qself = np.stack([tiny.naive_dots(model, comps, [g], [g])[0, 0] for g in gq])
+    cself = np.stack([[tiny.naive_dots(model, comps, [gc[j]], [gc[j]])[0, 0] for j in row] for row in index])
     scale = np.sqrt(qself[:, None, :] * cself)
     assert np.max(np.abs(table.cross - ref) / np.maximum(scale, 1e-30)) <= TOL
     assert np.max(np.abs(table.query_self - qself) / qself) <= TOL
@@ -110,8 +95,8 @@ def test_build_table_keeps_the_smaller_side():
     cands = tiny.SAMPLES[:2]
     index = np.array([[0, 1], [1, 0], [0, 1], [1, 0]])
     table = build_table(model, tok, queries, cands, index, np.array([0, 0, 0, 0]), config=CFG, scope="all")
-    gq, gc = _naive(model, tok, queries), _naive(model, tok, cands)
-    ref = np.stack([_naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(4)])
+    gq, gc = tiny.naive(model, tok, queries), tiny.naive(model, tok, cands)
+    ref = np.stack([tiny.naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(4)])
     scale = np.sqrt(table.query_self[:, None, :] * table.candidate_self)
     assert np.max(np.abs(table.cross - ref) / np.maximum(scale, 1e-30)) <= TOL
     assert table.meta["distinct_samples"] == 6
@@ -145,7 +130,7 @@ def test_truncation_warns_counts_and_matches_truncated_naive():
     assert table.meta["truncated"] == 1
     ref = tiny.naive_grads(model, enc[0])
     comp = catalogue(model, "all")[3]
-    err = (feats[comp.name][0].double() - _vec(model, ref, comp)).norm() / _vec(model, ref, comp).norm()
+    err = (feats[comp.name][0].double() - tiny.component_vector(model, ref, comp)).norm() / tiny.component_vector(model, ref, comp).norm()
     assert float(err) <= TOL
 
 
@@ -221,10 +206,10 @@ def test_partially_frozen_model_and_parameters_restored():
     tok = tiny.tokenizer()
     comps = catalogue(model, "all")
     feats = sample_features(model, tok, tiny.SAMPLES[:2], config=CFG, scope="all")
-    naive = _naive(model, tok, tiny.SAMPLES[:2])
+    naive = tiny.naive(model, tok, tiny.SAMPLES[:2])
     for c in comps:
         for i in range(2):
-            ref = _vec(model, naive[i], c)
+            ref = tiny.component_vector(model, naive[i], c)
             assert float((feats[c.name][i].double() - ref).norm() / ref.norm()) <= TOL, c.name
     assert [p.requires_grad for p in model.parameters()].count(True) == sum(len(c.param_names) for c in comps)
 
@@ -295,6 +280,7 @@ def test_capture_hands_out_views_and_whatever_keeps_a_sample_copies_it_out():
     assert all(owns(f) for _, f in iter_factors(prep, enc, range(3), cfg))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [
     EngineConfig(batch_size=2, progress=False, dot_order="stream"),
     EngineConfig(batch_size=2, progress=False, dot_order="gram"),

@@ -6,7 +6,7 @@ import fnmatch
 
 import pytest
 
-import tiny
+from tests import tiny
 from selproj_plugin.adapters.captum import tracin_layers
 from selproj_plugin.adapters.trak import traker_kwargs
 from selproj_plugin.components import catalogue, resolve
@@ -35,8 +35,8 @@ def test_export_forms_agree_with_the_model_and_the_adapters(names, globs):
     assert set(tracin_layers(model, "greedy", {"selection": names})) == set(out["modules"])  # Captum, Kronfluence
 
 
-def test_a_table_named_by_parameters_exports_module_names(paraphrased):
-    comps = paraphrased.component_list
+def test_a_table_named_by_parameters_exports_module_names(synthetic_paraphrased):
+    comps = synthetic_paraphrased.component_list
     out = selection_export(resolve(comps, ["model.layers.9.mlp.down_proj.weight"]), comps)
     assert out["modules"] == ["model.layers.9.mlp.down_proj"]
     assert out["parameters"] == ["model.layers.9.mlp.down_proj.weight"]

@@ -14,14 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-import tiny
+from tests import tiny
 from selproj_plugin.capture import SampleFactors
 from selproj_plugin.engine import EngineConfig, FactorStore, build_table, sample_features
 from selproj_plugin.loss import encode_samples
 from selproj_plugin.samples import Sample
 from selproj_plugin import spill as spill_module
 from selproj_plugin.spill import OWNER, PREFIX, SpillError
-from tests.test_benchmark_pipeline import small_dataset, tiny_model_dir  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = EngineConfig(batch_size=3, progress=False)
@@ -131,6 +130,7 @@ def _child(parent: Path, how: str) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_spill_dir_goes_at_exit_and_a_killed_runs_at_the_next_start(tmp_path, capsys):
     assert _child(tmp_path, "exit").wait(30) == 0
     assert _spill_dirs(tmp_path) == []
@@ -153,6 +153,7 @@ def test_spill_dir_goes_at_exit_and_a_killed_runs_at_the_next_start(tmp_path, ca
         live.wait(30)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_cli_runs_the_spill_cleanup(tmp_path):
     """The launcher's stop (torchrun sends SIGTERM) must run finally blocks, so the spill dir goes."""
     script = f"""
@@ -208,7 +209,8 @@ def test_full_disk_while_spilling_is_one_line_error(tmp_path, monkeypatch):
     assert _spill_dirs(tmp_path) == []
 
 
-def test_fault_table_fast_rows_on_a_tiny_model(tiny_model_dir, small_dataset, capsys):  # noqa: F811
+@pytest.mark.slow
+def test_fault_table_fast_rows_on_a_tiny_model(tiny_model_dir, small_dataset, capsys):
     """``benchmark.faults``' quick rows: each run ends with a one-line error and exit code 2 (its seconds are the
     benchmark's figure, not a test's: this machine is shared)."""
     from benchmark import faults

@@ -148,3 +148,19 @@ def test_an_upward_import_inside_a_function_is_found(tmp_path):
         "benchmark/tool.py": "from selproj_plugin import kit\n",
     })
     assert upward_imports(graph) == ["selproj_plugin.kit -> benchmark.tool"]
+
+
+def test_test_modules_import_helpers_never_each_other():
+    """Fixtures come from conftest.py, helpers from tests/helpers.py, tiny.py and attribution.py, spelt one way."""
+    helpers = {p.stem for p in (ROOT / "tests").glob("*.py") if not p.stem.startswith("test_")} - {"conftest"}
+    wrong = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for name in names:
+                top, _, rest = name.partition(".")
+                if top in helpers or top.startswith("test_") or top == "conftest":
+                    wrong.append(f"{path.name}: import {name} (write `from tests... import`)")
+                elif top == "tests" and (rest.startswith("test_") or rest.startswith("conftest")):
+                    wrong.append(f"{path.name}: imports the test module {name}")
+    assert wrong == []

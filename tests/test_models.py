@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import tiny
+from tests import tiny
 from selproj_plugin import models
 from selproj_plugin.models import ModelLoadError, cache_dir, load_model
 
@@ -69,6 +69,7 @@ def test_default_gguf_is_found_without_importing_the_plugin():
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
 
 
+@pytest.mark.slow
 def test_default_model_loads_from_cache():
     """The embedded SmolLM2 (dequantised once, ~25 s, then cached under ~/.cache/selproj or $SELPROJ_CACHE)."""
     model, tok = load_model()

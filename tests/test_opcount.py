@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import tiny
+from tests import tiny
 from selproj_plugin.engine import EngineConfig, build_table, prepare
 from selproj_plugin.loss import collate, encode_samples
 from selproj_plugin.opcount import OpCounter, plain_backward

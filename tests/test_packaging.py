@@ -8,11 +8,13 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_console_script_ignores_a_local_benchmark_folder(tmp_path):
     shadow = tmp_path / "benchmark"
     shadow.mkdir()
@@ -32,6 +34,7 @@ def test_torch_requirement_accepts_newer_releases():
     assert torch.specifier.contains("2.13.0") and torch.specifier.contains("2.20.1") and torch.specifier.contains("3.0")
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_the_data_its_code_reads(tmp_path):
     """Installed from a wheel (not editable), the embedded dataset loads and benchmark.plan finds its config."""
     source = tmp_path / "source"  # a clean copy: setuptools reuses a build/ folder left in the tree

@@ -11,16 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import tiny
-from selproj_plugin import registry as registry_module
+from tests import tiny
 from selproj_plugin.registry import list_strategies
 
 pytest.importorskip("trak")
 pytest.importorskip("captum")
 from benchmark.parity import CONDITIONS, PATHS, TOLERANCE, Setting, compare, format_table, relative  # noqa: E402
-from test_adapters_state import state  # noqa: E402
-from tests.test_contributing import PLUGIN  # noqa: E402
-from tests.test_registry import install_plugin  # noqa: E402
+from tests.attribution import state  # noqa: E402
 
 BUILTIN = tuple(list_strategies())
 SETTING = Setting(tuple(tiny.SAMPLES[:2]), tuple(tiny.SAMPLES[2:]), max_length=128)
@@ -36,21 +33,6 @@ def dropout_llama() -> torch.nn.Module:
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p)) if p.dim() == 1 else p.mul_(5.0)  # gradients less alike
     return model.train()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.tokenizer(chat=True)
-
-
-@pytest.fixture
-def documented_plugin(tmp_path, monkeypatch):
-    install_plugin(tmp_path, "selproj-attention", "attention", "selproj_attention", PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    registry_module.registry(reload=True)
-    yield "attention_only"
-    monkeypatch.undo()
-    registry_module.registry(reload=True)
 
 
 def test_train_mode_is_a_different_model():
@@ -80,10 +62,12 @@ def check(name: str, tokenizer) -> None:
     assert state(model) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BUILTIN)
 def test_every_path_agrees_for_a_builtin_reducer(name, tokenizer):
     check(name, tokenizer)
 
 
-def test_every_path_agrees_for_the_documented_plugin(documented_plugin, tokenizer):
-    check(documented_plugin, tokenizer)
+@pytest.mark.slow
+def test_every_path_agrees_for_the_documented_plugin(attention_plugin, tokenizer):
+    check("attention_only", tokenizer)

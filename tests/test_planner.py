@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import tiny
+from tests import tiny
 from selproj_plugin.components import Component, catalogue
 from selproj_plugin.engine import EngineConfig, MemoryLimitWarning, build_table, iter_factors, plan_table, prepare
 from selproj_plugin.loss import encode_samples
@@ -17,7 +17,6 @@ from selproj_plugin.capture import ComponentSpec, GradientCapture
 from selproj_plugin.gram import choose_modes
 from selproj_plugin.planner import FactorTensor, FactorWidths, factor_widths, plan_pairs
 from selproj_plugin.samples import Sample
-from test_engine import TOL, _naive, _naive_dots
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "paper-olmo1b-lima" / "paraphrased.npz"
 
@@ -166,11 +165,11 @@ def test_recomputed_table_equals_the_naive_loop_and_the_kept_table():
     assert kept.meta["captures"] == kept.meta["distinct_samples"] == 7
     assert recomputed.meta["plan"]["kept"] == 0 and recomputed.meta["spilled_bytes"] == 0
     assert recomputed.meta["captures"] == recomputed.meta["plan"]["captures"] > 7
-    gq, gc = _naive(model, tok, queries), _naive(model, tok, cands)
-    ref = np.stack([_naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(5)])
+    gq, gc = tiny.naive(model, tok, queries), tiny.naive(model, tok, cands)
+    ref = np.stack([tiny.naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(5)])
     scale = np.sqrt(recomputed.query_self[:, None, :] * recomputed.candidate_self)
     for table in (kept, recomputed):
-        assert np.max(np.abs(table.cross - ref) / np.maximum(scale, 1e-30)) <= TOL
+        assert np.max(np.abs(table.cross - ref) / np.maximum(scale, 1e-30)) <= tiny.NAIVE_TOL
     np.testing.assert_allclose(recomputed.query_self, kept.query_self, rtol=1e-5)
     np.testing.assert_allclose(recomputed.candidate_self, kept.candidate_self, rtol=1e-5)
 
@@ -197,15 +196,15 @@ def test_component_by_component_order_equals_the_naive_loop_and_the_streamed_tab
                                  transforms=[sketch], config=EngineConfig(batch_size=3, progress=False, dot_order=order))
               for order in ("stream", "gram")}
     scale = np.sqrt(disjoint.query_self[:, None, :] * disjoint.candidate_self)  # queries apart from candidates:
-    assert np.max(np.abs(disjoint.cross - tables["gram"].cross[:3]) / np.maximum(scale, 1e-30)) <= TOL  # no copies
+    assert np.max(np.abs(disjoint.cross - tables["gram"].cross[:3]) / np.maximum(scale, 1e-30)) <= tiny.NAIVE_TOL  # no copies
     assert tables["gram"].meta["plan"]["dot_order"] == "gram" and tables["stream"].meta["plan"]["dot_order"] == "stream"
-    gq, gc = _naive(model, tok, queries), _naive(model, tok, cands)
-    ref = np.stack([_naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(4)])
-    qself = np.stack([_naive_dots(model, comps, [g], [g])[0, 0] for g in gq])
+    gq, gc = tiny.naive(model, tok, queries), tiny.naive(model, tok, cands)
+    ref = np.stack([tiny.naive_dots(model, comps, [gq[q]], [gc[j] for j in index[q]])[0] for q in range(4)])
+    qself = np.stack([tiny.naive_dots(model, comps, [g], [g])[0, 0] for g in gq])
     for table in tables.values():
         scale = np.sqrt(table.query_self[:, None, :] * table.candidate_self)
-        assert np.max(np.abs(table.cross - ref) / np.maximum(scale, 1e-30)) <= TOL
-        assert np.max(np.abs(table.query_self - qself) / np.maximum(qself, 1e-30)) <= TOL
+        assert np.max(np.abs(table.cross - ref) / np.maximum(scale, 1e-30)) <= tiny.NAIVE_TOL
+        assert np.max(np.abs(table.query_self - qself) / np.maximum(qself, 1e-30)) <= tiny.NAIVE_TOL
     # the same sketch of the same gradients (captured in other batches: fp32 rounding apart)
     np.testing.assert_allclose(tables["gram"].rp_similarity, tables["stream"].rp_similarity, rtol=0, atol=1e-5)
 

@@ -20,7 +20,7 @@ import torch
 
 from selproj_plugin.components import catalogue, select
 from selproj_plugin.engine import EngineConfig, sample_features
-from test_adapters_trak import assert_same_retrieval, engine_cosines
+from tests.attribution import assert_same_retrieval, engine_cosines
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import os
 import subprocess
 import sys
@@ -14,28 +12,15 @@ import pytest
 
 from selproj_plugin import registry as registry_module
 from selproj_plugin.registry import StrategyError, get_strategy, list_strategies, plugin_errors
+from tests.helpers import contributing_python_blocks, install_plugin, synthetic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-def contributing_plugin() -> str:
-    """The complete plugin shown in CONTRIBUTING.md, so the documented example stays true."""
-    text = (ROOT / "CONTRIBUTING.md").read_text()
-    block = text.split("```python\n", 1)[1].split("```", 1)[0]
-    assert len(block.splitlines()) < 30
-    return block
+PLUGIN = contributing_python_blocks()[0]  # the complete plugin shown in CONTRIBUTING.md, so it stays true
 
 
-PLUGIN = contributing_plugin()
-
-
-def install_plugin(site: Path, dist: str, entry: str, module: str, source: str) -> None:
-    """A real distribution on sys.path: a module plus dist-info with an entry_points.txt."""
-    (site / f"{module}.py").write_text(textwrap.dedent(source))
-    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"  # wheel naming: one dash
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[selproj]\n{entry} = {module}\n")
-    importlib.invalidate_caches()  # importlib.metadata caches directory listings by mtime
+def test_the_documented_plugin_is_short():
+    assert len(PLUGIN.splitlines()) < 30
 
 
 @pytest.fixture
@@ -45,7 +30,8 @@ def site(tmp_path, monkeypatch):
     registry_module.registry(reload=True)
 
 
-def test_entry_point_plugin_is_a_strategy(site, paraphrased):
+def test_entry_point_plugin_is_a_strategy(site, synthetic_paraphrased):
+    paraphrased = synthetic_paraphrased
     install_plugin(site, "selproj-attn", "attn", "selproj_attn_plugin", PLUGIN)
     registry_module.registry(reload=True)
     assert list_strategies()["attention_only"] == "every attention projection (q, k, v, o)"
@@ -119,13 +105,12 @@ def test_duplicate_strategy_name_is_refused(site):
     assert get_strategy("greedy").__class__.__module__ == "selproj_plugin.strategies.greedy"
 
 
+@pytest.mark.slow
 def test_cli_runs_a_plugin_strategy(tmp_path):
     install_plugin(tmp_path, "selproj-attn", "attn", "selproj_attn_cli", PLUGIN)
-    from tests.conftest import reference_path
-
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     out = subprocess.run(
-        [sys.executable, "-m", "benchmark.retrieval", "--table", str(reference_path("paraphrased")),
+        [sys.executable, "-m", "benchmark.retrieval", "--table", str(synthetic_path("paraphrased")),
          "--strategy", "attention_only,full"], capture_output=True, text=True, env=env, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr

@@ -7,12 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_benchmark_pipeline import small_dataset, tiny_model_dir  # noqa: F401
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_engine_only_times_engine_and_loop_and_checks_them_against_each_other(tiny_model_dir, small_dataset,  # noqa: F811
+@pytest.mark.slow
+def test_engine_only_times_engine_and_loop_and_checks_them_against_each_other(tiny_model_dir, small_dataset,
                                                                               tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--model", str(tiny_model_dir),
@@ -41,6 +42,7 @@ def test_engine_only_times_engine_and_loop_and_checks_them_against_each_other(ti
     assert "aten calls" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_bad_dataset_is_one_line_before_any_worker(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--dataset",
                            str(tmp_path / "missing.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -48,7 +50,8 @@ def test_a_bad_dataset_is_one_line_before_any_worker(tmp_path):
     assert proc.stderr.strip() == f"error: dataset file not found: {tmp_path / 'missing.jsonl'}"
 
 
-def test_bfloat16_errors_are_measured_against_a_float32_reference(tiny_model_dir, small_dataset, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_bfloat16_errors_are_measured_against_a_float32_reference(tiny_model_dir, small_dataset, tmp_path):
     """Two bfloat16 runs differ by bfloat16's own error: the engine and the loop are each measured against
     a float32 loop on the same weights, side by side (on an H200 the bf16 loop alone gave a 0.51 'error')."""
     out = tmp_path / "speed.json"
@@ -63,7 +66,8 @@ def test_bfloat16_errors_are_measured_against_a_float32_reference(tiny_model_dir
     assert "the bfloat16 loop's own" in proc.stdout
 
 
-def test_the_engines_memory_limit_is_an_option_and_its_spill_is_reported(tiny_model_dir, small_dataset,  # noqa: F811
+@pytest.mark.slow
+def test_the_engines_memory_limit_is_an_option_and_its_spill_is_reported(tiny_model_dir, small_dataset,
                                                                           tmp_path):
     """--memory-limit-gb is the projection worker's; the engine's own limit decides whether its kept factors
     spill (their writes count as dot time), so a side-by-side run states it."""
@@ -81,6 +85,7 @@ def test_the_engines_memory_limit_is_an_option_and_its_spill_is_reported(tiny_mo
     assert spilled["0"] > 0 and spilled["8"] == 0
 
 
+@pytest.mark.slow
 def test_a_negative_engine_memory_limit_is_one_line_before_any_worker():
     proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--engine-memory-limit-gb", "-1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -104,7 +109,8 @@ def test_loop_flops_count_six_per_weight_and_token_of_every_pass():
     assert loop_flops(model, tok, [a, b], [c, d], [[0, 1], [1, 1]]) == expected
 
 
-def test_fullset_compares_every_original_as_a_candidate_and_states_the_flop_bound(tiny_model_dir, small_dataset,  # noqa: F811
+@pytest.mark.slow
+def test_fullset_compares_every_original_as_a_candidate_and_states_the_flop_bound(tiny_model_dir, small_dataset,
                                                                                 tmp_path):
     out = tmp_path / "fullset.json"
     proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "fullset", "--model", str(tiny_model_dir),

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from selproj_plugin.table import ComponentTable, TableError
-from tests.conftest import make_arrays
+from tests.data import make_reference
+from tests.helpers import SETTINGS, make_arrays, reference_path, synthetic_path
 
 
 def test_round_trip_keeps_every_array(tmp_path):
@@ -20,11 +21,34 @@ def test_round_trip_keeps_every_array(tmp_path):
     assert list(loaded.kinds) == ["down"] * 4 and list(loaded.layers) == [0, 1, 2, 3]
 
 
-def test_reference_files_load_with_kinds(paraphrased):
-    assert paraphrased.cross.shape == (988, 5, 113)
-    assert paraphrased.kinds[0] == "embed" and paraphrased.layers[0] == -1
-    assert paraphrased.total_params == 1_176_764_416
-    assert paraphrased.labels[-1] == "L15 down"
+@pytest.mark.parametrize("fixture, queries", [("paraphrased", 988), ("synthetic_paraphrased", 48)])
+def test_reference_files_load_with_kinds(fixture, queries, request):
+    table = request.getfixturevalue(fixture)
+    assert table.cross.shape == (queries, 5, 113)
+    assert table.kinds[0] == "embed" and table.layers[0] == -1
+    assert table.total_params == 1_176_764_416
+    assert table.labels[-1] == "L15 down"
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_the_committed_synthetic_tables_are_what_their_script_writes(setting):
+    """tests/data/make_reference.py is the whole source of the committed tables (nothing from ../shared)."""
+    made = make_reference.tables()[setting]
+    with np.load(synthetic_path(setting)) as committed:
+        assert sorted(committed.files) == sorted(made)
+        for key, value in made.items():
+            np.testing.assert_array_equal(committed[key], value, err_msg=key)
+
+
+def test_the_synthetic_tables_have_the_papers_schema():
+    """Same keys, dtypes and components as the paper's tables (where ../shared is present)."""
+    with np.load(reference_path("paraphrased")) as paper, np.load(synthetic_path("paraphrased")) as synthetic:
+        assert sorted(paper.files) == sorted(synthetic.files)
+        for key in paper.files:
+            assert paper[key].dtype.kind == synthetic[key].dtype.kind, key
+            assert paper[key].shape[2:] == synthetic[key].shape[2:], key
+        np.testing.assert_array_equal(paper["components"], synthetic["components"])
+        np.testing.assert_array_equal(paper["num_params"], synthetic["num_params"])
 
 
 @pytest.mark.parametrize("change, message", [

@@ -108,3 +108,40 @@ def naive_grads(m: torch.nn.Module, enc: Encoded) -> dict[str, torch.Tensor]:
     loss = F.cross_entropy(logits[keep].double(), labels[keep])
     loss.backward()
     return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+NAIVE_TOL = 1e-5  # relative error allowed against the naive loop
+
+
+def naive(model, tok, samples, max_length=512) -> list[dict[str, torch.Tensor]]:
+    """Per-sample gradients of ``samples`` by the naive loop."""
+    from selproj_plugin.loss import encode_samples
+
+    enc, _ = encode_samples(tok, samples, max_length)
+    return [naive_grads(model, e) for e in enc]
+
+
+def component_vector(model, grads, comp) -> torch.Tensor:
+    """One component's gradient as a float64 vector (zeros for parameters that took no gradient)."""
+    params = dict(model.named_parameters())
+    return torch.cat([grads[p].reshape(-1) if p in grads else torch.zeros(params[p].numel())
+                      for p in comp.param_names]).double()
+
+
+def naive_dots(model, comps, ga, gb):
+    """[len(ga), len(gb), len(comps)] per-component dot products of naive gradients."""
+    import numpy as np
+
+    return np.array([[[float(component_vector(model, a, c) @ component_vector(model, b, c)) for c in comps] for b in gb] for a in ga])
+
+
+def convert_tiny(count, delay: float = 0.0):
+    """A stand-in for the embedded model's GGUF conversion that counts its calls in ``count`` (one byte each)."""
+    import time
+
+    def convert():
+        with open(count, "a") as fh:
+            fh.write("x")
+        time.sleep(delay)
+        return model("llama", tied=True), tokenizer()
+    return convert
