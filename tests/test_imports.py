@@ -105,7 +105,7 @@ def graph():
 def test_the_walk_sees_every_package(graph):
     assert {"selproj_plugin.engine", "selproj_plugin.strategies.base", "selproj_plugin.adapters.trak",
             "benchmark.retrieval"} <= set(graph)
-    assert "selproj_plugin.components" in graph["selproj_plugin.engine"]
+    assert "selproj_plugin.capture" in graph["selproj_plugin.engine"]
     assert "selproj_plugin.strategies.base" in graph["selproj_plugin.adapters._common"]
     assert [layer(n) for n in ("selproj_plugin.table", "selproj_plugin.adapters.trak", "benchmark.docs")] == [0, 1, 2]
 
