@@ -1,8 +1,8 @@
 """Fixtures shared by the test modules (helpers: tests/helpers.py, tests/tiny.py, tests/attribution.py).
 
 Tables: ``paraphrased`` and ``model_generated`` are the paper's (../shared, skipped with one reason when
-absent); ``synthetic_paraphrased`` and ``synthetic_model_generated`` are committed tables of the same schema,
-so the table paths run on a fresh clone.
+absent); ``synthetic_paraphrased`` is a committed table of the same schema (tests/data/reference), so the
+table paths run on a fresh clone.
 """
 
 from __future__ import annotations
@@ -33,32 +33,25 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"{len(skipped)} tests skipped: {PAPER_SKIP}", yellow=True, bold=True)
 
 
-@pytest.fixture(scope="session")
-def paraphrased():
+def _table(path: Path):
     from selproj_plugin.table import ComponentTable
 
-    return ComponentTable.load(reference_path("paraphrased"))
+    return ComponentTable.load(path)
+
+
+@pytest.fixture(scope="session")
+def paraphrased():
+    return _table(reference_path("paraphrased"))
 
 
 @pytest.fixture(scope="session")
 def model_generated():
-    from selproj_plugin.table import ComponentTable
-
-    return ComponentTable.load(reference_path("model_generated"))
+    return _table(reference_path("model_generated"))
 
 
 @pytest.fixture(scope="session")
 def synthetic_paraphrased():
-    from selproj_plugin.table import ComponentTable
-
-    return ComponentTable.load(synthetic_path("paraphrased"))
-
-
-@pytest.fixture(scope="session")
-def synthetic_model_generated():
-    from selproj_plugin.table import ComponentTable
-
-    return ComponentTable.load(synthetic_path("model_generated"))
+    return _table(synthetic_path("paraphrased"))
 
 
 # ---- the benchmark pipeline on a tiny model saved to disk ---------------------------------------
