@@ -3,8 +3,9 @@
 # within 8 minutes on one GPU. Per dtype: 32 queries x 5 candidates (loop timed on 4) and every original a
 # candidate at 16 x 16 (loop timed on 2). The projection comparison runs on the CPU whatever the device, so it
 # is left to the CPU benchmark. Writes $OUT/speed-<dtype>.json and $OUT/fullset-<dtype>.json (OUT defaults to
-# ./gpu-check) with each run's log beside it, and prints one line per figure. DEVICE, DTYPES, QUERIES,
-# FULLSET, MODEL, TIMEOUT (seconds per run) and PYTHON override the defaults.
+# ./gpu-check) with each run's log beside it, and prints one line per figure, the aten-call proxy included (ops per
+# pair, capture's calls over a plain batched forward+backward, tokens/s of both). DEVICE, DTYPES, QUERIES,
+# OPS_QUERIES, FULLSET, MODEL, TIMEOUT (seconds per run) and PYTHON override the defaults.
 # TIMEOUT's default leaves room for the engine part of benchmark.speed at 32 queries on an H200-class GPU
 # (docs/benchmarks.md#on-a-gpu); every part of it at once takes several times longer.
 set -uo pipefail
@@ -28,8 +29,11 @@ speed() {  # speed <json> <args...>: one benchmark.speed run under the time limi
 }
 for dtype in ${DTYPES:-float32 bfloat16}; do
     speed "$out/speed-$dtype.json" --only engine --dtype "$dtype" --queries "${QUERIES:-32}" --loop-queries 4 \
+            --ops-queries "${OPS_QUERIES:-16}" \
         && "$py" - "$out/speed-$dtype.json" <<'PY' || status=1
 import json, sys
+
+from benchmark.speed import print_ops
 
 r = json.load(open(sys.argv[1]))
 tag = f"{r['dtype']} on {r['device']}"
@@ -40,6 +44,11 @@ print(f"{tag}: engine {r['engine_seconds']:.1f} s for {r['queries']}x{r['k']} (c
 print(f"{tag}: paper loop {r['loop_seconds_extrapolated']:.1f} s extrapolated, speedup_vs_loop {r['speedup_vs_loop']:.2f}x")
 print(f"{tag}: largest relative difference to {r['reference']} {r['max_rel_error']:.2e} (self dots "
       f"{r['max_rel_error_self']:.2e}); the loop's own {r['loop_max_rel_error']:.2e} ({r['loop_max_rel_error_self']:.2e})")
+if r.get("ops"):  # the cost proxy: aten calls a pair, capture's against a plain forward+backward, both tokens/s
+    print(f"{tag}: ", end="")
+    print_ops(r["ops"])
+else:
+    print(f"{tag}: no aten-call count (OPS_QUERIES=0)")
 PY
     speed "$out/fullset-$dtype.json" --only fullset --dtype "$dtype" --fullset-queries "${FULLSET:-16}" \
             --fullset-loop-queries 2 \

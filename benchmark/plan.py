@@ -45,7 +45,7 @@ def plan(args: argparse.Namespace) -> dict:
     from selproj_plugin.capture import GradientCapture
     from selproj_plugin.components import catalogue
     from selproj_plugin.gram import MEMORY_BOUND_WEIGHT, choose_modes
-    from selproj_plugin.budget import PAIR_CHUNK_BYTES
+    from selproj_plugin.budget import PAIR_CHUNK_BYTES, device_batch_tokens
     from selproj_plugin.planner import choose_order, factor_tensors, factor_widths, plan_pairs
 
     config = AutoConfig.for_model(**json.loads(Path(args.config).read_text()))
@@ -72,11 +72,18 @@ def plan(args: argparse.Namespace) -> dict:
     model_bytes = params * 4
     resident = int(args.host_overhead_gb * GiB)  # interpreter, torch, CUDA context; the weights live on the GPU
     store_budget = max(0.0, args.memory_limit_gb * GiB - resident - 2 * PAIR_CHUNK_BYTES)
-    device_budget = max(0.0, args.device_memory_gb * GiB - model_bytes) / 2  # the engine's default share on CUDA
+    free = max(0.0, args.device_memory_gb * GiB - model_bytes)
+    device_budget = free / 2  # the engine's default share on CUDA
+    if args.batch_tokens is None:  # as the engine sizes a batch on CUDA, from the memory the weights leave
+        batch_tokens = device_batch_tokens(free, device_budget, widths.batch_bytes_per_token)
+        batch_why = (f"half of the {free / GiB:.1f} GiB the weights leave less {device_budget / GiB:.1f} GiB for kept "
+                     f"factors, at {widths.batch_bytes_per_token / 2**20:.2f} MiB a token")
+    else:
+        batch_tokens, batch_why = args.batch_tokens, "--batch-tokens"
     table = plan_pairs(lengths.tolist(), targets.tolist(), q_of, c_of, widths, store_budget=store_budget,
                        device_budget=device_budget, spill_allowance=args.max_spill_gb * GiB, resident_bytes=resident,
-                       batch_tokens=args.batch_tokens)
-    table.materialise = frozenset(materialise)
+                       batch_tokens=batch_tokens)
+    table.materialise, table.batch_why = frozenset(materialise), batch_why
     table = choose_order(table, factor_widths(capture, specs, (), tensors), sum(s.rows * s.cols for s in specs),
                          table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)))
     table.on_device = True
@@ -117,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-spill-gb", type=float, default=0.0, help="disk for kept factors (default 0: recompute)")
     p.add_argument("--host-overhead-gb", type=float, default=3.0, help="host memory the process holds besides factors")
     p.add_argument("--device-memory-gb", type=float, default=80.0)
-    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per capture batch")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens per capture batch (default: as the engine sizes it from the device's memory)")
     p.add_argument("--tflops", type=float, default=50.0,
                    help="sustained throughput for GPU-hours (default 50: fp32 at about 75%% of an H100's 67)")
     p.add_argument("--seed", type=int, default=0)

@@ -408,7 +408,8 @@ def _print_flops(f: dict, speedup: float) -> None:
           f"measured {speedup:.1f}x")
 
 
-def _print_ops(ops: dict) -> None:
+def print_ops(ops: dict) -> None:
+    """One line of the GPU cost proxy (``worker_ops``'s record); ``benchmark/gpu_check.sh`` prints it too."""
     print(f"aten calls ({ops['queries']}x{ops['pairs'] // max(1, ops['queries'])}, {ops['distinct_samples']} samples, {ops['dot_order']} order): "
           f"table {ops['table_ops']:,} = {ops['table_ops_over_plain']:.2f}x a plain forward+backward in batches of "
           f"{ops['plain_batch']} ({ops['plain_ops']:,}), {ops['ops_per_pair']:.0f} a pair; capture "
@@ -572,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
           f"against capture {engine['timings']['capture_s']:.1f}s (ratio {result['dots_over_capture']:.2f})")
     _print_flops(result, result["speedup_vs_loop"])
     if ops:
-        _print_ops(ops)
+        print_ops(ops)
     if fullset:
         _print_fullset(fullset)
     if proj is not None:

@@ -3,20 +3,24 @@ disk the factor store may fill, and the buffers the executors read pairs and blo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from selproj_plugin import distributed
 from selproj_plugin.engine_config import EngineConfig
 
 if TYPE_CHECKING:
     from selproj_plugin.prepared import Prepared
 
 PAIR_CHUNK_BYTES = 256 * 2**20  # stored partners' factors read back per Gram call
+CPU_BATCH_TOKENS = 512  # padded tokens per capture batch off CUDA: about 3 samples, arithmetic-bound on a CPU
+GiB = 2**30
 GRAM_BLOCK_BYTES = 256 * 2**20  # component-major order: one block of every sample's materialised gradient rows
 
 
@@ -40,8 +44,8 @@ def store_budget(prep: "Prepared", config: EngineConfig, dense_bytes: int = 0) -
         raise ValueError(f"memory_limit_gb must be at least 0, got {config.memory_limit_gb}")
     per_token = 2 * 4 * sum(s.rows + s.cols for s in prep.specs if s.kind == "factor")
     held = resident_bytes(prep.capture.model)
-    return max(0.0, config.memory_limit_gb * 2**30 - held - config.batch_tokens * per_token - dense_bytes
-               - 2 * PAIR_CHUNK_BYTES)
+    batch = config.batch_tokens * per_token if torch.device(config.device).type == "cpu" else 0  # else on the device
+    return max(0.0, config.memory_limit_gb * 2**30 - held - batch - dense_bytes - 2 * PAIR_CHUNK_BYTES)
 
 
 def device_budget(config: EngineConfig) -> float:
@@ -56,6 +60,40 @@ def device_budget(config: EngineConfig) -> float:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] / 2  # the other half: capture batches, Grams, other processes
     return 0.0
+
+
+def device_batch_tokens(free_bytes: float, kept_bytes: float, per_token: int) -> int:
+    """Padded tokens of a capture batch in accelerator memory: half of what the kept factors (``kept_bytes``) leave
+    of ``free_bytes``, at ``per_token`` bytes a token; the other half for Grams, pair buffers and the allocator."""
+    return max(1, int(max(0.0, free_bytes - kept_bytes) / 2 // max(1, per_token)))
+
+
+def batch_tokens(config: EngineConfig, per_token: Callable[[], int]) -> tuple[int, str]:
+    """A capture batch's padded tokens and why: ``config.batch_tokens`` when given, else
+    :data:`CPU_BATCH_TOKENS` off CUDA, else :func:`device_batch_tokens` of the device's free memory now, less the
+    kept factors' share of it (:func:`device_budget`), at ``per_token()`` bytes (what the planner charges a batch)."""
+    if config.batch_tokens is not None:
+        if config.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be at least 1, got {config.batch_tokens}")
+        return config.batch_tokens, "EngineConfig.batch_tokens"
+    device = torch.device(config.device)
+    if device.type != "cuda":
+        return CPU_BATCH_TOKENS, f"the default off CUDA ({device.type})"
+    free, kept, width = torch.cuda.mem_get_info(device)[0], device_budget(config), per_token()
+    return device_batch_tokens(free, kept, width), (
+        f"half of the {free / GiB:.1f} GiB free on {device} less {kept / GiB:.1f} GiB for kept factors, "
+        f"at {width / 2**20:.2f} MiB a token")
+
+
+def sized(prep: "Prepared", config: EngineConfig, world: int = 1) -> tuple[EngineConfig, str]:
+    """``config`` with its capture batch's padded tokens decided (:func:`batch_tokens`), and
+    why; under torch.distributed (``world`` > 1) the smallest rank's, so every rank forms the same batches."""
+    tokens, why = batch_tokens(config, lambda: prep.widths().batch_bytes_per_token)
+    if world > 1 and config.batch_tokens is None and torch.device(config.device).type == "cuda":  # each rank's memory
+        every = distributed.gather(tokens)
+        if min(every) != tokens:
+            tokens, why = min(every), f"the smallest of the ranks' {sorted(set(every))}"
+    return dataclasses.replace(config, batch_tokens=tokens), why
 
 
 def spill_allowance(config: EngineConfig) -> float:

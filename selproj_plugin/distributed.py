@@ -143,9 +143,14 @@ def gather(obj: T) -> list[T]:
     return out
 
 
+def ranks(across_ranks: bool) -> tuple[int, int]:
+    """(rank, world size) under torch.distributed when work is shared ``across_ranks``, else (0, 1)."""
+    return rank_world() if across_ranks else (0, 1)
+
+
 def deal(items: list[T], across_ranks: bool) -> list[T]:
     """The items (batches) this rank computes: all of them, or its round-robin deal under torch.distributed."""
-    rank, world = rank_world() if across_ranks else (0, 1)
+    rank, world = ranks(across_ranks)
     return items[rank::world]
 
 

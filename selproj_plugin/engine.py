@@ -13,6 +13,7 @@ stores the cosines of their outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,7 +23,7 @@ import torch
 
 from selproj_plugin import distributed
 from selproj_plugin.batching import batches, passes
-from selproj_plugin.budget import device_budget, spill_allowance, store_budget
+from selproj_plugin.budget import device_budget, sized, spill_allowance, store_budget
 from selproj_plugin.capture import SampleFactors, matrix_form, to_param_layout
 from selproj_plugin.engine_config import EngineConfig, MemoryLimitWarning
 from selproj_plugin.factor_store import FactorStore
@@ -79,7 +80,7 @@ def build_table(
     then saves its share to ``shard_path(rank, world)`` when given, and reuses a shard file
     already there.
     """
-    rank, world = distributed.rank_world() if across_ranks else (0, 1)
+    rank, world = distributed.ranks(across_ranks)
     shard_file = Path(shard_path(rank, world)) if shard_path is not None and world > 1 else None
     config = config or EngineConfig()
     t0 = time.perf_counter()
@@ -96,6 +97,7 @@ def build_table(
     prep = prepare(model, tokenizer, components, scope)
     projector = Projector(prep.specs, transforms) if transforms else None
     plan, n_truncated = plan_samples(prep, tokenizer, queries, candidates, candidate_index, config, world)
+    config = dataclasses.replace(config, batch_tokens=plan.batch_tokens)  # the plan's batches, whatever was asked
     encode_s = time.perf_counter() - t0
     names = [s.name for s in prep.specs]
     if shard_file is not None and shard_file.is_file():
@@ -155,7 +157,7 @@ def plan_table(model: torch.nn.Module, tokenizer: Any, queries: Sequence[Sample]
     config = config or EngineConfig()
     prep = prepare(model, tokenizer, components, scope)
     candidate_index = np.asarray(candidate_index, dtype=np.int64).reshape(len(queries), -1)
-    world = distributed.rank_world()[1] if across_ranks else 1
+    world = distributed.ranks(across_ranks)[1]
     return plan_samples(prep, tokenizer, queries, candidates, candidate_index, config, world)[0]
 
 
@@ -170,6 +172,7 @@ def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sa
     """
     config = config or EngineConfig()
     prep = prepare(model, tokenizer, components, scope)
+    config = sized(prep, config, distributed.ranks(across_ranks)[1])[0]
     encoded, _ = encode_samples(tokenizer, samples, config.max_length)
     dealt = distributed.deal(list(batches(encoded, range(len(samples)), config)), across_ranks)
     out = {s.name: torch.zeros(len(samples), s.component.num_params) for s in prep.specs}
@@ -198,6 +201,7 @@ def projected_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence
     config = config or EngineConfig()
     prep = prepare(model, tokenizer, [c.name for c in transform.components], scope)
     projector = Projector(prep.specs, [transform])
+    config = sized(prep, config, distributed.ranks(across_ranks)[1])[0]
     encoded, _ = encode_samples(tokenizer, samples, config.max_length)
     dealt = distributed.deal(list(batches(encoded, range(len(samples)), config)), across_ranks)
     mine = {}
@@ -222,6 +226,7 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
     """
     config = config or EngineConfig()
     prep = prepare(model, tokenizer, components, scope)
+    config = sized(prep, config, distributed.ranks(across_ranks)[1])[0]
     unique, pos = dedupe(list(samples_a) + list(samples_b))
     encoded, _ = encode_samples(tokenizer, unique, config.max_length)
     a_of = [pos[s.id] for s in samples_a]

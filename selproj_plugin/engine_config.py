@@ -15,7 +15,9 @@ class EngineConfig:
     """Knobs of the engine; defaults suit a 135M model on a laptop CPU."""
 
     batch_size: int = 8
-    batch_tokens: int = 512  # padded tokens per capture batch (at least one sample): bounds activations
+    # padded tokens per capture batch (at least one sample): bounds activations.  None: 512 off CUDA; on CUDA half
+    # of the device memory the kept factors leave free, at the model's captured bytes a token (budget.batch_tokens)
+    batch_tokens: int | None = None
     max_length: int = 512
     memory_limit_gb: float = 3.5  # the process's budget: factors beyond what the model and one batch leave are spilled
     device: str = "cpu"

@@ -26,7 +26,9 @@ import torch
 
 from selproj_plugin import distributed
 from selproj_plugin.batching import batches, units
-from selproj_plugin.budget import GRAM_BLOCK_BYTES, PAIR_CHUNK_BYTES, device_budget, resident_bytes, spill_allowance, store_budget
+from selproj_plugin.budget import (
+    GRAM_BLOCK_BYTES, PAIR_CHUNK_BYTES, device_budget, resident_bytes, sized, spill_allowance, store_budget,
+)
 from selproj_plugin.capture import ComponentSpec, GradientCapture
 from selproj_plugin.engine_config import EngineConfig, MemoryLimitWarning
 from selproj_plugin.gram import MEMORY_BOUND_WEIGHT
@@ -168,6 +170,7 @@ class TablePlan:
     resident_bytes: int
     batch_tokens: int
     widths: FactorWidths
+    batch_why: str = ""  # how ``batch_tokens`` was chosen
     materialise: frozenset[str] = frozenset()  # components captured as whole gradients rather than factors
     on_device: bool = False  # capture batches and groups live in accelerator memory, kept factors in host RAM
     device_budget: float = 0.0  # of ``store_budget``: kept factors held in accelerator memory, not host RAM
@@ -334,6 +337,7 @@ class TablePlan:
             "kept_device_bytes": self.device_kept_bytes,
             "spill_bytes": self.spill_bytes, "store_budget_bytes": int(self.store_budget),
             "spill_allowance_bytes": int(self.spill_allowance), "resident_bytes": self.resident_bytes,
+            "batch_tokens": self.batch_tokens, "batch_tokens_why": self.batch_why,
             "batch_bytes": self.batch_bytes, "group_bytes": self.group_bytes,
             "predicted_peak_bytes": self.peak_bytes, "capture_flops": self.capture_flops(),
             "dot_flops": self.dot_flops(),
@@ -354,7 +358,8 @@ class TablePlan:
             + f" of a {g(s['store_budget_bytes'])} budget), "
             f"{s['kept_spilled']} spilled ({g(s['spill_bytes'])} of a {g(s['spill_allowance_bytes'])} allowance)",
             f"  passes: {s['captures']} captures for {s['samples']} samples ({s['recomputed']} recomputed; at most "
-            f"{s['passes_per_sample_max']} per sample)",
+            f"{s['passes_per_sample_max']} per sample), in batches of up to {self.batch_tokens:,} padded tokens"
+            + (f" ({self.batch_why})" if self.batch_why else ""),
             f"  flops: capture {s['capture_flops'] / 1e12:.1f} TFLOP, dots {s['dot_flops'] / 1e12:.1f} TFLOP "
             + (f"(every sample's {self.dense_params:,} parameters materialised once, pairs by matrix products)"
                if self.dot_order == "gram" else f"({s['materialised_components']} components materialised)"),
@@ -462,8 +467,10 @@ def choose_order(plan: TablePlan, widths: FactorWidths, dense_params: int, strea
 def plan_samples(prep: "Prepared", tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
                  candidate_index: np.ndarray, config: EngineConfig, world: int = 1) -> tuple[TablePlan, int]:
     """The plan of a table of ``queries`` x ``candidates[candidate_index]`` under ``config`` (the budgets of the
-    tightest of ``world`` ranks), with the samples it was made for, and how many samples were truncated."""
+    tightest of ``world`` ranks), with the samples it was made for, and how many samples were truncated.  Its
+    ``batch_tokens`` are what ``config`` asks for or, left to the engine, what the device allows."""
     check_order(config.dot_order)
+    config, batch_why = sized(prep, config, world)
     unique, pos = dedupe(list(queries) + list(candidates))
     encoded, n_truncated = encode_samples(tokenizer, unique, config.max_length)
     n_q, n_k = candidate_index.shape
@@ -481,7 +488,8 @@ def plan_samples(prep: "Prepared", tokenizer: Any, queries: Sequence[Sample], ca
     table = plan_pairs(lengths, [e.n_targets for e in encoded], q_of, c_of, widths,
                        store_budget=budget, device_budget=on_device, spill_allowance=allowance,
                        resident_bytes=resident_bytes(prep.capture.model), batch_tokens=config.batch_tokens)
-    table.materialise = frozenset(materialise)
+    table.materialise, table.batch_why = frozenset(materialise), batch_why
+    table.on_device = torch.device(config.device).type != "cpu"
     if world == 1:  # component by component runs in one process
         table = choose_order(table, prep.widths(), sum(s.rows * s.cols for s in prep.specs),
                              table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)), config.dot_order)

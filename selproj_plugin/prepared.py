@@ -12,6 +12,7 @@ import torch
 
 from selproj_plugin import distributed
 from selproj_plugin.batching import batches
+from selproj_plugin.budget import sized
 from selproj_plugin.capture import ComponentSpec, GradientCapture, SampleFactors
 from selproj_plugin.components import catalogue, check_scope, select
 from selproj_plugin.engine_config import EngineConfig
@@ -68,6 +69,7 @@ def prepare(model: torch.nn.Module, tokenizer: Any, components: Sequence[str] | 
 
 def capture_batches(prep: Prepared, tokenizer: Any, samples: Sequence[Sample], config: EngineConfig) -> list[Batch]:
     """``samples`` collated in the batches the engine captures them in (benchmarks time a plain pass on the same)."""
+    config = sized(prep, config)[0]
     encoded, _ = encode_samples(tokenizer, samples, config.max_length)
     return [collate([encoded[i] for i in idx], prep.pad_id, config.device)
             for idx in batches(encoded, range(len(encoded)), config)]
@@ -77,6 +79,7 @@ def iter_factors(prep: Prepared, encoded: Sequence[Encoded], indices: Sequence[i
                  materialise: set[str] = frozenset(), label: str = "samples") -> Iterator[tuple[int, SampleFactors]]:
     """Factors of ``encoded[i]`` for each i in ``indices`` (each in memory of its own, safe to keep): one
     forward/backward per length-sorted batch."""
+    config = sized(prep, config)[0]
     for i, f in capture(prep, encoded, list(batches(encoded, indices, config)), config, materialise, label):
         own = f.compact()
         del f

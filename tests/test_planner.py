@@ -359,3 +359,57 @@ def test_a_spill_directory_not_made_yet_is_measured_at_its_nearest_existing_pare
     config = EngineConfig(progress=False, spill_dir=str(tmp_path / "not" / "made" / "yet"))
     plan = plan_table(model, tok, tiny.SAMPLES[:1], tiny.SAMPLES, np.array([[1, 2]]), config=config)
     assert plan.spill_allowance == pytest.approx(shutil.disk_usage(tmp_path).free / 2, rel=0.05)
+
+
+def _fake_cuda(monkeypatch, free_gib: float) -> None:
+    """The device query of a CUDA device with ``free_gib`` free (no GPU here: nothing else asks CUDA)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), 80 * 2**30))
+
+
+def test_capture_batch_tokens_on_cuda_come_from_free_device_memory(monkeypatch):
+    from selproj_plugin.budget import batch_tokens
+
+    per_token = 2 * 2**20  # about SmolLM2-135M's captured bytes a token, twice
+    cuda = EngineConfig(device="cuda")
+    _fake_cuda(monkeypatch, 40)
+    tokens, why = batch_tokens(cuda, lambda: per_token)
+    # kept factors take half of the 40 GiB free and a batch half of the rest: 10 GiB at 2 MiB a token
+    assert tokens == 5120 and "40.0 GiB free" in why
+    assert batch_tokens(EngineConfig(device="cuda", device_memory_gb=30), lambda: per_token)[0] == 2560  # half of 10
+    _fake_cuda(monkeypatch, 10)
+    assert batch_tokens(cuda, lambda: per_token)[0] == 1280
+    assert batch_tokens(EngineConfig(device="cuda", batch_tokens=700), lambda: per_token) == (700, "EngineConfig.batch_tokens")
+    assert batch_tokens(EngineConfig(), lambda: 1 // 0)[0] == 512  # the CPU as before, no width asked for
+    with pytest.raises(ValueError, match="^batch_tokens must be at least 1, got 0$"):
+        batch_tokens(EngineConfig(batch_tokens=0), lambda: per_token)
+
+
+def test_a_plan_on_cuda_batches_what_free_memory_allows_and_says_why(monkeypatch):
+    """The planner charges a batch what it sizes it by: on CUDA the batch is device memory, half of what the kept
+    factors leave, and none of the host's."""
+    from selproj_plugin import distributed
+    from selproj_plugin.engine import plan_table
+
+    model, tok = tiny.model("llama", tied=True), tiny.tokenizer()
+    queries = [Sample(f"q{i}", f"Question number {i}?", f"Answer {i} " * (1 + i)) for i in range(12)]
+    args = (model, tok, queries, tiny.SAMPLES, np.arange(12)[:, None] % 5)
+    cpu = plan_table(*args, config=EngineConfig(batch_size=64, memory_limit_gb=64))
+    plans = {}
+    for free in (0.02, 0.08):  # a thousand and four thousand tokens of a tiny model's factors
+        _fake_cuda(monkeypatch, free)
+        plans[free] = plan_table(*args, config=EngineConfig(device="cuda", batch_size=64, memory_limit_gb=64))
+    small, large = plans[0.02], plans[0.08]
+    per_token = large.widths.batch_bytes_per_token
+    assert cpu.batch_tokens == 512 and len(cpu.units) > 1
+    assert 3.9 < large.batch_tokens / small.batch_tokens < 4.1 and large.batch_tokens > 2000
+    for free, plan in plans.items():
+        room = (free * 2**30 - plan.device_budget) / 2
+        assert room - per_token < plan.batch_bytes - plan.widths.per_sample <= room  # the batch fills its half
+        assert f"up to {plan.batch_tokens:,} padded tokens (half of the {free:.1f} GiB free on cuda" in plan.describe()
+        assert plan.summary()["batch_tokens"] == plan.batch_tokens and plan.on_device
+    assert len(large.units) == 1  # every streamed sample in one batch
+    monkeypatch.setattr(distributed, "rank_world", lambda: (0, 2))
+    monkeypatch.setattr(distributed, "gather", lambda mine: [mine, mine // 2 if isinstance(mine, int) else mine])  # rank 1
+    # has less free memory and the same budgets
+    shared = plan_table(*args, config=EngineConfig(device="cuda", batch_size=64, dot_order="stream"), across_ranks=True)
+    assert shared.batch_tokens == large.batch_tokens // 2 and "smallest of the ranks'" in shared.batch_why
