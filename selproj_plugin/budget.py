@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 PAIR_CHUNK_BYTES = 256 * 2**20  # stored partners' factors read back per Gram call
 CPU_BATCH_TOKENS = 512  # padded tokens per capture batch off CUDA: about 3 samples, arithmetic-bound on a CPU
+CPU_BATCH_SIZE = 8  # samples per capture batch off CUDA
 GiB = 2**30
 GRAM_BLOCK_BYTES = 256 * 2**20  # component-major order: one block of every sample's materialised gradient rows
 
@@ -93,7 +94,17 @@ def sized(prep: "Prepared", config: EngineConfig, world: int = 1) -> tuple[Engin
         every = distributed.gather(tokens)
         if min(every) != tokens:
             tokens, why = min(every), f"the smallest of the ranks' {sorted(set(every))}"
-    return dataclasses.replace(config, batch_tokens=tokens), why
+    return dataclasses.replace(config, batch_tokens=tokens, batch_size=batch_size(config, tokens)), why
+
+
+def batch_size(config: EngineConfig, tokens: int) -> int:
+    """Samples a capture batch may hold: ``config.batch_size`` when given, else :data:`CPU_BATCH_SIZE` off CUDA and
+    on CUDA as many as its ``tokens`` padded tokens allow (each sample takes at least one)."""
+    if config.batch_size is not None:
+        if config.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {config.batch_size}")
+        return config.batch_size
+    return tokens if torch.device(config.device).type == "cuda" else CPU_BATCH_SIZE
 
 
 def spill_allowance(config: EngineConfig) -> float:

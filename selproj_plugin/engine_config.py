@@ -14,7 +14,8 @@ class MemoryLimitWarning(UserWarning):
 class EngineConfig:
     """Knobs of the engine; defaults suit a 135M model on a laptop CPU."""
 
-    batch_size: int = 8
+    # samples per capture batch.  None: 8 off CUDA; on CUDA no cap of its own, so batch_tokens fills the device
+    batch_size: int | None = None
     # padded tokens per capture batch (at least one sample): bounds activations.  None: 512 off CUDA; on CUDA half
     # of the device memory the kept factors leave free, at the model's captured bytes a token (budget.batch_tokens)
     batch_tokens: int | None = None

@@ -413,3 +413,24 @@ def test_a_plan_on_cuda_batches_what_free_memory_allows_and_says_why(monkeypatch
     # has less free memory and the same budgets
     shared = plan_table(*args, config=EngineConfig(device="cuda", batch_size=64, dot_order="stream"), across_ranks=True)
     assert shared.batch_tokens == large.batch_tokens // 2 and "smallest of the ranks'" in shared.batch_why
+
+
+def test_on_cuda_the_sample_count_of_a_batch_follows_its_tokens_unless_asked_for(monkeypatch):
+    """Off CUDA a capture batch holds at most 8 samples; on CUDA the padded tokens alone bound it, so a GPU gets
+    every sample its memory allows in one forward; an explicit batch_size caps both."""
+    from selproj_plugin.engine import plan_table
+
+    model, tok = tiny.model("llama", tied=True), tiny.tokenizer()
+    queries = [Sample(f"q{i}", f"Question number {i}?", "Short answer.") for i in range(20)]
+    args = (model, tok, queries, tiny.SAMPLES, np.arange(20)[:, None] % 5)
+
+    def largest_batch(config: EngineConfig) -> int:
+        plan = plan_table(*args, config=config)
+        return max(len(unit) for unit in plan.units if all(len(g) == 1 for g in unit))
+
+    assert largest_batch(EngineConfig(memory_limit_gb=64, dot_order="stream", batch_tokens=10_000)) == 8
+    _fake_cuda(monkeypatch, 0.08)
+    assert largest_batch(EngineConfig(device="cuda", memory_limit_gb=64, dot_order="stream")) == 20
+    assert largest_batch(EngineConfig(device="cuda", memory_limit_gb=64, dot_order="stream", batch_size=6)) == 6
+    with pytest.raises(ValueError, match="^batch_size must be at least 1, got 0$"):
+        plan_table(*args, config=EngineConfig(batch_size=0))
