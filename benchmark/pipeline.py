@@ -1,8 +1,9 @@
 """Build the benchmark's component tables from a model and a dataset, stage by stage, cached.
 
-Stages: load model -> load dataset -> candidates (BM25 top-k or the full set) ->
-generations (``generated`` setting) -> one component table for all settings (the
-candidates' gradients are shared) -> one table per setting.
+Stages: load model -> load dataset -> fine-tune (the embedded model, on the originals; see
+:mod:`benchmark.finetune`) -> per checkpoint: generations (``generated`` setting) -> one component
+table for all settings over the whole pool (the candidates' gradients are shared) -> per setting, the
+table of each query's BM25 top-k candidates and the whole-pool table for MRR and recall@k.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from benchmark.cache import StageCache, digest, package_version, tokenizer_digest
 from benchmark.candidates import bm25_scores, top_k
 from benchmark.data import Dataset, load_dataset
+from benchmark.finetune import FinetuneSettings
 from benchmark.generate import generate_responses
 from selproj_plugin.components import Component
 from selproj_plugin.samples import Sample
@@ -97,6 +99,8 @@ class PipelineOptions:
     max_spill_gb: float | None = None
     dot_order: str = "auto"  # the engine's: 'auto', 'stream' or 'gram'; one asked for is part of the table's key
     plan_only: bool = False  # stop before the table: PipelineResult.plan says what building it would do
+    pool_ranking: bool = True  # the table covers every original: whole-pool MRR and recall@k beside top-1 of k
+    finetune: FinetuneSettings | None = None  # train on the originals first (None or 0 epochs: as loaded)
     cache_dir: str | None = None
     progress: bool = True
 
@@ -113,6 +117,12 @@ class PipelineResult:
     bm25: dict[str, np.ndarray] = field(default_factory=dict)  # per setting, [Q, K] BM25 score of each candidate
     similarity: dict[str, Similarity] = field(default_factory=dict)  # per setting, cosines from per-sample gradients
     plan: Any = None  # the table's TablePlan when the run was planned, not built
+    pool_tables: dict[str, ComponentTable] = field(default_factory=dict)  # per setting, every original a candidate
+    pool_bm25: dict[str, np.ndarray] = field(default_factory=dict)  # [Q, P] BM25 over the whole pool
+    pool_similarity: dict[str, Similarity] = field(default_factory=dict)
+    finetune: dict[str, Any] | None = None  # the fine-tune's lineage record
+    checkpoints: list["PipelineResult"] = field(default_factory=list)  # each checkpoint's, the base first
+    checkpoint_info: dict[str, Any] = field(default_factory=dict)  # step and learning rate of this checkpoint
 
 
 def parse_settings(text: str) -> tuple[str, ...]:
@@ -135,16 +145,15 @@ def _queries(setting: str, dataset: Dataset, generations: dict[str, str]) -> lis
 
 
 def build_tables(opts: PipelineOptions) -> PipelineResult:
-    """Run every stage, reusing the cache; returns one validated table per setting."""
-    import torch
+    """Run every stage, reusing the cache; returns one validated table per setting.
 
-    from selproj_plugin.components import catalogue
+    With a fine-tune, the tables are the trained model's, and ``checkpoints`` holds every checkpoint's
+    result (the base model first, the trained model last) when more than one was asked for.
+    """
     from selproj_plugin import distributed
-    from selproj_plugin.engine import EngineConfig, build_table, plan_table
     from selproj_plugin.models import DEFAULT_MODEL_NAME, load_model, weights_fingerprint
 
     stages: dict[str, float] = {}
-    world = distributed.rank_world()[1]
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -155,8 +164,12 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
 
     dataset = load_dataset(opts.dataset, max_samples=opts.max_samples)
     lap("dataset")
-    model, tokenizer = distributed.main_first(lambda: load_model(  # rank 0 converts the default model once
-        opts.model, dtype=opts.dtype, device=distributed.local_device(opts.device), cache=opts.cache_dir))
+
+    def load() -> tuple[Any, Any]:
+        return distributed.main_first(lambda: load_model(  # rank 0 converts the default model once
+            opts.model, dtype=opts.dtype, device=distributed.local_device(opts.device), cache=opts.cache_dir))
+
+    model, tokenizer = load()
     lap("model")
     cache = StageCache(opts.cache_dir)
     identity = {
@@ -166,6 +179,92 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         # samples are tokenised, and prompts wrapped, by these: generations and tables depend on them
         "tokenizer": tokenizer_digest(tokenizer), "chat_template": digest(getattr(tokenizer, "chat_template", None)),
     }
+    settings = opts.finetune
+    if settings is None or settings.epochs == 0 or opts.plan_only:
+        result = _measure(model, tokenizer, dataset, opts, cache, identity, stages, lap)
+        if settings is not None and settings.epochs == 0:
+            result.finetune = {"epochs": 0, "base_weights": identity["weights"]}
+        return result
+
+    from benchmark.finetune import finetune
+
+    tuned = finetune(model, tokenizer, [r.original for r in dataset.records], [r.paraphrase for r in dataset.records],
+                     settings, cache=cache, base=identity, scope=opts.scope, progress=opts.progress)
+    lap("finetune")
+    record = {**tuned.record, "reused": tuned.reused}
+    results = []
+    for cp in tuned.checkpoints:
+        _put_weights(model, cp, load)
+        ident = {**identity, "weights": weights_fingerprint(model), "base_weights": identity["weights"],
+                 "finetune_step": cp.step}
+        own: dict[str, float] = {}
+        result = _measure(model, tokenizer, dataset, opts, cache, ident, own, _lap_into(own),
+                          weights=(lambda cp=cp: _put_weights(model, cp, load)))
+        result.checkpoint_info = {"index": cp.index, "step": cp.step, "lr": cp.lr}
+        results.append(result)
+        for name, seconds in own.items():
+            stages[f"{name}" if len(tuned.checkpoints) == 1 else f"{name}@{cp.index}"] = seconds
+    main = results[-1]
+    main.stages = {**stages}
+    main.finetune = record
+    main.checkpoints = results if len(results) > 1 else []
+    return main
+
+
+def _lap_into(stages: dict[str, float]):
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        stages[name] = round(now - clock, 3)
+        clock = now
+
+    return lap
+
+
+def _put_weights(model: Any, checkpoint: Any, load: Any) -> None:
+    """Load a checkpoint's weights into ``model`` unless it holds them already (gradient similarities run
+    after every checkpoint's table, on whichever weights were loaded last)."""
+    from benchmark.finetune import load_weights
+
+    if getattr(model, "_selproj_checkpoint", None) == checkpoint.index:
+        return
+    if checkpoint.path is None:  # the base model: loaded again, not kept in memory through the fine-tune
+        base, _ = load()
+        model.load_state_dict(base.state_dict())
+        del base
+    else:
+        load_weights(model, checkpoint)
+    model._selproj_checkpoint = checkpoint.index
+
+
+def take_columns(table: ComponentTable, columns: np.ndarray) -> ComponentTable:
+    """A table of only the given candidate columns of each query ([Q, K'] indices into its candidates)."""
+    rows = np.arange(table.n_queries)[:, None]
+    return ComponentTable(
+        cross=table.cross[rows, columns], query_self=table.query_self, candidate_self=table.candidate_self[rows, columns],
+        is_original=table.is_original[rows, columns], components=table.components, num_params=table.num_params,
+        kinds=table.kinds, layers=table.layers, query_ids=table.query_ids, candidate_ids=table.candidate_ids[rows, columns],
+        rp_dims=table.rp_dims, rp_keys=table.rp_keys,
+        rp_similarity=None if table.rp_similarity is None else table.rp_similarity[:, rows, columns],
+        meta=dict(table.meta),
+    )
+
+
+def _measure(model: Any, tokenizer: Any, dataset: Dataset, opts: PipelineOptions, cache: StageCache,
+             identity: dict[str, Any], stages: dict[str, float], lap: Any, weights: Any = None) -> PipelineResult:
+    """Generations and tables of one model (one checkpoint): the stages after loading and fine-tuning.
+
+    ``weights()`` puts this checkpoint's weights back into ``model`` before a gradient similarity is taken.
+    """
+    import torch
+
+    from selproj_plugin import distributed
+    from selproj_plugin.components import catalogue
+    from selproj_plugin.engine import EngineConfig, build_table, plan_table
+
+    world = distributed.rank_world()[1]
     comps = catalogue(model, opts.scope)
     total_params = sum(c.num_params for c in comps)
     transforms = stored_transforms(opts.runs, comps)
@@ -174,10 +273,9 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     n = len(dataset)
     pool = [r.original for r in dataset.records]
     bm25 = bm25_scores([r.paraphrased_prompt for r in dataset.records], [r.prompt for r in dataset.records])
-    if opts.full_set:
-        candidate_index = np.tile(np.arange(n), (n, 1))
-    else:
-        candidate_index = top_k(bm25, min(opts.candidates, n), force=list(range(n)))
+    whole_pool = opts.full_set or opts.pool_ranking
+    topk = top_k(bm25, min(opts.candidates, n), force=list(range(n)))
+    candidate_index = np.tile(np.arange(n), (n, 1)) if whole_pool else topk
     lap("candidates")
 
     generations: dict[str, str] = {}
@@ -195,8 +293,9 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     originals = np.array([i for s in opts.settings for i, _ in per_setting[s]], dtype=int)
     rows = candidate_index[originals]
     is_original = rows == originals[:, None]
-    table_key = {**identity, "component_set": opts.scope, "settings": opts.settings, "full_set": opts.full_set,
-                 "candidates": opts.candidates, "projections": sorted(transforms), "max_length": opts.max_length,
+    table_key = {**identity, "component_set": opts.scope, "settings": opts.settings, "full_set": whole_pool,
+                 "candidates": None if whole_pool else opts.candidates, "projections": sorted(transforms),
+                 "max_length": opts.max_length,
                  "max_new_tokens": opts.max_new_tokens if "generated" in opts.settings else None,
                  "queries": [q.id for q in queries], "package": package_version(), "table_format": TABLE_FORMAT,
                  **({"dot_order": opts.dot_order} if opts.dot_order != "auto" else {})}
@@ -216,6 +315,8 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         table = None
     reused = all(distributed.gather(table is not None))  # the ranks must agree on building it together
     if not reused:
+        if weights is not None:
+            weights()
         table = build_table(
             model, tokenizer, queries, pool, rows, is_original, transforms=list(transforms.values()), config=config,
             scope=opts.scope, across_ranks=True,
@@ -227,8 +328,13 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     lap("table")
 
     spans = {s: r for s, r in table.group_rows().items() if r.size}  # each setting's rows of the table
-    tables = {s: table.take(r) for s, r in spans.items()}
-    bm25_rows = {s: np.take_along_axis(bm25[originals[r]], rows[r], axis=1) for s, r in spans.items()}
+    whole = {s: table.take(r) for s, r in spans.items()}
+    if whole_pool and not opts.full_set:  # each query's BM25 top-k columns of the whole-pool table
+        tables = {s: take_columns(whole[s], topk[originals[r]]) for s, r in spans.items()}
+        kept_rows = {s: topk[originals[r]] for s, r in spans.items()}
+    else:
+        tables, kept_rows = whole, {s: rows[r] for s, r in spans.items()}
+    bm25_rows = {s: np.take_along_axis(bm25[originals[r]], kept_rows[s], axis=1) for s, r in spans.items()}
     run = {"table_cache": str(table_path) if cached else None, "table_reused": reused, "world_size": world,
            "threads_per_process": torch.get_num_threads()}
     notes = {
@@ -242,10 +348,19 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
                                      memory_limit_gb=opts.memory_limit_gb, max_spill_gb=opts.max_spill_gb,
                                      dot_order=opts.dot_order, device=distributed.local_device(opts.device),
                                      progress=opts.progress)
-    similarity = {s: gradient_similarity(model, tokenizer, [queries[i] for i in r], pool, rows[r], is_original[r],
-                                         opts.scope, similarity_config) for s, r in spans.items()}
-    return PipelineResult(tables=tables, identity=identity, stages=stages, notes=notes, run=run, bm25=bm25_rows,
-                          similarity=similarity)
+
+    def similarity_of(s: str, r: np.ndarray, cand: np.ndarray) -> Similarity:
+        return gradient_similarity(model, tokenizer, [queries[i] for i in r], pool, cand,
+                                   cand == originals[r][:, None], opts.scope, similarity_config, weights)
+
+    similarity = {s: similarity_of(s, r, kept_rows[s]) for s, r in spans.items()}
+    result = PipelineResult(tables=tables, identity=identity, stages=stages, notes=notes, run=run, bm25=bm25_rows,
+                            similarity=similarity)
+    if whole_pool and not opts.full_set:
+        result.pool_tables = whole
+        result.pool_bm25 = {s: bm25[originals[r]] for s, r in spans.items()}
+        result.pool_similarity = {s: similarity_of(s, r, rows[r]) for s, r in spans.items()}
+    return result
 
 
 def _other_rows(table: ComponentTable, query_ids: Sequence[str], candidate_ids: np.ndarray) -> str | None:
@@ -262,12 +377,16 @@ def _other_rows(table: ComponentTable, query_ids: Sequence[str], candidate_ids: 
 
 
 def gradient_similarity(model: Any, tokenizer: Any, queries: Sequence[Sample], pool: Sequence[Sample],
-                        rows: np.ndarray, is_original: np.ndarray, scope: str, config: Any) -> Similarity:
+                        rows: np.ndarray, is_original: np.ndarray, scope: str, config: Any,
+                        weights: Any = None) -> Similarity:
     """``similarity(reduction, query_rows)``: [len(rows), K] cosines of the reduction's transform applied to
-    the per-sample gradients of those queries and their candidates (the engine, in this process)."""
+    the per-sample gradients of those queries and their candidates (the engine, in this process);
+    ``weights()`` first puts the table's checkpoint back into ``model``."""
     from selproj_plugin.engine import build_table
 
     def similarity(red: Reduction, query_rows: np.ndarray) -> np.ndarray:
+        if weights is not None:
+            weights()
         t = red.transform
         table = build_table(model, tokenizer, [queries[i] for i in query_rows], pool, rows[query_rows],
                             is_original[query_rows], components=[c.name for c in t.components], scope=scope,

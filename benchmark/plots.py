@@ -74,3 +74,54 @@ def greedy_path(results: Mapping[str, StrategyResult], baselines: Mapping[str, A
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def accuracy_by_checkpoint(part: Mapping[str, Any], steps: list[int], path: Path, title: str) -> Path:
+    """Each strategy's headline accuracy (held-out for fitted ones) at each checkpoint, with 95% intervals,
+    and the TracIn rows (all checkpoints together) as lines at the right."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    x = np.arange(len(steps))
+    names = list(part["per_checkpoint"][0]["results"])
+    for name in names:
+        rows = [p["results"][name] for p in part["per_checkpoint"]]
+        held = rows[0]["heldout_accuracy"] is not None
+        y = np.array([r["heldout_accuracy"] if held else r["accuracy"] for r in rows])
+        ci = np.array([r["heldout_accuracy_ci"] if held else r["accuracy_ci"] for r in rows])
+        ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], marker="o", capsize=3,
+                    label=f"{name} ({'held-out' if held else 'in-sample'})")
+    bm25 = [p["baselines"]["bm25"]["accuracy"] for p in part["per_checkpoint"]]
+    ax.plot(x, bm25, linestyle=":", color="black", label="bm25")
+    for style, (name, r) in zip(["--", "-.", ":"], part.get("tracin", {}).items()):
+        value = r["heldout_accuracy"] if r["heldout_accuracy"] is not None else r["accuracy"]
+        ax.axhline(value, linestyle=style, color="gray", label=f"{name} ({value:.3f})")
+    ax.set_xticks(x, [f"{i}\nstep {s}" for i, s in enumerate(steps)])
+    ax.set_xlabel("checkpoint (0: the base model)")
+    ax.set_ylabel("top-1 accuracy (95% interval)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def transfer_heatmap(accuracy: list[list[float]], steps: list[int], path: Path, title: str) -> Path:
+    """The transfer matrix: row i the selection fitted at checkpoint i, column j its held-out accuracy there."""
+    grid = np.asarray(accuracy, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(steps), 1.2 + 0.8 * len(steps)))
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1)
+    labels = [f"{i} (step {s})" for i, s in enumerate(steps)]
+    ax.set_xticks(range(len(steps)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(steps)), labels)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="white" if grid[i, j] < 0.6 else "black")
+    ax.set_xlabel("scored at checkpoint")
+    ax.set_ylabel("selection fitted at checkpoint")
+    ax.set_title(title, fontsize="medium")
+    fig.colorbar(image, ax=ax, label="held-out top-1 accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from benchmark import checkpoints as study
+from benchmark.finetune import FinetuneSettings, add_arguments as add_finetune_arguments, settings_from_args
 from benchmark.pipeline import (
     PROJECTION_STRATEGIES, SETTINGS, PipelineOptions, Run, build_tables, parse_settings, strategy_runs,
 )
@@ -67,6 +69,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-samples", type=int, default=64, help="first N samples of the dataset (default 64; 0 = all)")
     g.add_argument("--candidates", type=int, default=5, help="BM25 top-k candidates per query (default 5)")
     g.add_argument("--full-set", action="store_true", help="every original is a candidate; adds MRR and recall@1/5/10")
+    g.add_argument("--no-pool-ranking", action="store_true",
+                   help="skip the whole-pool ranking (MRR and recall@1/5/10 over every original, beside top-1 of "
+                        "--candidates): the table then holds only the BM25 candidates' dot products")
     g.add_argument("--components", default=None, choices=COMPONENT_SETS,
                    help="component set of the gradient: paper (default: the embedding and the attention and MLP "
                         "weight matrices, as the paper) or all (norms and biases too)")
@@ -92,6 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cache-dir", default=None, help="cache root (default $SELPROJ_CACHE or ~/.cache/selproj)")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bars (but the one-off GGUF conversion draws transformers' own)")
+    add_finetune_arguments(p)
     return p.parse_args(argv)
 
 
@@ -265,7 +271,61 @@ def _markdown(document: dict[str, Any], images: dict[str, list[str]]) -> str:
                 lines.append("")
             elif "tied" in r:
                 lines += [f"{name}: picked among {r['tied']} components tied on the best accuracy, by mean margin.", ""]
+        if "pool" in section:
+            pool = section["pool"]
+            lines += [f"Whole pool: every original ranked for each query ({pool['queries']} x {pool['candidates']}); "
+                      "fitted strategies selected on the other folds with the whole pool as candidates.", "",
+                      "| ranking | MRR | 95% CI | recall@1 | recall@5 | recall@10 | basis |", "|---|---|---|---|---|---|---|"]
+            for name, r in list(pool["results"].items()) + [(f"{n} (baseline)", b) for n, b in pool["baselines"].items()]:
+                lines.append(f"| {name} | {r['mrr']:.4f} | {ci_text(r['mrr_ci'], False)} | {r['recall@1']:.4f} | "
+                             f"{r['recall@5']:.4f} | {r['recall@10']:.4f} | {r['rank_basis']} |")
+            lines.append("")
+        study_part = document.get("checkpoints", {}).get("settings", {}).get(setting)
+        if study_part and "per_checkpoint" in study_part:
+            steps = document["checkpoints"]["steps"]
+            lines += [f"Checkpoints (0: the base model) at steps {', '.join(map(str, steps))}: headline accuracy "
+                      "(held-out for fitted strategies) with 95% intervals.", "",
+                      "| strategy | " + " | ".join(f"ckpt {i}" for i in range(len(steps))) + " |",
+                      "|---|" + "---|" * len(steps)]
+            for name in study_part["per_checkpoint"][0]["results"]:
+                cells = []
+                for part in study_part["per_checkpoint"]:
+                    r = part["results"][name]
+                    held = r["heldout_accuracy"] is not None
+                    value, ci = (r["heldout_accuracy"], r["heldout_accuracy_ci"]) if held else (r["accuracy"], r["accuracy_ci"])
+                    cells.append(f"{value:.4f} {ci_text(ci, False)}")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
+            for name, m in study_part["transfer"].items():
+                lines += [f"{name}: transfer matrix (row: selection fitted at, column: held-out accuracy at) and "
+                          "Jaccard overlap of the selections.", "",
+                          "| fitted at | " + " | ".join(f"at {j}" for j in range(len(steps))) + " | "
+                          + " | ".join(f"J {j}" for j in range(len(steps))) + " |",
+                          "|---|" + "---|" * (2 * len(steps))]
+                lines += [f"| {i} | " + " | ".join(f"{v:.4f}" for v in row) + " | "
+                          + " | ".join(f"{v:.2f}" for v in study_part["jaccard"][name][i]) + " |"
+                          for i, row in enumerate(m["accuracy"])]
+                lines.append("")
+            if study_part["tracin"]:
+                lines += ["TracIn over the checkpoints (learning-rate-weighted sums of each checkpoint's dot "
+                          "products), tested against the last checkpoint's full gradient:", "",
+                          "| strategy | accuracy | 95% CI | scored | vs full |", "|---|---|---|---|---|"]
+                for name, r in study_part["tracin"].items():
+                    held = r["heldout_accuracy"] is not None
+                    value, ci = (r["heldout_accuracy"], r["heldout_accuracy_ci"]) if held else (r["accuracy"], r["accuracy_ci"])
+                    lines.append(f"| {name} | {value:.4f} | {ci_text(ci, False)} | {'held-out' if held else 'in-sample'} "
+                                 f"| {vs_full_text(r['vs_full'], False)} |")
+                lines.append("")
         lines += [f"![{img}]({img})" for img in images.get(setting, [])] + [""]
+    ft = document.get("finetune")
+    if ft and ft.get("epochs"):
+        lines += ["## fine-tune", "",
+                  f"{ft['epochs']} epoch(s) at learning rate {ft['lr']:g} (AdamW, batch {ft['batch_size']}, "
+                  f"{ft['steps']} steps) on {ft['samples']} originals, from weights `{ft['base_weights']}`.", "",
+                  "| mean loss | before | after | drop |", "|---|---|---|---|"]
+        lines += [f"| {k} | {ft['loss_before'][k]:.4f} | {ft['loss_after'][k]:.4f} | {ft['loss_drop'][k]:.4f} |"
+                  for k in ft["loss_before"]]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -297,7 +357,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             runs=tuple(runs), scope=args.components or "paper", seed=args.seed, dtype=args.dtype, device=args.device,
             max_length=args.max_length, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             memory_limit_gb=args.memory_limit_gb, max_spill_gb=args.max_spill_gb, dot_order=args.dot_order,
-            plan_only=args.plan,
+            plan_only=args.plan, pool_ranking=not args.no_pool_ranking, finetune=finetune_settings(args),
             cache_dir=args.cache_dir, progress=not args.no_progress,
         ))
         if args.plan:
@@ -308,6 +368,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return {"plan": built.plan.summary()}
         tables, bm25, gradient_similarity = built.tables, built.bm25, built.similarity
         document.update(identity=built.identity, stages=dict(built.stages), notes=built.notes, run=built.run)
+        if built.finetune is not None:
+            document["finetune"] = built.finetune
         if not distributed.is_main():  # rank 0 reports for everyone
             return document
     out = Path(args.out) if args.out else None
@@ -334,7 +396,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 images[setting].append(
                     plots.greedy_path(results, base, out / f"greedy-{setting}.png", f"{setting}: greedy path").name)
             section["selection_files"] = _selection_files(out, setting, results, table, document.get("identity", {}))
+        if not args.table and setting in built.pool_tables:
+            section["pool"] = pool_section(built.pool_tables[setting], built.pool_bm25[setting], runs, args.folds,
+                                           args.seed, built.pool_similarity.get(setting))
+            print(format_pool(setting, section["pool"]), end="\n\n")
         document["settings"][setting] = section
+    if not args.table and built.checkpoints:
+        document["checkpoints"] = checkpoint_study(built.checkpoints, runs, args.folds, args.seed)
+        print(format_checkpoints(document["checkpoints"]), end="\n\n")
+        if out is not None:
+            from benchmark import plots
+
+            for setting, part in document["checkpoints"]["settings"].items():
+                images.setdefault(setting, []).append(plots.accuracy_by_checkpoint(
+                    part, document["checkpoints"]["steps"], out / f"checkpoints-{setting}.png",
+                    f"{setting}: accuracy by checkpoint").name)
+                for name, matrix in part["transfer"].items():
+                    images[setting].append(plots.transfer_heatmap(
+                        matrix["accuracy"], document["checkpoints"]["steps"], out / f"transfer-{setting}-{name}.png",
+                        f"{setting}: {name} fitted at i, held-out at j").name)
     document.setdefault("stages", {})["evaluate"] = round(time.perf_counter() - evaluate_start, 3)
     document["seconds"] = round(time.perf_counter() - started, 3)
     document["peak_memory"] = _peak_memory()
@@ -347,6 +427,115 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_json(args.json_out, document)
         print(f"wrote {args.json_out}")
     return document
+
+
+def finetune_settings(args: argparse.Namespace) -> FinetuneSettings:
+    """The fine-tune the options ask for: the embedded model trains by default, a given model is used as given."""
+    return settings_from_args(args, epochs_default=None if args.model is None else 0)
+
+
+RANK_KEYS = ("mrr", "recall@1", "recall@5", "recall@10")
+
+
+def _ranks(figures: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in figures.items() if k.split("_ci")[0] in RANK_KEYS or k == "rank_basis"}
+
+
+def pool_section(table: ComponentTable, bm25: np.ndarray, runs: Sequence[Run], folds: int, seed: int,
+                 similarity: Similarity | None) -> dict[str, Any]:
+    """Every strategy, the full gradient and BM25 ranked over the whole pool: MRR and recall@1/5/10 with intervals
+    (a fitted strategy's held-out: selected on the other folds with the whole pool as candidates)."""
+    results = evaluate(table, runs, folds, seed, rank_metrics=True, similarity=similarity)
+    full = scoring.subset_similarity(table)
+    return {
+        "candidates": table.n_candidates, "queries": table.n_queries,
+        "results": {name: _ranks(r.extra) for name, r in results.items()},
+        "baselines": {"bm25": rank_figures(bm25, table.is_original, seed, "BM25 scores over the whole pool"),
+                      "full_gradient": rank_figures(full, table.is_original, seed, "every component of the table")},
+    }
+
+
+def format_pool(setting: str, pool: dict[str, Any]) -> str:
+    lines = [f"== {setting}: whole pool ({pool['queries']} queries x {pool['candidates']} originals) ==",
+             f"{'ranking':<26} {'MRR':>6} {'95% CI':>13} {'R@1 %':>6} {'R@5 %':>6} {'R@10 %':>6}  basis"]
+    rows = list(pool["results"].items()) + [(f"{n} (baseline)", b) for n, b in pool["baselines"].items()]
+    for name, r in rows:
+        lines.append(f"{name:<26} {r['mrr']:6.3f} {ci_text(r['mrr_ci'], False):>13} {100 * r['recall@1']:6.1f} "
+                     f"{100 * r['recall@5']:6.1f} {100 * r['recall@10']:6.1f}  {r['rank_basis']}")
+    return "\n".join(lines)
+
+
+def checkpoint_study(checkpoints: Sequence[Any], runs: Sequence[Run], folds: int, seed: int) -> dict[str, Any]:
+    """Per checkpoint every strategy's results; per fitted strategy the transfer matrix and the Jaccard overlap
+    of its selections; and the TracIn rows (each strategy on the learning-rate-weighted sum of the checkpoints'
+    tables), tested against the last checkpoint's full gradient."""
+    doc: dict[str, Any] = {"steps": [c.checkpoint_info["step"] for c in checkpoints],
+                           "lr": [c.checkpoint_info["lr"] for c in checkpoints],
+                           "weights": [c.identity["weights"] for c in checkpoints], "settings": {}}
+    for setting in checkpoints[-1].tables:
+        tables = [c.tables.get(setting) for c in checkpoints]
+        if any(t is None for t in tables):
+            continue
+        try:
+            study.check_aligned(tables)
+        except ValueError as exc:  # generated queries differ by checkpoint (each model answers its own)
+            doc["settings"][setting] = {"skipped": str(exc)}
+            continue
+        per = []
+        for c, table in zip(checkpoints, tables):
+            results = evaluate(table, runs, folds, seed, similarity=c.similarity.get(setting))
+            per.append({"step": c.checkpoint_info["step"], "results": {n: r.to_json() for n, r in results.items()},
+                        "baselines": {n: b.to_json() for n, b in baselines(table, c.bm25.get(setting), seed).items()}})
+        fitted = [r for r in runs if r.reducer().fitted]
+        part: dict[str, Any] = {"per_checkpoint": per, "transfer": {}, "jaccard": {}}
+        for r in fitted:
+            part["transfer"][r.label] = study.transfer_matrix(tables, r.reducer, folds, seed)
+            part["jaccard"][r.label] = study.jaccard_matrix([p["results"][r.label]["components"] for p in per])
+        tracin = study.tracin_table(tables, doc["lr"])
+        full_hits = scoring.hits(scoring.subset_similarity(tables[-1]), tables[-1].is_original)
+        rows = {}
+        for r in runs:
+            try:
+                result = r.reducer().evaluate(tracin, folds=folds, seed=seed)
+            except ValueError:  # a transform the summed table cannot express (projections are per checkpoint)
+                continue
+            held = result.heldout_similarity
+            credits = result.hits if held is None else scoring.hits(held, tracin.is_original)
+            result.vs_full = stats.paired_test(credits, full_hits, seed=seed,
+                                               basis="in-sample" if held is None else "held-out")
+            rows[f"tracin:{r.label}"] = result.to_json()
+        part["tracin"] = rows
+        doc["settings"][setting] = part
+    return doc
+
+
+def format_checkpoints(doc: dict[str, Any]) -> str:
+    lines = [f"== checkpoints at steps {doc['steps']} =="]
+    for setting, part in doc["settings"].items():
+        if "skipped" in part:
+            lines.append(f"{setting}: no checkpoint study ({part['skipped']})")
+            continue
+        names = list(part["per_checkpoint"][0]["results"])
+        lines.append(f"{setting}: headline accuracy % by checkpoint (held-out for fitted strategies)")
+        for name in names:
+            cells = []
+            for p in part["per_checkpoint"]:
+                r = p["results"][name]
+                value, ci = ((r["heldout_accuracy"], r["heldout_accuracy_ci"]) if r["heldout_accuracy"] is not None
+                             else (r["accuracy"], r["accuracy_ci"]))
+                cells.append(f"{100 * value:5.1f} {ci_text(ci)}")
+            lines.append(f"  {name:<24} " + " | ".join(cells))
+        for name, m in part["transfer"].items():
+            lines.append(f"  {name} transfer (row: fitted at, column: scored at, held-out %): "
+                         + "; ".join(" ".join(f"{100 * v:5.1f}" for v in row) for row in m["accuracy"]))
+            lines.append(f"  {name} Jaccard of selections: "
+                         + "; ".join(" ".join(f"{v:.2f}" for v in row) for row in part["jaccard"][name]))
+        for name, r in part["tracin"].items():
+            value, ci, basis = ((r["heldout_accuracy"], r["heldout_accuracy_ci"], "held-out")
+                                if r["heldout_accuracy"] is not None else (r["accuracy"], r["accuracy_ci"], "in-sample"))
+            lines.append(f"  {name:<24} {100 * value:5.1f} {ci_text(ci)} {basis}, vs full (last checkpoint) "
+                         f"{vs_full_text(r['vs_full'])}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

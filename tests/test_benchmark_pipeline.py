@@ -297,6 +297,7 @@ def test_a_transform_no_table_can_express_is_scored_from_gradients(tiny_model_di
 def test_plan_predicts_the_runs_captures_before_any_gradient(tiny_model_dir, small_dataset, tmp_path, capsys):
     cache = tmp_path / "cache"
     for extra in ((), ("--memory-limit-gb", "0.01", "--max-spill-gb", "0")):  # keep all; recompute every candidate
+        extra = ("--no-pool-ranking", *extra)  # BM25's 5 candidates only, not every original
         plan_json, run_json = tmp_path / "plan.json", tmp_path / "run.json"
         assert cli(argv(tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full",
                         "--plan", "--json", str(plan_json), *extra)) == 0
@@ -351,7 +352,7 @@ def test_a_cached_table_for_other_candidates_is_rebuilt_not_reused(tiny_model_di
     other rows, and their table must be built, not taken from the cache."""
     cache, first, other = tmp_path / "cache", tmp_path / "first.json", tmp_path / "other.json"
     args = argv(tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full",
-                "--candidates", "3")
+                "--candidates", "3", "--no-pool-ranking")  # a whole-pool table's rows do not depend on BM25
     from selproj_plugin.table import ComponentTable
 
     assert cli([*args, "--json", str(first)]) == 0
