@@ -254,3 +254,53 @@ class ScaleOut:  # benchmark.scaleout
     wall_seconds: dict[str, float]
     identical: bool
     threads_per_process: int
+
+
+@dataclass(frozen=True)
+class Lineage:  # benchmark.retrieval: the fine-tune's record
+    epochs: int
+    lr: float | None = None
+    steps: int | None = None
+    samples: int | None = None
+    batch_size: int | None = None
+    base_weights: str | None = None
+    loss_before: dict[str, float] = field(default_factory=dict)
+    loss_after: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pool:  # benchmark.retrieval: a setting's whole-pool ranking (keys like recall@1 stay a dict's)
+    queries: int
+    candidates: int
+    results: dict[str, dict[str, Any]]
+    baselines: dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PoolSetting:
+    queries: int
+    results: dict[str, Figure]
+    baselines: dict[str, Figure]
+    pool: Pool | None = None
+
+
+@dataclass(frozen=True)
+class StudySetting:  # benchmark.retrieval --checkpoints: one setting's study
+    per_checkpoint: list[Setting]
+    transfer: dict[str, dict[str, Any]]
+    jaccard: dict[str, list[list[float]]]
+    tracin: dict[str, Figure]
+
+
+@dataclass(frozen=True)
+class Study:
+    steps: list[int]
+    lr: list[float]
+    settings: dict[str, StudySetting]
+
+
+@dataclass(frozen=True)
+class FinetuneRun:  # benchmark.retrieval on a fine-tuned model
+    finetune: Lineage
+    settings: dict[str, PoolSetting]
+    checkpoints: Study | None = None

@@ -16,8 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmark.doc_records import (Adapters, CheckRow, Cost, EngineVsLoop, PairedTest, PaperPlan, Parity, Projection,
-                                   Record, RecordError, Retrieval, ScaleOut, Setting, load_records, parse, typed)
+from benchmark.doc_records import (Adapters, CheckRow, Cost, EngineVsLoop, FinetuneRun, PairedTest, PaperPlan, Parity,
+                                   Projection, Record, RecordError, Retrieval, ScaleOut, Setting, load_records, parse,
+                                   typed)
 from benchmark.faults import Row as Fault
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,6 +266,69 @@ def runs(records: list[Record]) -> str:
     return _table(["run", "wall time", "peak RSS", "what it included"], rows)
 
 
+def _headline(f: Any) -> str:
+    """A result's figure to read (held-out for a fitted strategy) with its interval."""
+    return _acc(f.heldout_accuracy, f.heldout_accuracy_ci) if f.heldout_accuracy is not None \
+        else _acc(f.accuracy, f.accuracy_ci)
+
+
+def finetune(records: list[Record]) -> str:
+    """Each fine-tuned run: its lineage, the mean losses before and after, and top-1 of the BM25 candidates."""
+    rows = []
+    for rec in records:
+        r = _result(FinetuneRun, rec)
+        ft = r.finetune
+        losses = [f"{ft.loss_before[k]:.3f} to {ft.loss_after[k]:.3f} ({ft.loss_before[k] - ft.loss_after[k]:+.3f})"
+                  for k in ("originals", "paraphrases")]
+        for name, s in r.settings.items():
+            greedy, full = s.results.get("greedy"), s.baselines["full_gradient"]
+            rows.append([rec.label, f"{ft.epochs} x {ft.samples} originals, lr {ft.lr:g}, {ft.steps} steps", *losses,
+                         name, "" if greedy is None else _headline(greedy), _acc(full.accuracy, full.accuracy_ci),
+                         _acc(s.baselines["bm25"].accuracy, s.baselines["bm25"].accuracy_ci)])
+    return _table(["run", "fine-tune", "mean loss, originals", "mean loss, paraphrases", "setting",
+                   "greedy, held-out", "full gradient", "BM25"], rows)
+
+
+def pool(records: list[Record]) -> str:
+    """Whole-pool MRR and recall@k of each ranking, per run and setting."""
+    rows = []
+    for rec in records:
+        r = _result(FinetuneRun, rec)
+        for name, s in r.settings.items():
+            if s.pool is None:
+                continue
+            ranked = list(s.pool.results.items()) + [(f"{n} (baseline)", b) for n, b in s.pool.baselines.items()]
+            for who, f in ranked:
+                rows.append([rec.label, f"{name} ({s.pool.queries} x {s.pool.candidates})", who,
+                             _acc(f["mrr"], f["mrr_ci"]), f"{f['recall@1']:.3f}", f"{f['recall@5']:.3f}",
+                             f"{f['recall@10']:.3f}", f["rank_basis"]])
+    return _table(["run", "setting (queries x pool)", "ranking", "MRR", "recall@1", "recall@5", "recall@10", "scored"],
+                  rows)
+
+
+def checkpoints(records: list[Record]) -> str:
+    """Per checkpoint each strategy's headline accuracy, the transfer matrix and the TracIn rows."""
+    rows = []
+    for rec in records:
+        r = _result(FinetuneRun, rec)
+        study = r.checkpoints
+        if study is None:
+            raise RecordError(f"{rec.source}: a checkpoints record needs the run's 'checkpoints' part")
+        for name, part in study.settings.items():
+            for strategy in part.per_checkpoint[0].results:
+                rows.append([f"{name}: {strategy}"] + [_headline(c.results[strategy]) for c in part.per_checkpoint])
+            for strategy, m in part.transfer.items():
+                for i, row in enumerate(m["accuracy"]):
+                    rows.append([f"{name}: {strategy} fitted at {i}, held-out at each"] + [f"{v:.3f}" for v in row])
+                for i, row in enumerate(part.jaccard[strategy]):
+                    rows.append([f"{name}: {strategy} Jaccard with {i}'s selection"] + [f"{v:.2f}" for v in row])
+            for strategy, f in part.tracin.items():
+                rows.append([f"{name}: {strategy} (all checkpoints)", _headline(f) + f"; vs full (last) "
+                             f"{100 * f.vs_full.difference:+.1f} pts, {_p(f.vs_full)}"] + [""] * (len(study.steps) - 1))
+    header = [""] + [f"checkpoint {i} (step {s})" for i, s in enumerate(study.steps)]
+    return _table(header, rows)
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
@@ -273,7 +337,8 @@ TABLES: dict[str, Callable[[list[Record]], str]] = {
     "quickstart": quickstart, "paper": paper, "speed-engine": speed_engine, "speed-fullset": speed_fullset,
     "speed-gpu": speed_gpu, "projection": projection, "adapters": adapters, "plancheck": plancheck,
     "paper-plan": paper_plan, "faults": faults, "scaleout": scaleout, "runs": runs,
-    "parity": parity, "parity-summary": parity_summary,
+    "parity": parity, "parity-summary": parity_summary, "finetune": finetune, "pool": pool,
+    "checkpoints": checkpoints,
 }
 
 
