@@ -176,7 +176,8 @@ def _save_torch(path: Path, obj: Any) -> None:
 
 
 def _weights(model: Any) -> dict[str, Any]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """The weights to save: views, not copies (saved before the next step changes them; a copy is 0.5 GB more)."""
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def stage_key(settings: FinetuneSettings, base: dict[str, Any], scope: str, originals: Sequence[Sample]) -> dict:
@@ -300,6 +301,8 @@ def finetune(model: Any, tokenizer: Any, originals: Sequence[Sample], paraphrase
             for p in frozen:
                 p.requires_grad_(True)
         del optimiser
+        for p in params:  # the gradients alone are as large as the model
+            p.grad = None
         bar = _bar(2 * len(originals), "fine-tune: loss after", progress)
         after = {"originals": mean_loss(model, tokenizer, originals, settings.max_length, eval_batch, bar.update),
                  "paraphrases": mean_loss(model, tokenizer, paraphrases, settings.max_length, eval_batch, bar.update)}
