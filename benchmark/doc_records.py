@@ -285,11 +285,12 @@ class PoolSetting:
 
 
 @dataclass(frozen=True)
-class StudySetting:  # benchmark.retrieval --checkpoints: one setting's study
-    per_checkpoint: list[Setting]
-    transfer: dict[str, dict[str, Any]]
-    jaccard: dict[str, list[list[float]]]
-    tracin: dict[str, Figure]
+class StudySetting:  # benchmark.retrieval --checkpoints: one setting's study (or why it has none)
+    per_checkpoint: list[Setting] = field(default_factory=list)
+    transfer: dict[str, dict[str, Any]] = field(default_factory=dict)
+    jaccard: dict[str, list[list[float]]] = field(default_factory=dict)
+    tracin: dict[str, Figure] = field(default_factory=dict)
+    skipped: str | None = None
 
 
 @dataclass(frozen=True)

@@ -315,6 +315,8 @@ def checkpoints(records: list[Record]) -> str:
         if study is None:
             raise RecordError(f"{rec.source}: a checkpoints record needs the run's 'checkpoints' part")
         for name, part in study.settings.items():
+            if part.skipped:
+                continue
             for strategy in part.per_checkpoint[0].results:
                 rows.append([f"{name}: {strategy}"] + [_headline(c.results[strategy]) for c in part.per_checkpoint])
             for strategy, m in part.transfer.items():
