@@ -488,7 +488,8 @@ def checkpoint_study(checkpoints: Sequence[Any], runs: Sequence[Run], folds: int
         per = []
         for c, table in zip(checkpoints, tables):
             results = evaluate(table, runs, folds, seed, similarity=c.similarity.get(setting))
-            per.append({"step": c.checkpoint_info["step"], "results": {n: r.to_json() for n, r in results.items()},
+            per.append({"step": c.checkpoint_info["step"], "queries": table.n_queries,
+                        "results": {n: r.to_json() for n, r in results.items()},
                         "baselines": {n: b.to_json() for n, b in baselines(table, c.bm25.get(setting), seed).items()}})
         fitted = [r for r in runs if r.reducer().fitted]
         part: dict[str, Any] = {"per_checkpoint": per, "transfer": {}, "jaccard": {}}

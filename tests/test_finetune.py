@@ -180,6 +180,14 @@ def test_cli_checkpoint_study_pool_ranking_and_reuse(tiny_model_dir, tmp_path, c
     # the last checkpoint is the trained model: its results are the run's
     assert section["results"]["greedy"] == study_part["per_checkpoint"][-1]["results"]["greedy"] | {
         k: v for k, v in section["results"]["greedy"].items() if k == "seconds"}
+    from benchmark import docs
+    from benchmark.doc_records import Record
+
+    record = Record(table="checkpoints", command="c", machine="m", date="d", commit="x", result=doc, label="tiny",
+                    source="tiny.json")  # what the run wrote is a record the docs' tables read
+    assert "2 x 6 originals, lr 0.001, 6 steps" in docs.finetune([record])
+    assert "| tiny | paraphrased (6 x 6) | bm25 (baseline) |" in docs.pool([record])
+    assert "paraphrased: greedy fitted at 2, held-out at each" in docs.checkpoints([record])
     capsys.readouterr()
     assert cli(args + ["--json", str(tmp_path / "again.json")]) == 0
     again = json.loads((tmp_path / "again.json").read_text())
