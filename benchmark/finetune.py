@@ -42,8 +42,8 @@ class FinetuneError(ValueError):
 class FinetuneSettings:
     """Every setting of the fine-tune; each is one ``--finetune-*`` option (``checkpoints`` is ``--checkpoints``)."""
 
-    epochs: int = field(default=2, metadata={"help": "epochs over the dataset's originals (0 = the model as loaded)"})
-    lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate, constant"})
+    epochs: int = field(default=1, metadata={"help": "epochs over the dataset's originals (0 = the model as loaded)"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate, constant"})
     batch_size: int = field(default=8, metadata={"help": "samples per optimiser step"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     seed: int = field(default=0, metadata={"help": "seed of the sample order"})
