@@ -157,6 +157,7 @@ def mean_loss(model: Any, tokenizer: Any, samples: Sequence[Sample], max_length:
     from selproj_plugin.loss import collate, encode_samples, forward_losses, pad_token_id
 
     encoded, _ = encode_samples(tokenizer, samples, max_length)
+    encoded.sort(key=lambda e: len(e.input_ids))  # batches of like lengths pad little; a mean needs no order
     pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     total = 0.0
