@@ -257,11 +257,19 @@ def finetune(model: Any, tokenizer: Any, originals: Sequence[Sample], paraphrase
             state = None
         eval_batch = max(settings.batch_size, 8)
         if state is None:
-            bar = _bar(2 * len(originals), "fine-tune: loss before", progress)
-            before = {"originals": mean_loss(model, tokenizer, originals, settings.max_length, eval_batch, bar.update),
-                      "paraphrases": mean_loss(model, tokenizer, paraphrases, settings.max_length, eval_batch,
-                                               bar.update)}
-            bar.close()
+            # the base model's losses depend on neither the learning rate nor the epochs: kept apart, any
+            # fine-tune of the same base and data (and a run killed before its first resume point) reuses them
+            before_path = cache.path("losses-before", {**base, "scope": scope, "max_length": settings.max_length,
+                                                         "samples": [s.id for s in [*originals, *paraphrases]]}, "json")
+            before = cache.load_json(before_path)
+            if before is None:
+                bar = _bar(2 * len(originals), "fine-tune: loss before", progress)
+                before = {"originals": mean_loss(model, tokenizer, originals, settings.max_length, eval_batch,
+                                                 bar.update),
+                          "paraphrases": mean_loss(model, tokenizer, paraphrases, settings.max_length, eval_batch,
+                                                   bar.update)}
+                bar.close()
+                cache.save_json(before_path, before)
             step, losses = 0, []
         else:
             model.load_state_dict(state["model"])

@@ -60,6 +60,19 @@ def test_rerun_reuses_the_finished_fine_tune(tmp_path):
     assert not list((tmp_path / "benchmark").glob("*.resume.pt"))  # finished: no resume point left behind
 
 
+def test_a_fine_tune_with_other_settings_reuses_the_base_models_losses(tmp_path, monkeypatch):
+    from benchmark import finetune as module
+
+    _, first = run_finetune(tmp_path)
+    calls = []
+    real = module.mean_loss
+    monkeypatch.setattr(module, "mean_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, other = run_finetune(tmp_path, dataclasses.replace(FAST, lr=2e-3))
+    assert len(calls) == 2  # only the losses after: the base model's were cached
+    assert other.record["loss_before"] == first.record["loss_before"]
+    assert other.record["loss_after"] != first.record["loss_after"]
+
+
 def test_every_setting_changes_the_cache_key(tmp_path):
     cache = StageCache(tmp_path)
     path = lambda s, base=BASE, originals=ORIGINALS: cache.path("finetune", stage_key(s, base, "paper", originals), "json")  # noqa: E731
