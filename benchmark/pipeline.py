@@ -305,7 +305,8 @@ def _measure(model: Any, tokenizer: Any, dataset: Dataset, opts: PipelineOptions
                           max_spill_gb=opts.max_spill_gb, device=distributed.local_device(opts.device),
                           dot_order=opts.dot_order, progress=opts.progress)
     if opts.plan_only:
-        plan = plan_table(model, tokenizer, queries, pool, rows, scope=opts.scope, config=config, across_ranks=True)
+        plan = plan_table(model, tokenizer, queries, pool, rows, scope=opts.scope,
+                          transforms=list(transforms.values()), config=config, across_ranks=True)
         return PipelineResult(tables={}, identity=identity, stages=stages, plan=plan)
     table = cache.load(table_path, ComponentTable.load)
     candidate_ids = np.array([[pool[j].id for j in row] for row in rows]).reshape(rows.shape)

@@ -262,65 +262,131 @@ def pair_distortion(approx: np.ndarray, exact: np.ndarray, dim: int, seed: int =
     }
 
 
+def _resident() -> int:
+    """What this process holds now (its RSS), in bytes."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trak_block(dim: int) -> int:
+    return min(dim, 512)
+
+
+TRAK_SLACK = 64 * 2**20  # beside TRAK's matrix: the sampled slices, its sketch, the libraries it imports
+
+
+def trak_slice_dim(requested: int, grad_dim: int, room: float, block: int, samples: int) -> int:
+    """Gradient coordinates TRAK is timed on: ``requested``, at most the gradient, and no more than ``room`` bytes
+    hold with its dense fp32 block matrix (``block`` columns a coordinate) and the ``samples`` slices."""
+    return int(max(0, min(requested, grad_dim, (room - TRAK_SLACK) // (4 * (block + samples)))))
+
+
 def worker_projection(args: argparse.Namespace) -> dict:
-    """Pair distortion of the projections vs dense JL on exact dots, and TRAK's BasicProjector timed."""
+    """Pair distortion of the projections vs dense JL on exact dots, and TRAK's BasicProjector timed, the process
+    within ``--memory-limit-gb``: exact dots by the engine's plan, the projections fed a component at a time with
+    their code caches sized from the limit, TRAK's slice as long as what is left holds its dense matrix.
+    With ``--plan``, the predicted peak of each of the three phases, nothing computed."""
     import torch
-    from trak.projectors import BasicProjector, ProjectionType
 
     from benchmark.data import load_records
     from selproj_plugin.capture import matrix_form, to_param_layout
-    from selproj_plugin.engine import EngineConfig, iter_factors, pairwise_dots, prepare
+    from selproj_plugin.engine import EngineConfig, build_table, iter_factors, plan_table, prepare
     from selproj_plugin.loss import encode_samples
     from selproj_plugin.models import load_model
+    from selproj_plugin.projector import ProjectionStore, Projector, share_codes
 
     model, tok = load_model(args.model)
     samples = [s for r in load_records(args.dataset)[: args.proj_queries] for s in (r.paraphrase, r.original)]
+    n = len(samples)
     prep = prepare(model, tok, None)
     maps = {f"random_projection@{d}": [t] + [_projections(model, d, args.seed + k)[d] for k in range(1, args.proj_seeds)]
             for d, t in _projections(model, args.proj_dim, args.seed).items()}
     maps.update({f"random_projection_per_component@{d}": [t] for d, t in
                  _projections(model, args.proj_dim, args.seed, "random_projection_per_component").items()})
-    outputs = {label: [[None] * len(samples) for _ in ts] for label, ts in maps.items()}
-    seconds = dict.fromkeys(maps, 0.0)
-    # exact full-gradient dots first (factors spill beyond the limit), then the projections: the
-    # maps' codes and the stored factors are never in memory together
-    config = EngineConfig(batch_size=args.batch_size, memory_limit_gb=args.memory_limit_gb)
-    exact = pairwise_dots(model, tok, samples, samples, config=config).sum(axis=-1)
+    transforms = [t for ts in maps.values() for t in ts]
+    config = EngineConfig(batch_size=args.batch_size)
+    if args.memory_limit_gb is not None:
+        config.memory_limit_gb = args.memory_limit_gb
+    limit = config.memory_limit_gb * 2**30
+    # exact full-gradient dots first (every sample paired with every sample: the engine's table and its plan),
+    # then the projections, each sample's components fed to every map at once, then TRAK on a slice
+    index = np.tile(np.arange(n), (n, 1))
+    exact_plan = plan_table(model, tok, samples, samples, index, config=config)
+    projector = Projector(prep.specs, transforms)
+    share_codes(transforms, 0)
+    resident = _resident()
+    batch = exact_plan.batch_bytes
+    share_codes(transforms, limit - resident - batch - projector.held_bytes())
+    first_dim = next(iter(maps.values()))[0].dim
+    block = _trak_block(first_dim)
+    grad_dim = int(sum(s.component.num_params for s in prep.specs))
+    trak_slice = trak_slice_dim(args.trak_slice, grad_dim, limit - resident, block, args.trak_samples)
+    predicted = {"exact_dots": exact_plan.peak_bytes, "projections": resident + batch + projector.held_bytes(),
+                 "trak": resident + TRAK_SLACK + 4 * trak_slice * (block + args.trak_samples)}
+    if trak_slice < 1:
+        raise ValueError(f"a {config.memory_limit_gb:g} GB limit leaves no room for TRAK's matrix beside the "
+                         f"{resident / 2**30:.2f} GiB this process holds: raise --memory-limit-gb")
+    if args.plan:
+        return {"samples": n, "memory_limit_gb": config.memory_limit_gb, "resident_bytes": resident,
+                "predicted_peak_bytes": max(predicted.values()), "predicted_phase_bytes": predicted,
+                "exact_plan": exact_plan.summary(), "trak_slice_dim": trak_slice}
+    table = build_table(model, tok, samples, samples, index, np.eye(n, dtype=bool), config=config)
+    exact = table.cross.sum(axis=-1)
+    del table
     encoded, _ = encode_samples(tok, samples, MAX_LENGTH)
     slices: list[torch.Tensor] = []
-    materialise_s = 0.0
-    for i, f in iter_factors(prep, encoded, range(len(samples)), config, label="projection"):
-        t0 = time.perf_counter()
-        grads = {s.name: to_param_layout(s, matrix_form(s, f))[None] for s in prep.specs}
-        materialise_s += time.perf_counter() - t0
-        if len(slices) < args.trak_samples:
-            slices.append(torch.cat([g[0] for g in grads.values()])[: args.trak_slice].clone())
-        for label, transforms in maps.items():
-            for k, t in enumerate(transforms):
-                t0 = time.perf_counter()
-                outputs[label][k][i] = t(grads)[0].float()
-                seconds[label] += time.perf_counter() - t0
-        del grads, f
-    result = {"samples": len(samples), "grad_dim": int(sum(s.component.num_params for s in prep.specs)),
-              "materialise_seconds_per_sample": materialise_s / len(samples), "maps": {}}
-    for label, per_seed in outputs.items():
-        approx = np.stack([(lambda p: (p @ p.T).numpy())(torch.stack(rows).double()) for rows in per_seed])
-        result["maps"][label] = {**pair_distortion(approx, exact, maps[label][0].dim, args.seed),
-                                 "key": maps[label][0].key,
-                                 "seconds_per_sample": seconds[label] / (len(samples) * len(per_seed))}
+    keys = [str(k) for k in range(len(transforms))]
+    store = ProjectionStore(keys, config.spill_dir)
+    try:
+        for i, f in iter_factors(prep, encoded, range(n), config, label="projection"):
+            store.put(i, projector(f))
+            if len(slices) < args.trak_samples:  # the gradient's first coordinates, a component at a time
+                parts, have = [], 0
+                for spec in prep.specs:
+                    if have >= args.trak_slice:
+                        break
+                    part = to_param_layout(spec, matrix_form(spec, f))[: args.trak_slice - have].clone()
+                    parts.append(part)
+                    have += part.numel()
+                slices.append(torch.cat(parts))
+            del f
+        projector.release()
+        # each map's projected Gram, seed by seed, from the outputs read back a pair at a time
+        approx = {label: np.zeros((len(ts), n, n)) for label, ts in maps.items()}
+        slot = {id(t): (label, k) for label, ts in maps.items() for k, t in enumerate(ts)}
+        for i in range(n):
+            got_i = store.get(i)
+            for j in range(i, n):
+                for t, dot in zip(transforms, store.dots(i, j, got_i)):
+                    label, k = slot[id(t)]
+                    approx[label][k, i, j] = approx[label][k, j, i] = dot
+            del got_i
+    finally:
+        store.close()
+    seconds = {label: sum(projector.transform_s[transforms.index(t)] for t in ts) for label, ts in maps.items()}
+    result = {"samples": n, "grad_dim": grad_dim,
+              "materialise_seconds_per_sample": projector.form_s / n, "maps": {}}
+    for label, per_seed in maps.items():
+        result["maps"][label] = {**pair_distortion(approx[label], exact, per_seed[0].dim, args.seed),
+                                 "key": per_seed[0].key, "seconds_per_sample": seconds[label] / (n * len(per_seed))}
 
-    # TRAK BasicProjector on a slice of the same materialised gradients, extrapolated to the full length.
+    # TRAK BasicProjector on a slice of the same gradients, extrapolated to the full length: the slice holds
+    # TRAK's dense block matrix (slice x block fp32) within what the limit leaves
+    from trak.projectors import BasicProjector, ProjectionType
+
     first = next(iter(result["maps"].values()))
-    full = torch.stack(slices)
-    projector = BasicProjector(full.shape[1], first["dim"], args.seed, ProjectionType.rademacher, torch.device("cpu"),
-                               block_size=min(first["dim"], 512))
+    full = torch.stack([s[:trak_slice] for s in slices]).contiguous()
+    del slices
+    projector_trak = BasicProjector(full.shape[1], first["dim"], args.seed, ProjectionType.rademacher,
+                                    torch.device("cpu"), block_size=block)
     t0 = time.perf_counter()
-    projector.project(full.contiguous(), model_id=0)
+    projector_trak.project(full, model_id=0)
     trak_slice_s = time.perf_counter() - t0
-    trak_s = trak_slice_s / len(slices) * result["grad_dim"] / full.shape[1]
+    trak_s = trak_slice_s / len(full) * result["grad_dim"] / full.shape[1]
     result.update(trak_dim=first["dim"], trak_seconds_per_sample_extrapolated=trak_s, trak_slice_dim=int(full.shape[1]),
                   trak_slice_seconds=trak_slice_s, speedup_vs_trak=trak_s / first["seconds_per_sample"],
-                  peak_rss_mb=_peak_rss_mb())
+                  peak_rss_mb=_peak_rss_mb(), memory_limit_gb=config.memory_limit_gb,
+                  predicted_peak_bytes=max(predicted.values()), predicted_phase_bytes=predicted)
     return result
 
 
@@ -332,11 +398,13 @@ def _run_worker(name: str, args: argparse.Namespace, out: Path) -> dict:
            "--queries", str(args.queries), "--k", str(args.k), "--loop-queries", str(args.loop_queries),
            "--batch-size", str(args.batch_size), "--proj-dim", args.proj_dim, "--proj-queries", str(args.proj_queries),
            "--proj-seeds", str(args.proj_seeds), "--trak-slice", str(args.trak_slice),
-           "--trak-samples", str(args.trak_samples), "--memory-limit-gb", str(args.memory_limit_gb),
+           "--trak-samples", str(args.trak_samples), *["--plan"] * args.plan,
            "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype,
            "--ops-queries", str(args.ops_queries)]
     if args.engine_memory_limit_gb is not None:
         cmd += ["--engine-memory-limit-gb", str(args.engine_memory_limit_gb)]
+    if args.memory_limit_gb is not None:
+        cmd += ["--memory-limit-gb", str(args.memory_limit_gb)]
     if args.model:
         cmd += ["--model", args.model]
     if args.dataset:
@@ -445,6 +513,9 @@ def _print_projection(proj: dict) -> None:
               f"{m['seconds_per_sample']:.2f}s/sample")
     print(f"TRAK BasicProjector to {proj['trak_dim']}: {proj['trak_seconds_per_sample_extrapolated']:.1f}s/sample "
           f"(timed on {proj['trak_slice_dim']} coords, extrapolated linearly) -> sketch {proj['speedup_vs_trak']:.0f}x faster")
+    if "memory_limit_gb" in proj:
+        print(f"projection worker: peak RSS {proj['peak_rss_mb']:.0f} MiB under a {proj['memory_limit_gb']:g} GB limit "
+              f"(predicted {proj['predicted_peak_bytes'] / 2**20:.0f} MiB)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,10 +532,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proj-queries", type=int, default=12,
                         help="queries whose paraphrase and original are projected (all pairs of the 2x samples)")
     parser.add_argument("--proj-seeds", type=int, default=3, help="seeds of random_projection per dimension")
-    parser.add_argument("--trak-slice", type=int, default=2_000_000, help="gradient coordinates timed for TRAK")
+    parser.add_argument("--trak-slice", type=int, default=2_000_000, help="gradient coordinates timed for TRAK (fewer where the memory limit leaves no room for its dense matrix)")
     parser.add_argument("--trak-samples", type=int, default=2, help="samples timed for TRAK")
-    parser.add_argument("--memory-limit-gb", type=float, default=2.0,
-                        help="projection worker: factors kept in RAM for the exact dots (the rest spill to disk)")
+    parser.add_argument("--memory-limit-gb", type=float, default=None,
+                        help="the projection worker's process memory limit (default: EngineConfig's): its exact dots "
+                             "spill beyond it, its code caches and TRAK's timed slice are sized from it")
+    parser.add_argument("--plan", action="store_true",
+                        help="with --only projection: print the projection worker's predicted peak memory (exact dots, "
+                             "projections, TRAK's slice) and exit before any gradient")
     parser.add_argument("--engine-memory-limit-gb", type=float, default=None,
                         help="the engine's process memory limit (default: EngineConfig's, 3.5); beyond what it leaves, "
                              "kept factors spill to disk and their writes count as dot time")
@@ -492,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.engine_memory_limit_gb is not None and args.engine_memory_limit_gb < 0:  # here, not in a worker
         parser.exit(2, f"error: --engine-memory-limit-gb must be at least 0, got {args.engine_memory_limit_gb:g}\n")
+    if args.memory_limit_gb is not None and not args.memory_limit_gb > 0:
+        parser.exit(2, f"error: --memory-limit-gb must be a positive number of GB, got {args.memory_limit_gb:g}\n")
+    if args.plan and args.only != "projection":
+        parser.exit(2, "error: --plan plans the projection worker: use it with --only projection\n")
     if args.dataset:  # read here, so a bad one is one line, not a worker's traceback
         from benchmark.data import DatasetError, load_records
 
@@ -514,6 +593,16 @@ def main(argv: list[str] | None = None) -> int:
             args = argparse.Namespace(**{**vars(args), "proj_dim": ""})
         else:
             proj = _run_worker("projection", args, Path(tmp) / "proj.npz")
+        if args.plan:
+            gib = 2**30
+            phases = ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in proj["predicted_phase_bytes"].items())
+            print(f"projection worker plan: {proj['samples']} samples, predicted peak "
+                  f"{proj['predicted_peak_bytes'] / gib:.2f} GiB under a {proj['memory_limit_gb']:g} GB limit "
+                  f"(resident {proj['resident_bytes'] / gib:.2f} GiB; {phases}); TRAK timed on "
+                  f"{proj['trak_slice_dim']:,} coordinates")
+            if args.json:
+                Path(args.json).write_text(json.dumps({"plan": proj}, indent=2))
+            return 0
         if args.only == "projection":
             result = {"model": args.model or "SmolLM2-135M-Instruct", "projection": proj,
                       "projection_speedup_vs_trak": proj["speedup_vs_trak"],

@@ -7,8 +7,8 @@ memory limit and then on disk up to a spill allowance (:mod:`~selproj_plugin.fac
 sample that fits neither is recomputed with each streamed partner; dense pair graphs take their dots component
 by component instead (:mod:`~selproj_plugin.gram_order`).  Under torch.distributed the streamed units are dealt
 out to the ranks (``across_ranks=True``).  Transforms a table cannot express (random projections) are applied
-to each sample's gradient, materialised one sample at a time (:mod:`~selproj_plugin.projector`), and the table
-stores the cosines of their outputs.
+to each sample's gradient, formed a component at a time (:mod:`~selproj_plugin.projector`), and the table
+stores the cosines of their outputs, which wait on disk for their pairs.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def build_table(
 
     prep = prepare(model, tokenizer, components, scope)
     projector = Projector(prep.specs, transforms) if transforms else None
-    plan, n_truncated = plan_samples(prep, tokenizer, queries, candidates, candidate_index, config, world)
+    plan, n_truncated = plan_samples(prep, tokenizer, queries, candidates, candidate_index, config, world, projector)
     config = dataclasses.replace(config, batch_tokens=plan.batch_tokens)  # the plan's batches, whatever was asked
     encode_s = time.perf_counter() - t0
     names = [s.name for s in prep.specs]
@@ -109,6 +109,8 @@ def build_table(
         shard = stream_shard(prep, plan, rank, world, config, projector)
         if shard_file is not None:
             shard.save(shard_file)
+    if projector is not None:
+        projector.release()
     merged = TableShard.merge(distributed.gather(shard))
 
     ids = [s.id for s in plan.samples]
@@ -151,14 +153,16 @@ def build_table(
 
 def plan_table(model: torch.nn.Module, tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
                candidate_index: np.ndarray, *, components: Sequence[str] | None = None, scope: str = "paper",
-               config: EngineConfig | None = None, across_ranks: bool = False) -> TablePlan:
+               transforms: Sequence[Transform] = (), config: EngineConfig | None = None,
+               across_ranks: bool = False) -> TablePlan:
     """What :func:`build_table` will do with these arguments (kept, spilled and recomputed samples, passes,
-    predicted peak memory, FLOPs), decided without computing a gradient."""
+    predicted peak memory, the transforms' share of it, FLOPs), decided without computing a gradient."""
     config = config or EngineConfig()
     prep = prepare(model, tokenizer, components, scope)
+    projector = Projector(prep.specs, transforms) if transforms else None
     candidate_index = np.asarray(candidate_index, dtype=np.int64).reshape(len(queries), -1)
     world = distributed.ranks(across_ranks)[1]
-    return plan_samples(prep, tokenizer, queries, candidates, candidate_index, config, world)[0]
+    return plan_samples(prep, tokenizer, queries, candidates, candidate_index, config, world, projector)[0]
 
 
 def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample],
@@ -195,8 +199,8 @@ def projected_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence
     """``transform``'s output for each sample, ``[N, transform.dim]`` float64: what ``build_table`` takes cosines of.
 
     ``transform`` is built on this model's catalogue (component set ``scope``), e.g. a
-    :class:`~selproj_plugin.projection.CountSketch`.  One sample's gradient is materialised at
-    a time.  ``across_ranks``: as in :func:`sample_features`.
+    :class:`~selproj_plugin.projection.CountSketch`.  A sample's gradient is fed to it a component
+    at a time.  ``across_ranks``: as in :func:`sample_features`.
     """
     config = config or EngineConfig()
     prep = prepare(model, tokenizer, [c.name for c in transform.components], scope)
@@ -206,7 +210,7 @@ def projected_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence
     dealt = distributed.deal(list(batches(encoded, range(len(samples)), config)), across_ranks)
     mine = {}
     for i, f in capture(prep, encoded, dealt, config, label="projection"):
-        mine[i] = projector(f)[0]
+        mine[i] = projector(f)[0].double()
         del f
     rows = distributed.gathered(mine, across_ranks)
     out = torch.zeros(len(samples), transform.dim, dtype=torch.float64)

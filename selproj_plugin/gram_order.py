@@ -18,7 +18,7 @@ from selproj_plugin.engine_config import EngineConfig
 from selproj_plugin.factor_store import FactorStore
 from selproj_plugin.planner import TablePlan
 from selproj_plugin.prepared import Prepared, capture
-from selproj_plugin.projector import Projector, cosines
+from selproj_plugin.projector import ProjectionStore, Projector
 from selproj_plugin.shards import TableShard, Timings, pair_key
 
 
@@ -66,8 +66,9 @@ def gram_shard(prep: Prepared, plan: TablePlan, config: EngineConfig, projector:
     b_rows = None if not set(side_a) & set(side_b) else torch.tensor([row[i] for i in side_b], device=config.device)
     cross = np.zeros((len(side_a), len(side_b), len(prep.specs)))
     norms = np.zeros((len(used), len(prep.specs)))
-    projected: dict[int, list[torch.Tensor] | None] = {}
     store = FactorStore.for_config(plan.store_budget, plan.device_budget, config)
+    # every sample's transform outputs wait on disk until the pairs are read
+    projected = ProjectionStore(projector.keys, config.spill_dir) if projector else None
     in_ram = set(plan.kept[: plan.ram_kept])
     timings = Timings()
     try:
@@ -76,8 +77,8 @@ def gram_shard(prep: Prepared, plan: TablePlan, config: EngineConfig, projector:
                             "samples"):
             t2 = time.perf_counter()
             timings.capture_s += t2 - t1
-            if projector is not None:
-                projected[i] = projector(f)
+            if projected is not None:
+                projected.put(i, projector(f))
                 timings.project_s += time.perf_counter() - t2
             t3 = time.perf_counter()
             # the plan's RAM share by its predicted sizes, the rest spilled: within the allowance it was chosen for
@@ -87,6 +88,8 @@ def gram_shard(prep: Prepared, plan: TablePlan, config: EngineConfig, projector:
             timings.store_s += t1 - t3
             timings.dots_s += t1 - t2
         timings.dots_s -= timings.project_s
+        if projector is not None:  # every sample projected: the blocks below take the codes' room
+            projector.release()
         shells = {i: store.get(i, set()) for i in used}  # each sample's uses, no tensor or vector read
         blocks = gram_blocks(prep.specs, shells[used[0]], len(used))
         # one block's storage for every block: allocated afresh, each of ~240 blocks was page-faulted in again
@@ -104,18 +107,22 @@ def gram_shard(prep: Prepared, plan: TablePlan, config: EngineConfig, projector:
             norms[:, members] += squared_norms(block, specs[0].cols)
         timings.dots_s += time.perf_counter() - t1
         spilled = store.spilled
+        a_pos = {i: k for k, i in enumerate(side_a)}
+        b_pos = {i: k for k, i in enumerate(side_b)}
+        for k, i in enumerate(used):
+            shard.self_dots[ids[i]] = norms[k]
+        for q, cands in zip(plan.q_of, plan.c_of):
+            got_q = projected.get(q) if projected is not None else None  # read once for all its candidates
+            for c in map(int, cands):
+                key = pair_key(ids[q], ids[c])
+                shard.cross[key] = norms[row[q]] if q == c else cross[a_pos[q], b_pos[c]]
+                if projected is not None:
+                    shard.rp[key] = projected.cosines(q, c, got_q)
+            del got_q
     finally:
         store.close()
-    a_pos = {i: k for k, i in enumerate(side_a)}
-    b_pos = {i: k for k, i in enumerate(side_b)}
-    for k, i in enumerate(used):
-        shard.self_dots[ids[i]] = norms[k]
-    for q, cands in zip(plan.q_of, plan.c_of):
-        for c in map(int, cands):
-            key = pair_key(ids[q], ids[c])
-            shard.cross[key] = norms[row[q]] if q == c else cross[a_pos[q], b_pos[c]]
-            if projector is not None:
-                shard.rp[key] = cosines(projected[q], projected[c])
+        if projected is not None:
+            projected.close()
     shard.meta = {"rank": 0, "world": 1, "spilled_bytes": int(spilled), "captures": len(used),
                   "timings": asdict(timings)}
     return shard

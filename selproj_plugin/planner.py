@@ -38,6 +38,7 @@ from selproj_plugin.shards import pair_key
 
 if TYPE_CHECKING:
     from selproj_plugin.prepared import Prepared
+    from selproj_plugin.projector import Projector
 
 GiB = 2**30
 # What one capture batch holds per padded token, as a multiple of its factor bytes per token: the
@@ -177,6 +178,7 @@ class TablePlan:
     dot_order: str = "stream"  # 'stream': sample by sample past the kept side; 'gram': component by component
     dense_params: int = 0  # the components' parameters: what the component order materialises and multiplies
     sides: tuple[int, int] = (0, 0)  # distinct queries, distinct candidates
+    projection_bytes: int = 0  # what the transforms hold while a sample is projected (projector.Projector.held_bytes)
     notes: list[str] = field(default_factory=list)
     # The samples behind the indices, and what every rank derives alike from them (:func:`plan_samples`).  A unit
     # is what a rank captures as one piece: one length-sorted batch of streamed samples that recompute nothing, or
@@ -259,13 +261,25 @@ class TablePlan:
         return min(PAIR_CHUNK_BYTES, max((self.sample_bytes[i] for i in self.kept), default=0) * 2)
 
     @property
+    def gram_block_bytes(self) -> int:
+        """What the component order holds once captures are done: one block of every sample's rows, and a copy of
+        the candidates' rows when some samples are on both sides (their products take them in another order)."""
+        used = int(np.count_nonzero(self.passes))
+        q, c = self.sides
+        return int(GRAM_BLOCK_BYTES * (1 + (c / used if used and q + c > used else 0)))
+
+    @property
     def peak_bytes(self) -> int:
-        """Predicted peak resident memory: what the process held at planning, kept factors in RAM, the
-        largest of a capture batch and a group's factors, and the pair buffers."""
+        """Predicted peak resident memory: what the process held at planning, kept factors in RAM, then the
+        largest of what the order holds at once.  Streaming: a capture batch or a group's factors, and a sample
+        being projected or the pair buffers.  Component by component: a capture batch while a sample is projected,
+        or (captures done) one block of every sample's rows and its two sides; it reads back no pair buffers."""
         working = 0 if self.on_device else max(self.batch_bytes, self.group_bytes)
         if self.dot_order == "gram":
-            working = max(working, 3 * GRAM_BLOCK_BYTES)  # a block, and its two sides' rows
-        return int(self.resident_bytes + self.ram_bytes - self.device_kept_bytes + working + 2 * self.pair_buffer_bytes)
+            working = max(working + self.projection_bytes, self.gram_block_bytes)
+        else:
+            working += max(self.projection_bytes, 2 * self.pair_buffer_bytes)  # a sample is projected, then paired
+        return int(self.resident_bytes + self.ram_bytes - self.device_kept_bytes + working)
 
     def device_bytes(self, model_bytes: int) -> int:
         """Predicted accelerator memory: the weights, kept factors held there, the larger of a capture batch and
@@ -338,7 +352,7 @@ class TablePlan:
             "spill_bytes": self.spill_bytes, "store_budget_bytes": int(self.store_budget),
             "spill_allowance_bytes": int(self.spill_allowance), "resident_bytes": self.resident_bytes,
             "batch_tokens": self.batch_tokens, "batch_tokens_why": self.batch_why,
-            "batch_bytes": self.batch_bytes, "group_bytes": self.group_bytes,
+            "batch_bytes": self.batch_bytes, "group_bytes": self.group_bytes, "projection_bytes": self.projection_bytes,
             "predicted_peak_bytes": self.peak_bytes, "capture_flops": self.capture_flops(),
             "dot_flops": self.dot_flops(),
             "materialised_components": self.materialised, "notes": list(self.notes),
@@ -366,7 +380,8 @@ class TablePlan:
             f"  predicted peak {'host ' if self.on_device else ''}memory: {g(s['predicted_peak_bytes'])} (resident "
             f"{g(s['resident_bytes'])} + kept {g(s['kept_ram_bytes'])}"
             + ("" if self.on_device else f" + batch/group {g(max(s['batch_bytes'], s['group_bytes']))}")
-            + " + pair buffers)",
+            + (f" + projections {g(self.projection_bytes)}" if self.projection_bytes else "")
+            + (" or a block of rows)" if self.dot_order == "gram" else " + pair buffers)"),
         ]
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
@@ -465,10 +480,13 @@ def choose_order(plan: TablePlan, widths: FactorWidths, dense_params: int, strea
 
 
 def plan_samples(prep: "Prepared", tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
-                 candidate_index: np.ndarray, config: EngineConfig, world: int = 1) -> tuple[TablePlan, int]:
+                 candidate_index: np.ndarray, config: EngineConfig, world: int = 1,
+                 projector: "Projector | None" = None) -> tuple[TablePlan, int]:
     """The plan of a table of ``queries`` x ``candidates[candidate_index]`` under ``config`` (the budgets of the
     tightest of ``world`` ranks), with the samples it was made for, and how many samples were truncated.  Its
-    ``batch_tokens`` are what ``config`` asks for or, left to the engine, what the device allows."""
+    ``batch_tokens`` are what ``config`` asks for or, left to the engine, what the device allows.
+    ``projector``: the table's transforms, whose working memory comes out of the kept factors' budget (their code
+    caches are given their share of it here)."""
     check_order(config.dot_order)
     config, batch_why = sized(prep, config, world)
     unique, pos = dedupe(list(queries) + list(candidates))
@@ -481,7 +499,11 @@ def plan_samples(prep: "Prepared", tokenizer: Any, queries: Sequence[Sample], ca
     n_pairs = len(used) + int(c_of.size)
     materialise = prep.modes(config, [lengths[i] for i in used], n_pairs)
     widths = prep.widths(sorted(materialise))
-    budget = store_budget(prep, config, widths.per_sample)
+    if projector is not None:  # what projecting a sample holds, code caches first left empty, then given a share
+        projector.share_codes(0)
+    budget = store_budget(prep, config, widths.per_sample + (projector.held_bytes() if projector else 0))
+    if projector is not None:
+        budget -= projector.share_codes(budget)
     allowance, on_device = spill_allowance(config), device_budget(config)
     if world > 1:  # every rank must make the same plan: plan all with the tightest rank's budget and disk
         budget, allowance, on_device = (min(v) for v in zip(*distributed.gather((budget, allowance, on_device))))
@@ -490,6 +512,7 @@ def plan_samples(prep: "Prepared", tokenizer: Any, queries: Sequence[Sample], ca
                        resident_bytes=resident_bytes(prep.capture.model), batch_tokens=config.batch_tokens)
     table.materialise, table.batch_why = frozenset(materialise), batch_why
     table.on_device = torch.device(config.device).type != "cpu"
+    table.projection_bytes = projector.held_bytes() if projector is not None else 0
     if world == 1:  # component by component runs in one process
         table = choose_order(table, prep.widths(), sum(s.rows * s.cols for s in prep.specs),
                              table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)), config.dot_order)

@@ -5,7 +5,10 @@ parameter of every component gets its own seeded bucket in one shared set of ``d
 random sign, and a sample's sketch is the signed sum per bucket.  ``E<Pa, Pb> = <a, b>`` and
 ``Var<Pa, Pb> = (|a|^2 |b|^2 + <a, b>^2 - 2 sum_i a_i^2 b_i^2) / dim``, never above a dense
 Gaussian projection's ``(|a|^2 |b|^2 + <a, b>^2) / dim``.  No projection matrix is formed:
-the map is one int32 per parameter, drawn on first use and cached in the transform.
+the map is one int32 per parameter, drawn on first use and cached in the transform up to
+:attr:`CountSketch.cache_bytes` (beyond it, drawn again at each use: the engine sets it from
+its memory budget).  A sketch is additive: the engine feeds it a sample's gradient a
+component at a time, and ``__call__`` is the same sums in the same order.
 
 :class:`PerComponentSketch` is the paper's variant, kept to reproduce it: each component is
 sketched into a block of its own (the paper used TRAK's dense projector per component, at a
@@ -23,7 +26,7 @@ import torch
 
 from selproj_plugin.components import Component
 from selproj_plugin.table import PAPER_PROJECTION
-from selproj_plugin.transforms import Transform, TransformError, selection_digest
+from selproj_plugin.transforms import Accumulator, Transform, TransformError, selection_digest
 
 MAX_DIM = 2**30 - 1  # bucket and sign share one int32 code in [0, 2 * dim)
 
@@ -49,6 +52,7 @@ class CountSketch(Transform):
     """
 
     kind = "count_sketch"
+    additive = True
 
     def __init__(self, components: Sequence[Component], dim: int, seed: int = 0) -> None:
         self.components = tuple(components)
@@ -59,6 +63,7 @@ class CountSketch(Transform):
             raise TransformError(f"projection dimension must be between 1 and {MAX_DIM}, got {dim}")
         self.key = f"{self.kind}@{self.dim}:{selection_digest(self.components)}:seed{self.seed}"
         self._codes: dict[str, torch.Tensor] = {}
+        self.cache_bytes: float | None = None  # codes kept for reuse, first components first; None: all of them
 
     def blocks(self) -> list[tuple[int, int]]:
         """(first bucket, number of buckets) of each component: all share the whole output here."""
@@ -78,20 +83,66 @@ class CountSketch(Transform):
             codes = torch.from_numpy(draw)
         if codes.device != torch.device(device):
             codes = codes.to(device)
-        self._codes[comp.name] = codes
+        if comp.name in self._codes or self.cache_bytes is None or self.cached_bytes + codes.nbytes <= self.cache_bytes:
+            self._codes[comp.name] = codes
         return codes
+
+    def clear_codes(self) -> None:
+        """Forget the cached codes (drawn again, the same, when next needed)."""
+        self._codes.clear()
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(c.nbytes for c in self._codes.values())
+
+    def held_bytes(self, n: int = 1) -> int:
+        """The fp32 sums of ``n`` samples (a bucket for each sign), the cached codes (all of them when
+        :attr:`cache_bytes` is None) and one component's codes drawn afresh, with their temporaries."""
+        codes = 4 * sum(c.num_params for c in self.components)
+        cached = codes if self.cache_bytes is None else min(codes, int(self.cache_bytes))
+        fresh = 0 if cached >= codes else 3 * 4 * max(c.num_params for c in self.components)
+        return n * 2 * 4 * self.dim + cached + fresh
+
+    def begin(self, n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Accumulator:
+        return _SketchSums(self, n, dtype, device)
 
     def __call__(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         n = self.check(features)
         first = features[self.components[0].name]
-        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-        acc = torch.zeros(n, 2 * self.dim, dtype=dtype, device=first.device)
-        for i, comp in enumerate(self.components):
-            codes = self.codes(i, first.device)
-            values = features[comp.name].to(dtype)
-            for row in range(n):  # 1-D index_add_ is a fast serial kernel; the 2-D one is not
-                acc[row].index_add_(0, codes, values[row])
-        return (acc[:, : self.dim] - acc[:, self.dim:]).double()
+        sums = self.begin(n, first.dtype, first.device)
+        for comp in self.components:
+            sums.add(comp.name, features[comp.name])
+        return sums.finish().double()
+
+
+class _SketchSums(Accumulator):
+    """A count sketch's signed bucket sums, fp32 (float64 for float64 blocks); ``finish`` gives them in that dtype."""
+
+    def __init__(self, sketch: CountSketch, n: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__(sketch, n)
+        self.sketch = sketch
+        self.index = {c.name: i for i, c in enumerate(sketch.components)}
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.acc = torch.zeros(n, 2 * sketch.dim, dtype=dtype, device=device)
+
+    def add(self, name: str, block: torch.Tensor) -> None:
+        i = self.index.get(name)
+        if i is None:
+            raise TransformError(f"{type(self.sketch).__name__} does not project {name}: not one of its "
+                                 f"{len(self.index)} selected components")
+        comp = self.sketch.components[i]
+        if block.dim() != 2 or tuple(block.shape) != (self.n, comp.num_params):
+            raise TransformError(f"features of {name} must be [{self.n}, {comp.num_params}], got {tuple(block.shape)}")
+        codes = self.sketch.codes(i, self.acc.device)
+        values = block.to(self.acc.dtype)
+        for row in range(self.n):  # 1-D index_add_ is a fast serial kernel; the 2-D one is not
+            self.acc[row].index_add_(0, codes, values[row])
+
+    def finish(self) -> torch.Tensor:
+        dim = self.sketch.dim
+        out = self.acc[:, :dim] - self.acc[:, dim:]
+        self.acc = self.acc[:0]
+        return out
 
 
 class PerComponentSketch(CountSketch):

@@ -9,7 +9,6 @@ from dataclasses import asdict
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from selproj_plugin.batching import batches
 from selproj_plugin.budget import PAIR_CHUNK_BYTES
@@ -19,10 +18,8 @@ from selproj_plugin.factor_store import FactorStore
 from selproj_plugin.gram import factor_dots
 from selproj_plugin.planner import TablePlan
 from selproj_plugin.prepared import Prepared, capture
-from selproj_plugin.projector import Projector, cosines
+from selproj_plugin.projector import ProjectionStore, Projector
 from selproj_plugin.shards import TableShard, Timings, pair_key
-
-Projected = list[torch.Tensor] | None  # a sample's transform outputs (None without transforms)
 
 
 class _StreamShard:
@@ -33,32 +30,33 @@ class _StreamShard:
         self.prep, self.plan, self.config, self.projector, self.store = prep, plan, config, projector, store
         self.ids = [s.id for s in plan.samples]
         self.shard = TableShard(components=[s.name for s in prep.specs], rp_keys=projector.keys if projector else [])
-        self.kept_projections: dict[int, Projected] = {}
+        # every sample's transform outputs wait on disk for their pairs
+        self.projected = ProjectionStore(projector.keys, config.spill_dir) if projector else None
         self.first = plan.first_unit
         self.timings = Timings()
 
-    def project(self, f: SampleFactors) -> Projected:
-        if self.projector is None:
-            return None
+    def project(self, i: int, f: SampleFactors) -> None:
+        """``i``'s transform outputs to the store (once: a recomputed sample's first capture gives them)."""
+        if self.projected is None or i in self.projected:
+            return
         t = time.perf_counter()
-        out = self.projector(f)
+        self.projected.put(i, self.projector(f))
         self.timings.project_s += time.perf_counter() - t
-        return out
 
-    def put(self, key: tuple[str, str], row: np.ndarray, a: Projected, b: Projected) -> None:
+    def put(self, key: tuple[str, str], row: np.ndarray, a: int, b: int) -> None:
         self.shard.cross[key] = row
-        if a is not None:
-            self.shard.rp[key] = cosines(a, b)
+        if self.projected is not None:
+            self.shard.rp[key] = self.projected.cosines(a, b)
 
-    def record_self(self, i: int, row: np.ndarray, projected: Projected) -> None:
+    def record_self(self, i: int, row: np.ndarray) -> None:
         self.shard.self_dots[self.ids[i]] = row
         if i in self.plan.self_pairs:
-            self.put(pair_key(self.ids[i], self.ids[i]), row, projected, projected)
+            self.put(pair_key(self.ids[i], self.ids[i]), row, i, i)
 
-    def self_dot(self, i: int, f: SampleFactors, projected: Projected) -> None:
-        self.record_self(i, factor_dots(f, [f], self.prep.specs)[0], projected)
+    def self_dot(self, i: int, f: SampleFactors) -> None:
+        self.record_self(i, factor_dots(f, [f], self.prep.specs)[0])
 
-    def pairs(self, i: int, f: SampleFactors, projected: Projected, with_self: bool = False) -> None:
+    def pairs(self, i: int, f: SampleFactors, with_self: bool = False) -> None:
         """``i``'s dots with its kept partners, a few at a time (spilled ones are read back), and with itself
         in the first call when ``with_self`` (its Grams and sums then go with the partners')."""
         chunks = list(self.store.chunks(self.plan.partners.get(i, []), PAIR_CHUNK_BYTES)) or [[]]
@@ -66,21 +64,22 @@ class _StreamShard:
             own = [f] if with_self and n == 0 else []
             rows = factor_dots(f, own + [self.store.get(j).to(self.config.device) for j in chunk], self.prep.specs)
             if own:
-                self.record_self(i, rows[0], projected)
+                self.record_self(i, rows[0])
             for j, row in zip(chunk, rows[len(own):]):
-                self.put(pair_key(self.ids[i], self.ids[j]), row, projected, self.kept_projections.get(j))
+                self.put(pair_key(self.ids[i], self.ids[j]), row, i, j)
 
     def group(self, u: int, members: list[int], got: dict[int, SampleFactors]) -> None:
         """A unit's group complete: the hub's dots with its kept partners and its recomputed ones."""
         hub, rest = members[0], members[1:]
-        projected = {i: self.project(got[i]) for i in members} if self.projector else dict.fromkeys(members)
+        for i in members:
+            self.project(i, got[i])
         for i in rest:
             if self.first[i] == u:
-                self.self_dot(i, got[i], projected[i])
-        self.pairs(hub, got[hub], projected[hub], with_self=self.first[hub] == u)
+                self.self_dot(i, got[i])
+        self.pairs(hub, got[hub], with_self=self.first[hub] == u)
         if rest:  # recomputed partners: dots from the group's own factors
             for j, row in zip(rest, factor_dots(got[hub], [got[j] for j in rest], self.prep.specs)):
-                self.put(pair_key(self.ids[hub], self.ids[j]), row, projected[hub], projected[j])
+                self.put(pair_key(self.ids[hub], self.ids[j]), row, hub, j)
 
 
 def _settle(i: int, f: SampleFactors, waiting: dict[tuple[int, int], dict[int, SampleFactors]]) -> None:
@@ -108,8 +107,8 @@ def stream_shard(prep: Prepared, plan: TablePlan, rank: int, world: int, config:
             t2 = time.perf_counter()
             timings.capture_s += t2 - t1
             captured += 1
-            run.kept_projections[i] = run.project(f)
-            run.self_dot(i, f, run.kept_projections[i])
+            run.project(i, f)
+            run.self_dot(i, f)
             t3 = time.perf_counter()
             store.put(i, f, spill=i not in in_ram)
             del f
@@ -117,7 +116,7 @@ def stream_shard(prep: Prepared, plan: TablePlan, rank: int, world: int, config:
             timings.store_s += t1 - t3
             timings.dots_s += t1 - t2
         for i in kept_pairs:  # pairs whose members are both kept
-            run.pairs(i, store.get(i).to(config.device), run.kept_projections[i])
+            run.pairs(i, store.get(i).to(config.device))
         t2 = time.perf_counter()
         timings.dots_s += t2 - t1
         t1 = t2
@@ -149,6 +148,8 @@ def stream_shard(prep: Prepared, plan: TablePlan, rank: int, world: int, config:
         spilled = store.spilled
     finally:
         store.close()
+        if run.projected is not None:
+            run.projected.close()
     timings.dots_s -= timings.project_s
     run.shard.meta = {"rank": rank, "world": world, "spilled_bytes": int(spilled), "captures": captured,
                       "timings": asdict(timings)}

@@ -5,6 +5,12 @@ sample's selected gradients ``{component name: [N, d_c]}`` (parameter layout, in
 order) into one ``[N, dim]`` vector.  A :class:`Transform` is built once per model (seeded
 state such as a projection's hashes lives in it) and applied to every batch.
 
+A transform whose output is a sum of one term per component (``additive``, like a count
+sketch) takes a sample's gradient a component at a time (:meth:`Transform.begin`, then
+``add`` each component, then ``finish``), so the engine never holds a whole gradient for it;
+any other transform gets its components gathered and then ``__call__``.  :meth:`Transform.held_bytes`
+says what a transform holds while it works, which the engine's memory plan counts.
+
 Whether a component table can score a transform is the transform's own answer
 (:meth:`Transform.on_table`): a per-component scaling can (from the stored dot products),
 a projection can when the table stores its similarities (the engine computes them under
@@ -36,6 +42,28 @@ def selection_digest(components: Sequence[Component]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+class Accumulator:
+    """One run of a transform over ``n`` samples fed a component at a time: ``add`` each selected component's
+    ``[n, d_c]`` block (each once, any order the transform accepts), then ``finish`` for ``[n, dim]``.
+
+    This base gathers the blocks and calls the transform on them: what a transform that is not additive needs.
+    """
+
+    def __init__(self, transform: "Transform", n: int) -> None:
+        self.transform, self.n = transform, n
+        self.features: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, block: torch.Tensor) -> None:
+        self.features[name] = block
+
+    def finish(self) -> torch.Tensor:
+        names = [c.name for c in self.transform.components]
+        features = {n: self.features[n] for n in names if n in self.features}
+        features.update((n, f) for n, f in self.features.items() if n not in features)  # check() names strays
+        self.features = {}
+        return self.transform(features)
+
+
 class Transform(ABC):
     """Maps selected per-sample gradients ``{name: [N, d_c]}`` to ``[N, dim]``.
 
@@ -48,6 +76,16 @@ class Transform(ABC):
     components: tuple[Component, ...]
     dim: int
     key: str
+    additive = False  # the output is a sum of one term per component: fed a component at a time, never gathered
+
+    def begin(self, n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Accumulator:
+        """An :class:`Accumulator` for ``n`` samples whose component blocks come in ``dtype`` on ``device``."""
+        return Accumulator(self, n)
+
+    def held_bytes(self, n: int = 1) -> int:
+        """Bytes this transform holds while it maps ``n`` samples fed through :meth:`begin`, besides the block
+        being added: here every selected gradient (gathered) and the float64 output."""
+        return n * (4 * sum(c.num_params for c in self.components) + 8 * self.dim)
 
     @abstractmethod
     def __call__(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:

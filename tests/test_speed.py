@@ -1,4 +1,4 @@
-"""benchmark.speed --only engine: the engine against the paper's loop on one task, without projections."""
+"""benchmark.speed: the engine against the paper's loop on one task (--only engine), and the projection worker."""
 
 from __future__ import annotations
 
@@ -122,3 +122,36 @@ def test_fullset_compares_every_original_as_a_candidate_and_states_the_flop_boun
     # 3 queries x (itself + 3 candidates) passes against 6 captures: the loop does more arithmetic
     assert fullset["loop_flops"] > fullset["engine_flops"] > 0 and fullset["speedup_vs_loop_fullset"] > 0
     assert "the arithmetic allows" in proc.stdout
+
+
+def test_projection_worker_plans_and_holds_its_limit(tiny_model_dir, small_dataset, tmp_path):  # noqa: F811
+    """--only projection: --plan predicts the worker's peak without a gradient; the run stays under a limit a
+    little above what the process holds, and every map is still measured."""
+    base = [sys.executable, "-m", "benchmark.speed", "--only", "projection", "--model", str(tiny_model_dir),
+            "--dataset", str(small_dataset), "--proj-queries", "3", "--proj-seeds", "2", "--proj-dim", "64,10%"]
+    plan_out, run_out = tmp_path / "plan.json", tmp_path / "run.json"
+    proc = subprocess.run(base + ["--plan", "--json", str(plan_out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(plan_out.read_text())["plan"]
+    assert "predicted peak" in proc.stdout and "maps" not in plan
+    limit_gb = (plan["resident_bytes"] + 300 * 2**20) / 2**30
+    proc = subprocess.run(base + ["--memory-limit-gb", f"{limit_gb:.3f}", "--json", str(run_out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proj = json.loads(run_out.read_text())["projection"]
+    assert proj["peak_rss_mb"] <= 1.05 * limit_gb * 1024
+    assert set(proj["maps"]) == {"random_projection@64", "random_projection@10%", "random_projection_per_component@64",
+                                 "random_projection_per_component@10%"}
+    assert [proj["maps"][k]["seeds"] for k in sorted(proj["maps"])] == [2, 2, 1, 1]
+    assert "under a" in proc.stdout
+
+
+def test_trak_slice_holds_its_dense_matrix_within_the_room_left():
+    from benchmark.speed import TRAK_SLACK, trak_slice_dim
+
+    room = TRAK_SLACK + 4 * (512 + 2) * 1000  # room for 1000 coordinates' rows of 512 columns and two slices
+    assert trak_slice_dim(2_000_000, 10**8, room, 512, 2) == 1000
+    assert trak_slice_dim(2_000_000, 600, room, 512, 2) == 600  # never more than the gradient
+    assert trak_slice_dim(500, 10**8, room, 512, 2) == 500
+    assert trak_slice_dim(2_000_000, 10**8, TRAK_SLACK / 2, 512, 2) == 0
