@@ -250,6 +250,13 @@ class PaperPlan:  # benchmark.plan
 
 
 @dataclass(frozen=True)
+class MemoryBound:  # one command's limit and its --plan's prediction, beside what /usr/bin/time -v measured
+    memory_limit_gb: float
+    predicted_peak_bytes: int
+    load_average: tuple[float, ...] | None = None  # 1, 5 and 15 minutes, read just before the run
+
+
+@dataclass(frozen=True)
 class ScaleOut:  # benchmark.scaleout
     wall_seconds: dict[str, float]
     identical: bool

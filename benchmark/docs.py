@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmark.doc_records import (Adapters, CheckRow, Cost, EngineVsLoop, FinetuneRun, PairedTest, PaperPlan, Parity,
+from benchmark.doc_records import (Adapters, CheckRow, Cost, EngineVsLoop, FinetuneRun, MemoryBound, PairedTest, PaperPlan, Parity,
                                    Projection, Record, RecordError, Retrieval, ScaleOut, Setting, load_records, parse,
                                    typed)
 from benchmark.faults import Row as Fault
@@ -331,6 +331,20 @@ def checkpoints(records: list[Record]) -> str:
     return _table(header, rows)
 
 
+def memory_bound(records: list[Record]) -> str:
+    rows = []
+    for rec in records:
+        m, c = _result(MemoryBound, rec), rec.cost
+        peak = c.peak_rss_kib * 1024 if c.peak_rss_kib is not None else c.peak_rss_gib * GiB
+        limit = m.memory_limit_gb * 2**30
+        load = "" if m.load_average is None else " / ".join(f"{v:.2f}" for v in m.load_average)
+        rows.append([rec.label, f"{m.memory_limit_gb:g} GB", f"{peak / GiB:.2f} GiB ({peak / limit:.2f})",
+                     f"{m.predicted_peak_bytes / GiB:.2f} GiB ({m.predicted_peak_bytes / peak:.2f})",
+                     "" if c.wall_seconds is None else _minutes(c.wall_seconds), load])
+    return _table(["run", "limit", "peak RSS (/ limit)", "`--plan` predicted (/ measured)", "wall time",
+                   "load average before (1 / 5 / 15 min)"], rows)
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
@@ -341,6 +355,9 @@ TABLES: dict[str, Callable[[list[Record]], str]] = {
     "paper-plan": paper_plan, "faults": faults, "scaleout": scaleout, "runs": runs,
     "parity": parity, "parity-summary": parity_summary, "finetune": finetune, "pool": pool,
     "checkpoints": checkpoints,
+
+
+    "parity": parity, "parity-summary": parity_summary, "memory-bound": memory_bound,
 }
 
 

@@ -95,13 +95,21 @@ class CountSketch(Transform):
     def cached_bytes(self) -> int:
         return sum(c.nbytes for c in self._codes.values())
 
+    draw_per_param = 4  # bytes a draw of codes holds per parameter (int32 codes)
+
+    def draw_bytes(self) -> int:
+        """What drawing an uncached component's codes holds: none when every code is cached."""
+        codes = 4 * sum(c.num_params for c in self.components)
+        if self.cache_bytes is None or self.cache_bytes >= codes:
+            return 0
+        return self.draw_per_param * max(c.num_params for c in self.components)
+
     def held_bytes(self, n: int = 1) -> int:
         """The fp32 sums of ``n`` samples (a bucket for each sign), the cached codes (all of them when
         :attr:`cache_bytes` is None) and one component's codes drawn afresh, with their temporaries."""
         codes = 4 * sum(c.num_params for c in self.components)
         cached = codes if self.cache_bytes is None else min(codes, int(self.cache_bytes))
-        fresh = 0 if cached >= codes else 3 * 4 * max(c.num_params for c in self.components)
-        return n * 2 * 4 * self.dim + cached + fresh
+        return n * 2 * 4 * self.dim + cached + self.draw_bytes()
 
     def begin(self, n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Accumulator:
         return _SketchSums(self, n, dtype, device)
@@ -153,6 +161,7 @@ class PerComponentSketch(CountSketch):
     """
 
     kind = PAPER_PROJECTION
+    draw_per_param = 9  # int32 codes, a bool mask and an int32 offset moving them into the component's block
 
     def __init__(self, components: Sequence[Component], dims: Sequence[int], seed: int = 0) -> None:
         dims = [int(d) for d in dims]

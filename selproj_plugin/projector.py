@@ -73,8 +73,11 @@ class Projector:
         """What projecting one sample holds besides its factors: one component's gradient (matrix form and
         parameter layout), every transform's working memory, its fp32 output and a float64 copy (a norm, or a
         pair's dot from two outputs read back)."""
-        largest = max((s.rows * s.cols for s in self.specs), default=0)
-        return 4 * 2 * largest + sum(t.held_bytes(1) + 4 * t.dim + 16 * t.dim for t in self.transforms)
+        # a component with a bias column or row is copied into parameter layout; others are a view of it
+        copied = ("bias_col", "bias_row")
+        largest = max((4 * s.rows * s.cols * (2 if s.layout in copied else 1) for s in self.specs), default=0)
+        draws = [getattr(t, "draw_bytes", lambda: 0)() for t in self.transforms]  # one code draw at a time
+        return largest + sum(t.held_bytes(1) - d + 20 * t.dim for t, d in zip(self.transforms, draws)) + max(draws)
 
     def release(self) -> None:
         """Drop the transforms' cached codes: the samples are projected (a later use draws them again)."""
