@@ -97,7 +97,8 @@ def build_table(
     prep = prepare(model, tokenizer, components, scope)
     projector = Projector(prep.specs, transforms) if transforms else None
     plan, n_truncated = plan_samples(prep, tokenizer, queries, candidates, candidate_index, config, world, projector)
-    config = dataclasses.replace(config, batch_tokens=plan.batch_tokens)  # the plan's batches, whatever was asked
+    # the plan's batches, whatever was asked
+    config = dataclasses.replace(config, batch_tokens=plan.batch_tokens, batch_size=plan.batch_size)
     encode_s = time.perf_counter() - t0
     names = [s.name for s in prep.specs]
     if shard_file is not None and shard_file.is_file():

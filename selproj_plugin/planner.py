@@ -172,6 +172,7 @@ class TablePlan:
     batch_tokens: int
     widths: FactorWidths
     batch_why: str = ""  # how ``batch_tokens`` was chosen
+    batch_size: int = 0  # samples a capture batch may hold (EngineConfig.batch_size, or the device default)
     materialise: frozenset[str] = frozenset()  # components captured as whole gradients rather than factors
     on_device: bool = False  # capture batches and groups live in accelerator memory, kept factors in host RAM
     device_budget: float = 0.0  # of ``store_budget``: kept factors held in accelerator memory, not host RAM
@@ -510,7 +511,7 @@ def plan_samples(prep: "Prepared", tokenizer: Any, queries: Sequence[Sample], ca
     table = plan_pairs(lengths, [e.n_targets for e in encoded], q_of, c_of, widths,
                        store_budget=budget, device_budget=on_device, spill_allowance=allowance,
                        resident_bytes=resident_bytes(prep.capture.model), batch_tokens=config.batch_tokens)
-    table.materialise, table.batch_why = frozenset(materialise), batch_why
+    table.materialise, table.batch_why, table.batch_size = frozenset(materialise), batch_why, config.batch_size
     table.on_device = torch.device(config.device).type != "cpu"
     table.projection_bytes = projector.held_bytes() if projector is not None else 0
     if world == 1:  # component by component runs in one process

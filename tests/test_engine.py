@@ -453,3 +453,15 @@ def test_each_modules_training_flag_is_put_back_after_capture():
     before = [m.training for m in model.modules()]
     sample_features(model, tok, tiny.SAMPLES[:2], config=CFG)
     assert [m.training for m in model.modules()] == before
+
+
+@pytest.mark.parametrize("order", ["stream", "gram"])
+def test_a_table_builds_with_the_default_config_in_batches_of_eight(order):
+    """EngineConfig() leaves the batch's sample count to the device (8 on a CPU): the build must use what its
+    plan decided, in either order, and the table says so."""
+    model, tok = tiny.model("llama", tied=True), tiny.tokenizer()
+    queries = [Sample(f"q{i}", f"Question {i}?", "Answer.") for i in range(10)]
+    index = np.arange(10)[:, None] % len(tiny.SAMPLES)
+    table = build_table(model, tok, queries, tiny.SAMPLES, index, index == np.arange(10)[:, None] % len(tiny.SAMPLES),
+                        config=EngineConfig(progress=False, dot_order=order))
+    assert table.meta["batch_size"] == 8 and table.meta["plan"]["dot_order"] == order
