@@ -250,6 +250,22 @@ class PaperPlan:  # benchmark.plan
 
 
 @dataclass(frozen=True)
+class OpCount:  # benchmark.speed's "ops" part: aten calls, the proxy for a GPU's kernel launches
+    queries: int
+    pairs: int
+    distinct_samples: int
+    dot_order: str
+    table_ops: int
+    plain_ops: int
+    plain_batch: int
+    table_ops_over_plain: float
+    ops_per_pair: float
+    capture_ops_over_plain: float
+    capture_tokens_per_s: float
+    plain_tokens_per_s: float
+
+
+@dataclass(frozen=True)
 class MemoryBound:  # one command's limit and its --plan's prediction, beside what /usr/bin/time -v measured
     memory_limit_gb: float
     predicted_peak_bytes: int

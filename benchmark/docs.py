@@ -16,9 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmark.doc_records import (Adapters, CheckRow, Cost, EngineVsLoop, FinetuneRun, MemoryBound, PairedTest, PaperPlan, Parity,
-                                   Projection, Record, RecordError, Retrieval, ScaleOut, Setting, load_records, parse,
-                                   typed)
+from benchmark.doc_records import (Adapters, CheckRow, Cost, EngineVsLoop, FinetuneRun, MemoryBound, OpCount,
+                                   PairedTest, PaperPlan, Parity, Projection, Record, RecordError, Retrieval, ScaleOut,
+                                   Setting, load_records, parse, typed)
 from benchmark.faults import Row as Fault
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,6 +331,19 @@ def checkpoints(records: list[Record]) -> str:
     return _table(header, rows)
 
 
+def speed_ops(records: list[Record]) -> str:
+    """The GPU cost proxy: a table's aten calls against a plain batched forward+backward of the same samples."""
+    rows = []
+    for rec in records:
+        o = typed(OpCount, rec.result.get("ops"), f"{rec.source}: result.ops")
+        rows.append([rec.label, f"{o.queries} x {o.pairs // max(1, o.queries)} ({o.distinct_samples} samples, "
+                     f"{o.dot_order} order)", f"{o.table_ops:,} / {o.plain_ops:,} (batches of {o.plain_batch})",
+                     f"**{o.table_ops_over_plain:.2f}x**", f"{o.ops_per_pair:,.0f}", f"{o.capture_ops_over_plain:.2f}x",
+                     f"{o.capture_tokens_per_s:,.0f} / {o.plain_tokens_per_s:,.0f}"])
+    return _table(["run", "table", "aten calls: table / plain forward+backward", "ratio", "per pair",
+                   "capture / plain on its batches", "tokens/s: capture / plain"], rows)
+
+
 def memory_bound(records: list[Record]) -> str:
     rows = []
     for rec in records:
@@ -354,10 +367,7 @@ TABLES: dict[str, Callable[[list[Record]], str]] = {
     "speed-gpu": speed_gpu, "projection": projection, "adapters": adapters, "plancheck": plancheck,
     "paper-plan": paper_plan, "faults": faults, "scaleout": scaleout, "runs": runs,
     "parity": parity, "parity-summary": parity_summary, "finetune": finetune, "pool": pool,
-    "checkpoints": checkpoints,
-
-
-    "parity": parity, "parity-summary": parity_summary, "memory-bound": memory_bound,
+    "checkpoints": checkpoints, "memory-bound": memory_bound, "speed-ops": speed_ops,
 }
 
 
