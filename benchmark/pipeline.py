@@ -21,7 +21,9 @@ from benchmark.candidates import bm25_scores, top_k
 from benchmark.data import Dataset, load_dataset
 from benchmark.finetune import FinetuneSettings
 from benchmark.generate import generate_responses
+from selproj_plugin.budget import CPU_BATCH_SIZE
 from selproj_plugin.components import Component
+from selproj_plugin.engine_config import EngineConfig
 from selproj_plugin.samples import Sample
 from selproj_plugin.strategies.base import Reducer, Reduction, Similarity, reduction
 from selproj_plugin.table import FORMAT as TABLE_FORMAT, ComponentTable
@@ -91,18 +93,24 @@ class PipelineOptions:
     scope: str = "paper"  # component set: "paper" (embedding + weight matrices) or "all" (norms, biases too)
     seed: int = 0
     dtype: str = "float32"
-    device: str = "cpu"
-    max_length: int = 512
+    # the engine's settings as the user gives them: memory_limit_gb is the machine's, shared by its processes
+    # (engine_config divides it); a dot_order asked for is part of the table's key
+    engine: EngineConfig = field(default_factory=EngineConfig)
     max_new_tokens: int = 64
-    batch_size: int = 8
-    memory_limit_gb: float = 3.5
-    max_spill_gb: float | None = None
-    dot_order: str = "auto"  # the engine's: 'auto', 'stream' or 'gram'; one asked for is part of the table's key
+    # prompts per generate call; None: the engine's batch size where given, else CPU_BATCH_SIZE
+    generation_batch_size: int | None = None
     plan_only: bool = False  # stop before the table: PipelineResult.plan says what building it would do
     pool_ranking: bool = True  # the table covers every original: whole-pool MRR and recall@k beside top-1 of k
     finetune: FinetuneSettings | None = None  # train on the originals first (None or 0 epochs: as loaded)
     cache_dir: str | None = None
-    progress: bool = True
+
+
+def engine_config(opts: PipelineOptions) -> EngineConfig:
+    """The engine config of this process: the machine's memory limit shared by its processes, its own device."""
+    from selproj_plugin import distributed
+
+    return dataclasses.replace(opts.engine, memory_limit_gb=opts.engine.memory_limit_gb / distributed.local_world(),
+                               device=distributed.local_device(opts.engine.device))
 
 
 @dataclass
@@ -165,9 +173,11 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     dataset = load_dataset(opts.dataset, max_samples=opts.max_samples)
     lap("dataset")
 
+    config = engine_config(opts)
+
     def load() -> tuple[Any, Any]:
         return distributed.main_first(lambda: load_model(  # rank 0 converts the default model once
-            opts.model, dtype=opts.dtype, device=distributed.local_device(opts.device), cache=opts.cache_dir))
+            opts.model, dtype=opts.dtype, device=config.device, cache=opts.cache_dir))
 
     model, tokenizer = load()
     lap("model")
@@ -181,7 +191,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     }
     settings = opts.finetune
     if settings is None or settings.epochs == 0 or opts.plan_only:
-        result = _measure(model, tokenizer, dataset, opts, cache, identity, stages, lap)
+        result = _measure(model, tokenizer, dataset, opts, config, cache, identity, stages, lap)
         if settings is not None and settings.epochs == 0:
             result.finetune = {"epochs": 0, "base_weights": identity["weights"]}
         return result
@@ -189,7 +199,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     from benchmark.finetune import finetune
 
     tuned = finetune(model, tokenizer, [r.original for r in dataset.records], [r.paraphrase for r in dataset.records],
-                     settings, cache=cache, base=identity, scope=opts.scope, progress=opts.progress)
+                     settings, cache=cache, base=identity, scope=opts.scope, progress=config.progress)
     lap("finetune")
     record = {**tuned.record, "reused": tuned.reused}
     results = []
@@ -198,7 +208,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         ident = {**identity, "weights": weights_fingerprint(model), "base_weights": identity["weights"],
                  "finetune_step": cp.step}
         own: dict[str, float] = {}
-        result = _measure(model, tokenizer, dataset, opts, cache, ident, own, _lap_into(own),
+        result = _measure(model, tokenizer, dataset, opts, config, cache, ident, own, _lap_into(own),
                           weights=(lambda cp=cp: _put_weights(model, cp, load)))
         result.checkpoint_info = {"index": cp.index, "step": cp.step, "lr": cp.lr}
         results.append(result)
@@ -252,9 +262,12 @@ def take_columns(table: ComponentTable, columns: np.ndarray) -> ComponentTable:
     )
 
 
-def _measure(model: Any, tokenizer: Any, dataset: Dataset, opts: PipelineOptions, cache: StageCache,
-             identity: dict[str, Any], stages: dict[str, float], lap: Any, weights: Any = None) -> PipelineResult:
+def _measure(model: Any, tokenizer: Any, dataset: Dataset, opts: PipelineOptions, config: EngineConfig,
+             cache: StageCache, identity: dict[str, Any], stages: dict[str, float], lap: Any,
+             weights: Any = None) -> PipelineResult:
     """Generations and tables of one model (one checkpoint): the stages after loading and fine-tuning.
+
+    ``config`` is :func:`engine_config`'s, for the table and the gradient similarities alike.
 
     ``weights()`` puts this checkpoint's weights back into ``model`` before a gradient similarity is taken.
     """
@@ -262,7 +275,7 @@ def _measure(model: Any, tokenizer: Any, dataset: Dataset, opts: PipelineOptions
 
     from selproj_plugin import distributed
     from selproj_plugin.components import catalogue
-    from selproj_plugin.engine import EngineConfig, build_table, plan_table
+    from selproj_plugin.engine import build_table, plan_table
 
     world = distributed.rank_world()[1]
     comps = catalogue(model, opts.scope)
@@ -284,7 +297,8 @@ def _measure(model: Any, tokenizer: Any, dataset: Dataset, opts: PipelineOptions
         generations = generate_responses(
             model, tokenizer, [(r.id, r.paraphrased_prompt) for r in dataset.records],
             cache_path=cache.path("generations", gen_key, "json"), cache=cache,
-            max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, progress=opts.progress,
+            max_new_tokens=opts.max_new_tokens, progress=config.progress,
+            batch_size=opts.generation_batch_size or opts.engine.batch_size or CPU_BATCH_SIZE,
         )
         lap("generate")
 
@@ -295,15 +309,11 @@ def _measure(model: Any, tokenizer: Any, dataset: Dataset, opts: PipelineOptions
     is_original = rows == originals[:, None]
     table_key = {**identity, "component_set": opts.scope, "settings": opts.settings, "full_set": whole_pool,
                  "candidates": None if whole_pool else opts.candidates, "projections": sorted(transforms),
-                 "max_length": opts.max_length,
+                 "max_length": config.max_length,
                  "max_new_tokens": opts.max_new_tokens if "generated" in opts.settings else None,
                  "queries": [q.id for q in queries], "package": package_version(), "table_format": TABLE_FORMAT,
-                 **({"dot_order": opts.dot_order} if opts.dot_order != "auto" else {})}
+                 **({"dot_order": config.dot_order} if config.dot_order != EngineConfig.dot_order else {})}
     table_path = cache.path("table", table_key, "npz")
-    config = EngineConfig(batch_size=opts.batch_size, max_length=opts.max_length,
-                          memory_limit_gb=opts.memory_limit_gb / distributed.local_world(),  # per machine
-                          max_spill_gb=opts.max_spill_gb, device=distributed.local_device(opts.device),
-                          dot_order=opts.dot_order, progress=opts.progress)
     if opts.plan_only:
         plan = plan_table(model, tokenizer, queries, pool, rows, scope=opts.scope,
                           transforms=list(transforms.values()), config=config, across_ranks=True)
@@ -345,14 +355,10 @@ def _measure(model: Any, tokenizer: Any, dataset: Dataset, opts: PipelineOptions
         "captures": table.meta.get("captures"),  # samples forward/backward'ed for the table (recomputed ones again)
         "total_params": total_params, "proj_dims": proj_dims,
     }
-    similarity_config = EngineConfig(batch_size=opts.batch_size, max_length=opts.max_length,
-                                     memory_limit_gb=opts.memory_limit_gb, max_spill_gb=opts.max_spill_gb,
-                                     dot_order=opts.dot_order, device=distributed.local_device(opts.device),
-                                     progress=opts.progress)
 
     def similarity_of(s: str, r: np.ndarray, cand: np.ndarray) -> Similarity:
         return gradient_similarity(model, tokenizer, [queries[i] for i in r], pool, cand,
-                                   cand == originals[r][:, None], opts.scope, similarity_config, weights)
+                                   cand == originals[r][:, None], opts.scope, config, weights)
 
     similarity = {s: similarity_of(s, r, kept_rows[s]) for s, r in spans.items()}
     result = PipelineResult(tables=tables, identity=identity, stages=stages, notes=notes, run=run, bm25=bm25_rows,

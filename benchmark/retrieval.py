@@ -27,6 +27,7 @@ from benchmark.pipeline import (
 from benchmark.report import METHODS, Baseline, ci_text, format_setting, vs_full_text, write_atomic, write_json
 from selproj_plugin import distributed, scoring, stats
 from selproj_plugin.components import COMPONENT_SETS, PAPER_KINDS
+from selproj_plugin.engine_config import EngineConfig
 from selproj_plugin.planner import DOT_ORDERS
 from selproj_plugin.registry import (
     convert_options, get_strategy, get_strategy_class, list_strategies, plugin_errors, plugin_names,
@@ -77,7 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "weight matrices, as the paper) or all (norms and biases too)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="generation length for the generated setting")
     g.add_argument("--max-length", type=int, default=512, help="truncate longer samples (counted in the report)")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--memory-limit-gb", type=float, default=3.5, help="the engine's memory budget: the model, one capture batch and kept gradient factors; factors beyond it spill to disk (default 3.5; shared by the processes of a machine)")
     g.add_argument("--max-spill-gb", type=float, default=None,
                    help="disk the engine may fill with kept factors beyond its memory budget (default: half the free "
@@ -354,11 +355,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         built = build_tables(PipelineOptions(
             model=args.model, dataset=args.dataset, settings=settings,
             max_samples=args.max_samples or None, candidates=args.candidates, full_set=args.full_set,
-            runs=tuple(runs), scope=args.components or "paper", seed=args.seed, dtype=args.dtype, device=args.device,
-            max_length=args.max_length, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            memory_limit_gb=args.memory_limit_gb, max_spill_gb=args.max_spill_gb, dot_order=args.dot_order,
+            runs=tuple(runs), scope=args.components or "paper", seed=args.seed, dtype=args.dtype,
+            engine=engine_settings(args), max_new_tokens=args.max_new_tokens,
             plan_only=args.plan, pool_ranking=not args.no_pool_ranking, finetune=finetune_settings(args),
-            cache_dir=args.cache_dir, progress=not args.no_progress,
+            cache_dir=args.cache_dir,
         ))
         if args.plan:
             if distributed.is_main():  # every rank plans alike (each must, for its share); rank 0 reports
@@ -427,6 +427,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_json(args.json_out, document)
         print(f"wrote {args.json_out}")
     return document
+
+
+def engine_settings(args: argparse.Namespace) -> EngineConfig:
+    """The engine settings the options give (the memory limit is the machine's: the pipeline shares it out)."""
+    return EngineConfig(batch_size=args.batch_size, max_length=args.max_length, memory_limit_gb=args.memory_limit_gb,
+                        max_spill_gb=args.max_spill_gb, dot_order=args.dot_order, device=args.device,
+                        progress=not args.no_progress)
 
 
 def finetune_settings(args: argparse.Namespace) -> FinetuneSettings:
