@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from benchmark import settings_cli
 from benchmark.cache import StageCache, digest, package_version, tokenizer_digest
 from selproj_plugin.atomic import atomic_write
 from selproj_plugin.samples import Sample
@@ -74,28 +75,20 @@ class FinetuneSettings:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("key", True)}
 
 
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or f"--finetune-{f.name.replace('_', '-')}"
-
-
-def add_arguments(parser: argparse.ArgumentParser, defaults: FinetuneSettings | None = None) -> None:
-    """One option per :class:`FinetuneSettings` field, its type and help from the field."""
-    defaults = defaults or FinetuneSettings()
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`FinetuneSettings` field (``--finetune-<name>``), its type, default and help from the
+    field; left out, an option parses to None (the epochs' default depends on --model)."""
     group = parser.add_argument_group("fine-tune (the embedded model trains on its candidates first)")
-    for f in fields(FinetuneSettings):
-        default = getattr(defaults, f.name)
-        group.add_argument(_flag(f), dest=f"finetune_{f.name}", type=type(default), default=None,
-                           help=f"{f.metadata['help']} (default {default}"
-                                + ("; a model given with --model: 0" if f.name == "epochs" else "") + ")")
+    settings_cli.add_arguments(group, FinetuneSettings, prefix="finetune_", unset_default=True,
+                               notes={"epochs": "a model given with --model: 0"})
 
 
 def settings_from_args(args: argparse.Namespace, epochs_default: int | None = None) -> FinetuneSettings:
     """The settings the options give; unset ones keep the dataclass default (``epochs``: ``epochs_default``)."""
-    base = FinetuneSettings()
-    values = {f.name: getattr(args, f"finetune_{f.name}", None) for f in fields(FinetuneSettings)}
-    if values["epochs"] is None and epochs_default is not None:
-        values["epochs"] = epochs_default
-    return dataclasses.replace(base, **{k: v for k, v in values.items() if v is not None}).validate()
+    given = settings_cli.values(args, FinetuneSettings, prefix="finetune_")
+    if "epochs" not in given and epochs_default is not None:
+        given["epochs"] = epochs_default
+    return dataclasses.replace(FinetuneSettings(), **given).validate()
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmark import checkpoints as study
+from benchmark import checkpoints as study, settings_cli
 from benchmark.finetune import FinetuneSettings, add_arguments as add_finetune_arguments, settings_from_args
 from benchmark.pipeline import (
     PROJECTION_STRATEGIES, SETTINGS, PipelineOptions, Run, build_tables, parse_settings, strategy_runs,
@@ -28,13 +28,16 @@ from benchmark.report import METHODS, Baseline, ci_text, format_setting, vs_full
 from selproj_plugin import distributed, scoring, stats
 from selproj_plugin.components import COMPONENT_SETS, PAPER_KINDS
 from selproj_plugin.engine_config import EngineConfig
-from selproj_plugin.planner import DOT_ORDERS
 from selproj_plugin.registry import (
     convert_options, get_strategy, get_strategy_class, list_strategies, plugin_errors, plugin_names,
 )
 from selproj_plugin.strategies.base import Similarity
 from selproj_plugin.strategies.base import StrategyResult
 from selproj_plugin.table import ComponentTable
+
+
+# EngineConfig's fields a run sets from the command line (the memory limit is the machine's)
+ENGINE_OPTIONS = ("max_length", "batch_size", "memory_limit_gb", "max_spill_gb", "dot_order", "device")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,20 +80,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="component set of the gradient: paper (default: the embedding and the attention and MLP "
                         "weight matrices, as the paper) or all (norms and biases too)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="generation length for the generated setting")
-    g.add_argument("--max-length", type=int, default=512, help="truncate longer samples (counted in the report)")
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--memory-limit-gb", type=float, default=3.5, help="the engine's memory budget: the model, one capture batch and kept gradient factors; factors beyond it spill to disk (default 3.5; shared by the processes of a machine)")
-    g.add_argument("--max-spill-gb", type=float, default=None,
-                   help="disk the engine may fill with kept factors beyond its memory budget (default: half the free "
-                        "space of the temporary directory); samples that fit neither are recomputed with each partner")
-    g.add_argument("--dot-order", default="auto", choices=DOT_ORDERS,
-                   help="how the engine takes dot products: 'stream' (sample by sample, as torchrun's ranks do), "
-                        "'gram' (component by component, one process only) or 'auto' (fewer estimated FLOPs; "
-                        "default). One process and torchrun give equal bits in the same order")
+    settings_cli.add_arguments(g, EngineConfig, ENGINE_OPTIONS,
+                               notes={"memory_limit_gb": "here the machine's, shared by its processes"})
     g.add_argument("--plan", action="store_true",
                    help="print what building the table would do (kept, spilled and recomputed samples, passes, "
                         "predicted peak memory, capture FLOPs) and exit before any gradient")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (default: torch's; torchrun gives 1). Runs with equal threads per "
                         "process give bit-identical results however many processes share the work")
@@ -431,9 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def engine_settings(args: argparse.Namespace) -> EngineConfig:
     """The engine settings the options give (the memory limit is the machine's: the pipeline shares it out)."""
-    return EngineConfig(batch_size=args.batch_size, max_length=args.max_length, memory_limit_gb=args.memory_limit_gb,
-                        max_spill_gb=args.max_spill_gb, dot_order=args.dot_order, device=args.device,
-                        progress=not args.no_progress)
+    return settings_cli.from_args(args, EngineConfig, progress=not args.no_progress)
 
 
 def finetune_settings(args: argparse.Namespace) -> FinetuneSettings:

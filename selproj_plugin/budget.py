@@ -13,14 +13,13 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from selproj_plugin import distributed
-from selproj_plugin.engine_config import EngineConfig
+from selproj_plugin.engine_config import CPU_BATCH_SIZE, EngineConfig  # noqa: F401 (CPU_BATCH_SIZE: re-exported)
 
 if TYPE_CHECKING:
     from selproj_plugin.prepared import Prepared
 
 PAIR_CHUNK_BYTES = 256 * 2**20  # stored partners' factors read back per Gram call
 CPU_BATCH_TOKENS = 512  # padded tokens per capture batch off CUDA: about 3 samples, arithmetic-bound on a CPU
-CPU_BATCH_SIZE = 8  # samples per capture batch off CUDA
 GiB = 2**30
 GRAM_BLOCK_BYTES = 256 * 2**20  # component-major order: one block of every sample's materialised gradient rows
 

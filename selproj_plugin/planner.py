@@ -30,7 +30,7 @@ from selproj_plugin.budget import (
     GRAM_BLOCK_BYTES, PAIR_CHUNK_BYTES, device_budget, resident_bytes, sized, spill_allowance, store_budget,
 )
 from selproj_plugin.capture import ComponentSpec, GradientCapture
-from selproj_plugin.engine_config import EngineConfig, MemoryLimitWarning
+from selproj_plugin.engine_config import DOT_ORDERS, EngineConfig, MemoryLimitWarning
 from selproj_plugin.gram import MEMORY_BOUND_WEIGHT
 from selproj_plugin.loss import Encoded, encode_samples
 from selproj_plugin.samples import Sample, dedupe
@@ -450,9 +450,6 @@ def plan_pairs(lengths: Sequence[int], targets: Sequence[int], q_of: Sequence[in
                      kept_queries, store_budget, spill_allowance, resident_bytes, batch_tokens, widths, notes=notes,
                      device_budget=device_budget, sides=(len(q_set), len(c_set)), q_of=list(q_of),
                      c_of=np.asarray(c_of, dtype=np.int64))
-
-
-DOT_ORDERS = ("auto", "stream", "gram")
 
 
 def check_order(order: str) -> str:
