@@ -86,17 +86,17 @@ class PipelineOptions:
     model: str | None = None
     dataset: str | None = None
     settings: tuple[str, ...] = SETTINGS
-    max_samples: int | None = 64
-    candidates: int = 5
+    max_samples: int | None = field(default=64, metadata={"help": "first N samples of the dataset (0 = all)"})
+    candidates: int = field(default=5, metadata={"help": "BM25 top-k candidates per query"})
     full_set: bool = False
     runs: tuple["Run", ...] = ()  # strategies to score: the transforms a table cannot express are computed with it
     scope: str = "paper"  # component set: "paper" (embedding + weight matrices) or "all" (norms, biases too)
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = field(default="float32", metadata={"help": "model dtype", "choices": ("float32", "bfloat16")})
     # the engine's settings as the user gives them: memory_limit_gb is the machine's, shared by its processes
     # (engine_config divides it); a dot_order asked for is part of the table's key
     engine: EngineConfig = field(default_factory=EngineConfig)
-    max_new_tokens: int = 64
+    max_new_tokens: int = field(default=64, metadata={"help": "generation length for the generated setting"})
     # prompts per generate call; None: the engine's batch size where given, else CPU_BATCH_SIZE
     generation_batch_size: int | None = None
     plan_only: bool = False  # stop before the table: PipelineResult.plan says what building it would do

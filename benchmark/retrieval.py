@@ -70,8 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", default=None, help="Hugging Face model id or local path (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dataset", default=None, help="local .jsonl/.json/.csv/.parquet or hub dataset (default: embedded)")
     g.add_argument("--setting", default=",".join(SETTINGS), help="paraphrased, generated or both (default: both)")
-    g.add_argument("--max-samples", type=int, default=64, help="first N samples of the dataset (default 64; 0 = all)")
-    g.add_argument("--candidates", type=int, default=5, help="BM25 top-k candidates per query (default 5)")
+    settings_cli.add_arguments(g, PipelineOptions, ("max_samples", "candidates"))
     g.add_argument("--full-set", action="store_true", help="every original is a candidate; adds MRR and recall@1/5/10")
     g.add_argument("--no-pool-ranking", action="store_true",
                    help="skip the whole-pool ranking (MRR and recall@1/5/10 over every original, beside top-1 of "
@@ -79,7 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--components", default=None, choices=COMPONENT_SETS,
                    help="component set of the gradient: paper (default: the embedding and the attention and MLP "
                         "weight matrices, as the paper) or all (norms and biases too)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="generation length for the generated setting")
+    settings_cli.add_arguments(g, PipelineOptions, ("max_new_tokens",))
     settings_cli.add_arguments(g, EngineConfig, ENGINE_OPTIONS,
                                notes={"memory_limit_gb": "here the machine's, shared by its processes"})
     g.add_argument("--plan", action="store_true",
@@ -88,7 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (default: torch's; torchrun gives 1). Runs with equal threads per "
                         "process give bit-identical results however many processes share the work")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    settings_cli.add_arguments(g, PipelineOptions, ("dtype",))
     g.add_argument("--cache-dir", default=None, help="cache root (default $SELPROJ_CACHE or ~/.cache/selproj)")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bars (but the one-off GGUF conversion draws transformers' own)")

@@ -9,6 +9,7 @@ import pytest
 
 from benchmark import retrieval, settings_cli
 from benchmark.finetune import FinetuneSettings
+from benchmark.pipeline import PipelineOptions
 from selproj_plugin.engine_config import EngineConfig
 
 
@@ -17,6 +18,12 @@ def test_retrieval_defaults_are_the_engine_configs():
     assert retrieval.engine_settings(args) == EngineConfig()
     for name in retrieval.ENGINE_OPTIONS:
         assert getattr(args, name) == getattr(EngineConfig(), name), name
+
+
+def test_retrieval_pipeline_defaults_are_the_dataclasses():
+    args = retrieval.parse_args([])
+    for name in ("max_samples", "candidates", "max_new_tokens", "dtype"):
+        assert getattr(args, name) == getattr(PipelineOptions(), name), name
 
 
 def test_retrieval_engine_options_reach_the_engine_config():
