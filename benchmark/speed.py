@@ -26,13 +26,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from benchmark import settings_cli
 from benchmark.peak import peak_rss_bytes
+from selproj_plugin.engine_config import EngineConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-MAX_LENGTH = 512  # tokens a sample keeps, in the loop as in the engine (EngineConfig's default)
+MAX_LENGTH = EngineConfig.max_length  # tokens a sample keeps, in the loop as in the engine
 
 
 def _peak_rss_mb() -> float:
@@ -80,16 +83,14 @@ def _dims(text: str) -> list[str]:
 
 
 def worker_engine(args: argparse.Namespace) -> dict:
-    from selproj_plugin.engine import EngineConfig, build_table
+    from selproj_plugin.engine import build_table
     from selproj_plugin.models import load_model
 
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     queries, pool, index, original = _setup(args)
     transforms = _projections(model, args.proj_dim, args.seed)
     t0 = time.perf_counter()
-    config = EngineConfig(batch_size=args.batch_size, device=args.device, progress=True)
-    if args.engine_memory_limit_gb is not None:
-        config.memory_limit_gb = args.engine_memory_limit_gb
+    config = engine_config(args, progress=True)
     table = build_table(model, tok, queries, pool, index, original, transforms=list(transforms.values()),
                         config=config)
     seconds = time.perf_counter() - t0
@@ -110,7 +111,7 @@ def worker_ops(args: argparse.Namespace) -> dict:
     """The GPU cost proxy on ``--ops-queries`` queries: aten calls of the whole table and of a plain batched
     forward+backward over its distinct samples, capture against the plain pass on the engine's batches (calls and
     tokens/s), each counted and timed in separate passes."""
-    from selproj_plugin.engine import EngineConfig, build_table, capture_batches, prepare
+    from selproj_plugin.engine import build_table, capture_batches, prepare
     from selproj_plugin.models import load_model
     from selproj_plugin.opcount import OpCounter, measure, plain_backward, plain_step
 
@@ -118,7 +119,7 @@ def worker_ops(args: argparse.Namespace) -> dict:
     # the queries' own originals as the pool: 16 x 5 is 32 distinct samples and 80 pairs (issue #25's yardstick)
     queries, pool, index, original = _setup(argparse.Namespace(**{**vars(args), "queries": min(args.ops_queries, args.queries)}),
                                             True)
-    config = EngineConfig(batch_size=args.batch_size, device=args.device, progress=False)
+    config = engine_config(args, progress=False)
     with OpCounter() as counter:
         table = build_table(model, tok, queries, pool, index, original, config=config)
     distinct = list({s.id: s for s in [*queries, *(pool[j] for j in index.ravel())]}.values())
@@ -290,7 +291,7 @@ def worker_projection(args: argparse.Namespace) -> dict:
 
     from benchmark.data import load_records
     from selproj_plugin.capture import matrix_form, to_param_layout
-    from selproj_plugin.engine import EngineConfig, build_table, iter_factors, plan_table, prepare
+    from selproj_plugin.engine import build_table, iter_factors, plan_table, prepare
     from selproj_plugin.loss import encode_samples
     from selproj_plugin.models import load_model
     from selproj_plugin.projector import ProjectionStore, Projector, share_codes
@@ -304,9 +305,7 @@ def worker_projection(args: argparse.Namespace) -> dict:
     maps.update({f"random_projection_per_component@{d}": [t] for d, t in
                  _projections(model, args.proj_dim, args.seed, "random_projection_per_component").items()})
     transforms = [t for ts in maps.values() for t in ts]
-    config = EngineConfig(batch_size=args.batch_size)
-    if args.memory_limit_gb is not None:
-        config.memory_limit_gb = args.memory_limit_gb
+    config = engine_config(args, device=EngineConfig.device)  # the projection comparison stays on the CPU
     limit = config.memory_limit_gb * 2**30
     # exact full-gradient dots first (every sample paired with every sample: the engine's table and its plan),
     # then the projections, each sample's components fed to every map at once, then TRAK on a slice
@@ -396,15 +395,13 @@ WORKERS = {"engine": worker_engine, "loop": worker_loop, "projection": worker_pr
 def _run_worker(name: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, "-m", "benchmark.speed", "--worker", name, "--out", str(out), *["--fullset"] * args.fullset,
            "--queries", str(args.queries), "--k", str(args.k), "--loop-queries", str(args.loop_queries),
-           "--batch-size", str(args.batch_size), "--proj-dim", args.proj_dim, "--proj-queries", str(args.proj_queries),
+           "--proj-dim", args.proj_dim, "--proj-queries", str(args.proj_queries),
            "--proj-seeds", str(args.proj_seeds), "--trak-slice", str(args.trak_slice),
            "--trak-samples", str(args.trak_samples), *["--plan"] * args.plan,
            "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype,
-           "--ops-queries", str(args.ops_queries)]
-    if args.engine_memory_limit_gb is not None:
-        cmd += ["--engine-memory-limit-gb", str(args.engine_memory_limit_gb)]
-    if args.memory_limit_gb is not None:
-        cmd += ["--memory-limit-gb", str(args.memory_limit_gb)]
+           "--ops-queries", str(args.ops_queries), "--memory-limit-gb", str(args.memory_limit_gb)]
+    if args.batch_size is not None:
+        cmd += ["--batch-size", str(args.batch_size)]
     if args.model:
         cmd += ["--model", args.model]
     if args.dataset:
@@ -518,7 +515,16 @@ def _print_projection(proj: dict) -> None:
               f"(predicted {proj['predicted_peak_bytes'] / 2**20:.0f} MiB)")
 
 
-def main(argv: list[str] | None = None) -> int:
+# EngineConfig's fields set from the command line, for every worker's engine
+ENGINE_OPTIONS = ("batch_size", "memory_limit_gb", "device")
+
+
+def engine_config(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+    """The engine settings the options give, for one worker."""
+    return settings_cli.from_args(args, EngineConfig, **overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--model", default=None, help="HF id or path (default: embedded SmolLM2-135M-Instruct)")
@@ -527,25 +533,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--loop-queries", type=int, default=8, help="queries timed with the per-pair loop")
-    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--proj-dim", default="4096,1%", help="random projection dimensions (counts or percentages)")
     parser.add_argument("--proj-queries", type=int, default=12,
                         help="queries whose paraphrase and original are projected (all pairs of the 2x samples)")
     parser.add_argument("--proj-seeds", type=int, default=3, help="seeds of random_projection per dimension")
     parser.add_argument("--trak-slice", type=int, default=2_000_000, help="gradient coordinates timed for TRAK (fewer where the memory limit leaves no room for its dense matrix)")
     parser.add_argument("--trak-samples", type=int, default=2, help="samples timed for TRAK")
-    parser.add_argument("--memory-limit-gb", type=float, default=None,
-                        help="the projection worker's process memory limit (default: EngineConfig's): its exact dots "
-                             "spill beyond it, its code caches and TRAK's timed slice are sized from it")
     parser.add_argument("--plan", action="store_true",
                         help="with --only projection: print the projection worker's predicted peak memory (exact dots, "
                              "projections, TRAK's slice) and exit before any gradient")
-    parser.add_argument("--engine-memory-limit-gb", type=float, default=None,
-                        help="the engine's process memory limit (default: EngineConfig's, 3.5); beyond what it leaves, "
-                             "kept factors spill to disk and their writes count as dot time")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu",
-                        help="device of the engine and the loop (the projection comparison stays on CPU)")
+    settings_cli.add_arguments(parser, EngineConfig, ENGINE_OPTIONS, notes={
+        "memory_limit_gb": "each worker's; the engine's spill writes count as dot time, the projection worker also "
+                           "sizes its code caches and TRAK's timed slice from it",
+        "device": "the engine's and the loop's; the projection comparison stays on the CPU"})
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="model dtype of the engine and loop workers (the projection worker stays float32 on CPU)")
     parser.add_argument("--only", choices=("all", "engine", "projection", "fullset"), default="all",
@@ -561,14 +562,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fullset", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return 0
-    if args.engine_memory_limit_gb is not None and args.engine_memory_limit_gb < 0:  # here, not in a worker
-        parser.exit(2, f"error: --engine-memory-limit-gb must be at least 0, got {args.engine_memory_limit_gb:g}\n")
-    if args.memory_limit_gb is not None and not args.memory_limit_gb > 0:
-        parser.exit(2, f"error: --memory-limit-gb must be a positive number of GB, got {args.memory_limit_gb:g}\n")
+    if not args.memory_limit_gb >= 0:  # here, not in a worker (0: the engine keeps no factor in memory)
+        parser.exit(2, f"error: --memory-limit-gb must be at least 0, got {args.memory_limit_gb:g}\n")
     if args.plan and args.only != "projection":
         parser.exit(2, "error: --plan plans the projection worker: use it with --only projection\n")
     if args.dataset:  # read here, so a bad one is one line, not a worker's traceback

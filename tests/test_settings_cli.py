@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from benchmark import retrieval, settings_cli
+from benchmark import retrieval, settings_cli, speed
 from benchmark.finetune import FinetuneSettings
 from benchmark.pipeline import PipelineOptions
 from selproj_plugin.engine_config import EngineConfig
@@ -40,6 +40,16 @@ def test_retrieval_finetune_defaults_are_the_dataclasses():
     assert retrieval.finetune_settings(retrieval.parse_args(["--model", "m"])).epochs == 0
     args = retrieval.parse_args(["--checkpoints", "3", "--finetune-lr", "0.01"])
     assert retrieval.finetune_settings(args) == FinetuneSettings(checkpoints=3, lr=0.01)
+
+
+def test_speed_defaults_are_the_engine_configs():
+    args = speed.build_parser().parse_args([])
+    assert speed.engine_config(args) == EngineConfig()
+    for name in speed.ENGINE_OPTIONS:
+        assert getattr(args, name) == getattr(EngineConfig(), name), name
+    # one limit for every worker, the projection worker's (on the CPU) included
+    args = speed.build_parser().parse_args(["--memory-limit-gb", "2", "--device", "cuda"])
+    assert speed.engine_config(args, device="cpu") == EngineConfig(memory_limit_gb=2.0)
 
 
 def test_a_bad_choice_is_refused(capsys):

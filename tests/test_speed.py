@@ -69,14 +69,14 @@ def test_bfloat16_errors_are_measured_against_a_float32_reference(tiny_model_dir
 @pytest.mark.slow
 def test_the_engines_memory_limit_is_an_option_and_its_spill_is_reported(tiny_model_dir, small_dataset,
                                                                           tmp_path):
-    """--memory-limit-gb is the projection worker's; the engine's own limit decides whether its kept factors
-    spill (their writes count as dot time), so a side-by-side run states it."""
+    """--memory-limit-gb bounds every worker; the engine's decides whether its kept factors spill (their writes
+    count as dot time), so a side-by-side run states it."""
     spilled = {}
     for limit in ("0", "8"):
         out = tmp_path / f"speed-{limit}.json"
         proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--model", str(tiny_model_dir),
                                "--dataset", str(small_dataset), "--queries", "2", "--k", "2", "--loop-queries", "1",
-                               "--engine-memory-limit-gb", limit, "--json", str(out)],
+                               "--memory-limit-gb", limit, "--json", str(out)],
                               cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-2000:]
         result = json.loads(out.read_text())
@@ -86,11 +86,11 @@ def test_the_engines_memory_limit_is_an_option_and_its_spill_is_reported(tiny_mo
 
 
 @pytest.mark.slow
-def test_a_negative_engine_memory_limit_is_one_line_before_any_worker():
-    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--engine-memory-limit-gb", "-1"],
+def test_a_negative_memory_limit_is_one_line_before_any_worker():
+    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--memory-limit-gb", "-1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --engine-memory-limit-gb must be at least 0, got -1"
+    assert proc.stderr.strip() == "error: --memory-limit-gb must be at least 0, got -1"
 
 
 def test_loop_flops_count_six_per_weight_and_token_of_every_pass():
