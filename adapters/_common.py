@@ -24,7 +24,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from selproj_plugin.budget import resident_bytes
 from selproj_plugin.components import Component, catalogue
+from selproj_plugin.engine_config import EngineConfig
 from selproj_plugin.loss import IGNORE, collate, encode_samples, pad_token_id
 from selproj_plugin.model_state import ModelState, attention
 from selproj_plugin.registry import get_strategy
@@ -32,10 +34,9 @@ from selproj_plugin.samples import Sample
 from selproj_plugin.strategies.base import Reducer, Reduction, reduction
 
 
-# Budget for per-sample gradients, reduced rows and score chunks held at once (the model and its
-# activations come on top).  Measured by ``python -m benchmark.adapters``: with it every built-in
-# strategy, ``full`` included, stays within 4 GB peak RSS on SmolLM2-135M in both adapters.
-DEFAULT_MEMORY_LIMIT_GB = 1.5
+# The whole process's memory limit, as the engine's: per-sample gradients, reduced rows and score blocks get
+# what the process does not already hold with the model loaded
+DEFAULT_MEMORY_LIMIT_GB = EngineConfig.memory_limit_gb
 FEATURE_BYTES = 4  # reduced rows are kept as float32
 
 
@@ -52,6 +53,18 @@ def memory_limit_bytes(gb: float) -> int:
     if not value > 0 or value == float("inf"):
         raise AdapterError(f"memory_limit_gb must be a positive number of GB, got {gb!r}")
     return max(1, int(value * 2**30))
+
+
+def memory_budget_bytes(gb: float, model: nn.Module) -> int:
+    """What ``memory_limit_gb``, the whole process's, leaves for gradients, reduced rows and score blocks: the limit
+    less what the process holds now with ``model`` loaded (as the engine counts it); a one-line error when that is
+    already the limit or more."""
+    limit = memory_limit_bytes(gb)
+    held = resident_bytes(model)
+    if held >= limit:
+        raise AdapterError(f"memory_limit_gb={float(gb):g} bounds the whole process, which already holds "
+                           f"{gigabytes(held)} with the model loaded; raise memory_limit_gb")
+    return limit - held
 
 
 @functools.lru_cache(maxsize=1)
@@ -288,7 +301,7 @@ def check_labels(labels: torch.Tensor) -> None:
                            f"its loss and gradient would be zero; drop it or give it a response")
 
 
-def encode(tokenizer: Any, samples: Sequence[Sample], *, max_length: int = 512,
+def encode(tokenizer: Any, samples: Sequence[Sample], *, max_length: int = EngineConfig.max_length,
            device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask, labels)`` for samples: the engine's tokenisation, right-padded."""
     if not samples:

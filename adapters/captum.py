@@ -7,7 +7,7 @@ the reducer — a projection, a selection, or a third-party plugin from the regi
 before Captum's dot products; with ``normalize=True`` (default) scores are cosines, the
 selproj retrieval score.  Gradients are taken a few samples at a time and reduced by the
 transform built once per model; training batches are sized, and test rows that would not
-fit are kept on disk, so that what is held at once fits ``memory_limit_gb``.  Data: ``(input_ids, attention_mask, labels)``
+fit are kept on disk, so that the process, model included, stays within ``memory_limit_gb``.  Data: ``(input_ids, attention_mask, labels)``
 tuples, e.g. :func:`dataset` for training samples and :func:`encode` for test samples.
 """
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from selproj_plugin.adapters._common import (
-    DEFAULT_MEMORY_LIMIT_GB, AdapterError, ModelState, Plan, check_labels, encode, evaluating, gigabytes, memory_limit_bytes,
+    DEFAULT_MEMORY_LIMIT_GB, AdapterError, ModelState, Plan, check_labels, encode, evaluating, gigabytes, memory_budget_bytes,
     plan, reduce_gradients, release_freed_memory, resolve_reducer, response_loss, row_slices, rows_in_parts, take_rows,
 )
 from selproj_plugin.adapters._private import (
@@ -32,6 +32,7 @@ from selproj_plugin.adapters._private import (
     format_inputs_dataset, load_flexible_state_dict,
 )
 from selproj_plugin.adapters._rows import RowFile, streamed_dots
+from selproj_plugin.engine_config import EngineConfig
 from selproj_plugin.samples import Sample
 from selproj_plugin.strategies.base import Reducer
 
@@ -98,7 +99,7 @@ class _Logits(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def dataset(tokenizer: Any, samples: Sequence[Sample], *, max_length: int = 512) -> TensorDataset:
+def dataset(tokenizer: Any, samples: Sequence[Sample], *, max_length: int = EngineConfig.max_length) -> TensorDataset:
     """Training samples as a ``TensorDataset`` of ``(input_ids, attention_mask, labels)``."""
     return TensorDataset(*encode(tokenizer, samples, max_length=max_length))
 
@@ -117,7 +118,8 @@ class ReducedTracInCP(TracInCPBase):
     unit norm, so ``influence`` returns learning-rate-weighted cosines summed over
     checkpoints.  ``checkpoints=None`` scores the model as it is, with no checkpoint file.
 
-    Memory stays near ``memory_limit_gb`` (plus the model): an eighth of it bounds the
+    ``memory_limit_gb`` bounds the whole process, as the engine's does: of what it leaves beside what the process
+    holds with the model loaded, an eighth bounds the
     per-sample gradients taken at once, an eighth the training batch's reduced rows
     (``batch_size=None`` picks the largest batch that fits), half the test inputs' reduced
     rows, which Captum keeps for the whole pass over the training data.  Test rows beyond
@@ -144,7 +146,7 @@ class ReducedTracInCP(TracInCPBase):
     ) -> None:
         self.plan = plan(model, resolve_reducer(strategy, options), scope)
         self.dim = self.plan.dimension
-        self.limit_bytes = memory_limit_bytes(memory_limit_gb)
+        self.limit_bytes = memory_budget_bytes(memory_limit_gb, model)
         # float64 rows: Captum's products of float32 rows, summed over a full gradient, lose digits
         self.row_bytes = 2 * self.plan.row_bytes
         self.test_rows = self.plan.rows(self.limit_bytes / 2, self.row_bytes)
@@ -158,8 +160,8 @@ class ReducedTracInCP(TracInCPBase):
         if given is not None and given > train_rows:
             raise AdapterError(
                 f"a training batch of {given} samples holds {given} x {self.dim:,} reduced floats "
-                f"({gigabytes(given * self.row_bytes)}), over an eighth of the memory limit of "
-                f"{gigabytes(self.limit_bytes)}; use batch_size<={train_rows} or batch_size=None")
+                f"({gigabytes(given * self.row_bytes)}), over an eighth of the "
+                f"{gigabytes(self.limit_bytes)} the memory limit leaves beside the model; use batch_size<={train_rows} or batch_size=None")
         layers = _layers_of(model, self.plan)
         if sample_wise_grads_per_batch:
             modules = dict(model.named_modules())

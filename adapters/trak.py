@@ -2,7 +2,8 @@
 
 :class:`ReducedTRAKer` is a ``trak.TRAKer`` for a reducer (from the plugin registry, so
 third-party reducers work unchanged) that streams: batches are split so that per-sample
-gradients and reduced rows stay under ``memory_limit_gb``, the reducer's transform is
+gradients and reduced rows fit what ``memory_limit_gb`` (the whole process's, as the engine's) leaves beside
+the model, the reducer's transform is
 built once per model, stores are written row by row into ``save_dir`` without memory
 maps, and cosine scores are computed a block of columns at a time.  With it the full
 gradient of a 135M model fits in 4 GB.
@@ -40,7 +41,7 @@ from trak.score_computers import AbstractScoreComputer, BasicScoreComputer
 
 from selproj_plugin.adapters._common import (
     DEFAULT_MEMORY_LIMIT_GB, AdapterError, ModelState, Plan, check_batch, device_name, encode, evaluating, gigabytes,
-    memory_limit_bytes, plan, reduce_gradients, check_eager_possible, release_freed_memory, resolve_reducer, response_loss, row_slices,
+    memory_budget_bytes, plan, reduce_gradients, check_eager_possible, release_freed_memory, resolve_reducer, response_loss, row_slices,
     rows_in_parts, split_flat, take_rows,
 )
 from selproj_plugin.adapters._private import SaverBase, TRAKerBase
@@ -253,8 +254,8 @@ class ReducingGradientComputer(SelectedGradientComputer):
         if n > self.max_rows:
             raise AdapterError(
                 f"a batch of {n} samples reduces to {n} x {plan_.dimension:,} floats "
-                f"({gigabytes(2 * n * plan_.row_bytes)} with TRAKer's copy), over the memory limit of "
-                f"{gigabytes(self.limit_bytes)}; pass at most {self.max_rows} per call (ReducedTRAKer splits batches)")
+                f"({gigabytes(2 * n * plan_.row_bytes)} with TRAKer's copy), over the {gigabytes(self.limit_bytes)} "
+                f"the memory limit leaves beside the model; pass at most {self.max_rows} per call (ReducedTRAKer splits batches)")
         step = plan_.gradient_rows(self.limit_bytes, self.model, batch[0].shape[1])
         selected_grads = super().compute_per_sample_grad
 
@@ -334,14 +335,15 @@ def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: M
     selproj default) or ``"trak"`` (TRAK's whitened inner product, which inverts a
     ``proj_dim`` square matrix); ``scope`` is the component set the reducer selects from
     (``"paper"``: embedding and weight matrices; ``"all"``).  Per-sample gradients are
-    reduced in micro-batches under ``memory_limit_gb``.  ``use_half_precision`` (float16
+    reduced in micro-batches under ``memory_limit_gb``, which bounds the whole process as the engine's does:
+    they get what the process does not already hold with the model loaded.  ``use_half_precision`` (float16
     stores) is for projections only: a selection's raw gradient entries underflow in float16.
     Gradients are taken with eager attention (the model's own is put back after each call) and
     ``device`` becomes the string TRAK expects.
     """
     if score not in ("cosine", "trak"):
         raise AdapterError(f"score must be 'cosine' or 'trak', got {score!r}")
-    limit = memory_limit_bytes(memory_limit_gb)
+    limit = memory_budget_bytes(memory_limit_gb, model)
     device = device_name(device, model)
     check_eager_possible(model)
     dtype = torch.float16 if use_half_precision else torch.float32
@@ -353,7 +355,8 @@ def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: M
     xtx = 2 * projector.proj_dim ** 2 * 4  # TRAK's X^T X and its inverse, float32
     if score == "trak" and xtx > limit:
         raise AdapterError(f"score='trak' inverts a {projector.proj_dim:,}-square matrix ({gigabytes(xtx)}), over the "
-                           f"memory limit of {gigabytes(limit)}; use score='cosine' or a reducer of lower dimension")
+                           f"{gigabytes(limit)} the memory limit leaves beside the model; use score='cosine' or a reducer "
+                           "of lower dimension")
     return {
         "model": model,
         "task": CausalLMOutput(),
@@ -368,7 +371,7 @@ def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: M
 
 
 class ReducedTRAKer(TRAKerBase):
-    """``trak.TRAKer`` over a selproj reducer that keeps memory under ``memory_limit_gb``.
+    """``trak.TRAKer`` over a selproj reducer that keeps the process under ``memory_limit_gb`` (the model included).
 
     Built from :func:`traker_kwargs`; ``save_dir`` is required (TRAK's default writes to the
     working directory): the stores there hold ``train_set_size`` (and per experiment
@@ -391,7 +394,7 @@ class ReducedTRAKer(TRAKerBase):
             raise AdapterError(f"train_set_size must be a positive number of samples, got {train_set_size!r}")
         kwargs = traker_kwargs(model, strategy, options, device=device, score=score, scope=scope,
                                use_half_precision=use_half_precision, fast_jl=fast_jl, memory_limit_gb=memory_limit_gb)
-        self.limit_bytes = memory_limit_bytes(memory_limit_gb)
+        self.limit_bytes = kwargs["gradient_computer"].keywords["limit_bytes"]  # what the limit leaves, measured once
         self.streaming = score == "cosine"
         super().__init__(train_set_size=int(train_set_size), save_dir=str(save_dir), logging_level=logging_level,
                          load_from_save_dir=load_from_save_dir, saver=RowSaver if self.streaming else None, **kwargs)

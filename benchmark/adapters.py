@@ -59,7 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--train", type=int, default=32, help="training samples (default %(default)s)")
     p.add_argument("--queries", type=int, default=8, help="queries, paraphrases of evenly spaced training samples")
     p.add_argument("--memory-limit-gb", type=float, default=DEFAULT_MEMORY_LIMIT_GB,
-                   help="the adapters' memory limit (default %(default)s, their default)")
+                   help="the adapters' memory limit, the whole process's (default %(default)s, their default)")
     p.add_argument("--model", default=None, help="hub id or local path (default: the embedded model)")
     p.add_argument("--cache-dir", default=None, help="model cache (default $SELPROJ_CACHE or ~/.cache/selproj)")
     p.add_argument("--work-dir", default=None, help="where the temporary table and TRAK stores go (default: the system's)")

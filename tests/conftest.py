@@ -39,6 +39,15 @@ def _table(path: Path):
     return ComponentTable.load(path)
 
 
+@pytest.fixture
+def nothing_resident(monkeypatch):
+    """The adapters' memory budgets as if the process held nothing yet: tests that size them to one sample
+    (TINY_LIMIT_GB) then do not depend on the test process's resident memory."""
+    from selproj_plugin.adapters import _common
+
+    monkeypatch.setattr(_common, "resident_bytes", lambda model: 0)
+
+
 @pytest.fixture(scope="session")
 def paraphrased():
     return _table(reference_path("paraphrased"))

@@ -24,6 +24,9 @@ from selproj_plugin.engine import EngineConfig, pairwise_dots  # noqa: E402
 
 LINEAR_SELECTION = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.v_proj", "model.layers.2.mlp.up_proj"]
 
+# TINY_LIMIT_GB is a budget beside the model, as the process held nothing (test_adapters_budget.py: what it holds)
+pytestmark = pytest.mark.usefixtures("nothing_resident")
+
 
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):

@@ -31,6 +31,9 @@ from selproj_plugin.adapters.trak import (  # noqa: E402
     check_fast_jl_dim, encode, traker_kwargs,
 )
 
+# TINY_LIMIT_GB is a budget beside the model, as the process held nothing (test_adapters_budget.py: what it holds)
+pytestmark = pytest.mark.usefixtures("nothing_resident")
+
 
 # ---- scores against the engine --------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["full", "selection"])
