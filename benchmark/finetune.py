@@ -30,6 +30,7 @@ import numpy as np
 from benchmark import settings_cli
 from benchmark.cache import StageCache, digest, package_version, tokenizer_digest
 from selproj_plugin.atomic import atomic_write
+from selproj_plugin.engine_config import EngineConfig
 from selproj_plugin.samples import Sample
 
 FORMAT = 1  # of the files this stage writes: part of the key
@@ -48,7 +49,7 @@ class FinetuneSettings:
     batch_size: int = field(default=8, metadata={"help": "samples per optimiser step"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     seed: int = field(default=0, metadata={"help": "seed of the sample order"})
-    max_length: int = field(default=512, metadata={"help": "truncate longer samples"})
+    max_length: int = field(default=EngineConfig.max_length, metadata={"help": "truncate longer samples"})
     checkpoints: int = field(default=1, metadata={
         "help": "models to measure along training, evenly spaced: the base model first, the trained one last "
                 "(1: the trained one only; 2 or more add a transfer matrix, Jaccard overlaps and TracIn rows)",

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from selproj_plugin.engine_config import EngineConfig
 from selproj_plugin.loss import Batch
 
 
@@ -75,7 +76,8 @@ def plain_step(model: torch.nn.Module) -> Callable[[Batch], None]:
 
 
 def plain_backward(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Any], batch_size: int,
-                   max_length: int = 512, device: str | torch.device = "cpu") -> tuple[int, int]:
+                   max_length: int = EngineConfig.max_length, device: str | torch.device = EngineConfig.device
+                   ) -> tuple[int, int]:
     """The yardstick: a plain batched forward and backward of ``samples`` in batches of ``batch_size`` in the
     order given: its aten calls and padded tokens."""
     from selproj_plugin.loss import collate, encode_samples, pad_token_id
