@@ -21,9 +21,8 @@ from benchmark.candidates import bm25_scores, top_k
 from benchmark.data import Dataset, load_dataset
 from benchmark.finetune import FinetuneSettings
 from benchmark.generate import generate_responses
-from selproj_plugin.budget import CPU_BATCH_SIZE
 from selproj_plugin.components import Component
-from selproj_plugin.engine_config import EngineConfig
+from selproj_plugin.engine_config import CPU_BATCH_SIZE, EngineConfig
 from selproj_plugin.samples import Sample
 from selproj_plugin.strategies.base import Reducer, Reduction, Similarity, reduction
 from selproj_plugin.table import FORMAT as TABLE_FORMAT, ComponentTable
