@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import tiny
+from tests import tiny
 from selproj_plugin import get_strategy
 from selproj_plugin.components import Component, catalogue
 from selproj_plugin.engine import EngineConfig, build_table, iter_factors, plan_table, prepare, sample_features
