@@ -50,6 +50,9 @@ class FinetuneSettings:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     seed: int = field(default=0, metadata={"help": "seed of the sample order"})
     max_length: int = field(default=EngineConfig.max_length, metadata={"help": "truncate longer samples"})
+    batch_tokens: int = field(default=512, metadata={
+        "help": "padded tokens per forward/backward: a step's samples go through in pieces this size (at least "
+                "one sample), their gradients summed, which bounds activation memory as the engine's batches do"})
     checkpoints: int = field(default=1, metadata={
         "help": "models to measure along training, evenly spaced: the base model first, the trained one last "
                 "(1: the trained one only; 2 or more add a transfer matrix, Jaccard overlaps and TracIn rows)",
@@ -62,9 +65,9 @@ class FinetuneSettings:
             raise FinetuneError(f"--finetune-epochs must be at least 0, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise FinetuneError(f"--finetune-lr must be a positive number, got {self.lr}")
-        if self.batch_size < 1 or self.save_every < 1 or self.max_length < 2:
-            raise FinetuneError("--finetune-batch-size and --finetune-save-every must be at least 1, "
-                                "--finetune-max-length at least 2")
+        if self.batch_size < 1 or self.save_every < 1 or self.max_length < 2 or self.batch_tokens < 1:
+            raise FinetuneError("--finetune-batch-size, --finetune-batch-tokens and --finetune-save-every must be "
+                                "at least 1, --finetune-max-length at least 2")
         if self.checkpoints < 1:
             raise FinetuneError(f"--checkpoints must be at least 1, got {self.checkpoints}")
         if self.checkpoints > 1 and self.epochs == 0:
@@ -131,6 +134,17 @@ def _order(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
     for epoch in range(epochs):
         perm = np.random.default_rng([seed, epoch]).permutation(n)
         out += [perm[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+    return out
+
+
+def _pieces(members: Sequence[Any], batch_tokens: int) -> list[list[Any]]:
+    """Consecutive runs of encoded samples whose padded size (count x longest) stays within ``batch_tokens``."""
+    out: list[list[Any]] = []
+    for e in members:
+        if out and (len(out[-1]) + 1) * max(len(x.input_ids) for x in [*out[-1], e]) <= batch_tokens:
+            out[-1].append(e)
+        else:
+            out.append([e])
     return out
 
 
@@ -275,19 +289,23 @@ def finetune(model: Any, tokenizer: Any, originals: Sequence[Sample], paraphrase
         bar = _bar(total, "fine-tune", progress, initial=step, unit="step")
         try:
             while step < total:
-                batch = collate([encoded[i] for i in order[step]], pad, device)
-                try:
-                    loss = loss_module.forward_losses(model, batch).mean()
-                    if not bool(torch.isfinite(loss.detach())):
-                        raise SampleError(f"batch loss is {float(loss.detach())}")
-                except SampleError as exc:  # a NaN or inf loss: the weights have diverged; none are saved
-                    raise FinetuneError(f"fine-tune diverged at step {step + 1} of {total} (lr {settings.lr:g}): "
-                                        f"{exc}; lower --finetune-lr") from None
+                members = [encoded[i] for i in order[step]]
                 optimiser.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = 0.0
+                for piece in _pieces(members, settings.batch_tokens):  # the batch's mean loss, piece by piece
+                    try:
+                        part = loss_module.forward_losses(model, collate(piece, pad, device)).sum() / len(members)
+                        if not bool(torch.isfinite(part.detach())):
+                            raise SampleError(f"batch loss is {float(part.detach())}")
+                    except SampleError as exc:  # a NaN or inf loss: the weights have diverged; none are saved
+                        raise FinetuneError(f"fine-tune diverged at step {step + 1} of {total} (lr {settings.lr:g}): "
+                                            f"{exc}; lower --finetune-lr") from None
+                    part.backward()
+                    loss += float(part.detach())
+                    del part
                 optimiser.step()
                 step += 1
-                losses.append(float(loss.detach()))
+                losses.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 if step in steps:

@@ -53,6 +53,24 @@ def test_finetune_is_deterministic_trains_every_matrix_and_records_its_lineage(t
     assert not a.training  # back in eval mode, as the engine expects
 
 
+def test_a_step_in_pieces_trains_as_one_batch_would(tmp_path):
+    """Pieces bound the activations; the step's gradient is still the batch's mean loss's."""
+    whole, _ = run_finetune(tmp_path / "whole", dataclasses.replace(FAST, batch_tokens=10_000))
+    cut, _ = run_finetune(tmp_path / "cut", dataclasses.replace(FAST, batch_tokens=1))  # one sample a piece
+    for a, b in zip(whole.parameters(), cut.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    base = tiny.model("llama", tied=True)
+    assert not all(torch.equal(a, b) for a, b in zip(base.parameters(), cut.parameters()))
+    from benchmark.finetune import _pieces
+    from selproj_plugin.loss import encode_samples
+
+    encoded, _ = encode_samples(tiny.tokenizer(), ORIGINALS, 128)
+    lengths = [len(e.input_ids) for e in encoded]
+    pieces = _pieces(encoded, 2 * max(lengths))
+    assert [e for p in pieces for e in p] == encoded
+    assert all(len(p) * max(len(e.input_ids) for e in p) <= 2 * max(lengths) for p in pieces)
+
+
 def test_rerun_reuses_the_finished_fine_tune(tmp_path):
     first, r1 = run_finetune(tmp_path)
     second, r2 = run_finetune(tmp_path, on_step=lambda step, loss: pytest.fail("trained again"))
@@ -78,7 +96,7 @@ def test_every_setting_changes_the_cache_key(tmp_path):
     path = lambda s, base=BASE, originals=ORIGINALS: cache.path("finetune", stage_key(s, base, "paper", originals), "json")  # noqa: E731
     seen = {path(FAST)}
     changed = {"epochs": 3, "lr": 2e-3, "batch_size": 3, "weight_decay": 0.1, "seed": 1, "max_length": 129,
-               "checkpoints": 3}
+               "checkpoints": 3, "batch_tokens": 100}
     assert set(changed) == set(FAST.key())  # a new setting must be listed here too
     for name, value in changed.items():
         seen.add(path(dataclasses.replace(FAST, **{name: value})))
