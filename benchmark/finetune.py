@@ -329,7 +329,8 @@ def finetune(model: Any, tokenizer: Any, originals: Sequence[Sample], paraphrase
                  "paraphrases": mean_loss(model, tokenizer, paraphrases, settings.max_length, eval_batch, bar.update)}
         bar.close()
         record = {
-            "base_weights": base.get("weights"), "weights": _fingerprint(model), "data_digest": base.get("dataset_digest"),
+            "base_weights": base.get("weights"), "weights": _fingerprint(model),
+            "data_digest": base.get("dataset_digest"),
             **settings.key(), "steps": total, "samples": len(originals), "truncated": truncated,
             "trained_params": int(sum(p.numel() for p in params)), "checkpoint_steps": steps,
             "loss_before": before, "loss_after": after,

@@ -93,7 +93,9 @@ def test_a_fine_tune_with_other_settings_reuses_the_base_models_losses(tmp_path,
 
 def test_every_setting_changes_the_cache_key(tmp_path):
     cache = StageCache(tmp_path)
-    path = lambda s, base=BASE, originals=ORIGINALS: cache.path("finetune", stage_key(s, base, "paper", originals), "json")  # noqa: E731
+    def path(s, base=BASE, originals=ORIGINALS):
+        return cache.path("finetune", stage_key(s, base, "paper", originals), "json")
+
     seen = {path(FAST)}
     changed = {"epochs": 3, "lr": 2e-3, "batch_size": 3, "weight_decay": 0.1, "seed": 1, "max_length": 129,
                "checkpoints": 3, "batch_tokens": 100}
