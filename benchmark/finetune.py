@@ -181,7 +181,15 @@ def mean_loss(model: Any, tokenizer: Any, samples: Sequence[Sample], max_length:
 def _save_torch(path: Path, obj: Any) -> None:
     import torch
 
-    atomic_write(path, lambda fh: torch.save(obj, fh))
+    def write(fh: Any) -> None:
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as exc:  # interrupted mid-record, torch's zip writer fails on closing: the stop stands
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                raise exc.__context__ from None
+            raise
+
+    atomic_write(path, write)
 
 
 def _weights(model: Any) -> dict[str, Any]:

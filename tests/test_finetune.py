@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -125,6 +126,34 @@ def test_an_interrupted_fine_tune_resumes_from_its_last_save_and_ends_as_an_unin
     assert steps == [4, 5, 6]
     assert "resumes at step 3 of 6" in capsys.readouterr().err
     assert same_weights(whole, resumed)
+
+
+def test_a_stop_while_a_resume_point_is_written_stays_a_stop_and_leaves_no_file(tmp_path, monkeypatch):
+    """torch's zip writer, stopped mid-record, fails again on closing; the stop must reach the CLI as a stop."""
+    from benchmark import finetune as module
+
+    class Stopping(io.RawIOBase):
+        def __init__(self, fh):
+            self.fh, self.writes = fh, 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:
+                self.fh.write(bytes(data)[:7])  # part of a record, then the stop
+                raise KeyboardInterrupt
+            return self.fh.write(data)
+
+        def flush(self):
+            self.fh.flush()
+
+    real = module.atomic_write
+    monkeypatch.setattr(module, "atomic_write", lambda path, write: real(path, lambda fh: write(Stopping(fh))))
+    with pytest.raises(KeyboardInterrupt):
+        module._save_torch(tmp_path / "state.pt", {"a": torch.zeros(100_000), "b": torch.ones(100_000)})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoints_are_evenly_spaced_and_each_stored(tmp_path):
