@@ -50,7 +50,7 @@ class FinetuneSettings:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     seed: int = field(default=0, metadata={"help": "seed of the sample order"})
     max_length: int = field(default=EngineConfig.max_length, metadata={"help": "truncate longer samples"})
-    batch_tokens: int = field(default=512, metadata={
+    batch_tokens: int = field(default=256, metadata={
         "help": "padded tokens per forward/backward: a step's samples go through in pieces this size (at least "
                 "one sample), their gradients summed, which bounds activation memory as the engine's batches do"})
     checkpoints: int = field(default=1, metadata={
