@@ -374,6 +374,12 @@ def worker_projection(args: argparse.Namespace) -> dict:
     from trak.projectors import BasicProjector, ProjectionType
 
     first = next(iter(result["maps"].values()))
+    # the room is read again now: memory freed by the phases before may not have gone back to the system
+    trak_slice = min(trak_slice, trak_slice_dim(args.trak_slice, grad_dim, limit - _resident(), block,
+                                                args.trak_samples))
+    if trak_slice < 1:
+        raise ValueError(f"a {config.memory_limit_gb:g} GB limit leaves no room for TRAK's matrix beside the "
+                         f"{_resident() / 2**30:.2f} GiB this process holds: raise --memory-limit-gb")
     full = torch.stack([s[:trak_slice] for s in slices]).contiguous()
     del slices
     projector_trak = BasicProjector(full.shape[1], first["dim"], args.seed, ProjectionType.rademacher,
