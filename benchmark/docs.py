@@ -335,7 +335,7 @@ def speed_ops(records: list[Record]) -> str:
     """The GPU cost proxy: a table's aten calls against a plain batched forward+backward of the same samples."""
     rows = []
     for rec in records:
-        o = typed(OpCount, rec.result.get("ops"), f"{rec.source}: result.ops")
+        o = typed(OpCount, rec.result["ops"], f"{rec.source}: result.ops")
         rows.append([rec.label, f"{o.queries} x {o.pairs // max(1, o.queries)} ({o.distinct_samples} samples, "
                      f"{o.dot_order} order)", f"{o.table_ops:,} / {o.plain_ops:,} (batches of {o.plain_batch})",
                      f"**{o.table_ops_over_plain:.2f}x**", f"{o.ops_per_pair:,.0f}", f"{o.capture_ops_over_plain:.2f}x",
@@ -397,8 +397,9 @@ def render(name: str, records: list[Record], brief: bool) -> str:
         timed = sorted((r for r in records if r.cost is not None), key=lambda r: r.date)
         mine = [replace(r, label=f"{i}. {r.label or r.command}") for i, r in enumerate(timed, 1)]
     else:
-        table = "parity" if name == "parity-summary" else name  # the summary reads the parity records
-        mine = [r for r in records if r.table == table]
+        # the summary reads the parity records; the op count is the part of an engine run that counted aten calls
+        table = {"parity-summary": "parity", "speed-ops": "speed-engine"}.get(name, name)
+        mine = [r for r in records if r.table == table and (name != "speed-ops" or "ops" in r.result)]
     if not mine:
         raise RecordError(f"no record for table {name!r}")
     return f"{TABLES[name](mine)}\n\n{provenance(mine, brief)}\n"

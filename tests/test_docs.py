@@ -161,6 +161,10 @@ def test_what_benchmark_speed_writes_is_a_record(tiny_model_dir, small_dataset, 
     row = docs.speed_engine([record("speed-engine", written)]).splitlines()[-1]
     assert f"{written['engine_seconds']:.1f} s: {written['engine_timings']['capture_s']:.1f} + " in row
     assert f"**{written['speedup_vs_loop']:.3g}x**" in row and f"{written['flop_ratio']:.1f}x" in row
+    ops = written["ops"]  # the GPU cost proxy renders from the same record
+    row = docs.speed_ops([record("speed-engine", written)]).splitlines()[-1]
+    assert f"{ops['table_ops']:,} / {ops['plain_ops']:,}" in row
+    assert f"**{ops['table_ops'] / ops['plain_ops']:.2f}x**" in row and f"{ops['ops_per_pair']:,.0f}" in row
 
 
 def test_what_the_adapter_and_fault_benchmarks_write_are_records():
