@@ -161,14 +161,7 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     from selproj_plugin.models import DEFAULT_MODEL_NAME, load_model, weights_fingerprint
 
     stages: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        stages[name] = round(now - clock, 3)
-        clock = now
-
+    lap = _lap_into(stages)
     dataset = load_dataset(opts.dataset, max_samples=opts.max_samples)
     lap("dataset")
 

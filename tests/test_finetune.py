@@ -183,14 +183,6 @@ def test_a_diverging_fine_tune_stops_before_saving_diverged_weights(tmp_path):
 
 # ---- the CLI -----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tinyllama")
-    tiny.model("llama", tied=True).save_pretrained(path)
-    tiny.tokenizer().save_pretrained(path)
-    return path
-
-
 TOPICS = ["cats sleep", "rivers flow", "bread rises", "stars burn", "coins save", "code runs"]
 
 
