@@ -17,6 +17,14 @@ from selproj_plugin.strategies.single import per_component_accuracy  # noqa: E40
 from selproj_plugin.table import ComponentTable  # noqa: E402
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Every plot's file: laid out, written at one resolution, and the figure freed."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def component_heatmap(table: ComponentTable, path: Path, title: str) -> Path:
     """Accuracy of each component alone; rows are layers, columns kinds (non-layer components on top)."""
     acc = per_component_accuracy(table)
@@ -34,10 +42,7 @@ def component_heatmap(table: ComponentTable, path: Path, title: str) -> Path:
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="top-1 accuracy alone")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def greedy_path(results: Mapping[str, StrategyResult], baselines: Mapping[str, Any], path: Path, title: str) -> Path:
@@ -70,10 +75,7 @@ def greedy_path(results: Mapping[str, StrategyResult], baselines: Mapping[str, A
     ax.set_ylabel("top-1 accuracy (95% interval)")
     ax.set_title(title)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def accuracy_by_checkpoint(part: Mapping[str, Any], steps: list[int], path: Path, title: str) -> Path:
@@ -100,10 +102,7 @@ def accuracy_by_checkpoint(part: Mapping[str, Any], steps: list[int], path: Path
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def transfer_heatmap(accuracy: list[list[float]], steps: list[int], path: Path, title: str) -> Path:
@@ -121,7 +120,4 @@ def transfer_heatmap(accuracy: list[list[float]], steps: list[int], path: Path, 
     ax.set_ylabel("selection fitted at checkpoint")
     ax.set_title(title, fontsize="medium")
     fig.colorbar(image, ax=ax, label="held-out top-1 accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
