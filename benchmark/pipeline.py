@@ -82,15 +82,17 @@ def stored_transforms(runs: Sequence[Run], catalogue: Sequence[Component]) -> di
 class PipelineOptions:
     """What a run is built from; everything that changes a table is part of its cache key."""
 
-    model: str | None = None
-    dataset: str | None = None
+    model: str | None = field(default=None, metadata={
+        "help": "Hugging Face model id or local path (default: the embedded SmolLM2-135M-Instruct)"})
+    dataset: str | None = field(default=None, metadata={
+        "help": "local .jsonl/.json/.csv/.parquet or hub dataset (default: the embedded 248 samples)"})
     settings: tuple[str, ...] = SETTINGS
     max_samples: int | None = field(default=64, metadata={"help": "first N samples of the dataset (0 = all)"})
     candidates: int = field(default=5, metadata={"help": "BM25 top-k candidates per query"})
     full_set: bool = False
     runs: tuple["Run", ...] = ()  # strategies to score: the transforms a table cannot express are computed with it
     scope: str = "paper"  # component set: "paper" (embedding + weight matrices) or "all" (norms, biases too)
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of the sample order, folds and random projections"})
     dtype: str = field(default="float32", metadata={"help": "model dtype", "choices": ("float32", "bfloat16")})
     # the engine's settings as the user gives them: memory_limit_gb is the machine's, shared by its processes
     # (engine_config divides it); a dot_order asked for is part of the table's key

@@ -8,8 +8,6 @@ embedded SmolLM2-135M-Instruct and paraphrase dataset, offline, on CPU); with
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import signal
 import sys
 import time
@@ -21,6 +19,7 @@ import numpy as np
 
 from benchmark import checkpoints as study, settings_cli
 from benchmark.finetune import FinetuneSettings, add_arguments as add_finetune_arguments, settings_from_args
+from benchmark.peak import peak_rss_bytes
 from benchmark.pipeline import (
     PROJECTION_STRATEGIES, SETTINGS, PipelineOptions, Run, build_tables, parse_settings, strategy_runs,
 )
@@ -28,8 +27,9 @@ from benchmark.report import METHODS, Baseline, ci_text, format_setting, vs_full
 from selproj_plugin import distributed, scoring, stats
 from selproj_plugin.components import COMPONENT_SETS, PAPER_KINDS
 from selproj_plugin.engine_config import EngineConfig
+from selproj_plugin.errors import one_line
 from selproj_plugin.registry import (
-    convert_options, get_strategy, get_strategy_class, list_strategies, plugin_errors, plugin_names,
+    convert_options, get_strategy_class, list_strategies, plugin_errors, plugin_names,
 )
 from selproj_plugin.strategies.base import Similarity
 from selproj_plugin.strategies.base import StrategyResult
@@ -56,7 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--proj-dim", default=None,
                    help="random projection dimensions: counts or percentages of parameters, e.g. 4096,1%% (default 1%%)")
     p.add_argument("--folds", type=int, default=5, help="k of the k-fold held-out accuracy (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    settings_cli.add_arguments(p, PipelineOptions, ("seed",))
     p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write results as JSON")
     p.add_argument("--out", metavar="DIR", help="write JSON, plots, selection files and a Markdown report here")
     p.add_argument("--list-strategies", action="store_true",
@@ -67,8 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--table", action="append", default=[], metavar="PATH",
                    help="score a stored component table (.npz) instead of building one; repeatable")
     g = p.add_argument_group("building tables")
-    g.add_argument("--model", default=None, help="Hugging Face model id or local path (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--dataset", default=None, help="local .jsonl/.json/.csv/.parquet or hub dataset (default: embedded)")
+    settings_cli.add_arguments(g, PipelineOptions, ("model", "dataset"))
     g.add_argument("--setting", default=",".join(SETTINGS), help="paraphrased, generated or both (default: both)")
     settings_cli.add_arguments(g, PipelineOptions, ("max_samples", "candidates"))
     g.add_argument("--full-set", action="store_true", help="every original is a candidate; adds MRR and recall@1/5/10")
@@ -199,7 +198,7 @@ def component_set(table: ComponentTable) -> str:
 
 
 def _peak_memory() -> dict[str, float]:
-    peak = {"rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    peak = {"rss_gb": peak_rss_bytes() / 2**30}
     try:
         import torch
 
@@ -590,7 +589,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
         print("interrupted: finished stages are cached and a rerun resumes from them", file=sys.stderr)
         return 130
     except (ValueError, OSError, KeyError, ImportError) as exc:
-        print(f"error: {distributed.one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from benchmark import settings_cli
 from benchmark.peak import peak_rss_bytes
+from benchmark.pipeline import PipelineOptions
 from selproj_plugin.engine_config import EngineConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -481,7 +482,8 @@ def _print_flops(f: dict, speedup: float) -> None:
 
 def print_ops(ops: dict) -> None:
     """One line of the GPU cost proxy (``worker_ops``'s record); ``benchmark/gpu_check.sh`` prints it too."""
-    print(f"aten calls ({ops['queries']}x{ops['pairs'] // max(1, ops['queries'])}, {ops['distinct_samples']} samples, {ops['dot_order']} order): "
+    print(f"aten calls ({ops['queries']}x{ops['pairs'] // max(1, ops['queries'])}, {ops['distinct_samples']} samples, "
+          f"{ops['dot_order']} order): "
           f"table {ops['table_ops']:,} = {ops['table_ops_over_plain']:.2f}x a plain forward+backward in batches of "
           f"{ops['plain_batch']} ({ops['plain_ops']:,}), {ops['ops_per_pair']:.0f} a pair; capture "
           f"{ops['capture_ops_over_plain']:.2f}x the plain pass on its {ops['capture_batches']} batches; tokens/s "
@@ -506,7 +508,8 @@ def _distortions(maps: dict, proj_dim: str) -> dict:
 
 def _print_projection(proj: dict) -> None:
     maps = proj["maps"]
-    print(f"projection of {proj['samples']} samples ({proj['grad_dim']:,} coords; materialising {proj['materialise_seconds_per_sample']:.2f}"
+    print(f"projection of {proj['samples']} samples ({proj['grad_dim']:,} coords; "
+          f"materialising {proj['materialise_seconds_per_sample']:.2f}"
           f"s/sample): pair dot distortion as a fraction of |a||b|, mean over {next(iter(maps.values()))['pairs']} pairs:")
     for label, m in maps.items():
         lo, hi = m["distortion_vs_dense_jl_95ci"]
@@ -533,28 +536,27 @@ def engine_config(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--model", default=None, help="HF id or path (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dataset", default=None,
-                        help="local .jsonl/.json/.csv/.parquet or hub dataset (default: the embedded 248 samples)")
-    parser.add_argument("--queries", type=int, default=64)
-    parser.add_argument("--k", type=int, default=5)
+    settings_cli.add_arguments(parser, PipelineOptions, ("model", "dataset"))
+    parser.add_argument("--queries", type=int, default=64, help="paraphrase queries timed with the engine")
+    parser.add_argument("--k", type=int, default=5, help="BM25 top-k candidates per query")
     parser.add_argument("--loop-queries", type=int, default=8, help="queries timed with the per-pair loop")
     parser.add_argument("--proj-dim", default="4096,1%", help="random projection dimensions (counts or percentages)")
     parser.add_argument("--proj-queries", type=int, default=12,
                         help="queries whose paraphrase and original are projected (all pairs of the 2x samples)")
     parser.add_argument("--proj-seeds", type=int, default=3, help="seeds of random_projection per dimension")
-    parser.add_argument("--trak-slice", type=int, default=2_000_000, help="gradient coordinates timed for TRAK (fewer where the memory limit leaves no room for its dense matrix)")
+    parser.add_argument("--trak-slice", type=int, default=2_000_000, help="gradient coordinates timed for TRAK "
+                        "(fewer where the memory limit leaves no room for its dense matrix)")
     parser.add_argument("--trak-samples", type=int, default=2, help="samples timed for TRAK")
     parser.add_argument("--plan", action="store_true",
                         help="with --only projection: print the projection worker's predicted peak memory (exact dots, "
                              "projections, TRAK's slice) and exit before any gradient")
-    parser.add_argument("--seed", type=int, default=0)
+    settings_cli.add_arguments(parser, PipelineOptions, ("seed",))
     settings_cli.add_arguments(parser, EngineConfig, ENGINE_OPTIONS, notes={
         "memory_limit_gb": "each worker's; the engine's spill writes count as dot time, the projection worker also "
                            "sizes its code caches and TRAK's timed slice from it",
         "device": "the engine's and the loop's; the projection comparison stays on the CPU"})
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="model dtype of the engine and loop workers (the projection worker stays float32 on CPU)")
+    settings_cli.add_arguments(parser, PipelineOptions, ("dtype",), notes={
+        "dtype": "the engine and loop workers'; the projection worker stays float32 on CPU"})
     parser.add_argument("--only", choices=("all", "engine", "projection", "fullset"), default="all",
                         help="'engine': only the engine against the loop at --k candidates, no projections; "
                              "'projection': only the projection's distortion and TRAK timing (minutes, not an hour); "
