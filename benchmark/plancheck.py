@@ -43,10 +43,12 @@ def check(size: int, cache: Path, extra: list[str]) -> dict:
         notes = json.loads(run_json.read_text())["notes"]
     measured = _peak_kib(run.stderr) * 1024
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", run.stderr)
-    return {"size": size, "wall": wall.group(1) if wall else None, "predicted_peak_bytes": plan["predicted_peak_bytes"], "measured_peak_bytes": measured,
+    return {"size": size, "wall": wall.group(1) if wall else None,
+            "predicted_peak_bytes": plan["predicted_peak_bytes"], "measured_peak_bytes": measured,
             "peak_ratio": plan["predicted_peak_bytes"] / measured, "planned_captures": plan["captures"],
             "measured_captures": notes["captures"], "passes_ratio": plan["captures"] / notes["captures"],
-            "dot_order": plan["dot_order"], "kept": plan["kept"], "kept_in_ram": plan["kept_in_ram"], "recomputed": plan["recomputed"]}
+            "dot_order": plan["dot_order"], "kept": plan["kept"], "kept_in_ram": plan["kept_in_ram"],
+            "recomputed": plan["recomputed"]}
 
 
 def main(argv: list[str] | None = None) -> int:

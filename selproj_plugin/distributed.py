@@ -222,9 +222,10 @@ def session() -> Iterator[tuple[int, int]]:
     try:
         yield rank_world()
     except Exception as exc:
+        # bound now: _bounded may give up on its thread, which would then outlive the except block and ``exc``
+        failed = _Failed(rank_world()[0], one_line(exc))
         if isinstance(exc, RankError) or (
-                not isinstance(exc, CollectiveError)
-                and _bounded(lambda: _all_gather(_Failed(rank_world()[0], one_line(exc))))):
+                not isinstance(exc, CollectiveError) and _bounded(lambda: _all_gather(failed))):
             _leave()
         raise
     try:

@@ -345,8 +345,9 @@ class TablePlan:
         return {
             "samples": int(used.sum()), "pairs": self.pairs, "kept_side": "queries" if self.kept_queries else "candidates",
             "kept": len(self.kept), "kept_in_ram": self.ram_kept, "kept_spilled": len(self.kept) - self.ram_kept,
-            "dot_order": self.dot_order, "streamed_groups": len(self.groups), "captures": int(self.passes.sum()), "recomputed": self.recomputed,
-            "passes_per_sample_max": int(self.passes.max(initial=0)), "passes_per_sample_mean": float(self.passes[used].mean()) if used.any() else 0.0,
+            "dot_order": self.dot_order, "streamed_groups": len(self.groups), "captures": int(self.passes.sum()),
+            "recomputed": self.recomputed, "passes_per_sample_max": int(self.passes.max(initial=0)),
+            "passes_per_sample_mean": float(self.passes[used].mean()) if used.any() else 0.0,
             "mean_tokens": float(np.asarray(self.lengths)[used].mean()) if used.any() else 0.0,
             "factor_bytes_total": int(sum(self.sample_bytes)), "kept_ram_bytes": self.ram_bytes - self.device_kept_bytes,
             "kept_device_bytes": self.device_kept_bytes,

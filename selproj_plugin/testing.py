@@ -3,8 +3,10 @@
 ``check_reducer(MyReducer)`` runs a reducer class through everything a reducer meets: the
 plugin registry, the contract's two steps on a real catalogue, table scoring, the engine's
 per-sample features, TRAK and Captum, on a tiny random-init Llama built here (offline, a
-few seconds).  The TRAK and Captum checks come from the adapters (``selproj_plugin.adapters.conformance``)
-through the ``selproj.checks`` entry-point group, so this module never imports the adapters.  It raises :class:`ReducerCheckError` listing every violated check by name;
+few seconds).  The TRAK and Captum checks come from the adapters
+(``selproj_plugin.adapters.conformance``) through the ``selproj.checks`` entry-point group, so
+this module never imports the adapters.  It raises :class:`ReducerCheckError` listing every
+violated check by name;
 ``reducer_checks(MyReducer)`` gives the same checks one by one for ``pytest.mark.parametrize``::
 
     @pytest.mark.parametrize("check", reducer_checks(MyReducer), ids=str)
@@ -239,7 +241,9 @@ def extra_checks() -> list[CheckFunction]:
         try:
             checks.extend(found[name].load())
         except Exception as exc:
-            def unloadable(cls, options, name=name, error=one_line(exc, with_type=True)):
+            error = one_line(exc, with_type=True)
+
+            def unloadable(cls, options, name=name, error=error):
                 raise AssertionError(f"the {CHECKS_ENTRY_POINT_GROUP} entry point {name!r} does not load: {error}")
 
             unloadable.__name__ = f"check_{name}_loads"

@@ -268,7 +268,7 @@ def test_a_transform_no_table_can_express_is_scored_from_gradients(tiny_model_di
         table = pipeline.ComponentTable.load(next((tmp_path / "cache").rglob("table-*.npz")))
         index = {r["id"]: i for i, r in enumerate(rows)}
         credits = []
-        for q, (qid, cands, orig) in enumerate(zip(table.query_ids, table.candidate_ids, table.is_original)):
+        for _q, (qid, cands, orig) in enumerate(zip(table.query_ids, table.candidate_ids, table.is_original)):
             scores = np.array([cos[index[str(qid).split("#")[0]], index[str(c)]] for c in cands])
             top = np.isclose(scores, scores.max(), rtol=0, atol=1e-9)
             credits.append(top[orig.argmax()] / top.sum())

@@ -107,7 +107,7 @@ def test_paper_set_is_embedding_and_weight_matrices(family):
     assert not any(c.kind in ("norm", "other") for c in paper)
     # independent count: 2-D weights of the model, tied tensors once, minus norms (1-D) -> every matrix
     seen, expected = set(), 0
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         if p.dim() == 2 and id(p) not in seen:
             seen.add(id(p))
             expected += p.numel()

@@ -369,7 +369,7 @@ def test_a_batch_is_materialised_one_sample_at_a_time_as_it_is_handed_over(monke
     monkeypatch.setattr(capture, "stacked_rows", lambda specs, f, *a, **k: made.append(f.sample_id) or real(specs, f, *a, **k))
     enc, _ = encode_samples(tok, tiny.SAMPLES[:4], 512)
     seen = []
-    for i, f in iter_factors(prep, enc, range(4), EngineConfig(batch_size=4, progress=False), set(names)):
+    for _i, f in iter_factors(prep, enc, range(4), EngineConfig(batch_size=4, progress=False), set(names)):
         seen.append(set(made))  # samples materialised so far
         assert set(names) <= set(f.vectors) and not f.tensors  # all materialised, no factor left over
     assert [len(s) for s in seen] == [1, 2, 3, 4]

@@ -69,7 +69,7 @@ def test_trak_example(tmp_path, monkeypatch):
 def test_captum_example(tmp_path, monkeypatch):
     setup, _, captum_example = blocks()
     ns = run_clean(tmp_path, monkeypatch, setup, captum_example)
-    model, tokenizer, reducer = ns["model"], ns["tokenizer"], ns["tracin"].plan.reducer
+    model, tokenizer, _reducer = ns["model"], ns["tokenizer"], ns["tracin"].plan.reducer
     config = EngineConfig(progress=False)
 
     def projected(samples) -> torch.Tensor:  # the reducer on the engine's materialised gradients

@@ -16,8 +16,9 @@ from transformers import (
 
 from selproj_plugin.loss import IGNORE, Encoded
 
-torch.set_num_threads(1)  # tiny matrices: threading overhead only (and the suite may share the CPU)
 from selproj_plugin.samples import Sample
+
+torch.set_num_threads(1)  # tiny matrices: threading overhead only (and the suite may share the CPU)
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<|user|>", "<|assistant|>"]
 VOCAB = 256 + len(SPECIALS)
@@ -81,7 +82,7 @@ def model(family: str, tied: bool = False, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     m = AutoModelForCausalLM.from_config(config(family, tied), attn_implementation="eager").float().eval()
     with torch.no_grad():
-        for name, p in m.named_parameters():
+        for _name, p in m.named_parameters():
             if p.dim() == 1:  # norms start at 1 and biases at 0: perturb so their gradients are generic
                 p.add_(0.1 * torch.randn_like(p))
             else:

@@ -28,7 +28,7 @@ from selproj_plugin import scoring, stats
 from selproj_plugin.components import Component, resolve
 from selproj_plugin.errors import one_line
 from selproj_plugin.table import ComponentTable
-from selproj_plugin.transforms import Concatenate, Transform, TransformError
+from selproj_plugin.transforms import Concatenate, Transform
 
 
 class ReducerError(ValueError):
