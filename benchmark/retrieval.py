@@ -400,6 +400,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from benchmark import plots
 
             for setting, part in document["checkpoints"]["settings"].items():
+                if "skipped" in part:  # generated queries differ by checkpoint: no study to draw
+                    continue
                 images.setdefault(setting, []).append(plots.accuracy_by_checkpoint(
                     part, document["checkpoints"]["steps"], out / f"checkpoints-{setting}.png",
                     f"{setting}: accuracy by checkpoint").name)

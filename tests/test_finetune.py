@@ -279,6 +279,20 @@ def one_component_table(cross: np.ndarray, is_original: np.ndarray) -> Component
                           components=np.array(["model.layers.0.mlp.down_proj"]), num_params=np.array([10]))
 
 
+def test_a_checkpoint_study_with_a_generated_setting_writes_its_report(tiny_model_dir, tmp_path):
+    """Generated queries differ by checkpoint, so that setting has no study; the report and plots still come out."""
+    out = tmp_path / "out"
+    args = argv(tiny_model_dir, write_dataset(tmp_path / "d.jsonl"), tmp_path / "cache", "--strategy", "full,greedy",
+                "--setting", "paraphrased,generated", "--max-new-tokens", "8", "--finetune-epochs", "1",
+                "--finetune-batch-size", "3", "--checkpoints", "2", "--candidates", "3", "--out", str(out))
+    assert cli(args) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert "skipped" in doc["checkpoints"]["settings"]["generated"]
+    assert len(doc["checkpoints"]["settings"]["paraphrased"]["per_checkpoint"]) == 2
+    assert (out / "checkpoints-paraphrased.png").is_file() and not (out / "checkpoints-generated.png").exists()
+    assert "transfer matrix" in (out / "report.md").read_text()
+
+
 def test_pool_mrr_and_recall_match_hand_computed_ranks():
     scores = np.array([[0.9, 0.5, 0.1, 0.2],    # original first: rank 1
                        [0.8, 0.3, 0.9, 0.1],    # two above: rank 3
