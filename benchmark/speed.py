@@ -120,7 +120,8 @@ def worker_ops(args: argparse.Namespace) -> dict:
     # the queries' own originals as the pool: 16 x 5 is 32 distinct samples and 80 pairs (issue #25's yardstick)
     queries, pool, index, original = _setup(argparse.Namespace(**{**vars(args), "queries": min(args.ops_queries, args.queries)}),
                                             True)
-    config = engine_config(args, progress=False)
+    # the plain pass's batches: like for like, and nearer a GPU's batches (thousands of tokens) than the CPU's 512
+    config = engine_config(args, progress=False, batch_size=PLAIN_BATCH, batch_tokens=PLAIN_BATCH * MAX_LENGTH)
     with OpCounter() as counter:
         table = build_table(model, tok, queries, pool, index, original, config=config)
     distinct = list({s.id: s for s in [*queries, *(pool[j] for j in index.ravel())]}.values())
@@ -135,7 +136,8 @@ def worker_ops(args: argparse.Namespace) -> dict:
             "ops_per_pair": counter.total / index.size, "capture_ops": capture[True].ops,
             "plain_ops_same_batches": plain[True].ops, "capture_ops_over_plain": capture[True].ops / plain[True].ops,
             "capture_tokens_per_s": capture[False].tokens_per_s, "plain_tokens_per_s": plain[False].tokens_per_s,
-            "capture_batches": len(batches)}
+            "capture_batches": len(batches), "engine_batch_size": config.batch_size,
+            "engine_batch_tokens": config.batch_tokens}
 
 
 def worker_loop(args: argparse.Namespace) -> dict:
@@ -557,10 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
         "device": "the engine's and the loop's; the projection comparison stays on the CPU"})
     settings_cli.add_arguments(parser, PipelineOptions, ("dtype",), notes={
         "dtype": "the engine and loop workers'; the projection worker stays float32 on CPU"})
-    parser.add_argument("--only", choices=("all", "engine", "projection", "fullset"), default="all",
+    parser.add_argument("--only", choices=("all", "engine", "projection", "fullset", "ops"), default="all",
                         help="'engine': only the engine against the loop at --k candidates, no projections; "
                              "'projection': only the projection's distortion and TRAK timing (minutes, not an hour); "
-                             "'fullset': only the every-original-a-candidate comparison")
+                             "'fullset': only the every-original-a-candidate comparison; 'ops': only the aten-call "
+                             "count (--ops-queries)")
     parser.add_argument("--fullset-queries", type=int, default=32,
                         help="queries (and originals) of the full-set comparison: every original a candidate")
     parser.add_argument("--fullset-loop-queries", type=int, default=2, help="full-set queries timed with the loop")
@@ -598,6 +601,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps({"model": args.model or "SmolLM2-135M-Instruct", "fullset": fullset,
                                                        "speedup_vs_loop_fullset": fullset["speedup_vs_loop_fullset"]},
+                                                      indent=2))
+            return 0
+        if args.only == "ops":
+            if not args.ops_queries:
+                parser.exit(2, "error: --only ops counts --ops-queries queries: give at least 1\n")
+            ops = _run_worker("ops", args, Path(tmp) / "ops.json")
+            print_ops(ops)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"model": args.model or "SmolLM2-135M-Instruct", "ops": ops},
                                                       indent=2))
             return 0
         proj = None

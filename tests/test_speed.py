@@ -43,6 +43,20 @@ def test_engine_only_times_engine_and_loop_and_checks_them_against_each_other(ti
 
 
 @pytest.mark.slow
+def test_only_ops_counts_the_table_in_the_plain_passes_batches(tiny_model_dir, small_dataset, tmp_path):
+    out = tmp_path / "ops.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "ops", "--model", str(tiny_model_dir),
+                           "--dataset", str(small_dataset), "--queries", "3", "--k", "2", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result) == {"model", "ops"} and "aten calls" in proc.stdout and "speedup" not in proc.stdout
+    ops = result["ops"]
+    assert ops["engine_batch_size"] == ops["plain_batch"] == 4 and ops["pairs"] == 6
+    assert ops["table_ops"] > ops["plain_ops"] > 0
+
+
+@pytest.mark.slow
 def test_a_bad_dataset_is_one_line_before_any_worker(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--dataset",
                            str(tmp_path / "missing.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=300)
