@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from benchmark.adapters import Cell  # the benchmarks' own rows, read back as they were written
-from benchmark.faults import Row as Fault
 from benchmark.parity import Difference
 
 class RecordError(ValueError):
@@ -263,6 +262,7 @@ class OpCount:  # benchmark.speed's "ops" part: aten calls, the proxy for a GPU'
     capture_ops_over_plain: float
     capture_tokens_per_s: float
     plain_tokens_per_s: float
+    engine_batch_size: int | None = None  # the table's capture batches, where the count set them
 
 
 @dataclass(frozen=True)
@@ -324,7 +324,7 @@ class Study:
 
 
 @dataclass(frozen=True)
-class FinetuneRun:  # benchmark.retrieval on a fine-tuned model
-    finetune: Lineage
+class FinetuneRun:  # benchmark.retrieval: the lineage where the model was fine-tuned first
     settings: dict[str, PoolSetting]
+    finetune: Lineage | None = None
     checkpoints: Study | None = None

@@ -59,20 +59,26 @@ def _result(tp: Any, record: Record) -> Any:
 
 
 def quickstart(records: list[Record]) -> str:
-    r = _result(Retrieval, _one(records, "quickstart"))
+    """Each setting's greedy, full-gradient and BM25 figures; a model column where several runs share the table."""
+    runs = [(rec.label, _result(Retrieval, rec)) for rec in records]
+    several = len(runs) > 1
     rows = []
-    for name, s in r.settings.items():
-        greedy, full = s.results["greedy"], s.results["full"]
-        picked = ", ".join(_label(c) for c in greedy.components)
-        tied = greedy.path[0].tied if greedy.path and len(greedy.components) == 1 else None
-        sample = f"{_acc(greedy.accuracy, greedy.accuracy_ci)} ({picked}; {100 * greedy.param_fraction:.2g}% of parameters"
-        sample += f"; tied with {tied - 1} others)" if tied and tied > 1 else ")"
-        held = f"{_acc(greedy.heldout_accuracy, greedy.heldout_accuracy_ci)}; vs full " \
-               f"{100 * greedy.vs_full.difference:+.1f} pts, {_p(greedy.vs_full)}"
-        rows.append([name, sample, held, _acc(full.accuracy, full.accuracy_ci),
-                     _acc(s.baselines["bm25"].accuracy, s.baselines["bm25"].accuracy_ci),
-                     f"{s.baselines['chance'].accuracy:.2f}"])
-    return _table(["setting", "greedy, in-sample", "greedy, held-out (5-fold)", "full gradient", "BM25", "chance"], rows)
+    for name in runs[0][1].settings:
+        for label, r in runs:
+            s = r.settings[name]
+            greedy = s.results["greedy"]
+            full = s.results.get("full") or s.baselines["full_gradient"]  # a strategy where run, else the baseline
+            picked = ", ".join(_label(c) for c in greedy.components)
+            tied = greedy.path[0].tied if greedy.path and len(greedy.components) == 1 else None
+            sample = f"{_acc(greedy.accuracy, greedy.accuracy_ci)} ({picked}; {100 * greedy.param_fraction:.2g}% of parameters"
+            sample += f"; tied with {tied - 1} others)" if tied and tied > 1 else ")"
+            held = f"{_acc(greedy.heldout_accuracy, greedy.heldout_accuracy_ci)}; vs full " \
+                   f"{100 * greedy.vs_full.difference:+.1f} pts, {_p(greedy.vs_full)}"
+            rows.append([name, *([label] if several else []), sample, held, _acc(full.accuracy, full.accuracy_ci),
+                         _acc(s.baselines["bm25"].accuracy, s.baselines["bm25"].accuracy_ci),
+                         f"{s.baselines['chance'].accuracy:.2f}"])
+    return _table(["setting", *(["model"] if several else []), "greedy, in-sample", "greedy, held-out (5-fold)",
+                   "full gradient", "BM25", "chance"], rows)
 
 
 PAPER_RP = "random_projection_per_component"  # on the reference tables: the paper's own stored projections
@@ -278,7 +284,9 @@ def finetune(records: list[Record]) -> str:
     for rec in records:
         r = _result(FinetuneRun, rec)
         ft = r.finetune
-        losses = [f"{ft.loss_before[k]:.3f} to {ft.loss_after[k]:.3f} ({ft.loss_before[k] - ft.loss_after[k]:+.3f})"
+        if ft is None or not ft.epochs:  # the model as loaded: nothing trained, no losses to show
+            continue
+        losses = [f"{ft.loss_before[k]:.3f} to {ft.loss_after[k]:.3f} ({ft.loss_after[k] - ft.loss_before[k]:+.3f})"
                   for k in ("originals", "paraphrases")]
         for name, s in r.settings.items():
             greedy, full = s.results.get("greedy"), s.baselines["full_gradient"]
@@ -336,8 +344,9 @@ def speed_ops(records: list[Record]) -> str:
     rows = []
     for rec in records:
         o = typed(OpCount, rec.result["ops"], f"{rec.source}: result.ops")
+        batches = "CPU batches" if o.engine_batch_size is None else f"batches of {o.engine_batch_size}"
         rows.append([rec.label, f"{o.queries} x {o.pairs // max(1, o.queries)} ({o.distinct_samples} samples, "
-                     f"{o.dot_order} order)", f"{o.table_ops:,} / {o.plain_ops:,} (batches of {o.plain_batch})",
+                     f"{o.dot_order} order, {batches})", f"{o.table_ops:,} / {o.plain_ops:,} (batches of {o.plain_batch})",
                      f"**{o.table_ops_over_plain:.2f}x**", f"{o.ops_per_pair:,.0f}", f"{o.capture_ops_over_plain:.2f}x",
                      f"{o.capture_tokens_per_s:,.0f} / {o.plain_tokens_per_s:,.0f}"])
     return _table(["run", "table", "aten calls: table / plain forward+backward", "ratio", "per pair",
@@ -373,13 +382,16 @@ TABLES: dict[str, Callable[[list[Record]], str]] = {
 
 def provenance(records: list[Record], brief: bool) -> str:
     """The table's one line: command and machine, and in the docs the date and commit of every record."""
-    if brief and len(records) > 1:  # several runs feed one table: name each command, their costs are in the docs
-        return "; ".join(f"`{r.command}`" for r in records) + f" on the {records[0].machine}."
+    def cost(r: Record) -> str:
+        return "" if r.cost is None or r.cost.wall_seconds is None else \
+            f": {_minutes(r.cost.wall_seconds)}, peak RSS {r.cost.peak_rss_gib:.2f} GiB"
+
+    if brief and len(records) > 1:  # several runs feed one table: name each command (the quick start's cost too)
+        return "; ".join(f"`{r.command}`" + (f"{cost(r)} ({r.note})" if r.table == "quickstart" and cost(r) else "")
+                         for r in records) + f" on the {records[0].machine}."
     if brief:
         r = records[0]
-        cost = "" if r.cost is None or r.cost.wall_seconds is None else \
-            f": {_minutes(r.cost.wall_seconds)}, peak RSS {r.cost.peak_rss_gib:.2f} GiB"
-        return f"`{r.command}` on the {r.machine}{cost}" + (f" ({r.note})." if r.note else ".")
+        return f"`{r.command}` on the {r.machine}{cost(r)}" + (f" ({r.note})." if r.note else ".")
     shared = [f for f in ("command", "machine", "date", "commit") if len({getattr(r, f) for r in records}) == 1]
     head = ", ".join(f"`{records[0].command}`" if f == "command" else getattr(records[0], f) for f in shared)
     if len(records) == 1:
@@ -397,12 +409,19 @@ def render(name: str, records: list[Record], brief: bool) -> str:
         timed = sorted((r for r in records if r.cost is not None), key=lambda r: r.date)
         mine = [replace(r, label=f"{i}. {r.label or r.command}") for i, r in enumerate(timed, 1)]
     else:
-        # the summary reads the parity records; the op count is the part of an engine run that counted aten calls
-        table = {"parity-summary": "parity", "speed-ops": "speed-engine"}.get(name, name)
-        mine = [r for r in records if r.table == table and (name != "speed-ops" or "ops" in r.result)]
+        # tables that show one part of another table's records: the parity summary; the op count of an engine
+        # run that counted aten calls; the quick start's fine-tune lineage and whole-pool rankings
+        tables = {"parity-summary": {"parity"}, "speed-ops": {"speed-engine", "speed-ops"},
+                  "finetune": {"quickstart"}, "pool": {"quickstart"}}.get(name, {name})
+        part = {"speed-ops": "ops", "finetune": "finetune"}.get(name)
+        mine = [r for r in records if r.table in tables and (part is None or part in r.result)]
     if not mine:
         raise RecordError(f"no record for table {name!r}")
-    return f"{TABLES[name](mine)}\n\n{provenance(mine, brief)}\n"
+    try:
+        table = TABLES[name](mine)
+    except KeyError as exc:  # a part the table shows is missing from a record's result
+        raise RecordError(f"table {name!r}: a record's result has no {exc} ({', '.join(r.source for r in mine)})") from None
+    return f"{table}\n\n{provenance(mine, brief)}\n"
 
 
 def rebuild(root: Path) -> dict[Path, str]:

@@ -62,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="", help="the row's name where a table has several records")
     p.add_argument("--note", default="", help="what the run included, in a few words")
     p.add_argument("--machine", default=None, help="default: this machine's cores and memory")
+    p.add_argument("--commit", default=None, help="the code that ran (default: this checkout's HEAD)")
     args = p.parse_args(argv)
     try:
         result = json.loads(args.json.read_text()) if args.json else {}
         cost = cost_from_time(args.time.read_text()) if args.time else None
         record = Record(table=args.table, command=args.command, machine=args.machine or machine(),
-                        date=time.strftime("%Y-%m-%d"), commit=commit(), result=result, label=args.label,
+                        date=time.strftime("%Y-%m-%d"), commit=args.commit or commit(), result=result, label=args.label,
                         note=args.note, cost=cost)
         data = {k: v for k, v in asdict(record).items() if k != "source" and v not in ("", None)}
         typed(Record, data, args.out.name)  # what load_records will read back

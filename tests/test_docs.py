@@ -41,7 +41,7 @@ def test_committed_docs_equal_what_the_records_give(capsys):
 
 def test_check_fails_when_a_record_changes_and_the_rebuild_follows(tmp_path, capsys):
     root = copy_repo(tmp_path)
-    record = root / "benchmark" / "records" / "quickstart.json"
+    record = root / "benchmark" / "records" / "quickstart-2-as-loaded.json"
     data = json.loads(record.read_text())
     data["result"]["settings"]["generated"]["results"]["greedy"]["heldout_accuracy"] = 0.5
     record.write_text(json.dumps(data))
@@ -63,14 +63,14 @@ def test_check_fails_when_a_table_is_edited_by_hand(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d.pop("machine"), "quickstart.json: missing 1 required positional argument: 'machine'"),
-    (lambda d: d.update(tabel="x"), "quickstart.json: unknown field(s) tabel"),
+    (lambda d: d.pop("machine"), "quickstart-2-as-loaded.json: missing 1 required positional argument: 'machine'"),
+    (lambda d: d.update(tabel="x"), "quickstart-2-as-loaded.json: unknown field(s) tabel"),
     (lambda d: d["result"]["settings"]["generated"].update(queries="many"),
-     "quickstart.json: result.settings.generated.queries: expected int, got 'many'"),
+     "quickstart-2-as-loaded.json: result.settings.generated.queries: expected int, got 'many'"),
 ])
 def test_a_bad_record_is_one_line_naming_it(tmp_path, capsys, change, message):
     root = copy_repo(tmp_path)
-    record = root / "benchmark" / "records" / "quickstart.json"
+    record = root / "benchmark" / "records" / "quickstart-2-as-loaded.json"
     data = json.loads(record.read_text())
     change(data)
     record.write_text(json.dumps(data))
@@ -87,13 +87,20 @@ def test_a_marker_naming_no_table_is_an_error(tmp_path, capsys):
 
 
 def test_readme_table_holds_the_quick_start_figures_as_measured():
-    # the figures make bench printed, as first reported, so a rendering that rounds or swaps them fails
-    row = {line.split("|")[1].strip(): line for line in README.read_text().splitlines() if line.startswith("| ")}
-    for figure in ("0.484 [0.358, 0.613]", "0.328 [0.216, 0.457]", "+14.1 pts, p = 0.049", "0.188 [0.101, 0.305]",
-                   "0.766 [0.643, 0.862]", "L3 down, L6 up"):
-        assert figure in row["generated"]
-    for figure in ("1.000 [0.944, 1.000]", "0.969 [0.892, 0.996]", "L23 o", "tied with 52 others"):
-        assert figure in row["paraphrased"]
+    # the figures the two runs printed, so a rendering that rounds, swaps runs or swaps columns fails
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line
+            for line in README.read_text().splitlines() if line.startswith("| ")}
+    expected = {
+        ("generated", "fine-tuned (default)"): ("0.734 [0.609, 0.837]", "0.578 [0.448, 0.701]", "+23.4 pts, p = 0.014",
+                                                "0.344 [0.229, 0.473]", "0.766 [0.643, 0.862]", "L4 down, L23 o"),
+        ("generated", "as loaded"): ("0.484 [0.358, 0.613]", "0.328 [0.216, 0.457]", "+14.1 pts, p = 0.049",
+                                     "0.188 [0.101, 0.305]", "0.766 [0.643, 0.862]", "L3 down, L6 up"),
+        ("paraphrased", "fine-tuned (default)"): ("1.000 [0.944, 1.000]", "0.984 [0.916, 1.000]", "tied with 21 others"),
+        ("paraphrased", "as loaded"): ("1.000 [0.944, 1.000]", "0.969 [0.892, 0.996]", "L23 o", "tied with 52 others"),
+    }
+    for key, figures in expected.items():
+        for figure in figures:
+            assert figure in rows[key], (key, figure)
 
 
 def test_readme_is_short_and_starts_with_the_quick_start():
