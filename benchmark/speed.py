@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", help="write the results here")
     settings_cli.add_arguments(parser, PipelineOptions, ("model", "dataset"))
     parser.add_argument("--queries", type=int, default=64, help="paraphrase queries timed with the engine")
-    parser.add_argument("--k", type=int, default=5, help="BM25 top-k candidates per query")
+    parser.add_argument("--k", type=int, default=PipelineOptions.candidates, help="BM25 top-k candidates per query")
     parser.add_argument("--loop-queries", type=int, default=8, help="queries timed with the per-pair loop")
     parser.add_argument("--proj-dim", default="4096,1%", help="random projection dimensions (counts or percentages)")
     parser.add_argument("--proj-queries", type=int, default=12,
