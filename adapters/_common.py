@@ -12,10 +12,7 @@ the response-masked per-sample loss written so ``torch.func.vmap`` can batch it
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
-import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -65,27 +62,6 @@ def memory_budget_bytes(gb: float, model: nn.Module) -> int:
         raise AdapterError(f"memory_limit_gb={float(gb):g} bounds the whole process, which already holds "
                            f"{gigabytes(held)} with the model loaded; raise memory_limit_gb")
     return limit - held
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Any:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's freed pages back to the OS (glibc ``malloc_trim``; elsewhere nothing).
-
-    A model's per-sample gradients and backward temporaries are hundreds of mid-size
-    tensors that glibc keeps in its heap once freed: on the 135M model 1.2 GB stayed
-    resident after a full gradient was freed, and the next step's large tensors came on
-    top of it.  Called between gradient steps, so each step starts from the live memory.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def gigabytes(n_bytes: float) -> str:

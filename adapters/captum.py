@@ -25,13 +25,14 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from selproj_plugin.adapters._common import (
     DEFAULT_MEMORY_LIMIT_GB, AdapterError, ModelState, Plan, check_labels, encode, evaluating, gigabytes, memory_budget_bytes,
-    plan, reduce_gradients, release_freed_memory, resolve_reducer, response_loss, row_slices, rows_in_parts, take_rows,
+    plan, reduce_gradients, resolve_reducer, response_loss, row_slices, rows_in_parts, take_rows,
 )
 from selproj_plugin.adapters._private import (
     KMostInfluentialResults, TracInCPBase, compute_jacobian_sample_wise, extract_parameters_from_layers,
     format_inputs_dataset, load_flexible_state_dict,
 )
 from selproj_plugin.adapters._rows import RowFile, streamed_dots
+from selproj_plugin.budget import release_freed_memory
 from selproj_plugin.engine_config import EngineConfig
 from selproj_plugin.samples import Sample
 from selproj_plugin.strategies.base import Reducer

@@ -41,11 +41,12 @@ from trak.score_computers import AbstractScoreComputer, BasicScoreComputer
 
 from selproj_plugin.adapters._common import (
     DEFAULT_MEMORY_LIMIT_GB, AdapterError, ModelState, Plan, check_batch, device_name, encode, evaluating, gigabytes,
-    memory_budget_bytes, plan, reduce_gradients, check_eager_possible, release_freed_memory, resolve_reducer, response_loss, row_slices,
+    memory_budget_bytes, plan, reduce_gradients, check_eager_possible, resolve_reducer, response_loss, row_slices,
     rows_in_parts, split_flat, take_rows,
 )
 from selproj_plugin.adapters._private import SaverBase, TRAKerBase
 from selproj_plugin.adapters._rows import RowFile, streamed_cosine
+from selproj_plugin.budget import release_freed_memory
 from selproj_plugin.strategies.base import Reducer
 
 __all__ = [

@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from selproj_plugin.adapters._common import ModelState, encode, plan, release_freed_memory
+from selproj_plugin.adapters._common import ModelState, encode, plan
 from selproj_plugin.adapters._rows import RowFile, streamed_cosine
+from selproj_plugin.budget import release_freed_memory
 from selproj_plugin.engine import EngineConfig, build_table, projected_features, sample_features
 from selproj_plugin.registry import get_strategy, list_strategies
 from selproj_plugin.samples import Sample

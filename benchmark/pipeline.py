@@ -194,10 +194,6 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
 
     tuned = finetune(model, tokenizer, [r.original for r in dataset.records], [r.paraphrase for r in dataset.records],
                      settings, cache=cache, base=identity, scope=opts.scope, progress=config.progress)
-    # the optimiser's freed pages back to the OS: the engine budgets what the process holds now
-    from selproj_plugin.adapters._common import release_freed_memory
-
-    release_freed_memory()
     lap("finetune")
     record = {**tuned.record, "reused": tuned.reused}
     results = []
