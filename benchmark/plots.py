@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmark.report import headline  # noqa: E402
 from selproj_plugin.components import KINDS  # noqa: E402
 from selproj_plugin.strategies.base import StrategyResult  # noqa: E402
 from selproj_plugin.strategies.single import per_component_accuracy  # noqa: E402
@@ -86,15 +87,13 @@ def accuracy_by_checkpoint(part: Mapping[str, Any], steps: list[int], path: Path
     names = list(part["per_checkpoint"][0]["results"])
     for name in names:
         rows = [p["results"][name] for p in part["per_checkpoint"]]
-        held = rows[0]["heldout_accuracy"] is not None
-        y = np.array([r["heldout_accuracy"] if held else r["accuracy"] for r in rows])
-        ci = np.array([r["heldout_accuracy_ci"] if held else r["accuracy_ci"] for r in rows])
-        ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], marker="o", capsize=3,
-                    label=f"{name} ({'held-out' if held else 'in-sample'})")
+        figures = [headline(r) for r in rows]
+        y, ci = np.array([f[0] for f in figures]), np.array([f[1] for f in figures])
+        ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], marker="o", capsize=3, label=f"{name} ({figures[0][2]})")
     bm25 = [p["baselines"]["bm25"]["accuracy"] for p in part["per_checkpoint"]]
     ax.plot(x, bm25, linestyle=":", color="black", label="bm25")
     for style, (name, r) in zip(["--", "-.", ":"], part.get("tracin", {}).items()):
-        value = r["heldout_accuracy"] if r["heldout_accuracy"] is not None else r["accuracy"]
+        value = headline(r)[0]
         ax.axhline(value, linestyle=style, color="gray", label=f"{name} ({value:.3f})")
     ax.set_xticks(x, [f"{i}\nstep {s}" for i, s in enumerate(steps)])
     ax.set_xlabel("checkpoint (0: the base model)")

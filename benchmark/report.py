@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from selproj_plugin.atomic import atomic_write
-from selproj_plugin.stats import PairedTest
+from selproj_plugin.stats import HELD_OUT, NOT_FITTED, PairedTest
 from selproj_plugin.strategies.base import StrategyResult
 
 # How the report's figures are computed, stated once in the JSON and the Markdown report.
@@ -25,7 +25,8 @@ METHODS = {
                "(sign-flip randomisation when ties make credits fractional); a fitted strategy is tested "
                "on its held-out hits",
     "headline": "a fitted strategy's accuracy to read is held-out (k-fold over queries: selected on the other "
-                "folds); its in-sample accuracy is the one the selection was chosen on",
+                "folds); its in-sample accuracy is the one the selection was chosen on; a strategy that learns "
+                "nothing from the queries is scored on all of them ('not fitted')",
 }
 
 
@@ -53,6 +54,13 @@ def ci_text(interval: tuple[float, float] | list[float] | None, percent: bool = 
     if interval is None:
         return ""
     return f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if percent else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def headline(result: Mapping[str, Any]) -> tuple[float, list[float] | None, str]:
+    """A result's JSON read as :attr:`StrategyResult.headline` reads the result: value, interval and basis."""
+    if result["heldout_accuracy"] is not None:
+        return result["heldout_accuracy"], result["heldout_accuracy_ci"], HELD_OUT
+    return result["accuracy"], result["accuracy_ci"], NOT_FITTED
 
 
 def vs_full_text(test: PairedTest | Mapping[str, Any] | None, percent: bool = True) -> str:
@@ -83,10 +91,11 @@ def format_setting(setting: str, results: Mapping[str, StrategyResult], baseline
                    labels: Mapping[str, str] | None = None) -> str:
     """A readable table of one setting's strategies and baselines; components by short label.
 
-    The first accuracy is the one to read: held-out for a fitted strategy, else in-sample.
+    The first accuracy is the one to read: held-out for a fitted strategy, else over every query (not fitted); the
+    in-sample column is a fitted strategy's accuracy on the queries it was fitted on.
     """
     labels = labels or {}
-    header = (f"{'strategy':<26} {'acc %':>6} {'95% CI':>13} {'scored':>9} {'in-sample %':>20} "
+    header = (f"{'strategy':<26} {'acc %':>6} {'95% CI':>13} {'scored':>10} {'in-sample %':>20} "
               f"{'vs full':>21} {'fidelity':>8} {'params %':>8} {'dim':>11} {'sec':>7}  components")
     lines = [f"== {setting} ==", header, "-" * len(header)]
     for name, r in results.items():
@@ -98,12 +107,12 @@ def format_setting(setting: str, results: Mapping[str, StrategyResult], baseline
         value, interval, basis = r.headline
         sample = "" if r.heldout_accuracy is None else f"{_pct(r.accuracy)} {ci_text(r.accuracy_ci)}"
         lines.append(
-            f"{name:<26} {_pct(value):>6} {ci_text(interval):>13} {basis:>9} {sample:>20} "
+            f"{name:<26} {_pct(value):>6} {ci_text(interval):>13} {basis:>10} {sample:>20} "
             f"{vs_full_text(r.vs_full):>21} {r.fidelity:8.4f} {100 * r.param_fraction:8.3f} {r.dim:11d} "
             f"{r.seconds:7.2f}  {shown}"
         )
     for name, b in baselines.items():
-        lines.append(f"{name + ' (baseline)':<26} {_pct(b.accuracy):>6} {ci_text(b.accuracy_ci):>13} {'':>9} "
+        lines.append(f"{name + ' (baseline)':<26} {_pct(b.accuracy):>6} {ci_text(b.accuracy_ci):>13} {'':>10} "
                      f"{'':>20} {vs_full_text(b.vs_full):>21}")
     for name, r in results.items():
         if r.path:

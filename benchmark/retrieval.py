@@ -23,7 +23,7 @@ from benchmark.peak import peak_rss_bytes
 from benchmark.pipeline import (
     PROJECTION_STRATEGIES, SETTINGS, PipelineOptions, Run, build_tables, parse_settings, strategy_runs,
 )
-from benchmark.report import METHODS, Baseline, ci_text, format_setting, vs_full_text, write_atomic, write_json
+from benchmark.report import METHODS, Baseline, ci_text, format_setting, headline, vs_full_text, write_atomic, write_json
 from selproj_plugin import distributed, scoring, stats
 from selproj_plugin.components import COMPONENT_SETS, PAPER_KINDS
 from selproj_plugin.engine_config import EngineConfig
@@ -186,7 +186,7 @@ def evaluate(table: ComponentTable, runs: Sequence[Run], folds: int, seed: int, 
         result.name = run.label
         if rank_metrics:
             held = result.heldout_similarity
-            sim, basis = (result.similarity, "in-sample") if held is None else (held, "held-out")
+            sim, basis = (result.similarity, stats.NOT_FITTED) if held is None else (held, stats.HELD_OUT)
             result.extra.update(rank_figures(sim, table.is_original, seed, basis))
         results[run.label] = result
     return results
@@ -244,10 +244,9 @@ def _markdown(document: dict[str, Any], images: dict[str, list[str]]) -> str:
                   "| strategy | accuracy | 95% CI | scored | in-sample (95% CI) | vs full | fidelity | params % | dim |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, r in section["results"].items():
-            held = r["heldout_accuracy"] is not None
-            value, interval = (r["heldout_accuracy"], r["heldout_accuracy_ci"]) if held else (r["accuracy"], r["accuracy_ci"])
-            sample = f"{r['accuracy']:.4f} {ci_text(r['accuracy_ci'], False)}" if held else ""
-            lines.append(f"| {name} | **{value:.4f}** | {ci_text(interval, False)} | {'held-out' if held else 'in-sample'} | "
+            value, interval, basis = headline(r)
+            sample = f"{r['accuracy']:.4f} {ci_text(r['accuracy_ci'], False)}" if basis == stats.HELD_OUT else ""
+            lines.append(f"| {name} | **{value:.4f}** | {ci_text(interval, False)} | {basis} | "
                          f"{sample} | {vs_full_text(r['vs_full'], False)} | {r['fidelity']:.4f} | "
                          f"{100 * r['param_fraction']:.3f} | {r['dim']} |")
         for name, b in section["baselines"].items():
@@ -284,8 +283,7 @@ def _markdown(document: dict[str, Any], images: dict[str, list[str]]) -> str:
                 cells = []
                 for part in study_part["per_checkpoint"]:
                     r = part["results"][name]
-                    held = r["heldout_accuracy"] is not None
-                    value, ci = (r["heldout_accuracy"], r["heldout_accuracy_ci"]) if held else (r["accuracy"], r["accuracy_ci"])
+                    value, ci, _ = headline(r)
                     cells.append(f"{value:.4f} {ci_text(ci, False)}")
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
@@ -304,9 +302,8 @@ def _markdown(document: dict[str, Any], images: dict[str, list[str]]) -> str:
                           "products), tested against the last checkpoint's full gradient:", "",
                           "| strategy | accuracy | 95% CI | scored | vs full |", "|---|---|---|---|---|"]
                 for name, r in study_part["tracin"].items():
-                    held = r["heldout_accuracy"] is not None
-                    value, ci = (r["heldout_accuracy"], r["heldout_accuracy_ci"]) if held else (r["accuracy"], r["accuracy_ci"])
-                    lines.append(f"| {name} | {value:.4f} | {ci_text(ci, False)} | {'held-out' if held else 'in-sample'} "
+                    value, ci, basis = headline(r)
+                    lines.append(f"| {name} | {value:.4f} | {ci_text(ci, False)} | {basis} "
                                  f"| {vs_full_text(r['vs_full'], False)} |")
                 lines.append("")
         lines += [f"![{img}]({img})" for img in images.get(setting, [])] + [""]
@@ -506,7 +503,7 @@ def checkpoint_study(checkpoints: Sequence[Any], runs: Sequence[Run], folds: int
             held = result.heldout_similarity
             credits = result.hits if held is None else scoring.hits(held, tracin.is_original)
             result.vs_full = stats.paired_test(credits, full_hits, seed=seed,
-                                               basis="in-sample" if held is None else "held-out")
+                                               basis=stats.NOT_FITTED if held is None else stats.HELD_OUT)
             rows[f"tracin:{r.label}"] = result.to_json()
         part["tracin"] = rows
         doc["settings"][setting] = part
@@ -524,9 +521,7 @@ def format_checkpoints(doc: dict[str, Any]) -> str:
         for name in names:
             cells = []
             for p in part["per_checkpoint"]:
-                r = p["results"][name]
-                value, ci = ((r["heldout_accuracy"], r["heldout_accuracy_ci"]) if r["heldout_accuracy"] is not None
-                             else (r["accuracy"], r["accuracy_ci"]))
+                value, ci, _ = headline(p["results"][name])
                 cells.append(f"{100 * value:5.1f} {ci_text(ci)}")
             lines.append(f"  {name:<24} " + " | ".join(cells))
         for name, m in part["transfer"].items():
@@ -535,8 +530,7 @@ def format_checkpoints(doc: dict[str, Any]) -> str:
             lines.append(f"  {name} Jaccard of selections: "
                          + "; ".join(" ".join(f"{v:.2f}" for v in row) for row in part["jaccard"][name]))
         for name, r in part["tracin"].items():
-            value, ci, basis = ((r["heldout_accuracy"], r["heldout_accuracy_ci"], "held-out")
-                                if r["heldout_accuracy"] is not None else (r["accuracy"], r["accuracy_ci"], "in-sample"))
+            value, ci, basis = headline(r)
             lines.append(f"  {name:<24} {100 * value:5.1f} {ci_text(ci)} {basis}, vs full (last checkpoint) "
                          f"{vs_full_text(r['vs_full'])}")
     return "\n".join(lines)

@@ -49,6 +49,10 @@ def bootstrap_ci(values: np.ndarray, seed: int = 0, level: float = LEVEL, draws:
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
+HELD_OUT = "held-out"  # scored on queries the strategy was not fitted on (k-fold over queries)
+NOT_FITTED = "not fitted"  # the strategy learnt nothing from the queries, so every query scores it fairly
+
+
 @dataclass(frozen=True)
 class PairedTest:
     """A strategy's per-query credits against a reference's (``full``) on the same queries."""
@@ -58,7 +62,7 @@ class PairedTest:
     worse: float  # the same where the reference wins
     p_value: float  # two-sided
     method: str
-    basis: str = "in-sample"  # which of the strategy's credits: "in-sample" or "held-out"
+    basis: str = NOT_FITTED  # which of the strategy's credits: HELD_OUT or NOT_FITTED
 
     def to_json(self) -> dict[str, Any]:
         return {"p_value": self.p_value, "difference": self.difference, "better": self.better,
@@ -83,7 +87,7 @@ def sign_flip_p(differences: np.ndarray, seed: int = 0, draws: int = DRAWS) -> f
     return float(result.pvalue)
 
 
-def paired_test(credits: np.ndarray, reference: np.ndarray, seed: int = 0, basis: str = "in-sample") -> PairedTest:
+def paired_test(credits: np.ndarray, reference: np.ndarray, seed: int = 0, basis: str = NOT_FITTED) -> PairedTest:
     """Paired test of two strategies' per-query credits: exact McNemar for 0/1 credits, else sign flips."""
     a, b = np.asarray(credits, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     if a.shape != b.shape:

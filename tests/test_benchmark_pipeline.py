@@ -177,7 +177,7 @@ def test_full_set_reports_rank_metrics(tiny_model_dir, small_dataset, tmp_path):
     assert section["candidates"] == 6  # every original is a candidate of every query
     full = section["results"]["full"]
     assert {"mrr", "recall@1", "recall@5", "recall@10", "mrr_ci", "recall@1_ci"} <= set(full)
-    assert full["recall@1"] == full["accuracy"] and full["recall@10"] == 1.0 and full["rank_basis"] == "in-sample"
+    assert full["recall@1"] == full["accuracy"] and full["recall@10"] == 1.0 and full["rank_basis"] == "not fitted"
     assert 1 / 6 <= full["mrr"] <= 1.0 and full["mrr_ci"][0] <= full["mrr"] <= full["mrr_ci"][1]
     greedy = section["results"]["greedy"]
     assert greedy["rank_basis"] == "held-out" and greedy["recall@1"] == greedy["heldout_accuracy"]

@@ -42,13 +42,20 @@ def test_json_schema_on_reference(tmp_path, capsys):
     assert "greedy" in printed and "bm25 (baseline)" in printed and "held-out" in printed
 
 
-def test_fixed_selection_reports_no_heldout(tmp_path):
+def test_fixed_selection_reports_no_heldout_and_says_it_learnt_nothing(tmp_path, capsys):
+    """A selection fixed in advance is scored on every query: 'not fitted', never 'in-sample' over an empty column."""
     out = tmp_path / "r.json"
     assert cli(["--table", str(reference_path("paraphrased")), "--strategy", "greedy",
-                "--option", 'greedy.selection=["model.layers.9.mlp.down_proj.weight"]', "--json", str(out)]) == 0
+                "--option", 'greedy.selection=["model.layers.9.mlp.down_proj.weight"]', "--json", str(out),
+                "--out", str(tmp_path / "report")]) == 0
     greedy = json.loads(out.read_text())["results"]["greedy"]
     assert greedy["heldout_accuracy"] is None and greedy["heldout_accuracy_ci"] is None
-    assert round(greedy["accuracy"], 4) == 0.9980 and greedy["vs_full"]["basis"] == "in-sample"
+    assert round(greedy["accuracy"], 4) == 0.9980 and greedy["vs_full"]["basis"] == "not fitted"
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("greedy "))
+    assert "not fitted" in row and "in-sample" not in row, row
+    markdown = next(line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
+                    if line.startswith("| greedy |"))
+    assert "| not fitted |" in markdown and "in-sample" not in markdown, markdown
 
 
 def test_out_draws_the_greedy_path_only_when_a_strategy_has_one(tmp_path):

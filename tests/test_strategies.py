@@ -130,9 +130,10 @@ def test_greedy_with_given_selection_is_not_fitted(tmp_path):
     reducer = get_strategy("greedy", selection=str(path))
     assert reducer.select([]) == ["model.layers.0.self_attn.q_proj.weight"]
     result = reducer.evaluate(signal_table())
-    # a fixed selection learned nothing from the table: no held-out figure, tested in-sample
+    # a fixed selection learned nothing from the table: no held-out figure, and none needed
     assert result.heldout_accuracy is None and result.heldout_accuracy_ci is None
-    assert result.vs_full.basis == "in-sample" and result.path is None
+    assert result.vs_full.basis == "not fitted" and result.path is None
+    assert result.headline == (result.accuracy, result.accuracy_ci, "not fitted")
 
 
 def test_unfitted_greedy_cannot_select():

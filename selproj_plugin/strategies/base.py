@@ -41,7 +41,7 @@ class StrategyResult:
 
     Accuracies credit an m-way tie at the top 1/m; intervals are 95% exact binomial over
     queries (:mod:`selproj_plugin.stats`).  ``vs_full`` pairs the headline credits (held-out
-    for a fitted strategy, else in-sample) with the full gradient's on the same queries.
+    for a fitted strategy; an unfitted one's learnt nothing from the queries) with the full gradient's.
     """
 
     name: str
@@ -58,15 +58,16 @@ class StrategyResult:
     accuracy_ci: tuple[float, float] | None = None
     heldout_accuracy_ci: tuple[float, float] | None = None
     vs_full: stats.PairedTest | None = None
-    hits: np.ndarray | None = field(default=None, repr=False)  # [Q] in-sample credit per query
+    hits: np.ndarray | None = field(default=None, repr=False)  # [Q] credit per query of the selection fitted on all
     heldout_similarity: np.ndarray | None = field(default=None, repr=False)  # [Q, K], each row fitted without it
 
     @property
     def headline(self) -> tuple[float, tuple[float, float] | None, str]:
-        """The figure to read first: held-out accuracy for a fitted strategy, else in-sample; its interval; which."""
+        """The figure to read first, its interval and its basis: held-out accuracy for a fitted strategy, else the
+        accuracy over every query (:data:`~selproj_plugin.stats.NOT_FITTED`)."""
         if self.heldout_accuracy is not None:
-            return self.heldout_accuracy, self.heldout_accuracy_ci, "held-out"
-        return self.accuracy, self.accuracy_ci, "in-sample"
+            return self.heldout_accuracy, self.heldout_accuracy_ci, stats.HELD_OUT
+        return self.accuracy, self.accuracy_ci, stats.NOT_FITTED
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -128,7 +129,7 @@ class Reducer:
         full = scoring.subset_similarity(table)
         hits = scoring.hits(sim, table.is_original)
         held_hits = None if held is None else scoring.hits(held, table.is_original)
-        headline, basis = (hits, "in-sample") if held_hits is None else (held_hits, "held-out")
+        headline, basis = (hits, stats.NOT_FITTED) if held_hits is None else (held_hits, stats.HELD_OUT)
         return StrategyResult(
             name=self.name,
             accuracy=float(np.mean(hits)),
