@@ -31,6 +31,7 @@ from benchmark import settings_cli
 from benchmark.cache import StageCache, digest, package_version
 from selproj_plugin.atomic import atomic_write
 from selproj_plugin.engine_config import EngineConfig
+from selproj_plugin.progress import bar as progress_bar
 from selproj_plugin.samples import Sample
 
 FORMAT = 1  # of the files this stage writes: part of the key
@@ -279,7 +280,7 @@ def finetune(model: Any, tokenizer: Any, originals: Sequence[Sample], paraphrase
                                                          "samples": [s.id for s in [*originals, *paraphrases]]}, "json")
             before = cache.load_json(before_path)
             if before is None:
-                bar = _bar(2 * len(originals), "fine-tune: loss before", progress)
+                bar = progress_bar(2 * len(originals), "fine-tune: loss before", progress)
                 before = {"originals": mean_loss(model, tokenizer, originals, settings.max_length, eval_batch,
                                                  bar.update),
                           "paraphrases": mean_loss(model, tokenizer, paraphrases, settings.max_length, eval_batch,
@@ -294,7 +295,7 @@ def finetune(model: Any, tokenizer: Any, originals: Sequence[Sample], paraphrase
             print(f"[selproj] fine-tune resumes at step {step} of {total} from {resume_path.name}", file=sys.stderr)
         order = _order(len(encoded), settings.batch_size, settings.epochs, settings.seed)
         model.train()
-        bar = _bar(total, "fine-tune", progress, initial=step, unit="step")
+        bar = progress_bar(total, "fine-tune", progress, initial=step, unit="step")
         try:
             while step < total:
                 members = [encoded[i] for i in order[step]]
@@ -332,7 +333,7 @@ def finetune(model: Any, tokenizer: Any, originals: Sequence[Sample], paraphrase
         del optimiser
         for p in params:  # the gradients alone are as large as the model
             p.grad = None
-        bar = _bar(2 * len(originals), "fine-tune: loss after", progress)
+        bar = progress_bar(2 * len(originals), "fine-tune: loss after", progress)
         after = {"originals": mean_loss(model, tokenizer, originals, settings.max_length, eval_batch, bar.update),
                  "paraphrases": mean_loss(model, tokenizer, paraphrases, settings.max_length, eval_batch, bar.update)}
         bar.close()
@@ -370,12 +371,3 @@ def load_weights(model: Any, checkpoint: Checkpoint, base: dict[str, Any] | None
     model.load_state_dict(torch.load(checkpoint.path, map_location=next(model.parameters()).device,
                                      weights_only=True))
     model.eval()
-
-
-def _bar(total: int, desc: str, progress: bool, initial: int = 0, unit: str = "sample") -> Any:
-    from tqdm.auto import tqdm
-
-    from selproj_plugin import distributed
-
-    return tqdm(total=total, initial=initial, desc=distributed.prefix(desc), unit=unit, disable=not progress,
-                file=sys.stderr)

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from benchmark.cache import StageCache
 from selproj_plugin import distributed
+from selproj_plugin.progress import bar as progress_bar
 
 
 def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -56,7 +56,7 @@ def generate_responses(model: Any, tokenizer: Any, items: Sequence[tuple[str, st
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)][rank::world]
     mine_path = cache_path if world == 1 else cache_path.with_name(f"{cache_path.name}.rank{rank}of{world}")
     mine: dict[str, str] = dict(done) if world == 1 else {}
-    bar = tqdm(total=sum(map(len, batches)), desc=distributed.prefix("generate"), unit="sample", disable=not progress)
+    bar = progress_bar(sum(map(len, batches)), "generate", progress)
     for batch in batches:
         for (sample_id, _), text in zip(batch, _generate_batch(model, tokenizer, [p for _, p in batch], max_new_tokens)):
             mine[sample_id] = text

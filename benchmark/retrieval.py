@@ -24,7 +24,7 @@ from benchmark.pipeline import (
     PROJECTION_STRATEGIES, SETTINGS, PipelineOptions, Run, build_tables, parse_settings, strategy_runs,
 )
 from benchmark.report import METHODS, Baseline, ci_text, format_setting, headline, vs_full_text, write_atomic, write_json
-from selproj_plugin import distributed, scoring, stats
+from selproj_plugin import distributed, progress, scoring, stats
 from selproj_plugin.components import COMPONENT_SETS, PAPER_KINDS
 from selproj_plugin.engine_config import EngineConfig
 from selproj_plugin.errors import one_line
@@ -89,7 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     settings_cli.add_arguments(g, PipelineOptions, ("dtype",))
     g.add_argument("--cache-dir", default=None, help="cache root (default $SELPROJ_CACHE or ~/.cache/selproj)")
     g.add_argument("--no-progress", action="store_true",
-                   help="no progress bars (but the one-off GGUF conversion draws transformers' own)")
+                   help="no progress bars: a log line as each phase starts and one as it ends, for a log file")
     add_finetune_arguments(p)
     return p.parse_args(argv)
 
@@ -564,6 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        progress.log_to_stderr()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a launcher's stop runs cleanups (spill dirs)
     distributed.init_from_env(args.device)
     with distributed.session():  # one rank's error stops every rank, with its message

@@ -34,6 +34,7 @@ from benchmark import settings_cli
 from benchmark.peak import peak_rss_bytes
 from benchmark.pipeline import PipelineOptions
 from selproj_plugin.engine_config import EngineConfig
+from selproj_plugin.progress import bar as progress_bar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MAX_LENGTH = EngineConfig.max_length  # tokens a sample keeps, in the loop as in the engine
@@ -209,7 +210,7 @@ def _loop_dots(model, tok, queries, pool, index, device: str, progress: bool = F
     cross = np.zeros((n, index.shape[1], len(comps)))
     qself = np.zeros((n, len(comps)))
     cself = np.zeros((n, index.shape[1], len(comps)))
-    t0 = time.perf_counter()
+    shown = progress_bar(n, "loop", progress, unit="query")
     for q in range(n):
         gq = [g.clone() for g in grads(queries[q])]
         qself[q] = [float(g.double() @ g.double()) for g in gq]
@@ -217,10 +218,8 @@ def _loop_dots(model, tok, queries, pool, index, device: str, progress: bool = F
             gc = grads(pool[j])
             cross[q, k] = [float(a.double() @ b.double()) for a, b in zip(gq, gc)]
             cself[q, k] = [float(b.double() @ b.double()) for b in gc]
-        if progress:
-            print(f"\r[loop] query {q + 1}/{n} ({time.perf_counter() - t0:.0f}s)", end="", file=sys.stderr)
-    if progress:
-        print(file=sys.stderr)
+        shown.update(1)
+    shown.close()
     return {"cross": cross, "query_self": qself, "candidate_self": cself}
 
 

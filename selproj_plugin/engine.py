@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from selproj_plugin import distributed
+from selproj_plugin import distributed, progress
 from selproj_plugin.batching import batches, passes
 from selproj_plugin.budget import device_budget, sized, spill_allowance, store_budget
 from selproj_plugin.capture import SampleFactors, matrix_form, to_param_layout
@@ -100,6 +100,8 @@ def build_table(
     # the plan's batches, whatever was asked
     config = dataclasses.replace(config, batch_tokens=plan.batch_tokens, batch_size=plan.batch_size)
     encode_s = time.perf_counter() - t0
+    progress.LOG.info("table: %d queries x %d candidates, %d components, %s order", n_q, n_k, len(prep.specs),
+                      plan.dot_order)
     names = [s.name for s in prep.specs]
     if shard_file is not None and shard_file.is_file():
         shard = TableShard.load(shard_file)
@@ -126,6 +128,7 @@ def build_table(
         rp_sim = np.array([[merged.rp[k] for k in row] for row in keys]).reshape(n_q, n_k, len(transforms))
         rp_sim = np.ascontiguousarray(rp_sim.transpose(2, 0, 1))
     timings = {"encode_s": encode_s, **shard.meta["timings"], "total_s": time.perf_counter() - t0}
+    progress.LOG.info("table: built in %.0f s", timings["total_s"])
     comps = [s.component for s in prep.specs]
     meta = {
         "model": model_name(model), "truncated": n_truncated,

@@ -74,7 +74,7 @@ def gram_shard(prep: Prepared, plan: TablePlan, config: EngineConfig, projector:
     try:
         t1 = time.perf_counter()
         for i, f in capture(prep, plan.encoded, list(batches(plan.encoded, used, config)), config, plan.materialise,
-                            "samples"):
+                            "capture"):
             t2 = time.perf_counter()
             timings.capture_s += t2 - t1
             if projected is not None:

@@ -3,14 +3,12 @@ one forward/backward per batch, each sample's factors handed over as they come."
 
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from selproj_plugin import distributed
+from selproj_plugin import progress
 from selproj_plugin.batching import batches
 from selproj_plugin.budget import sized
 from selproj_plugin.capture import ComponentSpec, GradientCapture, SampleFactors
@@ -76,7 +74,7 @@ def capture_batches(prep: Prepared, tokenizer: Any, samples: Sequence[Sample], c
 
 
 def iter_factors(prep: Prepared, encoded: Sequence[Encoded], indices: Sequence[int], config: EngineConfig,
-                 materialise: set[str] = frozenset(), label: str = "samples") -> Iterator[tuple[int, SampleFactors]]:
+                 materialise: set[str] = frozenset(), label: str = "capture") -> Iterator[tuple[int, SampleFactors]]:
     """Factors of ``encoded[i]`` for each i in ``indices`` (each in memory of its own, safe to keep): one
     forward/backward per length-sorted batch."""
     config = sized(prep, config)[0]
@@ -88,23 +86,21 @@ def iter_factors(prep: Prepared, encoded: Sequence[Encoded], indices: Sequence[i
 
 
 def capture(prep: Prepared, encoded: Sequence[Encoded], taken: Sequence[Sequence[int]], config: EngineConfig,
-            materialise: set[str] = frozenset(), label: str = "samples") -> Iterator[tuple[int, SampleFactors]]:
+            materialise: set[str] = frozenset(), label: str = "capture") -> Iterator[tuple[int, SampleFactors]]:
     """Factors of each sample of the batches ``taken``, one forward/backward per batch, with progress on stderr.
 
     Each is a view of its batch's tensors: drop it (or keep its :meth:`~SampleFactors.compact` copy) before asking
     for the next, or the whole batch stays alive through the next capture."""
-    done, total, t0 = 0, sum(map(len, taken)), time.perf_counter()
-    label = distributed.prefix(label)
+    shown = progress.bar(sum(map(len, taken)), label, config.progress)
     dense = sorted(materialise)
-    for idx in taken:
-        batch = collate([encoded[i] for i in idx], prep.pad_id, config.device)
-        factors, _ = prep.capture.run(batch)
-        del batch
-        factors.reverse()
-        for i in idx:  # hand each sample's factors over and forget them: the batch's list holds none after use
-            yield i, prep.capture.materialise(factors.pop(), dense)
-        done += len(idx)
-        if config.progress:
-            print(f"\r[selproj] {label}: {done}/{total} ({time.perf_counter() - t0:.0f}s)", end="", file=sys.stderr)
-    if config.progress and total:
-        print(file=sys.stderr)
+    try:
+        for idx in taken:
+            batch = collate([encoded[i] for i in idx], prep.pad_id, config.device)
+            factors, _ = prep.capture.run(batch)
+            del batch
+            factors.reverse()
+            for i in idx:  # hand each sample's factors over and forget them: the batch's list holds none after use
+                yield i, prep.capture.materialise(factors.pop(), dense)
+            shown.update(len(idx))
+    finally:
+        shown.close()

@@ -67,3 +67,20 @@ def install_plugin(site: Path, dist: str, entry: str, module: str, source: str) 
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[selproj]\n{entry} = {module}\n")
     importlib.invalidate_caches()  # importlib.metadata caches directory listings by mtime
+
+
+def error_line(stderr: str) -> str:
+    """The one line of error a CLI wrote: the last line, after progress lines (``--no-progress`` logs phases as
+    ``[selproj] ...``) and one-line warnings only, so no traceback and nothing else."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), lines
+    assert all(line.startswith(("[selproj] ", "warning: ")) for line in lines[:-1]), lines
+    return lines[-1]
+
+
+def one_line_error(capsys, args) -> str:
+    """Run ``benchmark.retrieval``'s CLI on ``args``: it exits 2 with one line of error (:func:`error_line`)."""
+    from benchmark.retrieval import cli
+
+    assert cli(args) == 2
+    return error_line(capsys.readouterr().err)

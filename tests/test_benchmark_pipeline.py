@@ -13,7 +13,7 @@ import torch
 from benchmark import pipeline
 from benchmark.scaleout import comparable as strip_timings
 from benchmark.retrieval import cli
-from tests.helpers import argv, install_plugin, synthetic_path
+from tests.helpers import one_line_error, argv, install_plugin, synthetic_path
 
 
 @pytest.mark.slow
@@ -139,12 +139,6 @@ def test_interrupted_table_save_leaves_no_table_and_resumes(tiny_model_dir, smal
     assert json.loads(again.read_text())["run"]["table_reused"] is True
     assert strip_timings(json.loads(again.read_text())) == strip_timings(json.loads(reference.read_text()))
 
-
-def one_line_error(capsys, args) -> str:
-    assert cli(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 @pytest.mark.slow
@@ -364,7 +358,7 @@ def test_a_cached_table_for_other_candidates_is_rebuilt_not_reused(tiny_model_di
     assert cli([*args, "--json", str(other)]) == 0
     doc = json.loads(other.read_text())
     assert doc["run"]["table_reused"] is False and doc["run"]["table_cache"] == path  # same key, other rows
-    err = [line for line in capsys.readouterr().err.splitlines() if "[selproj]" in line]
+    err = [line for line in capsys.readouterr().err.splitlines() if "[selproj] cached" in line]
     assert len(err) == 1 and "was built for other rows (query t" in err[0] and "rebuilding it" in err[0], err
     after = ComponentTable.load(path).candidate_ids
     assert after.shape == before.shape and not np.array_equal(after, before)

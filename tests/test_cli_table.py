@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmark.retrieval import cli
-from tests.helpers import make_arrays, reference_path, synthetic_path
+from tests.helpers import one_line_error, make_arrays, reference_path, synthetic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,12 +67,6 @@ def test_out_draws_the_greedy_path_only_when_a_strategy_has_one(tmp_path):
     assert "selection-paraphrased-full.json" not in files  # fixed: nothing learnt to export
     assert "greedy-" not in (tmp_path / "a" / "report.md").read_text()  # greedy's plot: test_end_to_end_outputs
 
-
-def one_line_error(capsys, argv) -> str:
-    assert cli(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 def test_missing_file(capsys, tmp_path):

@@ -271,15 +271,17 @@ def test_bad_dot_order_and_spill_limit_are_one_line_errors():
         assert "\n" not in str(err.value)
 
 
-def test_streamed_units_report_one_progress_count(capsys):
+def test_streamed_units_report_one_progress_count(caplog):
     model = tiny.model("llama", tied=True)
     tok = tiny.tokenizer()
     queries = [Sample(f"q{i}", f"Question number {i}?", f"Answer {i} is here.") for i in range(4)]
-    with pytest.warns(MemoryLimitWarning):
+    with pytest.warns(MemoryLimitWarning), caplog.at_level("INFO", logger="selproj"):
         build_table(model, tok, queries, tiny.SAMPLES[:3], np.array([[0, 1], [1, 2], [0, 2], [2, 0]]),
-                    np.zeros(4, dtype=int), config=EngineConfig(batch_size=3, memory_limit_gb=0.0, max_spill_gb=0.0))
-    lines = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n") if "[selproj] queries" in line]
-    assert len(lines) == 1 and lines[0].startswith("[selproj] queries: 12/12")  # 4 queries + 8 recomputed candidates
+                    np.zeros(4, dtype=int), config=EngineConfig(batch_size=3, memory_limit_gb=0.0, max_spill_gb=0.0,
+                                                                progress=False))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("queries: ")]
+    assert lines[0] == "queries: 12 samples"  # 4 queries + 8 recomputed candidates, one count
+    assert len(lines) == 2 and lines[1].startswith("queries: 12/12 samples in "), lines
 
 
 def test_component_order_norms_are_accumulated_in_float64():
