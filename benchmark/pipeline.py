@@ -19,8 +19,9 @@ import numpy as np
 from benchmark.cache import StageCache, digest, package_version, tokenizer_digest
 from benchmark.candidates import bm25_scores, top_k
 from benchmark.data import Dataset, load_dataset
-from benchmark.finetune import FinetuneSettings
+from benchmark.finetune import FinetuneResult, FinetuneSettings
 from benchmark.generate import generate_responses
+from selproj_plugin import progress
 from selproj_plugin.components import Component
 from selproj_plugin.engine_config import CPU_BATCH_SIZE, EngineConfig
 from selproj_plugin.samples import Sample
@@ -153,36 +154,90 @@ def _queries(setting: str, dataset: Dataset, generations: dict[str, str]) -> lis
     return out
 
 
+@dataclass
+class Loaded:
+    """A run's dataset and base model, loaded once, with what identifies them in every cache key."""
+
+    dataset: Dataset
+    config: EngineConfig  # this process's
+    cache: StageCache
+    model: Any
+    tokenizer: Any
+    identity: dict[str, Any]
+    opts: PipelineOptions
+
+    def load(self) -> tuple[Any, Any]:
+        """The base model afresh (the checkpoints' step 0), rank 0 converting the default model once."""
+        from selproj_plugin import distributed
+        from selproj_plugin.models import load_model
+
+        return distributed.main_first(lambda: load_model(
+            self.opts.model, dtype=self.opts.dtype, device=self.config.device, cache=self.opts.cache_dir))
+
+
+def load(opts: PipelineOptions, lap: Any = None) -> Loaded:
+    """The dataset and the model as loaded (``lap(stage)`` after each)."""
+    from selproj_plugin.models import DEFAULT_MODEL_NAME, weights_fingerprint
+
+    lap = lap or (lambda name: None)
+    dataset = load_dataset(opts.dataset, max_samples=opts.max_samples)
+    lap("dataset")
+    loaded = Loaded(dataset, engine_config(opts), StageCache(opts.cache_dir), None, None, {}, opts)
+    loaded.model, loaded.tokenizer = loaded.load()
+    lap("model")
+    loaded.identity = {
+        "model": opts.model or DEFAULT_MODEL_NAME, "weights": weights_fingerprint(loaded.model), "dtype": opts.dtype,
+        "dataset": dataset.name, "dataset_samples": len(dataset),
+        "dataset_digest": digest([dataclasses.asdict(r) for r in dataset.records]),
+        # samples are tokenised, and prompts wrapped, by these: generations and tables depend on them
+        "tokenizer": tokenizer_digest(loaded.tokenizer),
+        "chat_template": digest(getattr(loaded.tokenizer, "chat_template", None)),
+    }
+    return loaded
+
+
+def finetune(loaded: Loaded) -> FinetuneResult:
+    """Train the loaded model on the dataset's originals as ``opts.finetune`` says, or reuse the cached run; the
+    model ends holding the last checkpoint's weights, in eval mode."""
+    from benchmark.finetune import finetune as train
+
+    records = loaded.dataset.records
+    return train(loaded.model, loaded.tokenizer, [r.original for r in records], [r.paraphrase for r in records],
+                 loaded.opts.finetune, cache=loaded.cache, base=loaded.identity, scope=loaded.opts.scope,
+                 progress=loaded.config.progress)
+
+
+def make_bench_options() -> PipelineOptions:
+    """``make bench``'s options: the embedded model and dataset, fine-tuned as ``benchmark.retrieval`` does by default."""
+    return PipelineOptions(finetune=FinetuneSettings())
+
+
+def trained_model(opts: PipelineOptions | None = None) -> tuple[Any, Any]:
+    """The model a benchmark run measures, and its tokenizer, in eval mode: ``make bench``'s by default (the
+    embedded SmolLM2 fine-tuned on its dataset's first 64 originals).
+
+    The fine-tune comes from the run's cache when that run has trained it, else it is trained once and cached
+    (minutes on a CPU).  With ``opts.finetune`` unset or at 0 epochs it is the model as loaded."""
+    opts = opts or make_bench_options()
+    loaded = load(opts)
+    if opts.finetune is not None and opts.finetune.epochs > 0:
+        finetune(loaded)
+    return loaded.model, loaded.tokenizer
+
+
 def build_tables(opts: PipelineOptions) -> PipelineResult:
     """Run every stage, reusing the cache; returns one validated table per setting.
 
     With a fine-tune, the tables are the trained model's, and ``checkpoints`` holds every checkpoint's
     result (the base model first, the trained model last) when more than one was asked for.
     """
-    from selproj_plugin import distributed
-    from selproj_plugin.models import DEFAULT_MODEL_NAME, load_model, weights_fingerprint
+    from selproj_plugin.models import weights_fingerprint
 
     stages: dict[str, float] = {}
     lap = _lap_into(stages)
-    dataset = load_dataset(opts.dataset, max_samples=opts.max_samples)
-    lap("dataset")
-
-    config = engine_config(opts)
-
-    def load() -> tuple[Any, Any]:
-        return distributed.main_first(lambda: load_model(  # rank 0 converts the default model once
-            opts.model, dtype=opts.dtype, device=config.device, cache=opts.cache_dir))
-
-    model, tokenizer = load()
-    lap("model")
-    cache = StageCache(opts.cache_dir)
-    identity = {
-        "model": opts.model or DEFAULT_MODEL_NAME, "weights": weights_fingerprint(model), "dtype": opts.dtype,
-        "dataset": dataset.name, "dataset_samples": len(dataset),
-        "dataset_digest": digest([dataclasses.asdict(r) for r in dataset.records]),
-        # samples are tokenised, and prompts wrapped, by these: generations and tables depend on them
-        "tokenizer": tokenizer_digest(tokenizer), "chat_template": digest(getattr(tokenizer, "chat_template", None)),
-    }
+    loaded = load(opts, lap)
+    model, tokenizer, dataset, config, cache, identity = (loaded.model, loaded.tokenizer, loaded.dataset,
+                                                          loaded.config, loaded.cache, loaded.identity)
     settings = opts.finetune
     if settings is None or settings.epochs == 0 or opts.plan_only:
         result = _measure(model, tokenizer, dataset, opts, config, cache, identity, stages, lap)
@@ -190,20 +245,17 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
             result.finetune = {"epochs": 0, "base_weights": identity["weights"]}
         return result
 
-    from benchmark.finetune import finetune
-
-    tuned = finetune(model, tokenizer, [r.original for r in dataset.records], [r.paraphrase for r in dataset.records],
-                     settings, cache=cache, base=identity, scope=opts.scope, progress=config.progress)
+    tuned = finetune(loaded)
     lap("finetune")
     record = {**tuned.record, "reused": tuned.reused}
     results = []
     for cp in tuned.checkpoints:
-        _put_weights(model, cp, load)
+        _put_weights(model, cp, loaded.load)
         ident = {**identity, "weights": weights_fingerprint(model), "base_weights": identity["weights"],
                  "finetune_step": cp.step}
         own: dict[str, float] = {}
         result = _measure(model, tokenizer, dataset, opts, config, cache, ident, own, _lap_into(own),
-                          weights=(lambda cp=cp: _put_weights(model, cp, load)))
+                          weights=(lambda cp=cp: _put_weights(model, cp, loaded.load)))
         result.checkpoint_info = {"index": cp.index, "step": cp.step, "lr": cp.lr}
         results.append(result)
         for name, seconds in own.items():
@@ -223,6 +275,7 @@ def _lap_into(stages: dict[str, float]):
         now = time.perf_counter()
         stages[name] = round(now - clock, 3)
         clock = now
+        progress.LOG.info("stage %s: done in %.0f s", name, stages[name])
 
     return lap
 

@@ -19,6 +19,7 @@ from benchmark.retrieval import cli, pool_section
 from selproj_plugin.samples import Sample
 from selproj_plugin.table import ComponentTable
 from tests import tiny
+from tests.helpers import error_line
 
 ORIGINALS = tiny.SAMPLES
 PARAPHRASES = [Sample(f"{s.id}#p", s.prompt + " please", s.response.lower()) for s in tiny.SAMPLES]
@@ -255,8 +256,7 @@ def test_cli_empty_response_and_divergence_exit_2_in_one_line_keeping_what_was_w
     out.write_text("{\"earlier\": true}\n")
     bad = write_dataset(tmp_path / "bad.jsonl", empty_response=True)
     assert cli(argv(tiny_model_dir, bad, tmp_path / "cache", "--finetune-epochs", "1", "--json", str(out))) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "'response' is empty" in err and err.startswith("error:")
+    assert "'response' is empty" in error_line(capsys.readouterr().err)
     good = write_dataset(tmp_path / "good.jsonl")
     from selproj_plugin import loss
 
@@ -264,10 +264,51 @@ def test_cli_empty_response_and_divergence_exit_2_in_one_line_keeping_what_was_w
     monkeypatch.setattr(loss, "forward_losses",  # training diverges: NaN losses once gradients are taken
                         lambda model, batch: real(model, batch) * (float("nan") if torch.is_grad_enabled() else 1.0))
     assert cli(argv(tiny_model_dir, good, tmp_path / "cache", "--finetune-epochs", "1", "--json", str(out))) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "diverged" in err and err.startswith("error:")
+    assert "diverged" in error_line(capsys.readouterr().err)
     assert out.read_text() == "{\"earlier\": true}\n"
     assert (tiny_model_dir / "config.json").is_file()
+
+
+def test_no_progress_logs_each_phase_as_lines_not_bars(tiny_model_dir, tmp_path, capsys):
+    """With bars off a long run still says what it is doing: a line as each phase starts and ends, no \\r."""
+    args = argv(tiny_model_dir, write_dataset(tmp_path / "d.jsonl"), tmp_path / "cache", "--strategy", "greedy",
+                "--finetune-epochs", "1", "--finetune-batch-size", "3", "--candidates", "3")
+    assert cli(args) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert "[selproj] fine-tune: 2 steps" in lines, lines
+    assert any(line.startswith("[selproj] fine-tune: 2/2 steps in ") and "loss=" in line for line in lines), lines
+    assert any(line.startswith("[selproj] table: 6 queries x 6 candidates") for line in lines), lines
+    assert any(line.startswith("[selproj] stage table: done in ") for line in lines), lines
+    assert "[selproj] capture: 12 samples" in lines and any(  # the engine's, 6 queries and 6 candidates
+        line.startswith("[selproj] capture: 12/12 samples in ") for line in lines), lines
+
+
+def test_trained_model_is_the_runs_fine_tuned_model_from_its_cache(tiny_model_dir, tmp_path, monkeypatch):
+    """What a run measured, handed to TRAK or Captum: the same weights, read from the cache, not trained again."""
+    from benchmark.pipeline import PipelineOptions, trained_model
+    from selproj_plugin.models import load_model, weights_fingerprint
+
+    data, cache, out = write_dataset(tmp_path / "d.jsonl"), tmp_path / "cache", tmp_path / "run.json"
+    assert cli(argv(tiny_model_dir, data, cache, "--strategy", "greedy", "--finetune-epochs", "1",
+                    "--finetune-batch-size", "3", "--candidates", "3", "--json", str(out))) == 0
+    measured = json.loads(out.read_text())["identity"]["weights"]
+    monkeypatch.setattr(torch.optim, "AdamW", None)  # any training now fails
+    model, tokenizer = trained_model(PipelineOptions(model=str(tiny_model_dir), dataset=str(data), cache_dir=str(cache),
+                                                     finetune=FinetuneSettings(epochs=1, batch_size=3)))
+    assert weights_fingerprint(model) == measured != weights_fingerprint(load_model(str(tiny_model_dir))[0])
+    assert not model.training and tokenizer is not None
+
+
+def test_trained_models_default_is_what_make_bench_runs():
+    from benchmark.pipeline import make_bench_options
+    from benchmark.retrieval import finetune_settings, parse_args
+
+    args, opts = parse_args([]), make_bench_options()
+    assert opts.finetune == finetune_settings(args) and opts.finetune.epochs >= 1
+    assert (opts.model, opts.dataset, opts.max_samples, opts.scope, opts.dtype, opts.seed) == (
+        args.model, args.dataset, args.max_samples, args.components or "paper", args.dtype, args.seed)
 
 
 # ---- whole-pool ranking, transfer, Jaccard and TracIn on hand-made tables ------------------------------
