@@ -11,19 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-
-def _peak_kib(stderr: str) -> int:
-    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
-    if not match:
-        raise SystemExit("no peak RSS in /usr/bin/time -v output")
-    return int(match.group(1))
+from benchmark.record import cost_from_time
 
 
 def check(size: int, cache: Path, extra: list[str]) -> dict:
@@ -41,9 +35,9 @@ def check(size: int, cache: Path, extra: list[str]) -> dict:
             raise SystemExit(f"size {size}: run failed: {run.stderr.strip().splitlines()[-1]}")
         plan = json.loads(plan_json.read_text())["plan"]
         notes = json.loads(run_json.read_text())["notes"]
-    measured = _peak_kib(run.stderr) * 1024
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", run.stderr)
-    return {"size": size, "wall": wall.group(1) if wall else None,
+    cost = cost_from_time(run.stderr)
+    measured = cost.peak_rss_kib * 1024
+    return {"size": size, "wall_seconds": cost.wall_seconds,
             "predicted_peak_bytes": plan["predicted_peak_bytes"], "measured_peak_bytes": measured,
             "peak_ratio": plan["predicted_peak_bytes"] / measured, "planned_captures": plan["captures"],
             "measured_captures": notes["captures"], "passes_ratio": plan["captures"] / notes["captures"],
@@ -70,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['measured_peak_bytes'] / 2**30:.2f} GiB (ratio {row['peak_ratio']:.2f}); captures planned "
                   f"{row['planned_captures']}, measured {row['measured_captures']} (ratio {row['passes_ratio']:.2f}); "
                   f"{row['dot_order']} order, kept {row['kept']} ({row['kept_in_ram']} in RAM), recomputed {row['recomputed']}; "
-                  f"wall {row['wall']}", flush=True)
+                  f"wall {row['wall_seconds']:.0f} s", flush=True)
     ok = all(abs(r["peak_ratio"] - 1) <= 0.25 and abs(r["passes_ratio"] - 1) <= 0.25 for r in rows)
     print("all within 25%" if ok else "NOT all within 25%")
     if args.json:
