@@ -22,6 +22,7 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # the documentation's measured tables, rebuilt from benchmark/records/
 docs: $(VENV)/.installed

@@ -59,8 +59,10 @@ def memory_budget_bytes(gb: float, model: nn.Module) -> int:
     limit = memory_limit_bytes(gb)
     held = resident_bytes(model)
     if held >= limit:
-        raise AdapterError(f"memory_limit_gb={float(gb):g} bounds the whole process, which already holds "
-                           f"{gigabytes(held)} with the model loaded; raise memory_limit_gb")
+        raise AdapterError(
+            f"memory_limit_gb={float(gb):g} bounds the whole process, which already holds "
+            f"{gigabytes(held)} with the model loaded; raise memory_limit_gb"
+        )
     return limit - held
 
 
@@ -192,7 +194,7 @@ def split_flat(flat: torch.Tensor, layouts: Sequence[Sequence[tuple[str, int]]])
     layout = layouts[widths.index(flat.shape[1])]
     out, start = {}, 0
     for name, n in layout:
-        out[name] = flat[:, start:start + n]
+        out[name] = flat[:, start : start + n]
         start += n
     return out
 
@@ -273,12 +275,15 @@ def check_labels(labels: torch.Tensor) -> None:
     """Every row has a response token to take the loss of; a fully masked row would be a silent zero gradient."""
     empty = (labels[:, 1:] == IGNORE).all(dim=1).nonzero()
     if len(empty):
-        raise AdapterError(f"row {int(empty[0])} of the batch has no response token (every label is {IGNORE}): "
-                           f"its loss and gradient would be zero; drop it or give it a response")
+        raise AdapterError(
+            f"row {int(empty[0])} of the batch has no response token (every label is {IGNORE}): "
+            f"its loss and gradient would be zero; drop it or give it a response"
+        )
 
 
-def encode(tokenizer: Any, samples: Sequence[Sample], *, max_length: int = EngineConfig.max_length,
-           device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode(
+    tokenizer: Any, samples: Sequence[Sample], *, max_length: int = EngineConfig.max_length, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask, labels)`` for samples: the engine's tokenisation, right-padded."""
     if not samples:
         raise AdapterError("no samples to encode")

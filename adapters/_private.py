@@ -67,8 +67,9 @@ def resolve(symbol: Private) -> Any:
             version = importlib.metadata.version(symbol.package)
         except importlib.metadata.PackageNotFoundError:
             version = "(not installed)"
-        raise ImportError(f"{symbol.package} {version} has no {symbol}, which selproj_plugin.adapters uses; "
-                          f"install {SUPPORTED[symbol.package]}") from None
+        raise ImportError(
+            f"{symbol.package} {version} has no {symbol}, which selproj_plugin.adapters uses; install {SUPPORTED[symbol.package]}"
+        ) from None
 
 
 _found = {symbol.name: resolve(symbol) for symbol in PRIVATE}

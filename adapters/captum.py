@@ -24,12 +24,30 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from selproj_plugin.adapters._common import (
-    DEFAULT_MEMORY_LIMIT_GB, AdapterError, ModelState, Plan, check_labels, encode, evaluating, gigabytes, memory_budget_bytes,
-    plan, reduce_gradients, resolve_reducer, response_loss, row_slices, rows_in_parts, take_rows,
+    DEFAULT_MEMORY_LIMIT_GB,
+    AdapterError,
+    ModelState,
+    Plan,
+    check_labels,
+    encode,
+    evaluating,
+    gigabytes,
+    memory_budget_bytes,
+    plan,
+    reduce_gradients,
+    resolve_reducer,
+    response_loss,
+    row_slices,
+    rows_in_parts,
+    take_rows,
 )
 from selproj_plugin.adapters._private import (
-    KMostInfluentialResults, TracInCPBase, compute_jacobian_sample_wise, extract_parameters_from_layers,
-    format_inputs_dataset, load_flexible_state_dict,
+    KMostInfluentialResults,
+    TracInCPBase,
+    compute_jacobian_sample_wise,
+    extract_parameters_from_layers,
+    format_inputs_dataset,
+    load_flexible_state_dict,
 )
 from selproj_plugin.adapters._rows import RowFile, streamed_dots
 from selproj_plugin.budget import release_freed_memory
@@ -58,8 +76,9 @@ def _layers_of(model: nn.Module, plan_: Plan) -> list[str]:
     return names
 
 
-def tracin_layers(model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
-                  *, prefix: str = "", scope: str = "paper") -> list[str]:
+def tracin_layers(
+    model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None, *, prefix: str = "", scope: str = "paper"
+) -> list[str]:
     """Module names owning the reducer's selected components, for ``TracInCP(layers=...)``.
 
     ``prefix`` is prepended for a wrapper that holds ``model`` as a submodule (Captum
@@ -162,7 +181,8 @@ class ReducedTracInCP(TracInCPBase):
             raise AdapterError(
                 f"a training batch of {given} samples holds {given} x {self.dim:,} reduced floats "
                 f"({gigabytes(given * self.row_bytes)}), over an eighth of the "
-                f"{gigabytes(self.limit_bytes)} the memory limit leaves beside the model; use batch_size<={train_rows} or batch_size=None")
+                f"{gigabytes(self.limit_bytes)} the memory limit leaves beside the model; use batch_size<={train_rows} or batch_size=None"
+            )
         layers = _layers_of(model, self.plan)
         if sample_wise_grads_per_batch:
             modules = dict(model.named_modules())
@@ -179,8 +199,14 @@ class ReducedTracInCP(TracInCPBase):
         loss = ResponseLoss("sum" if sample_wise_grads_per_batch else "none")
         user_state = ModelState.of(model)  # Captum sets requires_grad on the layers' parameters for good
         super().__init__(
-            model, train_dataset, checkpoints, checkpoints_load_func or load_flexible_state_dict, layers=layers,
-            loss_fn=loss, batch_size=batch_size, sample_wise_grads_per_batch=sample_wise_grads_per_batch,
+            model,
+            train_dataset,
+            checkpoints,
+            checkpoints_load_func or load_flexible_state_dict,
+            layers=layers,
+            loss_fn=loss,
+            batch_size=batch_size,
+            sample_wise_grads_per_batch=sample_wise_grads_per_batch,
         )
         user_state.restore(model)
         self.normalize = normalize
@@ -192,12 +218,10 @@ class ReducedTracInCP(TracInCPBase):
         self._layer_param_names = [names.get(id(p)) for p in self._layer_params]
 
     # ---- per-sample gradients, reduced a micro-batch at a time -------------------------
-    def _gradients(self, inputs: Tuple[Any, ...], targets: Tensor, loss_fn: Callable,
-                   reduction_type: Optional[str]) -> dict[str, Tensor]:
+    def _gradients(self, inputs: Tuple[Any, ...], targets: Tensor, loss_fn: Callable, reduction_type: Optional[str]) -> dict[str, Tensor]:
         """``{param: [m, ...]}`` per-sample gradients of the selected tensors for one micro-batch."""
         if self.sample_wise_grads_per_batch:
-            jac = compute_jacobian_sample_wise(
-                self._logits, inputs, targets, loss_fn, reduction_type or "sum", self.layer_modules)
+            jac = compute_jacobian_sample_wise(self._logits, inputs, targets, loss_fn, reduction_type or "sum", self.layer_modules)
             wanted = set(self.plan.param_names)
             return {n: g for n, g in zip(self._layer_param_names, jac) if n in wanted}
         with torch.enable_grad():
@@ -241,16 +265,14 @@ class ReducedTracInCP(TracInCPBase):
     # ---- test inputs beyond the memory limit ----------------------------------------------
     def _batches(self, inputs: Union[Tuple[Any, ...], DataLoader]) -> list[tuple[Any, ...]]:
         """Test inputs as batches of at most ``test_rows`` samples."""
-        return [take_rows(batch, rows) for batch in format_inputs_dataset(inputs)
-                for rows in row_slices(batch[0].shape[0], self.test_rows)]
+        return [take_rows(batch, rows) for batch in format_inputs_dataset(inputs) for rows in row_slices(batch[0].shape[0], self.test_rows)]
 
     def _fits(self, inputs: Union[Tuple[Any, ...], DataLoader]) -> bool:
         """Whether the test inputs' reduced rows fit their share of the limit (Captum then runs as is)."""
         batches = list(inputs) if isinstance(inputs, DataLoader) else [tuple(inputs)]
         return sum(b[0].shape[0] for b in batches) <= self.test_rows
 
-    def influence_matrix(self, inputs: Union[Tuple[Any, ...], DataLoader], show_progress: bool = False,
-                         aggregate: bool = False) -> Tensor:
+    def influence_matrix(self, inputs: Union[Tuple[Any, ...], DataLoader], show_progress: bool = False, aggregate: bool = False) -> Tensor:
         """Captum's influence matrix; test rows beyond their share wait on disk, met a block of columns at a time."""
         if self._fits(inputs):
             return super().influence_matrix(inputs, show_progress, aggregate)
@@ -259,35 +281,38 @@ class ReducedTracInCP(TracInCPBase):
         with tempfile.TemporaryDirectory(dir=self.spill_dir, prefix="selproj-tracin-") as spill:
             for c, checkpoint in enumerate(self.checkpoints):
                 learning_rate = self.checkpoints_load_func(self.model, checkpoint)
-                tests = RowFile.open(Path(spill) / f"test-{c}.npy", (sum(len(b[0]) for b in batches), self.dim),
-                                     np.float32, "w+")
+                tests = RowFile.open(Path(spill) / f"test-{c}.npy", (sum(len(b[0]) for b in batches), self.dim), np.float32, "w+")
                 start = 0
                 for batch in batches:
-                    (rows,) = self.batch_gradients(batch[0:-1], batch[-1], self.test_loss_fn,
-                                                               self.test_reduction_type)
-                    tests[start:start + len(rows)] = rows
+                    (rows,) = self.batch_gradients(batch[0:-1], batch[-1], self.test_loss_fn, self.test_reduction_type)
+                    tests[start : start + len(rows)] = rows
                     start += len(rows)
                     del rows
                 scores = []
                 for batch in self.train_dataloader:
-                    (rows,) = self.batch_gradients(batch[0:-1], batch[-1], self.loss_fn,
-                                                               self.reduction_type)
+                    (rows,) = self.batch_gradients(batch[0:-1], batch[-1], self.loss_fn, self.reduction_type)
                     scores.append(streamed_dots(tests, rows, self.limit_bytes // 8))
                     del rows
                 part = torch.cat(scores, dim=1) * learning_rate
                 total = part if total is None else total + part
         return total.sum(dim=0, keepdim=True) if aggregate else total
 
-    def most_influential(self, inputs: Union[Tuple[Any, ...], DataLoader], k: int = 5,
-                         proponents: bool = True, show_progress: bool = False,
-                         aggregate: bool = False) -> KMostInfluentialResults:
+    def most_influential(
+        self,
+        inputs: Union[Tuple[Any, ...], DataLoader],
+        k: int = 5,
+        proponents: bool = True,
+        show_progress: bool = False,
+        aggregate: bool = False,
+    ) -> KMostInfluentialResults:
         if self._fits(inputs):
             return super().most_influential(inputs, k, proponents, show_progress, aggregate)
         scores, indices = torch.topk(self.influence_matrix(inputs, show_progress, aggregate), k, dim=1, largest=proponents)
         return KMostInfluentialResults(indices, scores)
 
-    def self_influence(self, inputs: Union[Tuple[Any, ...], DataLoader, None] = None, show_progress: bool = False,
-                       outer_loop_by_checkpoints: bool = False) -> Tensor:
+    def self_influence(
+        self, inputs: Union[Tuple[Any, ...], DataLoader, None] = None, show_progress: bool = False, outer_loop_by_checkpoints: bool = False
+    ) -> Tensor:
         if inputs is None or self._fits(inputs):
             return super().self_influence(inputs, show_progress, outer_loop_by_checkpoints)
         loader = DataLoader(self._batches(inputs), batch_size=None, shuffle=False)

@@ -30,17 +30,16 @@ def check_trak(cls: type[Reducer], options: Mapping[str, Any]) -> None:
     w = world()
     reducer = instance(cls, options)
     with tempfile.TemporaryDirectory(prefix="selproj-check-") as save_dir:
-        traker = TRAKer(train_set_size=len(TRAIN), save_dir=save_dir, logging_level=logging.ERROR,
-                        **traker_kwargs(w.model, reducer))
+        traker = TRAKer(train_set_size=len(TRAIN), save_dir=save_dir, logging_level=logging.ERROR, **traker_kwargs(w.model, reducer))
         traker.load_checkpoint(w.model.state_dict(), model_id=0)
         traker.featurize(batch=encode(w.tokenizer, TRAIN), num_samples=len(TRAIN))
         traker.finalize_features()
-        traker.start_scoring_checkpoint(exp_name="check", checkpoint=w.model.state_dict(), model_id=0,
-                                        num_targets=len(QUERIES))
+        traker.start_scoring_checkpoint(exp_name="check", checkpoint=w.model.state_dict(), model_id=0, num_targets=len(QUERIES))
         traker.score(batch=encode(w.tokenizer, QUERIES), num_samples=len(QUERIES))
         scores = np.asarray(traker.finalize_scores(exp_name="check"), dtype=np.float64).T
-    assert_close(scores, expected_cosines(reduction(reducer, w.catalogue)),
-                 "TRAK's cosines differ from the transform's on the engine's gradients")
+    assert_close(
+        scores, expected_cosines(reduction(reducer, w.catalogue)), "TRAK's cosines differ from the transform's on the engine's gradients"
+    )
 
 
 def check_captum(cls: type[Reducer], options: Mapping[str, Any]) -> None:
@@ -55,8 +54,9 @@ def check_captum(cls: type[Reducer], options: Mapping[str, Any]) -> None:
         torch.save(w.model.state_dict(), checkpoint)
         tracin = ReducedTracInCP(w.model, dataset(w.tokenizer, TRAIN), [checkpoint], reducer, batch_size=2)
         scores = tracin.influence(encode(w.tokenizer, QUERIES)).detach().double().numpy()
-    assert_close(scores, expected_cosines(reduction(reducer, w.catalogue)),
-                 "Captum's cosines differ from the transform's on the engine's gradients")
+    assert_close(
+        scores, expected_cosines(reduction(reducer, w.catalogue)), "Captum's cosines differ from the transform's on the engine's gradients"
+    )
 
 
 CHECKS = (check_trak, check_captum)

@@ -40,9 +40,25 @@ from trak.projectors import AbstractProjector, CudaProjector, ProjectionType
 from trak.score_computers import AbstractScoreComputer, BasicScoreComputer
 
 from selproj_plugin.adapters._common import (
-    DEFAULT_MEMORY_LIMIT_GB, AdapterError, ModelState, Plan, check_batch, device_name, encode, evaluating, gigabytes,
-    memory_budget_bytes, plan, reduce_gradients, check_eager_possible, resolve_reducer, response_loss, row_slices,
-    rows_in_parts, split_flat, take_rows,
+    DEFAULT_MEMORY_LIMIT_GB,
+    AdapterError,
+    ModelState,
+    Plan,
+    check_batch,
+    device_name,
+    encode,
+    evaluating,
+    gigabytes,
+    memory_budget_bytes,
+    plan,
+    reduce_gradients,
+    check_eager_possible,
+    resolve_reducer,
+    response_loss,
+    row_slices,
+    rows_in_parts,
+    split_flat,
+    take_rows,
 )
 from selproj_plugin.adapters._private import SaverBase, TRAKerBase
 from selproj_plugin.adapters._rows import RowFile, streamed_cosine
@@ -50,8 +66,16 @@ from selproj_plugin.budget import release_freed_memory
 from selproj_plugin.strategies.base import Reducer
 
 __all__ = [
-    "AdapterError", "CausalLMOutput", "CosineScoreComputer", "ReducedBatch", "ReducedTRAKer", "ReducerProjector",
-    "ReducingGradientComputer", "SelectedGradientComputer", "encode", "traker_kwargs",
+    "AdapterError",
+    "CausalLMOutput",
+    "CosineScoreComputer",
+    "ReducedBatch",
+    "ReducedTRAKer",
+    "ReducerProjector",
+    "ReducingGradientComputer",
+    "SelectedGradientComputer",
+    "encode",
+    "traker_kwargs",
 ]
 
 FAST_JL_MULTIPLE = 512  # fast_jl kernels project to multiples of 512 dimensions
@@ -85,13 +109,20 @@ class CausalLMOutput(AbstractModelOutput):
         super().__init__()
 
     @staticmethod
-    def get_output(model: nn.Module, weights: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                   input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+    def get_output(
+        model: nn.Module,
+        weights: Mapping[str, Tensor],
+        buffers: Mapping[str, Tensor],
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+    ) -> Tensor:
         """Loss of one sample (unbatched tensors, as under ``vmap``) with the given weights."""
         out = torch.func.functional_call(
-            model, (dict(weights), dict(buffers)), args=(),
-            kwargs={"input_ids": input_ids.unsqueeze(0), "attention_mask": attention_mask.unsqueeze(0),
-                    "use_cache": False},
+            model,
+            (dict(weights), dict(buffers)),
+            args=(),
+            kwargs={"input_ids": input_ids.unsqueeze(0), "attention_mask": attention_mask.unsqueeze(0), "use_cache": False},
         )
         return response_loss(out.logits, labels.unsqueeze(0)).sum()
 
@@ -108,9 +139,15 @@ class SelectedGradientComputer(AbstractGradientComputer):
     their per-sample gradients are never formed.  Returns ``{param name: [B, ...]}``.
     """
 
-    def __init__(self, model: nn.Module, task: AbstractModelOutput, grad_dim: Optional[int] = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 grad_wrt: Optional[Iterable[str]] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: AbstractModelOutput,
+        grad_dim: Optional[int] = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        grad_wrt: Optional[Iterable[str]] = None,
+    ) -> None:
         super().__init__(model, task, grad_dim, dtype, device)
         self.user_state = ModelState.of(model)
         check_eager_possible(model)
@@ -180,9 +217,19 @@ class ReducerProjector(AbstractProjector):
     512) swaps in TRAK's dense CUDA projector: other vectors than the engine's, so never by default.
     """
 
-    def __init__(self, model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
-                 *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 seed: int = 0, fast_jl: bool = False, max_batch_size: int = 32, scope: str = "paper") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: str | Reducer = "full",
+        options: Mapping[str, Any] | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        fast_jl: bool = False,
+        max_batch_size: int = 32,
+        scope: str = "paper",
+    ) -> None:
         self.plan: Plan = plan(model, resolve_reducer(strategy, options), scope)
         dim = self.plan.dimension
         device = device_name(device, model)
@@ -195,9 +242,15 @@ class ReducerProjector(AbstractProjector):
                 raise AdapterError("fast_jl=True needs a CUDA device and the fast_jl package")
             check_fast_jl_dim(dim)
             seed = int(getattr(self.plan.reducer, "seed", seed))
-            self.inner = CudaProjector(grad_dim=self.plan.num_params, proj_dim=dim, seed=seed,
-                                       proj_type=ProjectionType.rademacher, device=device,
-                                       max_batch_size=max_batch_size, dtype=dtype)
+            self.inner = CudaProjector(
+                grad_dim=self.plan.num_params,
+                proj_dim=dim,
+                seed=seed,
+                proj_type=ProjectionType.rademacher,
+                device=device,
+                max_batch_size=max_batch_size,
+                dtype=dtype,
+            )
             proj_type += ":fast_jl"
         super().__init__(grad_dim=self.plan.num_params, proj_dim=dim, seed=seed, proj_type=proj_type, device=device)
         self.dtype = dtype
@@ -240,10 +293,18 @@ class ReducingGradientComputer(SelectedGradientComputer):
     whose reduced rows alone would exceed the limit is refused with a one-line error.
     """
 
-    def __init__(self, model: nn.Module, task: AbstractModelOutput, grad_dim: Optional[int] = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 grad_wrt: Optional[Iterable[str]] = None, *, projector: ReducerProjector,
-                 limit_bytes: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: AbstractModelOutput,
+        grad_dim: Optional[int] = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        grad_wrt: Optional[Iterable[str]] = None,
+        *,
+        projector: ReducerProjector,
+        limit_bytes: int,
+    ) -> None:
         super().__init__(model, task, grad_dim, dtype, device, grad_wrt)
         self.projector, self.limit_bytes = projector, limit_bytes
         self.max_rows = projector.plan.rows(limit_bytes, projector.plan.row_bytes, copies=2)  # TRAKer copies them
@@ -256,7 +317,8 @@ class ReducingGradientComputer(SelectedGradientComputer):
             raise AdapterError(
                 f"a batch of {n} samples reduces to {n} x {plan_.dimension:,} floats "
                 f"({gigabytes(2 * n * plan_.row_bytes)} with TRAKer's copy), over the {gigabytes(self.limit_bytes)} "
-                f"the memory limit leaves beside the model; pass at most {self.max_rows} per call (ReducedTRAKer splits batches)")
+                f"the memory limit leaves beside the model; pass at most {self.max_rows} per call (ReducedTRAKer splits batches)"
+            )
         step = plan_.gradient_rows(self.limit_bytes, self.model, batch[0].shape[1])
         selected_grads = super().compute_per_sample_grad
 
@@ -278,8 +340,14 @@ class CosineScoreComputer(AbstractScoreComputer):
     instead whitens by ``(XᵀX)⁻¹``.  ``get_xtx`` returns the squared row norms.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 logging_level: int = logging.INFO, lambda_reg: float = 0.0, **_: Any) -> None:
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        logging_level: int = logging.INFO,
+        lambda_reg: float = 0.0,
+        **_: Any,
+    ) -> None:
         super().__init__(dtype, device)
 
     def get_xtx(self, grads: Tensor) -> Tensor:
@@ -325,10 +393,18 @@ class RowSaver(SaverBase):
             return None  # as MmapSaver: a missing store is reported by whoever needs it
 
 
-def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
-                  *, device: str | torch.device | None = None, score: str = "cosine",
-                  use_half_precision: bool = False, fast_jl: bool = False, scope: str = "paper",
-                  memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB) -> dict[str, Any]:
+def traker_kwargs(
+    model: nn.Module,
+    strategy: str | Reducer = "full",
+    options: Mapping[str, Any] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    score: str = "cosine",
+    use_half_precision: bool = False,
+    fast_jl: bool = False,
+    scope: str = "paper",
+    memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB,
+) -> dict[str, Any]:
     """Keyword arguments for ``trak.TRAKer`` (add ``train_set_size`` and ``save_dir``).
 
     ``strategy`` is a registered reducer name (``options`` are its options) or a
@@ -350,14 +426,18 @@ def traker_kwargs(model: nn.Module, strategy: str | Reducer = "full", options: M
     dtype = torch.float16 if use_half_precision else torch.float32
     projector = ReducerProjector(model, strategy, options, device=device, dtype=dtype, fast_jl=fast_jl, scope=scope)
     if use_half_precision and projector.plan.dimension >= projector.plan.num_params:
-        raise AdapterError(f"use_half_precision=True stores float16 rows, and strategy {projector.plan.reducer.name!r} keeps "
-                           "unprojected gradients, whose small entries underflow in float16; use a projecting reducer "
-                           "or use_half_precision=False")
-    xtx = 2 * projector.proj_dim ** 2 * 4  # TRAK's X^T X and its inverse, float32
+        raise AdapterError(
+            f"use_half_precision=True stores float16 rows, and strategy {projector.plan.reducer.name!r} keeps "
+            "unprojected gradients, whose small entries underflow in float16; use a projecting reducer "
+            "or use_half_precision=False"
+        )
+    xtx = 2 * projector.proj_dim**2 * 4  # TRAK's X^T X and its inverse, float32
     if score == "trak" and xtx > limit:
-        raise AdapterError(f"score='trak' inverts a {projector.proj_dim:,}-square matrix ({gigabytes(xtx)}), over the "
-                           f"{gigabytes(limit)} the memory limit leaves beside the model; use score='cosine' or a reducer "
-                           "of lower dimension")
+        raise AdapterError(
+            f"score='trak' inverts a {projector.proj_dim:,}-square matrix ({gigabytes(xtx)}), over the "
+            f"{gigabytes(limit)} the memory limit leaves beside the model; use score='cosine' or a reducer "
+            "of lower dimension"
+        )
     return {
         "model": model,
         "task": CausalLMOutput(),
@@ -384,29 +464,57 @@ class ReducedTRAKer(TRAKerBase):
     TRAK's own stores and whitened scores.
     """
 
-    def __init__(self, model: nn.Module, strategy: str | Reducer = "full", options: Mapping[str, Any] | None = None,
-                 *, train_set_size: int, save_dir: str | os.PathLike, device: str | torch.device | None = None,
-                 score: str = "cosine", memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB, scope: str = "paper",
-                 use_half_precision: bool = False, fast_jl: bool = False,
-                 logging_level: int = logging.WARNING, load_from_save_dir: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: str | Reducer = "full",
+        options: Mapping[str, Any] | None = None,
+        *,
+        train_set_size: int,
+        save_dir: str | os.PathLike,
+        device: str | torch.device | None = None,
+        score: str = "cosine",
+        memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB,
+        scope: str = "paper",
+        use_half_precision: bool = False,
+        fast_jl: bool = False,
+        logging_level: int = logging.WARNING,
+        load_from_save_dir: bool = True,
+    ) -> None:
         if not save_dir:
             raise AdapterError("save_dir is required: the stores grow to train_set_size x proj_dim floats")
         if not isinstance(train_set_size, (int, np.integer)) or train_set_size < 1:
             raise AdapterError(f"train_set_size must be a positive number of samples, got {train_set_size!r}")
-        kwargs = traker_kwargs(model, strategy, options, device=device, score=score, scope=scope,
-                               use_half_precision=use_half_precision, fast_jl=fast_jl, memory_limit_gb=memory_limit_gb)
+        kwargs = traker_kwargs(
+            model,
+            strategy,
+            options,
+            device=device,
+            score=score,
+            scope=scope,
+            use_half_precision=use_half_precision,
+            fast_jl=fast_jl,
+            memory_limit_gb=memory_limit_gb,
+        )
         self.limit_bytes = kwargs["gradient_computer"].keywords["limit_bytes"]  # what the limit leaves, measured once
         self.streaming = score == "cosine"
-        super().__init__(train_set_size=int(train_set_size), save_dir=str(save_dir), logging_level=logging_level,
-                         load_from_save_dir=load_from_save_dir, saver=RowSaver if self.streaming else None, **kwargs)
+        super().__init__(
+            train_set_size=int(train_set_size),
+            save_dir=str(save_dir),
+            logging_level=logging_level,
+            load_from_save_dir=load_from_save_dir,
+            saver=RowSaver if self.streaming else None,
+            **kwargs,
+        )
 
     @property
     def plan(self) -> Plan:
         """The reducer's selection and transform on this model (built once)."""
         return self.projector.plan
 
-    def _parts(self, batch: Sequence[Tensor], inds: Optional[Iterable[int]], num_samples: Optional[int],
-               target: bool) -> Iterable[tuple[tuple[Tensor, ...], np.ndarray]]:
+    def _parts(
+        self, batch: Sequence[Tensor], inds: Optional[Iterable[int]], num_samples: Optional[int], target: bool
+    ) -> Iterable[tuple[tuple[Tensor, ...], np.ndarray]]:
         """``(rows of batch, their indices)`` parts that fit the memory limit; indices as TRAKer assigns them."""
         check_batch(batch)
         if (inds is None) == (num_samples is None):
@@ -424,21 +532,20 @@ class ReducedTRAKer(TRAKerBase):
         step = self.gradient_computer.max_rows
         return [(take_rows(batch, rows), inds[rows]) for rows in row_slices(n, step)]
 
-    def featurize(self, batch: Iterable[Tensor], inds: Optional[Iterable[int]] = None,
-                  num_samples: Optional[int] = None) -> None:
+    def featurize(self, batch: Iterable[Tensor], inds: Optional[Iterable[int]] = None, num_samples: Optional[int] = None) -> None:
         """TRAKer's ``featurize``, a part of the batch at a time."""
         if self.loaded_model_id != self.saver.current_model_id:
             raise AdapterError("no checkpoint loaded: call load_checkpoint before featurize")
         for part, idx in self._parts(list(batch), inds, num_samples, target=False):
             super().featurize(batch=part, inds=idx)
 
-    def score(self, batch: Iterable[Tensor], inds: Optional[Iterable[int]] = None,
-              num_samples: Optional[int] = None) -> None:
+    def score(self, batch: Iterable[Tensor], inds: Optional[Iterable[int]] = None, num_samples: Optional[int] = None) -> None:
         """TRAKer's ``score``, a part of the batch at a time."""
         state = self.saver.model_ids.get(self.saver.current_model_id) or {}
         if not state.get("is_finalized"):
-            raise AdapterError(f"model ID {self.saver.current_model_id} is not finalized: call finalize_features and "
-                               "start_scoring_checkpoint before score")
+            raise AdapterError(
+                f"model ID {self.saver.current_model_id} is not finalized: call finalize_features and start_scoring_checkpoint before score"
+            )
         for part, idx in self._parts(list(batch), inds, num_samples, target=True):
             super().score(batch=part, inds=idx)
 
@@ -448,11 +555,13 @@ class ReducedTRAKer(TRAKerBase):
             return super().finalize_features(model_ids, del_grads)
         if del_grads:
             raise AdapterError("del_grads=True would delete the stored rows that cosine scores are computed from")
-        for model_id in (list(self.saver.model_ids) if model_ids is None else list(model_ids)):
+        for model_id in list(self.saver.model_ids) if model_ids is None else list(model_ids):
             state = self.saver.model_ids.get(model_id)
             if state is None or not state["is_featurized"]:
-                raise AdapterError(f"model ID {model_id} is {'not registered' if state is None else 'not fully featurized'}; "
-                                   "load_checkpoint and featurize every training sample first")
+                raise AdapterError(
+                    f"model ID {model_id} is {'not registered' if state is None else 'not fully featurized'}; "
+                    "load_checkpoint and featurize every training sample first"
+                )
             self.saver.load_current_store(model_id)
             state["is_finalized"] = 1
             self.saver.serialize_current_model_id_metadata()

@@ -58,16 +58,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--adapters", default=",".join(ADAPTERS), help="trak, captum or both (default %(default)s)")
     p.add_argument("--train", type=int, default=32, help="training samples (default %(default)s)")
     p.add_argument("--queries", type=int, default=8, help="queries, paraphrases of evenly spaced training samples")
-    p.add_argument("--memory-limit-gb", type=float, default=DEFAULT_MEMORY_LIMIT_GB,
-                   help="the adapters' memory limit, the whole process's (default %(default)s, their default)")
+    p.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        default=DEFAULT_MEMORY_LIMIT_GB,
+        help="the adapters' memory limit, the whole process's (default %(default)s, their default)",
+    )
     p.add_argument("--model", default=None, help="hub id or local path (default: the embedded model)")
     p.add_argument("--cache-dir", default=None, help="model cache (default $SELPROJ_CACHE or ~/.cache/selproj)")
     p.add_argument("--work-dir", default=None, help="where the temporary table and TRAK stores go (default: the system's)")
     p.add_argument("--json", default=None, help="also write the results here as JSON")
     p.add_argument("--stage", choices=("table", "cell"), help=argparse.SUPPRESS)
     p.add_argument("--cell", help=argparse.SUPPRESS)
-    p.add_argument("--table", default=None,
-                   help="the engine's table of the same samples: reused when the file exists, else built and kept there")
+    p.add_argument(
+        "--table", default=None, help="the engine's table of the same samples: reused when the file exists, else built and kept there"
+    )
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.train < 1 or not 1 <= args.queries <= args.train:
@@ -104,14 +109,28 @@ def table_stage(args: argparse.Namespace, strategies: list[str]) -> None:
     model, tokenizer = load_model(args.model, cache=args.cache_dir)
     train, queries, originals = samples(args)
     # transforms a table cannot score from its dot products (projections): the engine stores their cosines
-    stored = [t for t in (plan(model, resolve_reducer(name)).reduction.transform for name in strategies
-                          if not resolve_reducer(name).fitted) if type(t).on_table is Transform.on_table]
+    stored = [
+        t
+        for t in (plan(model, resolve_reducer(name)).reduction.transform for name in strategies if not resolve_reducer(name).fitted)
+        if type(t).on_table is Transform.on_table
+    ]
     index = np.tile(np.arange(len(train)), (len(queries), 1))
-    table = build_table(model, tokenizer, queries, train, index, originals, transforms=stored,
-                        config=EngineConfig(batch_size=2, progress=False, memory_limit_gb=1.0))
+    table = build_table(
+        model,
+        tokenizer,
+        queries,
+        train,
+        index,
+        originals,
+        transforms=stored,
+        config=EngineConfig(batch_size=2, progress=False, memory_limit_gb=1.0),
+    )
     table.save(args.table)
-    print(f"engine table: {len(queries)} queries x {len(train)} candidates x {len(catalogue(model))} components, "
-          f"projections {[t.key for t in stored]}, {table.meta['timings']['total_s']:.0f} s", flush=True)
+    print(
+        f"engine table: {len(queries)} queries x {len(train)} candidates x {len(catalogue(model))} components, "
+        f"projections {[t.key for t in stored]}, {table.meta['timings']['total_s']:.0f} s",
+        flush=True,
+    )
 
 
 def fitted_reducer(name: str, table: Any) -> Any:
@@ -148,11 +167,11 @@ def cell_stage(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.work_dir, prefix="trak-store-") as store:
         if adapter == "trak":
-            scores, cell.dim, cell.components, cell.store_bytes = run_trak(model, tokenizer, reducer, train, queries,
-                                                                          store, args.memory_limit_gb)
+            scores, cell.dim, cell.components, cell.store_bytes = run_trak(
+                model, tokenizer, reducer, train, queries, store, args.memory_limit_gb
+            )
         else:
-            scores, cell.dim, cell.components = run_captum(model, tokenizer, reducer, train, queries,
-                                                           args.memory_limit_gb)
+            scores, cell.dim, cell.components = run_captum(model, tokenizer, reducer, train, queries, args.memory_limit_gb)
     cell.seconds = time.perf_counter() - start
     cell.peak_rss_bytes = peak_rss_bytes()
     cell.queries = len(queries)
@@ -164,24 +183,22 @@ def cell_stage(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps(asdict(cell)))
 
 
-def run_trak(model: Any, tokenizer: Any, reducer: Any, train: list, queries: list, store: str,
-             limit_gb: float) -> tuple[np.ndarray, int, list[str], int]:
+def run_trak(
+    model: Any, tokenizer: Any, reducer: Any, train: list, queries: list, store: str, limit_gb: float
+) -> tuple[np.ndarray, int, list[str], int]:
     from selproj_plugin.adapters.trak import ReducedTRAKer, encode
 
     traker = ReducedTRAKer(model, reducer, train_set_size=len(train), save_dir=store, memory_limit_gb=limit_gb)
     traker.load_checkpoint(model.state_dict(), model_id=0)
     traker.featurize(batch=encode(tokenizer, train), num_samples=len(train))
     traker.finalize_features()
-    traker.start_scoring_checkpoint(exp_name="queries", checkpoint=model.state_dict(), model_id=0,
-                                    num_targets=len(queries))
+    traker.start_scoring_checkpoint(exp_name="queries", checkpoint=model.state_dict(), model_id=0, num_targets=len(queries))
     traker.score(batch=encode(tokenizer, queries), num_samples=len(queries))
     scores = traker.finalize_scores(exp_name="queries").T
-    return np.asarray(scores, dtype=np.float64), traker.plan.dimension, traker.plan.reduction.names, \
-        directory_bytes(store)
+    return np.asarray(scores, dtype=np.float64), traker.plan.dimension, traker.plan.reduction.names, directory_bytes(store)
 
 
-def run_captum(model: Any, tokenizer: Any, reducer: Any, train: list, queries: list,
-               limit_gb: float) -> tuple[np.ndarray, int, list[str]]:
+def run_captum(model: Any, tokenizer: Any, reducer: Any, train: list, queries: list, limit_gb: float) -> tuple[np.ndarray, int, list[str]]:
     import warnings
 
     from selproj_plugin.adapters.captum import ReducedTracInCP, dataset, encode
@@ -195,8 +212,17 @@ def run_captum(model: Any, tokenizer: Any, reducer: Any, train: list, queries: l
 
 # ---- the driver -------------------------------------------------------------------------------
 def run_child(args: argparse.Namespace, extra: list[str]) -> subprocess.CompletedProcess:
-    base = [sys.executable, "-m", "benchmark.adapters", "--train", str(args.train), "--queries", str(args.queries),
-            "--memory-limit-gb", str(args.memory_limit_gb)]
+    base = [
+        sys.executable,
+        "-m",
+        "benchmark.adapters",
+        "--train",
+        str(args.train),
+        "--queries",
+        str(args.queries),
+        "--memory-limit-gb",
+        str(args.memory_limit_gb),
+    ]
     for flag, value in (("--model", args.model), ("--cache-dir", args.cache_dir), ("--work-dir", args.work_dir)):
         if value:
             base += [flag, value]
@@ -213,16 +239,20 @@ def failure(done: subprocess.CompletedProcess) -> str:
 
 def format_table(cells: list[Cell]) -> str:
     gb = 2**30
-    rows = ["| strategy | adapter | dimension | seconds | peak RSS | hits (adapter) | hits (engine) | TRAK store |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| strategy | adapter | dimension | seconds | peak RSS | hits (adapter) | hits (engine) | TRAK store |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in cells:
         if c.error:
             rows.append(f"| {c.strategy} | {c.adapter} | | | | failed: {c.error} | | |")
             continue
         engine = f"{c.engine_hits}/{c.queries}" if c.engine_hits is not None else "n/a"
         store = f"{c.store_bytes / gb:.2f} GB" if c.adapter == "trak" else ""
-        rows.append(f"| {c.strategy} | {c.adapter} | {c.dim:,} | {c.seconds:.0f} | {c.peak_rss_bytes / gb:.2f} GB "
-                    f"| {c.hits}/{c.queries} | {engine} | {store} |")
+        rows.append(
+            f"| {c.strategy} | {c.adapter} | {c.dim:,} | {c.seconds:.0f} | {c.peak_rss_bytes / gb:.2f} GB "
+            f"| {c.hits}/{c.queries} | {engine} | {store} |"
+        )
     return "\n".join(rows)
 
 
@@ -260,31 +290,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         for strategy in strategies:
             for adapter in adapters:
                 out = os.path.join(work, f"{strategy}-{adapter}.json")
-                done = run_child(args, ["--stage", "cell", "--cell", f"{strategy}:{adapter}", "--table", table,
-                                        "--out", out])
-                cell = Cell(**json.loads(Path(out).read_text())) if done.returncode == 0 else \
-                    Cell(strategy, adapter, error=failure(done))
+                done = run_child(args, ["--stage", "cell", "--cell", f"{strategy}:{adapter}", "--table", table, "--out", out])
+                cell = Cell(**json.loads(Path(out).read_text())) if done.returncode == 0 else Cell(strategy, adapter, error=failure(done))
                 cells.append(cell)
-                print(f"{strategy} x {adapter}: " + (cell.error or f"{cell.seconds:.0f} s, peak RSS "
-                      f"{cell.peak_rss_bytes / 2**30:.2f} GB, hits {cell.hits}/{cell.queries} "
-                      f"(engine {cell.engine_hits})"), flush=True)
+                print(
+                    f"{strategy} x {adapter}: "
+                    + (
+                        cell.error
+                        or f"{cell.seconds:.0f} s, peak RSS "
+                        f"{cell.peak_rss_bytes / 2**30:.2f} GB, hits {cell.hits}/{cell.queries} "
+                        f"(engine {cell.engine_hits})"
+                    ),
+                    flush=True,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     import torch
 
-    print(f"\n{args.train} training samples, {args.queries} queries, memory limit {args.memory_limit_gb} GB, "
-          f"{torch.get_num_threads()} threads\n")
+    print(
+        f"\n{args.train} training samples, {args.queries} queries, memory limit {args.memory_limit_gb} GB, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     print(format_table(cells))
     ok = [c for c in cells if not c.error]
     within = all(c.peak_rss_bytes <= RSS_TARGET_GB * 2**30 for c in ok)
     agree = all(c.hits == c.engine_hits for c in ok if c.engine_hits is not None)
-    print(f"\nevery cell within {RSS_TARGET_GB:g} GB peak RSS: {'yes' if within and len(ok) == len(cells) else 'no'}; "
-          f"adapter hits equal the engine's: {'yes' if agree else 'no'}")
+    print(
+        f"\nevery cell within {RSS_TARGET_GB:g} GB peak RSS: {'yes' if within and len(ok) == len(cells) else 'no'}; "
+        f"adapter hits equal the engine's: {'yes' if agree else 'no'}"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "train": args.train, "queries": args.queries, "memory_limit_gb": args.memory_limit_gb,
-            "model": args.model or "embedded", "threads": torch.get_num_threads(),
-            "cells": [asdict(c) for c in cells]}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "train": args.train,
+                    "queries": args.queries,
+                    "memory_limit_gb": args.memory_limit_gb,
+                    "model": args.model or "embedded",
+                    "threads": torch.get_num_threads(),
+                    "cells": [asdict(c) for c in cells],
+                },
+                indent=2,
+            )
+        )
     return 0 if len(ok) == len(cells) else 1
 
 

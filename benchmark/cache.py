@@ -34,8 +34,7 @@ def tokenizer_digest(tokenizer: Any) -> str:
     normalisation, added and special tokens, post-processing), else its vocabulary, with its special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
-    return digest({"class": type(tokenizer).__name__, "definition": definition,
-                   "special": getattr(tokenizer, "special_tokens_map", {})})
+    return digest({"class": type(tokenizer).__name__, "definition": definition, "special": getattr(tokenizer, "special_tokens_map", {})})
 
 
 def package_version() -> str:
@@ -88,8 +87,7 @@ class StageCache:
             write(path)
         except OSError as exc:
             self.unwritable = f"{path}: {one_line(exc)}"
-            print(f"[selproj] cannot write the cache {self.unwritable}; the run goes on without caching",
-                  file=sys.stderr)
+            print(f"[selproj] cannot write the cache {self.unwritable}; the run goes on without caching", file=sys.stderr)
             return False
         return True
 

@@ -23,15 +23,16 @@ def check_aligned(tables: Sequence[ComponentTable]) -> None:
     """Raise ``ValueError`` (one line) unless every table has the first one's queries, candidates and components."""
     first = tables[0]
     for i, t in enumerate(tables[1:], 1):
-        for what, a, b in (("queries", first.query_ids, t.query_ids), ("candidates", first.candidate_ids,
-                                                                          t.candidate_ids),
-                           ("components", first.components, t.components)):
+        for what, a, b in (
+            ("queries", first.query_ids, t.query_ids),
+            ("candidates", first.candidate_ids, t.candidate_ids),
+            ("components", first.components, t.components),
+        ):
             if np.shape(a) != np.shape(b) or not np.array_equal(np.asarray(a, str), np.asarray(b, str)):
                 raise ValueError(f"checkpoint {i}'s table has other {what} than checkpoint 0's")
 
 
-def transfer_matrix(tables: Sequence[ComponentTable], make: Callable[[], Reducer], folds: int,
-                    seed: int) -> dict[str, Any]:
+def transfer_matrix(tables: Sequence[ComponentTable], make: Callable[[], Reducer], folds: int, seed: int) -> dict[str, Any]:
     """``accuracy[i][j]``: held-out top-1 accuracy at checkpoint j of the selection fitted at checkpoint i.
 
     For each fold, a fresh reducer is fitted on the other folds' queries of table i and scores the fold's
@@ -83,7 +84,12 @@ def tracin_table(tables: Sequence[ComponentTable], weights: Sequence[float]) -> 
         cross=sum(wi * t.cross for wi, t in zip(w, tables)),
         query_self=sum(wi * t.query_self for wi, t in zip(w, tables)),
         candidate_self=sum(wi * t.candidate_self for wi, t in zip(w, tables)),
-        is_original=first.is_original, components=first.components, num_params=first.num_params,
-        kinds=first.kinds, layers=first.layers, query_ids=first.query_ids, candidate_ids=first.candidate_ids,
+        is_original=first.is_original,
+        components=first.components,
+        num_params=first.num_params,
+        kinds=first.kinds,
+        layers=first.layers,
+        query_ids=first.query_ids,
+        candidate_ids=first.candidate_ids,
         meta={k: v for k, v in first.meta.items() if k in ("param_names", "component_set")},
     )

@@ -17,6 +17,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from benchmark.adapters import Cell  # the benchmarks' own rows, read back as they were written
 from benchmark.parity import Difference
 
+
 class RecordError(ValueError):
     """A record or a marker the generator cannot use; the message is one line."""
 
@@ -68,6 +69,7 @@ def _fits(tp: Any, value: Any) -> bool:
 
 # --- records ---------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Cost:
     """What ``/usr/bin/time -v`` reported for the whole command."""
@@ -109,6 +111,7 @@ def load_records(folder: Path) -> list[Record]:
 
 
 # --- the parts of the benchmarks' JSON that the tables show ---------------------------------------
+
 
 @dataclass(frozen=True)
 class PairedTest:  # benchmark.retrieval: vs_full

@@ -28,8 +28,7 @@ from benchmark.scaleout import comparable, differences
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARGS = ["--max-samples", "8", "--batch-size", "4", "--threads", "1"]
-FAULTS = ("concurrent-first-run", "partial-model", "corrupt-shard", "kill-rank-mid-table",
-          "kill-mid-generation", "full-disk", "nan-loss")
+FAULTS = ("concurrent-first-run", "partial-model", "corrupt-shard", "kill-rank-mid-table", "kill-mid-generation", "full-disk", "nan-loss")
 NAN_WRAPPER = """
 import sys
 import selproj_plugin.capture as capture
@@ -128,16 +127,32 @@ class Bench:
     def __init__(self, work: Path, extra: list[str], default_model: bool) -> None:
         self.work, self.extra, self.default_model = work, extra, default_model
 
-    def launch(self, name: str, cache: Path, *, nproc: int = 1, wrapper: str | None = None,
-               extra: tuple[str, ...] = (), env: dict | None = None,
-               fault: Callable[[str, list[int]], bool] | None = None) -> Run:
+    def launch(
+        self,
+        name: str,
+        cache: Path,
+        *,
+        nproc: int = 1,
+        wrapper: str | None = None,
+        extra: tuple[str, ...] = (),
+        env: dict | None = None,
+        fault: Callable[[str, list[int]], bool] | None = None,
+    ) -> Run:
         """Run to the end; ``fault(stderr so far, live pids of the run)`` is polled until it returns True (it injected)."""
         out = self.work / f"{name}.json"
         out.unlink(missing_ok=True)
         args = ["--cache-dir", str(cache), "--json", str(out), *self.extra, *extra]
         if nproc > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "benchmark.retrieval", *args]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={nproc}",
+                "-m",
+                "benchmark.retrieval",
+                *args,
+            ]
         elif wrapper:
             cmd = [sys.executable, "-c", wrapper, *args]
         else:
@@ -155,8 +170,7 @@ class Bench:
         while proc.poll() is None:
             live = _children(proc.pid)
             seen.update(live)
-            if fault is not None and fault_at is None and fault(b"".join(chunks).decode(errors="replace"),
-                                                                   [proc.pid, *sorted(live)]):
+            if fault is not None and fault_at is None and fault(b"".join(chunks).decode(errors="replace"), [proc.pid, *sorted(live)]):
                 fault_at = time.perf_counter() - start
             time.sleep(0.1)
         seconds = time.perf_counter() - start
@@ -164,8 +178,14 @@ class Bench:
         with open(self.work / f"{name}.log", "ab") as log:  # every launch's stderr, for --keep
             log.write(b"".join(chunks))
         document = json.loads(out.read_text()) if proc.returncode == 0 and out.is_file() else None
-        return Run(proc.returncode, seconds, b"".join(chunks).decode(errors="replace"), document,
-                   [p for p, started in seen.items() if _still_running(p, started)], fault_at)
+        return Run(
+            proc.returncode,
+            seconds,
+            b"".join(chunks).decode(errors="replace"),
+            document,
+            [p for p, started in seen.items() if _still_running(p, started)],
+            fault_at,
+        )
 
     def fresh_cache(self, name: str, model: bool = True) -> Path:
         """An empty cache dir; with ``model``, a complete converted default model linked in (when there is one)."""
@@ -218,10 +238,14 @@ def concurrent_first_run(bench: Bench, reference: dict) -> Row:
     complete = [p.name for p in cache.iterdir() if p.name.startswith("SmolLM2") and entry_problem(p) is None]
     temps = [p.name for p in cache.iterdir() if p.name.startswith(".SmolLM2") and p.is_dir()]
     same = _same(run, reference)
-    kept = (f"model converted {run.stderr.count('[selproj] converting')}x: {len(complete)} complete model dir, "
-            f"{len(temps)} temp dirs")
-    return Row("concurrent first run (2 ranks, empty cache)", f"exit {run.rc}, {same}{_left(run)}", run.seconds,
-               kept if bench.default_model else "stage cache only (no conversion)", run.rc == 0 and same.startswith("identical"))
+    kept = f"model converted {run.stderr.count('[selproj] converting')}x: {len(complete)} complete model dir, {len(temps)} temp dirs"
+    return Row(
+        "concurrent first run (2 ranks, empty cache)",
+        f"exit {run.rc}, {same}{_left(run)}",
+        run.seconds,
+        kept if bench.default_model else "stage cache only (no conversion)",
+        run.rc == 0 and same.startswith("identical"),
+    )
 
 
 def partial_model(bench: Bench, reference: dict) -> Row:
@@ -236,8 +260,13 @@ def partial_model(bench: Bench, reference: dict) -> Row:
     run = bench.launch("partial", cache)
     report = [line for line in run.stderr.splitlines() if "[selproj] model cache" in line]
     same = _same(run, reference)
-    return Row("partial model directory (tokenizer files only)", f"exit {run.rc}, {same}{_left(run)}", run.seconds,
-               f"reported in {len(report)} line(s), rebuilt", run.rc == 0 and same.startswith("identical") and len(report) == 1)
+    return Row(
+        "partial model directory (tokenizer files only)",
+        f"exit {run.rc}, {same}{_left(run)}",
+        run.seconds,
+        f"reported in {len(report)} line(s), rebuilt",
+        run.rc == 0 and same.startswith("identical") and len(report) == 1,
+    )
 
 
 def corrupt_shard(bench: Bench, reference: dict) -> Row:
@@ -259,8 +288,13 @@ def corrupt_shard(bench: Bench, reference: dict) -> Row:
     same = _same(rerun, reference)
     reused = shards["shard0of2"].stat().st_mtime_ns == kept_mtime
     ok = run.rc != 0 and named and run.seconds < 60 and not run.left and same.startswith("identical") and reused
-    return Row("corrupt shard on one rank", f"exit {run.rc}: {error}{_left(run)}; after deleting it: {same}",
-               run.seconds, f"shard0of2 {'reused' if reused else 'recomputed'}, shard1of2 recomputed", ok)
+    return Row(
+        "corrupt shard on one rank",
+        f"exit {run.rc}: {error}{_left(run)}; after deleting it: {same}",
+        run.seconds,
+        f"shard0of2 {'reused' if reused else 'recomputed'}, shard1of2 recomputed",
+        ok,
+    )
 
 
 def kill_rank_mid_table(bench: Bench, reference: dict) -> Row:
@@ -283,9 +317,13 @@ def kill_rank_mid_table(bench: Bench, reference: dict) -> Row:
     cleaned = "removed" in rerun.stderr and _spills(tmp) == 0
     to_exit = run.seconds - run.fault_at if run.fault_at is not None else float("nan")
     ok = run.fault_at is not None and run.rc != 0 and not run.left and same.startswith("identical") and cleaned
-    return Row("SIGKILL of rank 1 mid-table, rerun", f"exit {run.rc}{_left(run)}; rerun: {same}", to_exit,
-               f"{gens} generations reused, {left_spills} spill dir(s) left, "
-               f"{'removed at the rerun' if cleaned else 'NOT removed'}", ok)
+    return Row(
+        "SIGKILL of rank 1 mid-table, rerun",
+        f"exit {run.rc}{_left(run)}; rerun: {same}",
+        to_exit,
+        f"{gens} generations reused, {left_spills} spill dir(s) left, {'removed at the rerun' if cleaned else 'NOT removed'}",
+        ok,
+    )
 
 
 def kill_mid_generation(bench: Bench, reference: dict) -> Row:
@@ -303,16 +341,23 @@ def kill_mid_generation(bench: Bench, reference: dict) -> Row:
     rerun = bench.launch("kill-gen", cache)
     same = _same(rerun, reference)
     to_exit = run.seconds - run.fault_at if run.fault_at is not None else float("nan")
-    return Row("SIGKILL mid-generation, rerun", f"exit {run.rc}; rerun: {same}", to_exit,
-               f"{gens} finished generations kept, only the rest generated on rerun",
-               run.fault_at is not None and gens > 0 and same.startswith("identical"))
+    return Row(
+        "SIGKILL mid-generation, rerun",
+        f"exit {run.rc}; rerun: {same}",
+        to_exit,
+        f"{gens} finished generations kept, only the rest generated on rerun",
+        run.fault_at is not None and gens > 0 and same.startswith("identical"),
+    )
 
 
 def _full_dir(path: Path) -> tuple[str, Callable[[], None]]:
     """A spill parent that cannot take the factors: a 16 KiB tmpfs, else a read-only dir, else a file-size limit."""
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(path)],
-                             capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+    mounted = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(path)], capture_output=True).returncode == 0
+        if os.geteuid() == 0
+        else False
+    )
     if mounted:
         return "16 KiB tmpfs", lambda: subprocess.run(["umount", str(path)], check=False)
     if os.geteuid() != 0:
@@ -330,14 +375,24 @@ def full_disk(bench: Bench, reference: dict) -> Row:
         if how == "file-size limit":
             env = {}  # resource limits go through a wrapper below
         # the plan counts on 1 GB of spill that the disk does not have (as when it fills during the run)
-        run = bench.launch("full-disk", cache, extra=("--memory-limit-gb", "0.01", "--max-spill-gb", "1"), env=env,
-                           wrapper=None if how != "file-size limit" else _FSIZE_WRAPPER)
+        run = bench.launch(
+            "full-disk",
+            cache,
+            extra=("--memory-limit-gb", "0.01", "--max-spill-gb", "1"),
+            env=env,
+            wrapper=None if how != "file-size limit" else _FSIZE_WRAPPER,
+        )
     finally:
         undo()
     error = run.error()
     ok = run.rc == 2 and ("spill" in error) and not run.left
-    return Row(f"full disk on the spill dir ({how})", f"exit {run.rc}: {error}{_left(run)}", run.seconds,
-               f"{_generations(cache)} generations kept, no table", ok)
+    return Row(
+        f"full disk on the spill dir ({how})",
+        f"exit {run.rc}: {error}{_left(run)}",
+        run.seconds,
+        f"{_generations(cache)} generations kept, no table",
+        ok,
+    )
 
 
 _FSIZE_WRAPPER = """
@@ -353,13 +408,24 @@ def nan_loss(bench: Bench, reference: dict) -> Row:
     run = bench.launch("nan", cache, wrapper=NAN_WRAPPER)
     error = run.error()
     ok = run.rc == 2 and "NaN" in error and "sample" in error and not run.left
-    return Row("NaN in one sample's loss", f"exit {run.rc}: {error}{_left(run)}", run.seconds,
-               f"{_generations(cache)} generations kept, no table", ok)
+    return Row(
+        "NaN in one sample's loss",
+        f"exit {run.rc}: {error}{_left(run)}",
+        run.seconds,
+        f"{_generations(cache)} generations kept, no table",
+        ok,
+    )
 
 
-ROWS = {"concurrent-first-run": concurrent_first_run, "partial-model": partial_model, "corrupt-shard": corrupt_shard,
-        "kill-rank-mid-table": kill_rank_mid_table, "kill-mid-generation": kill_mid_generation,
-        "full-disk": full_disk, "nan-loss": nan_loss}
+ROWS = {
+    "concurrent-first-run": concurrent_first_run,
+    "partial-model": partial_model,
+    "corrupt-shard": corrupt_shard,
+    "kill-rank-mid-table": kill_rank_mid_table,
+    "kill-mid-generation": kill_mid_generation,
+    "full-disk": full_disk,
+    "nan-loss": nan_loss,
+}
 NEEDS_DEFAULT_MODEL = {"partial-model"}
 NEEDS = {"corrupt-shard": "concurrent-first-run"}
 

@@ -51,15 +51,22 @@ class FinetuneSettings:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     seed: int = field(default=0, metadata={"help": "seed of the sample order"})
     max_length: int = field(default=EngineConfig.max_length, metadata={"help": "truncate longer samples"})
-    batch_tokens: int = field(default=256, metadata={
-        "help": "padded tokens per forward/backward: a step's samples go through in pieces this size (at least "
-                "one sample), their gradients summed, which bounds activation memory as the engine's batches do"})
-    checkpoints: int = field(default=1, metadata={
-        "help": "models to measure along training, evenly spaced: the base model first, the trained one last "
-                "(1: the trained one only; 2 or more add a transfer matrix, Jaccard overlaps and TracIn rows)",
-        "flag": "--checkpoints"})
-    save_every: int = field(default=8, metadata={
-        "help": "steps between resume points (a killed run resumes from the last)", "key": False})
+    batch_tokens: int = field(
+        default=256,
+        metadata={
+            "help": "padded tokens per forward/backward: a step's samples go through in pieces this size (at least "
+            "one sample), their gradients summed, which bounds activation memory as the engine's batches do"
+        },
+    )
+    checkpoints: int = field(
+        default=1,
+        metadata={
+            "help": "models to measure along training, evenly spaced: the base model first, the trained one last "
+            "(1: the trained one only; 2 or more add a transfer matrix, Jaccard overlaps and TracIn rows)",
+            "flag": "--checkpoints",
+        },
+    )
+    save_every: int = field(default=8, metadata={"help": "steps between resume points (a killed run resumes from the last)", "key": False})
 
     def validate(self) -> "FinetuneSettings":
         if self.epochs < 0:
@@ -67,8 +74,10 @@ class FinetuneSettings:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise FinetuneError(f"--finetune-lr must be a positive number, got {self.lr}")
         if self.batch_size < 1 or self.save_every < 1 or self.max_length < 2 or self.batch_tokens < 1:
-            raise FinetuneError("--finetune-batch-size, --finetune-batch-tokens and --finetune-save-every must be "
-                                "at least 1, --finetune-max-length at least 2")
+            raise FinetuneError(
+                "--finetune-batch-size, --finetune-batch-tokens and --finetune-save-every must be "
+                "at least 1, --finetune-max-length at least 2"
+            )
         if self.checkpoints < 1:
             raise FinetuneError(f"--checkpoints must be at least 1, got {self.checkpoints}")
         if self.checkpoints > 1 and self.epochs == 0:
@@ -84,8 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per :class:`FinetuneSettings` field (``--finetune-<name>``), its type, default and help from the
     field; left out, an option parses to None (the epochs' default depends on --model)."""
     group = parser.add_argument_group("fine-tune (the embedded model trains on its candidates first)")
-    settings_cli.add_arguments(group, FinetuneSettings, prefix="finetune_", unset_default=True,
-                               notes={"epochs": "a model given with --model: 0"})
+    settings_cli.add_arguments(
+        group, FinetuneSettings, prefix="finetune_", unset_default=True, notes={"epochs": "a model given with --model: 0"}
+    )
 
 
 def settings_from_args(args: argparse.Namespace, epochs_default: int | None = None) -> FinetuneSettings:
@@ -124,8 +134,10 @@ def checkpoint_steps(total_steps: int, checkpoints: int) -> list[int]:
         return [total_steps]
     steps = [round(i * total_steps / (checkpoints - 1)) for i in range(checkpoints)]
     if len(set(steps)) != len(steps):
-        raise FinetuneError(f"--checkpoints {checkpoints} needs at least {checkpoints - 1} optimiser steps; "
-                            f"the fine-tune has {total_steps}: raise --finetune-epochs or lower --checkpoints")
+        raise FinetuneError(
+            f"--checkpoints {checkpoints} needs at least {checkpoints - 1} optimiser steps; "
+            f"the fine-tune has {total_steps}: raise --finetune-epochs or lower --checkpoints"
+        )
     return steps
 
 
@@ -134,7 +146,7 @@ def _order(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
     out = []
     for epoch in range(epochs):
         perm = np.random.default_rng([seed, epoch]).permutation(n)
-        out += [perm[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+        out += [perm[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
     return out
 
 
@@ -158,8 +170,7 @@ def trainable(model: Any, scope: str = "paper") -> list[Any]:
     return [params[n] for n in dict.fromkeys(names)]
 
 
-def mean_loss(model: Any, tokenizer: Any, samples: Sequence[Sample], max_length: int, batch_size: int,
-              progress: Any = None) -> float:
+def mean_loss(model: Any, tokenizer: Any, samples: Sequence[Sample], max_length: int, batch_size: int, progress: Any = None) -> float:
     """Mean over samples of the per-sample loss (no gradients)."""
     import torch
 
@@ -172,7 +183,7 @@ def mean_loss(model: Any, tokenizer: Any, samples: Sequence[Sample], max_length:
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
-            losses = forward_losses(model, collate(encoded[start:start + batch_size], pad, device))
+            losses = forward_losses(model, collate(encoded[start : start + batch_size], pad, device))
             total += float(losses.double().sum())
             if progress is not None:
                 progress(len(losses))
@@ -200,13 +211,29 @@ def _weights(model: Any) -> dict[str, Any]:
 
 def stage_key(settings: FinetuneSettings, base: dict[str, Any], scope: str, originals: Sequence[Sample]) -> dict:
     """What the trained weights depend on: the base model and data (``base``), every setting, the samples."""
-    return {**base, "settings": settings.key(), "scope": scope, "format": FORMAT, "package": package_version(),
-            "samples": [s.id for s in originals]}
+    return {
+        **base,
+        "settings": settings.key(),
+        "scope": scope,
+        "format": FORMAT,
+        "package": package_version(),
+        "samples": [s.id for s in originals],
+    }
 
 
-def finetune(model: Any, tokenizer: Any, originals: Sequence[Sample], paraphrases: Sequence[Sample],
-             settings: FinetuneSettings, *, cache: StageCache, base: dict[str, Any], scope: str = "paper",
-             progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> FinetuneResult:
+def finetune(
+    model: Any,
+    tokenizer: Any,
+    originals: Sequence[Sample],
+    paraphrases: Sequence[Sample],
+    settings: FinetuneSettings,
+    *,
+    cache: StageCache,
+    base: dict[str, Any],
+    scope: str = "paper",
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> FinetuneResult:
     """Train ``model`` in place on ``originals`` (or reuse a finished run's weights) and return the lineage.
 
     ``base`` identifies the base model and data (weights fingerprint, data digest, tokenizer) for the key.
@@ -276,15 +303,18 @@ def finetune(model: Any, tokenizer: Any, originals: Sequence[Sample], paraphrase
         if state is None:
             # the base model's losses depend on neither the learning rate nor the epochs: kept apart, any
             # fine-tune of the same base and data (and a run killed before its first resume point) reuses them
-            before_path = cache.path("losses-before", {**base, "scope": scope, "max_length": settings.max_length,
-                                                         "samples": [s.id for s in [*originals, *paraphrases]]}, "json")
+            before_path = cache.path(
+                "losses-before",
+                {**base, "scope": scope, "max_length": settings.max_length, "samples": [s.id for s in [*originals, *paraphrases]]},
+                "json",
+            )
             before = cache.load_json(before_path)
             if before is None:
                 bar = progress_bar(2 * len(originals), "fine-tune: loss before", progress)
-                before = {"originals": mean_loss(model, tokenizer, originals, settings.max_length, eval_batch,
-                                                 bar.update),
-                          "paraphrases": mean_loss(model, tokenizer, paraphrases, settings.max_length, eval_batch,
-                                                   bar.update)}
+                before = {
+                    "originals": mean_loss(model, tokenizer, originals, settings.max_length, eval_batch, bar.update),
+                    "paraphrases": mean_loss(model, tokenizer, paraphrases, settings.max_length, eval_batch, bar.update),
+                }
                 bar.close()
                 cache.save_json(before_path, before)
             step, losses = 0, []
@@ -307,8 +337,9 @@ def finetune(model: Any, tokenizer: Any, originals: Sequence[Sample], paraphrase
                         if not bool(torch.isfinite(part.detach())):
                             raise SampleError(f"batch loss is {float(part.detach())}")
                     except SampleError as exc:  # a NaN or inf loss: the weights have diverged; none are saved
-                        raise FinetuneError(f"fine-tune diverged at step {step + 1} of {total} (lr {settings.lr:g}): "
-                                            f"{exc}; lower --finetune-lr") from None
+                        raise FinetuneError(
+                            f"fine-tune diverged at step {step + 1} of {total} (lr {settings.lr:g}): {exc}; lower --finetune-lr"
+                        ) from None
                     part.backward()
                     loss += float(part.detach())
                     del part
@@ -320,9 +351,17 @@ def finetune(model: Any, tokenizer: Any, originals: Sequence[Sample], paraphrase
                 if step in steps:
                     _save_torch(ckpt_path(step), _weights(model))
                 if step % settings.save_every == 0 or step in steps or step == total:
-                    _save_torch(resume_path, {"key": digest(key), "model": _weights(model),
-                                              "optimiser": optimiser.state_dict(), "step": step,
-                                              "losses": losses, "before": before})
+                    _save_torch(
+                        resume_path,
+                        {
+                            "key": digest(key),
+                            "model": _weights(model),
+                            "optimiser": optimiser.state_dict(),
+                            "step": step,
+                            "losses": losses,
+                            "before": before,
+                        },
+                    )
                 if on_step is not None:
                     on_step(step, losses[-1])
         finally:
@@ -334,15 +373,23 @@ def finetune(model: Any, tokenizer: Any, originals: Sequence[Sample], paraphrase
         for p in params:  # the gradients alone are as large as the model
             p.grad = None
         bar = progress_bar(2 * len(originals), "fine-tune: loss after", progress)
-        after = {"originals": mean_loss(model, tokenizer, originals, settings.max_length, eval_batch, bar.update),
-                 "paraphrases": mean_loss(model, tokenizer, paraphrases, settings.max_length, eval_batch, bar.update)}
+        after = {
+            "originals": mean_loss(model, tokenizer, originals, settings.max_length, eval_batch, bar.update),
+            "paraphrases": mean_loss(model, tokenizer, paraphrases, settings.max_length, eval_batch, bar.update),
+        }
         bar.close()
         record = {
-            "base_weights": base.get("weights"), "weights": _fingerprint(model),
+            "base_weights": base.get("weights"),
+            "weights": _fingerprint(model),
             "data_digest": base.get("dataset_digest"),
-            **settings.key(), "steps": total, "samples": len(originals), "truncated": truncated,
-            "trained_params": int(sum(p.numel() for p in params)), "checkpoint_steps": steps,
-            "loss_before": before, "loss_after": after,
+            **settings.key(),
+            "steps": total,
+            "samples": len(originals),
+            "truncated": truncated,
+            "trained_params": int(sum(p.numel() for p in params)),
+            "checkpoint_steps": steps,
+            "loss_before": before,
+            "loss_after": after,
             "loss_drop": {k: before[k] - after[k] for k in before},
             "train_loss_first_last": [losses[0], losses[-1]] if losses else None,
             "seconds": round(time.perf_counter() - started, 1),
@@ -368,6 +415,5 @@ def load_weights(model: Any, checkpoint: Checkpoint, base: dict[str, Any] | None
         if base is not None:
             model.load_state_dict(base)
         return
-    model.load_state_dict(torch.load(checkpoint.path, map_location=next(model.parameters()).device,
-                                     weights_only=True))
+    model.load_state_dict(torch.load(checkpoint.path, map_location=next(model.parameters()).device, weights_only=True))
     model.eval()

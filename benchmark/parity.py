@@ -117,9 +117,17 @@ def projects(transform: Transform) -> bool:
 def table(model: nn.Module, tokenizer: Any, setting: Setting, transforms: Sequence[Transform]) -> ComponentTable:
     """The engine's table of every component in scope, with the projections' similarities."""
     n_q, n_k = len(setting.queries), len(setting.candidates)
-    return build_table(model, tokenizer, list(setting.queries), list(setting.candidates),
-                       np.tile(np.arange(n_k), (n_q, 1)), np.zeros(n_q, dtype=np.int64), scope=setting.scope,
-                       transforms=list(transforms), config=setting.config)
+    return build_table(
+        model,
+        tokenizer,
+        list(setting.queries),
+        list(setting.candidates),
+        np.tile(np.arange(n_k), (n_q, 1)),
+        np.zeros(n_q, dtype=np.int64),
+        scope=setting.scope,
+        transforms=list(transforms),
+        config=setting.config,
+    )
 
 
 def reducers(names: Sequence[str], fit_on: Callable[[], ComponentTable]) -> dict[str, Reducer]:
@@ -162,8 +170,7 @@ def engine_feature_rows(model: nn.Module, tokenizer: Any, setting: Setting, redu
     names = [c.name for c in p.chosen]
     for sample in (*setting.queries, *setting.candidates):
         if projects(p.reduction.transform):
-            yield projected_features(model, tokenizer, [sample], p.reduction.transform, setting.config,
-                                     scope=setting.scope)[0]
+            yield projected_features(model, tokenizer, [sample], p.reduction.transform, setting.config, scope=setting.scope)[0]
         else:
             features = sample_features(model, tokenizer, [sample], names, setting.config, scope=setting.scope)
             row = p.reduction.transform({n: features[n] for n in names})[0]  # selection order, not model order
@@ -171,27 +178,24 @@ def engine_feature_rows(model: nn.Module, tokenizer: Any, setting: Setting, redu
             yield row
 
 
-def engine_feature_cosines(model: nn.Module, tokenizer: Any, setting: Setting, reducer: Reducer,
-                           workdir: Path) -> np.ndarray:
-    return row_cosines(engine_feature_rows(model, tokenizer, setting, reducer), setting,
-                       plan(model, reducer, setting.scope).dimension, workdir)
+def engine_feature_cosines(model: nn.Module, tokenizer: Any, setting: Setting, reducer: Reducer, workdir: Path) -> np.ndarray:
+    return row_cosines(
+        engine_feature_rows(model, tokenizer, setting, reducer), setting, plan(model, reducer, setting.scope).dimension, workdir
+    )
 
 
-def reduced_trak_cosines(model: nn.Module, tokenizer: Any, setting: Setting, reducer: Reducer,
-                         workdir: Path) -> np.ndarray:
+def reduced_trak_cosines(model: nn.Module, tokenizer: Any, setting: Setting, reducer: Reducer, workdir: Path) -> np.ndarray:
     from selproj_plugin.adapters.trak import ReducedTRAKer
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        traker = ReducedTRAKer(model, reducer, train_set_size=len(setting.candidates), save_dir=tmp,
-                               scope=setting.scope, logging_level=logging.ERROR)
+        traker = ReducedTRAKer(
+            model, reducer, train_set_size=len(setting.candidates), save_dir=tmp, scope=setting.scope, logging_level=logging.ERROR
+        )
         traker.load_checkpoint(model.state_dict(), model_id=0)
-        traker.featurize(batch=encode(tokenizer, setting.candidates, max_length=setting.max_length),
-                         num_samples=len(setting.candidates))
+        traker.featurize(batch=encode(tokenizer, setting.candidates, max_length=setting.max_length), num_samples=len(setting.candidates))
         traker.finalize_features()
-        traker.start_scoring_checkpoint(exp_name="parity", checkpoint=model.state_dict(), model_id=0,
-                                        num_targets=len(setting.queries))
-        traker.score(batch=encode(tokenizer, setting.queries, max_length=setting.max_length),
-                     num_samples=len(setting.queries))
+        traker.start_scoring_checkpoint(exp_name="parity", checkpoint=model.state_dict(), model_id=0, num_targets=len(setting.queries))
+        traker.score(batch=encode(tokenizer, setting.queries, max_length=setting.max_length), num_samples=len(setting.queries))
         return np.asarray(traker.finalize_scores(exp_name="parity"), dtype=np.float64).T
 
 
@@ -202,14 +206,17 @@ def trak_cosines(model: nn.Module, tokenizer: Any, setting: Setting, reducer: Re
     from selproj_plugin.adapters.trak import traker_kwargs
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        traker = TRAKer(train_set_size=len(setting.candidates), save_dir=tmp, logging_level=logging.ERROR,
-                        **traker_kwargs(model, reducer, scope=setting.scope))
+        traker = TRAKer(
+            train_set_size=len(setting.candidates),
+            save_dir=tmp,
+            logging_level=logging.ERROR,
+            **traker_kwargs(model, reducer, scope=setting.scope),
+        )
         traker.load_checkpoint(model.state_dict(), model_id=0)
         for i, sample in enumerate(setting.candidates):
             traker.featurize(batch=encode(tokenizer, [sample], max_length=setting.max_length), inds=np.array([i]))
         traker.finalize_features()
-        traker.start_scoring_checkpoint(exp_name="parity", checkpoint=model.state_dict(), model_id=0,
-                                        num_targets=len(setting.queries))
+        traker.start_scoring_checkpoint(exp_name="parity", checkpoint=model.state_dict(), model_id=0, num_targets=len(setting.queries))
         for i, sample in enumerate(setting.queries):
             traker.score(batch=encode(tokenizer, [sample], max_length=setting.max_length), inds=np.array([i]))
         return np.asarray(traker.finalize_scores(exp_name="parity"), dtype=np.float64).T
@@ -220,19 +227,35 @@ def tracin_cosines(model: nn.Module, tokenizer: Any, setting: Setting, reducer: 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Captum warns that integer token ids take no gradient
-        tracin = ReducedTracInCP(model, dataset(tokenizer, setting.candidates, max_length=setting.max_length), None,
-                                 reducer, scope=setting.scope, spill_dir=workdir)
+        tracin = ReducedTracInCP(
+            model,
+            dataset(tokenizer, setting.candidates, max_length=setting.max_length),
+            None,
+            reducer,
+            scope=setting.scope,
+            spill_dir=workdir,
+        )
         scores = tracin.influence(encode(tokenizer, setting.queries, max_length=setting.max_length))
     return scores.detach().double().numpy()
 
 
-ADAPTER_PATHS = {"engine features": engine_feature_cosines, "ReducedTRAKer": reduced_trak_cosines,
-                 "TRAKer": trak_cosines, "ReducedTracInCP": tracin_cosines}
+ADAPTER_PATHS = {
+    "engine features": engine_feature_cosines,
+    "ReducedTRAKer": reduced_trak_cosines,
+    "TRAKer": trak_cosines,
+    "ReducedTracInCP": tracin_cosines,
+}
 
 
-def compare(model: nn.Module, tokenizer: Any, setting: Setting, names: Sequence[str] | None = None,
-            conditions: Sequence[Condition] = CONDITIONS, workdir: str | Path | None = None,
-            report: Callable[[Difference], None] | None = None) -> list[Difference]:
+def compare(
+    model: nn.Module,
+    tokenizer: Any,
+    setting: Setting,
+    names: Sequence[str] | None = None,
+    conditions: Sequence[Condition] = CONDITIONS,
+    workdir: str | Path | None = None,
+    report: Callable[[Difference], None] | None = None,
+) -> list[Difference]:
     """Every named reducer (default: all registered) on every path in every condition, against the reference.
 
     The model is handed back as it came, whatever a path does to it.
@@ -296,8 +319,10 @@ def format_table(differences: Sequence[Difference]) -> str:
     worst = max(differences, key=lambda d: d.relative)
     changed = [d for d in differences if not d.state_kept]
     verdict = "PASS" if worst.relative <= TOLERANCE and not changed else "FAIL"
-    lines.append(f"largest relative difference {worst.relative:.2e} ({worst.reducer}, {worst.path}, {worst.condition}); "
-                 f"tolerance {TOLERANCE:.0e}; model state changed on {len(changed)} of {len(differences)}: {verdict}")
+    lines.append(
+        f"largest relative difference {worst.relative:.2e} ({worst.reducer}, {worst.path}, {worst.condition}); "
+        f"tolerance {TOLERANCE:.0e}; model state changed on {len(changed)} of {len(differences)}: {verdict}"
+    )
     return "\n".join(lines)
 
 
@@ -322,19 +347,23 @@ def embedded_setting(queries: int, candidates: int, max_length: int) -> Setting:
     from benchmark.data import load_dataset
 
     records = load_dataset(max_samples=max(queries, candidates)).records
-    return Setting(tuple(r.paraphrase for r in records[:queries]), tuple(r.original for r in records[:candidates]),
-                   max_length)
+    return Setting(tuple(r.paraphrase for r in records[:queries]), tuple(r.original for r in records[:candidates]), max_length)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmark.parity", description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=2, help="embedded paraphrases scored (default 2)")
-    parser.add_argument("--candidates", type=int, default=1, help="embedded originals they are scored against "
-                        "(default 1: plain TRAKer holds every candidate's full gradient when it finalizes)")
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        help="embedded originals they are scored against (default 1: plain TRAKer holds every candidate's full gradient when it finalizes)",
+    )
     parser.add_argument("--max-length", type=int, default=64, help="tokens per sample (default 64)")
     parser.add_argument("--strategy", action="append", help="a reducer to check (repeatable; default: every one)")
-    parser.add_argument("--condition", action="append", choices=[str(c) for c in CONDITIONS],
-                        help="a model state to try (repeatable; default: all four)")
+    parser.add_argument(
+        "--condition", action="append", choices=[str(c) for c in CONDITIONS], help="a model state to try (repeatable; default: all four)"
+    )
     parser.add_argument("--dropout", type=float, default=0.1, help="attention dropout for the train-mode states")
     parser.add_argument("--json", type=Path, help="write the differences here")
     args = parser.parse_args(argv)
@@ -352,19 +381,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer = load_model()
         with_attention_dropout(model, args.dropout)
         conditions = [c for c in CONDITIONS if args.condition is None or str(c) in args.condition]
-        differences = compare(model, tokenizer, setting, args.strategy, conditions,
-                              report=lambda d: print(f"  {d.reducer} / {d.path} / {d.condition}: {d.relative:.2e}",
-                                                     file=sys.stderr, flush=True))
+        differences = compare(
+            model,
+            tokenizer,
+            setting,
+            args.strategy,
+            conditions,
+            report=lambda d: print(f"  {d.reducer} / {d.path} / {d.condition}: {d.relative:.2e}", file=sys.stderr, flush=True),
+        )
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     text = format_table(differences)
     print(text)
     if args.json is not None:
-        record = {"model": type(model).__name__, "queries": [s.id for s in setting.queries],
-                  "candidates": [s.id for s in setting.candidates], "max_length": setting.max_length,
-                  "dropout": args.dropout, "tolerance": TOLERANCE, "differences": [asdict(d) for d in differences],
-                  "largest": max(d.relative for d in differences), "ok": all(d.ok for d in differences)}
+        record = {
+            "model": type(model).__name__,
+            "queries": [s.id for s in setting.queries],
+            "candidates": [s.id for s in setting.candidates],
+            "max_length": setting.max_length,
+            "dropout": args.dropout,
+            "tolerance": TOLERANCE,
+            "differences": [asdict(d) for d in differences],
+            "largest": max(d.relative for d in differences),
+            "ok": all(d.ok for d in differences),
+        }
         args.json.write_text(json.dumps(record, indent=2))
     return 0 if all(d.ok for d in differences) else 1
 

@@ -54,8 +54,7 @@ def strategy_runs(names: Sequence[str], options: dict[str, dict[str, Any]], proj
     for name in names:
         opts = options.get(name, {})
         if name in PROJECTION_STRATEGIES and proj_dims:
-            runs += [Run(name if len(proj_dims) == 1 else f"{name}@{d}", name, tuple({**opts, "dim": d}.items()))
-                     for d in proj_dims]
+            runs += [Run(name if len(proj_dims) == 1 else f"{name}@{d}", name, tuple({**opts, "dim": d}.items())) for d in proj_dims]
         else:
             runs.append(Run(name, name, tuple(opts.items())))
     return runs
@@ -83,10 +82,12 @@ def stored_transforms(runs: Sequence[Run], catalogue: Sequence[Component]) -> di
 class PipelineOptions:
     """What a run is built from; everything that changes a table is part of its cache key."""
 
-    model: str | None = field(default=None, metadata={
-        "help": "Hugging Face model id or local path (default: the embedded SmolLM2-135M-Instruct)"})
-    dataset: str | None = field(default=None, metadata={
-        "help": "local .jsonl/.json/.csv/.parquet or hub dataset (default: the embedded 248 samples)"})
+    model: str | None = field(
+        default=None, metadata={"help": "Hugging Face model id or local path (default: the embedded SmolLM2-135M-Instruct)"}
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "local .jsonl/.json/.csv/.parquet or hub dataset (default: the embedded 248 samples)"}
+    )
     settings: tuple[str, ...] = SETTINGS
     max_samples: int | None = field(default=64, metadata={"help": "first N samples of the dataset (0 = all)"})
     candidates: int = field(default=5, metadata={"help": "BM25 top-k candidates per query"})
@@ -111,8 +112,11 @@ def engine_config(opts: PipelineOptions) -> EngineConfig:
     """The engine config of this process: the machine's memory limit shared by its processes, its own device."""
     from selproj_plugin import distributed
 
-    return dataclasses.replace(opts.engine, memory_limit_gb=opts.engine.memory_limit_gb / distributed.local_world(),
-                               device=distributed.local_device(opts.engine.device))
+    return dataclasses.replace(
+        opts.engine,
+        memory_limit_gb=opts.engine.memory_limit_gb / distributed.local_world(),
+        device=distributed.local_device(opts.engine.device),
+    )
 
 
 @dataclass
@@ -171,8 +175,9 @@ class Loaded:
         from selproj_plugin import distributed
         from selproj_plugin.models import load_model
 
-        return distributed.main_first(lambda: load_model(
-            self.opts.model, dtype=self.opts.dtype, device=self.config.device, cache=self.opts.cache_dir))
+        return distributed.main_first(
+            lambda: load_model(self.opts.model, dtype=self.opts.dtype, device=self.config.device, cache=self.opts.cache_dir)
+        )
 
 
 def load(opts: PipelineOptions, lap: Any = None) -> Loaded:
@@ -186,8 +191,11 @@ def load(opts: PipelineOptions, lap: Any = None) -> Loaded:
     loaded.model, loaded.tokenizer = loaded.load()
     lap("model")
     loaded.identity = {
-        "model": opts.model or DEFAULT_MODEL_NAME, "weights": weights_fingerprint(loaded.model), "dtype": opts.dtype,
-        "dataset": dataset.name, "dataset_samples": len(dataset),
+        "model": opts.model or DEFAULT_MODEL_NAME,
+        "weights": weights_fingerprint(loaded.model),
+        "dtype": opts.dtype,
+        "dataset": dataset.name,
+        "dataset_samples": len(dataset),
         "dataset_digest": digest([dataclasses.asdict(r) for r in dataset.records]),
         # samples are tokenised, and prompts wrapped, by these: generations and tables depend on them
         "tokenizer": tokenizer_digest(loaded.tokenizer),
@@ -202,9 +210,17 @@ def finetune(loaded: Loaded) -> FinetuneResult:
     from benchmark.finetune import finetune as train
 
     records = loaded.dataset.records
-    return train(loaded.model, loaded.tokenizer, [r.original for r in records], [r.paraphrase for r in records],
-                 loaded.opts.finetune, cache=loaded.cache, base=loaded.identity, scope=loaded.opts.scope,
-                 progress=loaded.config.progress)
+    return train(
+        loaded.model,
+        loaded.tokenizer,
+        [r.original for r in records],
+        [r.paraphrase for r in records],
+        loaded.opts.finetune,
+        cache=loaded.cache,
+        base=loaded.identity,
+        scope=loaded.opts.scope,
+        progress=loaded.config.progress,
+    )
 
 
 def make_bench_options() -> PipelineOptions:
@@ -236,8 +252,14 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     stages: dict[str, float] = {}
     lap = _lap_into(stages)
     loaded = load(opts, lap)
-    model, tokenizer, dataset, config, cache, identity = (loaded.model, loaded.tokenizer, loaded.dataset,
-                                                          loaded.config, loaded.cache, loaded.identity)
+    model, tokenizer, dataset, config, cache, identity = (
+        loaded.model,
+        loaded.tokenizer,
+        loaded.dataset,
+        loaded.config,
+        loaded.cache,
+        loaded.identity,
+    )
     settings = opts.finetune
     if settings is None or settings.epochs == 0 or opts.plan_only:
         result = _measure(model, tokenizer, dataset, opts, config, cache, identity, stages, lap)
@@ -251,11 +273,20 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
     results = []
     for cp in tuned.checkpoints:
         _put_weights(model, cp, loaded.load)
-        ident = {**identity, "weights": weights_fingerprint(model), "base_weights": identity["weights"],
-                 "finetune_step": cp.step}
+        ident = {**identity, "weights": weights_fingerprint(model), "base_weights": identity["weights"], "finetune_step": cp.step}
         own: dict[str, float] = {}
-        result = _measure(model, tokenizer, dataset, opts, config, cache, ident, own, _lap_into(own),
-                          weights=(lambda cp=cp: _put_weights(model, cp, loaded.load)))
+        result = _measure(
+            model,
+            tokenizer,
+            dataset,
+            opts,
+            config,
+            cache,
+            ident,
+            own,
+            _lap_into(own),
+            weights=(lambda cp=cp: _put_weights(model, cp, loaded.load)),
+        )
         result.checkpoint_info = {"index": cp.index, "step": cp.step, "lr": cp.lr}
         results.append(result)
         for name, seconds in own.items():
@@ -300,18 +331,35 @@ def take_columns(table: ComponentTable, columns: np.ndarray) -> ComponentTable:
     """A table of only the given candidate columns of each query ([Q, K'] indices into its candidates)."""
     rows = np.arange(table.n_queries)[:, None]
     return ComponentTable(
-        cross=table.cross[rows, columns], query_self=table.query_self, candidate_self=table.candidate_self[rows, columns],
-        is_original=table.is_original[rows, columns], components=table.components, num_params=table.num_params,
-        kinds=table.kinds, layers=table.layers, query_ids=table.query_ids, candidate_ids=table.candidate_ids[rows, columns],
-        rp_dims=table.rp_dims, rp_keys=table.rp_keys,
+        cross=table.cross[rows, columns],
+        query_self=table.query_self,
+        candidate_self=table.candidate_self[rows, columns],
+        is_original=table.is_original[rows, columns],
+        components=table.components,
+        num_params=table.num_params,
+        kinds=table.kinds,
+        layers=table.layers,
+        query_ids=table.query_ids,
+        candidate_ids=table.candidate_ids[rows, columns],
+        rp_dims=table.rp_dims,
+        rp_keys=table.rp_keys,
         rp_similarity=None if table.rp_similarity is None else table.rp_similarity[:, rows, columns],
         meta=dict(table.meta),
     )
 
 
-def _measure(model: Any, tokenizer: Any, dataset: Dataset, opts: PipelineOptions, config: EngineConfig,
-             cache: StageCache, identity: dict[str, Any], stages: dict[str, float], lap: Any,
-             weights: Any = None) -> PipelineResult:
+def _measure(
+    model: Any,
+    tokenizer: Any,
+    dataset: Dataset,
+    opts: PipelineOptions,
+    config: EngineConfig,
+    cache: StageCache,
+    identity: dict[str, Any],
+    stages: dict[str, float],
+    lap: Any,
+    weights: Any = None,
+) -> PipelineResult:
     """Generations and tables of one model (one checkpoint): the stages after loading and fine-tuning.
 
     ``config`` is :func:`engine_config`'s, for the table and the gradient similarities alike.
@@ -342,9 +390,13 @@ def _measure(model: Any, tokenizer: Any, dataset: Dataset, opts: PipelineOptions
     if "generated" in opts.settings:
         gen_key = {**identity, "max_new_tokens": opts.max_new_tokens}
         generations = generate_responses(
-            model, tokenizer, [(r.id, r.paraphrased_prompt) for r in dataset.records],
-            cache_path=cache.path("generations", gen_key, "json"), cache=cache,
-            max_new_tokens=opts.max_new_tokens, progress=config.progress,
+            model,
+            tokenizer,
+            [(r.id, r.paraphrased_prompt) for r in dataset.records],
+            cache_path=cache.path("generations", gen_key, "json"),
+            cache=cache,
+            max_new_tokens=opts.max_new_tokens,
+            progress=config.progress,
             batch_size=opts.generation_batch_size or opts.engine.batch_size or CPU_BATCH_SIZE,
         )
         lap("generate")
@@ -354,16 +406,25 @@ def _measure(model: Any, tokenizer: Any, dataset: Dataset, opts: PipelineOptions
     originals = np.array([i for s in opts.settings for i, _ in per_setting[s]], dtype=int)
     rows = candidate_index[originals]
     is_original = rows == originals[:, None]
-    table_key = {**identity, "component_set": opts.scope, "settings": opts.settings, "full_set": whole_pool,
-                 "candidates": None if whole_pool else opts.candidates, "projections": sorted(transforms),
-                 "max_length": config.max_length,
-                 "max_new_tokens": opts.max_new_tokens if "generated" in opts.settings else None,
-                 "queries": [q.id for q in queries], "package": package_version(), "table_format": TABLE_FORMAT,
-                 **({"dot_order": config.dot_order} if config.dot_order != EngineConfig.dot_order else {})}
+    table_key = {
+        **identity,
+        "component_set": opts.scope,
+        "settings": opts.settings,
+        "full_set": whole_pool,
+        "candidates": None if whole_pool else opts.candidates,
+        "projections": sorted(transforms),
+        "max_length": config.max_length,
+        "max_new_tokens": opts.max_new_tokens if "generated" in opts.settings else None,
+        "queries": [q.id for q in queries],
+        "package": package_version(),
+        "table_format": TABLE_FORMAT,
+        **({"dot_order": config.dot_order} if config.dot_order != EngineConfig.dot_order else {}),
+    }
     table_path = cache.path("table", table_key, "npz")
     if opts.plan_only:
-        plan = plan_table(model, tokenizer, queries, pool, rows, scope=opts.scope,
-                          transforms=list(transforms.values()), config=config, across_ranks=True)
+        plan = plan_table(
+            model, tokenizer, queries, pool, rows, scope=opts.scope, transforms=list(transforms.values()), config=config, across_ranks=True
+        )
         return PipelineResult(tables={}, identity=identity, stages=stages, plan=plan)
     table = cache.load(table_path, ComponentTable.load)
     candidate_ids = np.array([[pool[j].id for j in row] for row in rows]).reshape(rows.shape)
@@ -376,9 +437,18 @@ def _measure(model: Any, tokenizer: Any, dataset: Dataset, opts: PipelineOptions
         if weights is not None:
             weights()
         table = build_table(
-            model, tokenizer, queries, pool, rows, is_original, transforms=list(transforms.values()), config=config,
-            scope=opts.scope, across_ranks=True,
-            shard_path=lambda rank, world: cache.path("table", table_key, f"shard{rank}of{world}.npz"))
+            model,
+            tokenizer,
+            queries,
+            pool,
+            rows,
+            is_original,
+            transforms=list(transforms.values()),
+            config=config,
+            scope=opts.scope,
+            across_ranks=True,
+            shard_path=lambda rank, world: cache.path("table", table_key, f"shard{rank}of{world}.npz"),
+        )
     # the settings' queries one after the other: --table scores each apart, as this run does (a table cached
     # before tables recorded it gets the record here: its key holds the queries, so their order is this one)
     table.meta["query_groups"] = [[s, len(per_setting[s])] for s in opts.settings]
@@ -393,23 +463,28 @@ def _measure(model: Any, tokenizer: Any, dataset: Dataset, opts: PipelineOptions
     else:
         tables, kept_rows = whole, {s: rows[r] for s, r in spans.items()}
     bm25_rows = {s: np.take_along_axis(bm25[originals[r]], kept_rows[s], axis=1) for s, r in spans.items()}
-    run = {"table_cache": str(table_path) if cached else None, "table_reused": reused, "world_size": world,
-           "threads_per_process": torch.get_num_threads()}
+    run = {
+        "table_cache": str(table_path) if cached else None,
+        "table_reused": reused,
+        "world_size": world,
+        "threads_per_process": torch.get_num_threads(),
+    }
     notes = {
         "empty_generations": len(dataset) - len(per_setting["generated"]) if "generated" in per_setting else 0,
         "skipped_multiturn": dataset.skipped_multiturn,
         "truncated": table.meta.get("truncated", 0),
         "captures": table.meta.get("captures"),  # samples forward/backward'ed for the table (recomputed ones again)
-        "total_params": total_params, "proj_dims": proj_dims,
+        "total_params": total_params,
+        "proj_dims": proj_dims,
     }
 
     def similarity_of(s: str, r: np.ndarray, cand: np.ndarray) -> Similarity:
-        return gradient_similarity(model, tokenizer, [queries[i] for i in r], pool, cand,
-                                   cand == originals[r][:, None], opts.scope, config, weights)
+        return gradient_similarity(
+            model, tokenizer, [queries[i] for i in r], pool, cand, cand == originals[r][:, None], opts.scope, config, weights
+        )
 
     similarity = {s: similarity_of(s, r, kept_rows[s]) for s, r in spans.items()}
-    result = PipelineResult(tables=tables, identity=identity, stages=stages, notes=notes, run=run, bm25=bm25_rows,
-                            similarity=similarity)
+    result = PipelineResult(tables=tables, identity=identity, stages=stages, notes=notes, run=run, bm25=bm25_rows, similarity=similarity)
     if whole_pool and not opts.full_set:
         result.pool_tables = whole
         result.pool_bm25 = {s: bm25[originals[r]] for s, r in spans.items()}
@@ -430,9 +505,17 @@ def _other_rows(table: ComponentTable, query_ids: Sequence[str], candidate_ids: 
     return None
 
 
-def gradient_similarity(model: Any, tokenizer: Any, queries: Sequence[Sample], pool: Sequence[Sample],
-                        rows: np.ndarray, is_original: np.ndarray, scope: str, config: Any,
-                        weights: Any = None) -> Similarity:
+def gradient_similarity(
+    model: Any,
+    tokenizer: Any,
+    queries: Sequence[Sample],
+    pool: Sequence[Sample],
+    rows: np.ndarray,
+    is_original: np.ndarray,
+    scope: str,
+    config: Any,
+    weights: Any = None,
+) -> Similarity:
     """``similarity(reduction, query_rows)``: [len(rows), K] cosines of the reduction's transform applied to
     the per-sample gradients of those queries and their candidates (the engine, in this process);
     ``weights()`` first puts the table's checkpoint back into ``model``."""
@@ -442,9 +525,18 @@ def gradient_similarity(model: Any, tokenizer: Any, queries: Sequence[Sample], p
         if weights is not None:
             weights()
         t = red.transform
-        table = build_table(model, tokenizer, [queries[i] for i in query_rows], pool, rows[query_rows],
-                            is_original[query_rows], components=[c.name for c in t.components], scope=scope,
-                            transforms=[t], config=config)
+        table = build_table(
+            model,
+            tokenizer,
+            [queries[i] for i in query_rows],
+            pool,
+            rows[query_rows],
+            is_original[query_rows],
+            components=[c.name for c in t.components],
+            scope=scope,
+            transforms=[t],
+            config=config,
+        )
         return table.projection(t.key)
 
     return similarity

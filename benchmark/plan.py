@@ -33,8 +33,7 @@ def pair_graph(queries: int, k: int, seed: int) -> tuple[np.ndarray, str]:
             rows = np.array([[ids[c] for c in row] for row in ref["candidate_ids"][:queries]])
         return rows[:, :k], "the paper's BM25 lists (../shared)"
     rng = np.random.default_rng(seed)
-    rows = np.array([[q] + list(rng.choice(np.delete(np.arange(queries), q), k - 1, replace=False))
-                     for q in range(queries)])
+    rows = np.array([[q] + list(rng.choice(np.delete(np.arange(queries), q), k - 1, replace=False)) for q in range(queries)])
     return rows, "original + random others (../shared not found)"
 
 
@@ -76,16 +75,31 @@ def plan(args: argparse.Namespace) -> dict:
     device_budget = free / 2  # the engine's default share on CUDA
     if args.batch_tokens is None:  # as the engine sizes a batch on CUDA, from the memory the weights leave
         batch_tokens = device_batch_tokens(free, device_budget, widths.batch_bytes_per_token)
-        batch_why = (f"half of the {free / GiB:.1f} GiB the weights leave less {device_budget / GiB:.1f} GiB for kept "
-                     f"factors, at {widths.batch_bytes_per_token / 2**20:.2f} MiB a token")
+        batch_why = (
+            f"half of the {free / GiB:.1f} GiB the weights leave less {device_budget / GiB:.1f} GiB for kept "
+            f"factors, at {widths.batch_bytes_per_token / 2**20:.2f} MiB a token"
+        )
     else:
         batch_tokens, batch_why = args.batch_tokens, "--batch-tokens"
-    table = plan_pairs(lengths.tolist(), targets.tolist(), q_of, c_of, widths, store_budget=store_budget,
-                       device_budget=device_budget, spill_allowance=args.max_spill_gb * GiB, resident_bytes=resident,
-                       batch_tokens=batch_tokens)
+    table = plan_pairs(
+        lengths.tolist(),
+        targets.tolist(),
+        q_of,
+        c_of,
+        widths,
+        store_budget=store_budget,
+        device_budget=device_budget,
+        spill_allowance=args.max_spill_gb * GiB,
+        resident_bytes=resident,
+        batch_tokens=batch_tokens,
+    )
     table.materialise, table.batch_why = frozenset(materialise), batch_why
-    table = choose_order(table, factor_widths(capture, specs, (), tensors), sum(s.rows * s.cols for s in specs),
-                         table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)))
+    table = choose_order(
+        table,
+        factor_widths(capture, specs, (), tensors),
+        sum(s.rows * s.cols for s in specs),
+        table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)),
+    )
     table.on_device = True
     device_bytes = table.device_bytes(model_bytes)
     flops = table.capture_flops() + table.dot_flops()
@@ -94,19 +108,33 @@ def plan(args: argparse.Namespace) -> dict:
     # the paper's loop: per query, its gradient and each candidate's, batch size 1, weight gradients
     # computed (6 flops per weight and token), then one full-gradient dot per pair
     n = lengths.astype(np.float64)
-    loop_flops = float(sum(6 * widths.matmul_params * (n[q] + n[c_of[i]].sum()) + 2 * params * args.k
-                           for i, q in enumerate(q_of)))
+    loop_flops = float(sum(6 * widths.matmul_params * (n[q] + n[c_of[i]].sum()) + 2 * params * args.k for i, q in enumerate(q_of)))
     return {
-        "model": Path(args.config).stem, "parameters": params, "components": len(comps),
-        "pair_graph": source, "queries_per_setting": args.queries, "settings": args.settings, "k": args.k,
-        "lengths": {"mean": float(lengths.mean()), "max": int(lengths.max()), "assumed": f"log-normal, mean "
-                    f"{args.mean_tokens}, sigma {sigma}, clipped to 32..{context}"},
-        "factor_bytes_per_token": widths.per_token, "plan": table.summary(), "plan_text": table.describe(),
-        "device_peak_bytes": device_bytes, "device_memory_gb": args.device_memory_gb,
+        "model": Path(args.config).stem,
+        "parameters": params,
+        "components": len(comps),
+        "pair_graph": source,
+        "queries_per_setting": args.queries,
+        "settings": args.settings,
+        "k": args.k,
+        "lengths": {
+            "mean": float(lengths.mean()),
+            "max": int(lengths.max()),
+            "assumed": f"log-normal, mean {args.mean_tokens}, sigma {sigma}, clipped to 32..{context}",
+        },
+        "factor_bytes_per_token": widths.per_token,
+        "plan": table.summary(),
+        "plan_text": table.describe(),
+        "device_peak_bytes": device_bytes,
+        "device_memory_gb": args.device_memory_gb,
         "fits_device": device_bytes <= args.device_memory_gb * GiB,
-        "host_peak_bytes": table.peak_bytes, "host_memory_gb": args.memory_limit_gb,
-        "total_flops": flops, "tflops_assumed": args.tflops, "gpu_hours": hours,
-        "paper_loop_flops": loop_flops, "paper_loop_gpu_hours_at_same_tflops": loop_flops / (args.tflops * 1e12) / 3600,
+        "host_peak_bytes": table.peak_bytes,
+        "host_memory_gb": args.memory_limit_gb,
+        "total_flops": flops,
+        "tflops_assumed": args.tflops,
+        "gpu_hours": hours,
+        "paper_loop_flops": loop_flops,
+        "paper_loop_gpu_hours_at_same_tflops": loop_flops / (args.tflops * 1e12) / 3600,
         "paper_gpu_hours": paper,
     }
 
@@ -124,10 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-spill-gb", type=float, default=0.0, help="disk for kept factors (default 0: recompute)")
     p.add_argument("--host-overhead-gb", type=float, default=3.0, help="host memory the process holds besides factors")
     p.add_argument("--device-memory-gb", type=float, default=80.0)
-    p.add_argument("--batch-tokens", type=int, default=None,
-                   help="padded tokens per capture batch (default: as the engine sizes it from the device's memory)")
-    p.add_argument("--tflops", type=float, default=50.0,
-                   help="sustained throughput for GPU-hours (default 50: fp32 at about 75%% of an H100's 67)")
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="padded tokens per capture batch (default: as the engine sizes it from the device's memory)",
+    )
+    p.add_argument(
+        "--tflops", type=float, default=50.0, help="sustained throughput for GPU-hours (default 50: fp32 at about 75%% of an H100's 67)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the plan here")
     args = p.parse_args(argv)
@@ -135,18 +168,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: model config {args.config} not found", file=sys.stderr)
         return 2
     out = plan(args)
-    print(f"{out['model']}: {out['parameters']:,} parameters in {out['components']} components, "
-          f"{out['factor_bytes_per_token'] / 2**20:.2f} MiB of factors per token")
-    print(f"{out['settings']} x {out['queries_per_setting']} queries x {out['k']} candidates ({out['pair_graph']}); "
-          f"lengths {out['lengths']['assumed']} (mean {out['lengths']['mean']:.0f}, max {out['lengths']['max']})")
+    print(
+        f"{out['model']}: {out['parameters']:,} parameters in {out['components']} components, "
+        f"{out['factor_bytes_per_token'] / 2**20:.2f} MiB of factors per token"
+    )
+    print(
+        f"{out['settings']} x {out['queries_per_setting']} queries x {out['k']} candidates ({out['pair_graph']}); "
+        f"lengths {out['lengths']['assumed']} (mean {out['lengths']['mean']:.0f}, max {out['lengths']['max']})"
+    )
     print(out["plan_text"])
-    print(f"device: {out['device_peak_bytes'] / GiB:.1f} GiB of {out['device_memory_gb']:.0f} GiB "
-          f"({'fits' if out['fits_device'] else 'does NOT fit'}: weights fp32 + kept factors held there (half of "
-          f"what the weights leave) + the larger of a capture batch and a query-centred group's factors + pair buffers)")
+    print(
+        f"device: {out['device_peak_bytes'] / GiB:.1f} GiB of {out['device_memory_gb']:.0f} GiB "
+        f"({'fits' if out['fits_device'] else 'does NOT fit'}: weights fp32 + kept factors held there (half of "
+        f"what the weights leave) + the larger of a capture batch and a query-centred group's factors + pair buffers)"
+    )
     print(f"engine: {out['total_flops'] / 1e15:.1f} PFLOP -> {out['gpu_hours']:.2f} GPU-hours at {args.tflops:.0f} TFLOP/s")
-    print(f"the paper's loop: {out['paper_loop_flops'] / 1e15:.1f} PFLOP -> "
-          f"{out['paper_loop_gpu_hours_at_same_tflops']:.2f} GPU-hours at the same throughput; as its logs measured it: "
-          f"{out['paper_gpu_hours'][0]:.1f}-{out['paper_gpu_hours'][1]:.1f} GPU-hours on one H100")
+    print(
+        f"the paper's loop: {out['paper_loop_flops'] / 1e15:.1f} PFLOP -> "
+        f"{out['paper_loop_gpu_hours_at_same_tflops']:.2f} GPU-hours at the same throughput; as its logs measured it: "
+        f"{out['paper_gpu_hours'][0]:.1f}-{out['paper_gpu_hours'][1]:.1f} GPU-hours on one H100"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({k: v for k, v in out.items() if k != "plan_text"}, indent=2))
     return 0

@@ -59,14 +59,28 @@ def greedy_path(results: Mapping[str, StrategyResult], baselines: Mapping[str, A
             bars = ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], marker="o", capsize=3, label=f"{name} path")
             if result.heldout_accuracy is not None:  # the selection's held-out figure, the one to read
                 held, (low, high) = result.heldout_accuracy, result.heldout_accuracy_ci
-                ax.errorbar([result.param_fraction], [held], yerr=[[held - low], [high - held]], marker="*",
-                            markersize=12, capsize=3, linestyle="none", color=bars.lines[0].get_color(),
-                            label=f"{name} held-out ({held:.3f})")
+                ax.errorbar(
+                    [result.param_fraction],
+                    [held],
+                    yerr=[[held - low], [high - held]],
+                    marker="*",
+                    markersize=12,
+                    capsize=3,
+                    linestyle="none",
+                    color=bars.lines[0].get_color(),
+                    label=f"{name} held-out ({held:.3f})",
+                )
     styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3))])
-    lines = [(f"{name} ({basis} {value:.3f})", value, interval, next(styles, "--"), "gray")
-             for name, result in results.items() if not result.path for value, interval, basis in [result.headline]]
-    lines += [(f"{name} ({b.accuracy:.3f})", b.accuracy, b.accuracy_ci, ":", "black" if name == "bm25" else "lightgray")
-              for name, b in baselines.items()]
+    lines = [
+        (f"{name} ({basis} {value:.3f})", value, interval, next(styles, "--"), "gray")
+        for name, result in results.items()
+        if not result.path
+        for value, interval, basis in [result.headline]
+    ]
+    lines += [
+        (f"{name} ({b.accuracy:.3f})", b.accuracy, b.accuracy_ci, ":", "black" if name == "bm25" else "lightgray")
+        for name, b in baselines.items()
+    ]
     for label, value, interval, style, color in lines:
         ax.axhline(value, linestyle=style, color=color, label=label)
         if interval is not None:

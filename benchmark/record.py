@@ -67,9 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = json.loads(args.json.read_text()) if args.json else {}
         cost = cost_from_time(args.time.read_text()) if args.time else None
-        record = Record(table=args.table, command=args.command, machine=args.machine or machine(),
-                        date=time.strftime("%Y-%m-%d"), commit=args.commit or commit(), result=result, label=args.label,
-                        note=args.note, cost=cost)
+        record = Record(
+            table=args.table,
+            command=args.command,
+            machine=args.machine or machine(),
+            date=time.strftime("%Y-%m-%d"),
+            commit=args.commit or commit(),
+            result=result,
+            label=args.label,
+            note=args.note,
+            cost=cost,
+        )
         data = {k: v for k, v in asdict(record).items() if k != "source" and v not in ("", None)}
         typed(Record, data, args.out.name)  # what load_records will read back
         args.out.write_text(json.dumps(data, indent=1) + "\n")

@@ -15,18 +15,18 @@ from selproj_plugin.strategies.base import StrategyResult
 # How the report's figures are computed, stated once in the JSON and the Markdown report.
 METHODS = {
     "ties": "a query whose original shares the top score with m-1 other candidates earns 1/m "
-            "(the expected credit of a random tie-break); MRR and recall@k are expectations the same way",
+    "(the expected credit of a random tie-break); MRR and recall@k are expectations the same way",
     "selection_ties": "greedy and single_component break equal accuracies by the mean margin of the original "
-                      "over the best other candidate, then by model order; 'tied' counts the components "
-                      "that shared the best accuracy",
+    "over the best other candidate, then by model order; 'tied' counts the components "
+    "that shared the best accuracy",
     "intervals": "95% exact binomial (Clopper-Pearson) over queries; a fractional, tie-credited number of hits "
-                 "takes the bounds of its floor and ceiling; MRR: seeded percentile bootstrap over queries",
+    "takes the bounds of its floor and ceiling; MRR: seeded percentile bootstrap over queries",
     "vs_full": "paired test against the full gradient on the same queries: exact McNemar on per-query hits "
-               "(sign-flip randomisation when ties make credits fractional); a fitted strategy is tested "
-               "on its held-out hits",
+    "(sign-flip randomisation when ties make credits fractional); a fitted strategy is tested "
+    "on its held-out hits",
     "headline": "a fitted strategy's accuracy to read is held-out (k-fold over queries: selected on the other "
-                "folds); its in-sample accuracy is the one the selection was chosen on; a strategy that learns "
-                "nothing from the queries is scored on all of them ('not fitted')",
+    "folds); its in-sample accuracy is the one the selection was chosen on; a strategy that learns "
+    "nothing from the queries is scored on all of them ('not fitted')",
 }
 
 
@@ -83,20 +83,28 @@ class Baseline:
     ranks: dict[str, Any] = field(default_factory=dict)  # full-set runs: MRR and recall@k, with intervals
 
     def to_json(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "accuracy_ci": None if self.accuracy_ci is None else list(self.accuracy_ci),
-                "vs_full": None if self.vs_full is None else self.vs_full.to_json(), "basis": self.basis, **self.ranks}
+        return {
+            "accuracy": self.accuracy,
+            "accuracy_ci": None if self.accuracy_ci is None else list(self.accuracy_ci),
+            "vs_full": None if self.vs_full is None else self.vs_full.to_json(),
+            "basis": self.basis,
+            **self.ranks,
+        }
 
 
-def format_setting(setting: str, results: Mapping[str, StrategyResult], baselines: Mapping[str, Baseline],
-                   labels: Mapping[str, str] | None = None) -> str:
+def format_setting(
+    setting: str, results: Mapping[str, StrategyResult], baselines: Mapping[str, Baseline], labels: Mapping[str, str] | None = None
+) -> str:
     """A readable table of one setting's strategies and baselines; components by short label.
 
     The first accuracy is the one to read: held-out for a fitted strategy, else over every query (not fitted); the
     in-sample column is a fitted strategy's accuracy on the queries it was fitted on.
     """
     labels = labels or {}
-    header = (f"{'strategy':<26} {'acc %':>6} {'95% CI':>13} {'scored':>10} {'in-sample %':>20} "
-              f"{'vs full':>21} {'fidelity':>8} {'params %':>8} {'dim':>11} {'sec':>7}  components")
+    header = (
+        f"{'strategy':<26} {'acc %':>6} {'95% CI':>13} {'scored':>10} {'in-sample %':>20} "
+        f"{'vs full':>21} {'fidelity':>8} {'params %':>8} {'dim':>11} {'sec':>7}  components"
+    )
     lines = [f"== {setting} ==", header, "-" * len(header)]
     for name, r in results.items():
         if labels and len(r.components) == len(labels):
@@ -112,12 +120,12 @@ def format_setting(setting: str, results: Mapping[str, StrategyResult], baseline
             f"{r.seconds:7.2f}  {shown}"
         )
     for name, b in baselines.items():
-        lines.append(f"{name + ' (baseline)':<26} {_pct(b.accuracy):>6} {ci_text(b.accuracy_ci):>13} {'':>10} "
-                     f"{'':>20} {vs_full_text(b.vs_full):>21}")
+        lines.append(
+            f"{name + ' (baseline)':<26} {_pct(b.accuracy):>6} {ci_text(b.accuracy_ci):>13} {'':>10} {'':>20} {vs_full_text(b.vs_full):>21}"
+        )
     for name, r in results.items():
         if r.path:
-            steps = "; ".join(f"{labels.get(s['component'], s['component'])} {_pct(s['accuracy'])} "
-                              f"(tied {s['tied']})" for s in r.path[:8])
+            steps = "; ".join(f"{labels.get(s['component'], s['component'])} {_pct(s['accuracy'])} (tied {s['tied']})" for s in r.path[:8])
             more = f"; ... ({len(r.path)} steps)" if len(r.path) > 8 else ""
             lines.append(f"{name} path (in-sample accuracy %, components tied on it): {steps}{more}")
         elif "tied" in r.extra:

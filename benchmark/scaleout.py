@@ -57,8 +57,9 @@ def run(nproc: int, threads: int, extra: list[str], cache: Path, out: Path) -> f
         target = cache / entry.name
         if not target.exists():
             target.symlink_to(entry.resolve())
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    )
     cmd = [*launcher, "-m", "benchmark.retrieval", "--json", str(out), "--no-progress", "--threads", str(threads), *extra]
     env = {**os.environ, "SELPROJ_CACHE": str(cache)}
     start = time.perf_counter()
@@ -71,8 +72,7 @@ def run(nproc: int, threads: int, extra: list[str], cache: Path, out: Path) -> f
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmark.scaleout", description=__doc__.splitlines()[0])
     p.add_argument("--nproc", type=int, default=2, help="processes for the torchrun run (default 2)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per process in both runs (default: cores // nproc, at least 1)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process in both runs (default: cores // nproc, at least 1)")
     p.add_argument("--json", dest="json_out", help="write wall times and the comparison here")
     args, extra = p.parse_known_args(argv)
     if not any(a == "--dot-order" or a.startswith("--dot-order=") for a in extra):
@@ -93,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         for line in diffs[:20]:
             print("  " + line)
         if args.json_out:
-            Path(args.json_out).write_text(json.dumps({"wall_seconds": walls, "differences": diffs,
-                                                       "identical": not diffs, "threads_per_process": threads,
-                                                       "args": extra}, indent=2))
+            Path(args.json_out).write_text(
+                json.dumps(
+                    {"wall_seconds": walls, "differences": diffs, "identical": not diffs, "threads_per_process": threads, "args": extra},
+                    indent=2,
+                )
+            )
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

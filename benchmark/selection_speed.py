@@ -32,9 +32,11 @@ def main(argv: list[str] | None = None) -> int:
             result = get_strategy(args.strategy).evaluate(table, folds=args.folds)
             times.append(time.perf_counter() - start)
         times.sort()
-        print(f"{Path(path).name}: {args.strategy} + {args.folds}-fold held-out on {table.cross.shape}: "
-              f"best {times[0]:.3f} s, median {times[len(times) // 2]:.3f} s "
-              f"(accuracy {result.accuracy:.4f}, held-out {result.heldout_accuracy:.4f})")
+        print(
+            f"{Path(path).name}: {args.strategy} + {args.folds}-fold held-out on {table.cross.shape}: "
+            f"best {times[0]:.3f} s, median {times[len(times) // 2]:.3f} s "
+            f"(accuracy {result.accuracy:.4f}, held-out {result.heldout_accuracy:.4f})"
+        )
     return 0
 
 

@@ -37,8 +37,15 @@ def flag(f: dataclasses.Field, prefix: str = "") -> str:
     return f.metadata.get("flag") or "--" + (prefix + f.name).replace("_", "-")
 
 
-def add_arguments(parser: Any, cls: type, names: Iterable[str] | None = None, *, prefix: str = "",
-                  unset_default: bool = False, notes: dict[str, str] | None = None) -> None:
+def add_arguments(
+    parser: Any,
+    cls: type,
+    names: Iterable[str] | None = None,
+    *,
+    prefix: str = "",
+    unset_default: bool = False,
+    notes: dict[str, str] | None = None,
+) -> None:
     """One option per field of ``cls`` (those in ``names``, in that order), destination ``<prefix><name>``.
 
     ``unset_default``: an option left out parses to None (for settings whose default depends on other options;
@@ -52,9 +59,14 @@ def add_arguments(parser: Any, cls: type, names: Iterable[str] | None = None, *,
         if notes and f.name in notes:
             shown.append(notes[f.name])
         text = f.metadata["help"] + (f" ({'; '.join(shown)})" if shown else "")
-        parser.add_argument(flag(f, prefix), dest=f"{prefix.replace('-', '_')}{f.name}", type=_type(hints[f.name]),
-                            default=None if unset_default else default, choices=f.metadata.get("choices"),
-                            help=text.replace("%", "%%"))
+        parser.add_argument(
+            flag(f, prefix),
+            dest=f"{prefix.replace('-', '_')}{f.name}",
+            type=_type(hints[f.name]),
+            default=None if unset_default else default,
+            choices=f.metadata.get("choices"),
+            help=text.replace("%", "%%"),
+        )
 
 
 def values(args: argparse.Namespace, cls: type, *, prefix: str = "") -> dict[str, Any]:
@@ -64,7 +76,6 @@ def values(args: argparse.Namespace, cls: type, *, prefix: str = "") -> dict[str
     return {k: v for k, v in out.items() if v is not None}
 
 
-def from_args(args: argparse.Namespace, cls: type[T], base: T | None = None, *, prefix: str = "",
-              **overrides: Any) -> T:
+def from_args(args: argparse.Namespace, cls: type[T], base: T | None = None, *, prefix: str = "", **overrides: Any) -> T:
     """``base`` (default: the dataclass's defaults) with the options' values and then ``overrides``."""
     return dataclasses.replace(base if base is not None else cls(), **{**values(args, cls, prefix=prefix), **overrides})

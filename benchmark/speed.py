@@ -64,8 +64,9 @@ def _setup(args: argparse.Namespace, own_pool: bool = False):
         pool = [r.original for r in records[: args.queries]]
         return queries, pool, np.tile(np.arange(len(pool)), (len(queries), 1)), np.arange(len(queries))
     pool = [r.original for r in (records[: args.queries] if own_pool else records)]
-    index = bm25_topk([q.prompt + " " + q.response for q in queries], [p.prompt + " " + p.response for p in pool],
-                      args.k, force=list(range(len(queries))))
+    index = bm25_topk(
+        [q.prompt + " " + q.response for q in queries], [p.prompt + " " + p.response for p in pool], args.k, force=list(range(len(queries)))
+    )
     original = np.array([int(np.flatnonzero(row == q)[0]) for q, row in enumerate(index)])
     return queries, pool, index, original
 
@@ -93,17 +94,23 @@ def worker_engine(args: argparse.Namespace) -> dict:
     transforms = _projections(model, args.proj_dim, args.seed)
     t0 = time.perf_counter()
     config = engine_config(args, progress=True)
-    table = build_table(model, tok, queries, pool, index, original, transforms=list(transforms.values()),
-                        config=config)
+    table = build_table(model, tok, queries, pool, index, original, transforms=list(transforms.values()), config=config)
     seconds = time.perf_counter() - t0
     table.save(args.out)
     plan = table.meta["plan"]
-    return {"seconds": seconds, "timings": table.meta["timings"], "distinct_samples": table.meta["distinct_samples"],
-            "capture_flops": plan["capture_flops"], "dot_flops": plan["dot_flops"],
-            "memory_limit_gb": config.memory_limit_gb, "spilled_bytes": table.meta["spilled_bytes"],
-            "materialised_components": table.meta["materialised_components"], "peak_rss_mb": _peak_rss_mb(),
-            "peak_gpu_mb": _peak_gpu_mb(args.device),
-            "projections": list(transforms)}
+    return {
+        "seconds": seconds,
+        "timings": table.meta["timings"],
+        "distinct_samples": table.meta["distinct_samples"],
+        "capture_flops": plan["capture_flops"],
+        "dot_flops": plan["dot_flops"],
+        "memory_limit_gb": config.memory_limit_gb,
+        "spilled_bytes": table.meta["spilled_bytes"],
+        "materialised_components": table.meta["materialised_components"],
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_gpu_mb": _peak_gpu_mb(args.device),
+        "projections": list(transforms),
+    }
 
 
 PLAIN_BATCH = 4  # the yardstick's batch size: a plain batched forward+backward, weight gradients included
@@ -119,8 +126,7 @@ def worker_ops(args: argparse.Namespace) -> dict:
 
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     # the queries' own originals as the pool: 16 x 5 is 32 distinct samples and 80 pairs (issue #25's yardstick)
-    queries, pool, index, original = _setup(argparse.Namespace(**{**vars(args), "queries": min(args.ops_queries, args.queries)}),
-                                            True)
+    queries, pool, index, original = _setup(argparse.Namespace(**{**vars(args), "queries": min(args.ops_queries, args.queries)}), True)
     # the plain pass's batches: like for like, and nearer a GPU's batches (thousands of tokens) than the CPU's 512
     config = engine_config(args, progress=False, batch_size=PLAIN_BATCH, batch_tokens=PLAIN_BATCH * MAX_LENGTH)
     with OpCounter() as counter:
@@ -131,14 +137,25 @@ def worker_ops(args: argparse.Namespace) -> dict:
     batches = capture_batches(prep, tok, distinct, config)
     capture = {count: measure(lambda b: prep.capture.run(b), batches, count) for count in (True, False)}
     plain = {count: measure(plain_step(model), batches, count) for count in (True, False)}
-    return {"queries": len(queries), "pairs": int(index.size), "distinct_samples": table.meta["distinct_samples"],
-            "dot_order": table.meta["plan"]["dot_order"], "table_ops": counter.total, "plain_ops": plain_ops,
-            "plain_batch": PLAIN_BATCH, "table_ops_over_plain": counter.total / plain_ops,
-            "ops_per_pair": counter.total / index.size, "capture_ops": capture[True].ops,
-            "plain_ops_same_batches": plain[True].ops, "capture_ops_over_plain": capture[True].ops / plain[True].ops,
-            "capture_tokens_per_s": capture[False].tokens_per_s, "plain_tokens_per_s": plain[False].tokens_per_s,
-            "capture_batches": len(batches), "engine_batch_size": config.batch_size,
-            "engine_batch_tokens": config.batch_tokens}
+    return {
+        "queries": len(queries),
+        "pairs": int(index.size),
+        "distinct_samples": table.meta["distinct_samples"],
+        "dot_order": table.meta["plan"]["dot_order"],
+        "table_ops": counter.total,
+        "plain_ops": plain_ops,
+        "plain_batch": PLAIN_BATCH,
+        "table_ops_over_plain": counter.total / plain_ops,
+        "ops_per_pair": counter.total / index.size,
+        "capture_ops": capture[True].ops,
+        "plain_ops_same_batches": plain[True].ops,
+        "capture_ops_over_plain": capture[True].ops / plain[True].ops,
+        "capture_tokens_per_s": capture[False].tokens_per_s,
+        "plain_tokens_per_s": plain[False].tokens_per_s,
+        "capture_batches": len(batches),
+        "engine_batch_size": config.batch_size,
+        "engine_batch_tokens": config.batch_tokens,
+    }
 
 
 def worker_loop(args: argparse.Namespace) -> dict:
@@ -156,12 +173,16 @@ def worker_loop(args: argparse.Namespace) -> dict:
     dots = _loop_dots(model, tok, queries[:n], pool, index, args.device, progress=True)
     seconds = time.perf_counter() - t0
     if args.dtype != "float32":
-        dots.update({f"ref_{k}": v for k, v in _loop_dots(model.float(), tok, queries[:n], pool, index,
-                                                         args.device).items()})
+        dots.update({f"ref_{k}": v for k, v in _loop_dots(model.float(), tok, queries[:n], pool, index, args.device).items()})
     np.savez(args.out, **dots)
-    return {"seconds": seconds, "queries_timed": n, "seconds_per_query": seconds / n, "peak_rss_mb": _peak_rss_mb(),
-            "flops": loop_flops(model, tok, queries, pool, index),
-            "peak_gpu_mb": _peak_gpu_mb(args.device)}
+    return {
+        "seconds": seconds,
+        "queries_timed": n,
+        "seconds_per_query": seconds / n,
+        "peak_rss_mb": _peak_rss_mb(),
+        "flops": loop_flops(model, tok, queries, pool, index),
+        "peak_gpu_mb": _peak_gpu_mb(args.device),
+    }
 
 
 def loop_flops(model, tok, queries, pool, index) -> float:
@@ -225,12 +246,12 @@ def _loop_dots(model, tok, queries, pool, index, device: str, progress: bool = F
 
 def dense_jl_pair_error(cos: np.ndarray, dim: int) -> np.ndarray:
     """E|<Pa,Pb> - <a,b>| / (|a||b|) of a dense Gaussian map with E<Pa,Pb> = <a,b>, from the exact cosine."""
-    return np.sqrt(2 / np.pi) * np.sqrt((1 + cos ** 2) / dim)
+    return np.sqrt(2 / np.pi) * np.sqrt((1 + cos**2) / dim)
 
 
 def dense_jl_cosine_error(cos: np.ndarray, dim: int) -> np.ndarray:
     """E|cos(Pa,Pb) - cos(a,b)| of a dense Gaussian map (delta method: std (1 - cos^2) / sqrt(dim))."""
-    return np.sqrt(2 / np.pi) * (1 - cos ** 2) / np.sqrt(dim)
+    return np.sqrt(2 / np.pi) * (1 - cos**2) / np.sqrt(dim)
 
 
 def pair_distortion(approx: np.ndarray, exact: np.ndarray, dim: int, seed: int = 0, boot: int = 2000) -> dict:
@@ -256,9 +277,13 @@ def pair_distortion(approx: np.ndarray, exact: np.ndarray, dim: int, seed: int =
             boots.append(float((w * mean_err).sum() / (w * expected * off).sum()))
     diag = np.diagonal(approx, axis1=1, axis2=2)
     return {
-        "dim": int(dim), "pairs": int(iu[0].size), "seeds": int(approx.shape[0]),
-        "pair_distortion_mean": float(err[:, iu[0], iu[1]].mean()), "pair_distortion_max": float(err[:, iu[0], iu[1]].max()),
-        "dense_jl_expected_mean": float(expected[iu].mean()), "distortion_vs_dense_jl": ratio,
+        "dim": int(dim),
+        "pairs": int(iu[0].size),
+        "seeds": int(approx.shape[0]),
+        "pair_distortion_mean": float(err[:, iu[0], iu[1]].mean()),
+        "pair_distortion_max": float(err[:, iu[0], iu[1]].max()),
+        "dense_jl_expected_mean": float(expected[iu].mean()),
+        "distortion_vs_dense_jl": ratio,
         "distortion_vs_dense_jl_95ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
         "distortion_vs_dense_jl_by_seed": [float(e[iu].mean() / expected[iu].mean()) for e in err],
         "norm_distortion_mean": float(np.mean(np.abs(diag - np.diag(exact)) / np.diag(exact))),
@@ -302,10 +327,16 @@ def worker_projection(args: argparse.Namespace) -> dict:
     samples = [s for r in load_records(args.dataset)[: args.proj_queries] for s in (r.paraphrase, r.original)]
     n = len(samples)
     prep = prepare(model, tok, None)
-    maps = {f"random_projection@{d}": [t] + [_projections(model, d, args.seed + k)[d] for k in range(1, args.proj_seeds)]
-            for d, t in _projections(model, args.proj_dim, args.seed).items()}
-    maps.update({f"random_projection_per_component@{d}": [t] for d, t in
-                 _projections(model, args.proj_dim, args.seed, "random_projection_per_component").items()})
+    maps = {
+        f"random_projection@{d}": [t] + [_projections(model, d, args.seed + k)[d] for k in range(1, args.proj_seeds)]
+        for d, t in _projections(model, args.proj_dim, args.seed).items()
+    }
+    maps.update(
+        {
+            f"random_projection_per_component@{d}": [t]
+            for d, t in _projections(model, args.proj_dim, args.seed, "random_projection_per_component").items()
+        }
+    )
     transforms = [t for ts in maps.values() for t in ts]
     config = engine_config(args, device=EngineConfig.device)  # the projection comparison stays on the CPU
     limit = config.memory_limit_gb * 2**30
@@ -322,15 +353,26 @@ def worker_projection(args: argparse.Namespace) -> dict:
     block = _trak_block(first_dim)
     grad_dim = int(sum(s.component.num_params for s in prep.specs))
     trak_slice = trak_slice_dim(args.trak_slice, grad_dim, limit - resident, block, args.trak_samples)
-    predicted = {"exact_dots": exact_plan.peak_bytes, "projections": resident + batch + projector.held_bytes(),
-                 "trak": resident + TRAK_SLACK + 4 * trak_slice * (block + args.trak_samples)}
+    predicted = {
+        "exact_dots": exact_plan.peak_bytes,
+        "projections": resident + batch + projector.held_bytes(),
+        "trak": resident + TRAK_SLACK + 4 * trak_slice * (block + args.trak_samples),
+    }
     if trak_slice < 1:
-        raise ValueError(f"a {config.memory_limit_gb:g} GB limit leaves no room for TRAK's matrix beside the "
-                         f"{resident / 2**30:.2f} GiB this process holds: raise --memory-limit-gb")
+        raise ValueError(
+            f"a {config.memory_limit_gb:g} GB limit leaves no room for TRAK's matrix beside the "
+            f"{resident / 2**30:.2f} GiB this process holds: raise --memory-limit-gb"
+        )
     if args.plan:
-        return {"samples": n, "memory_limit_gb": config.memory_limit_gb, "resident_bytes": resident,
-                "predicted_peak_bytes": max(predicted.values()), "predicted_phase_bytes": predicted,
-                "exact_plan": exact_plan.summary(), "trak_slice_dim": trak_slice}
+        return {
+            "samples": n,
+            "memory_limit_gb": config.memory_limit_gb,
+            "resident_bytes": resident,
+            "predicted_peak_bytes": max(predicted.values()),
+            "predicted_phase_bytes": predicted,
+            "exact_plan": exact_plan.summary(),
+            "trak_slice_dim": trak_slice,
+        }
     table = build_table(model, tok, samples, samples, index, np.eye(n, dtype=bool), config=config)
     exact = table.cross.sum(axis=-1)
     del table
@@ -365,11 +407,13 @@ def worker_projection(args: argparse.Namespace) -> dict:
     finally:
         store.close()
     seconds = {label: sum(projector.transform_s[transforms.index(t)] for t in ts) for label, ts in maps.items()}
-    result = {"samples": n, "grad_dim": grad_dim,
-              "materialise_seconds_per_sample": projector.form_s / n, "maps": {}}
+    result = {"samples": n, "grad_dim": grad_dim, "materialise_seconds_per_sample": projector.form_s / n, "maps": {}}
     for label, per_seed in maps.items():
-        result["maps"][label] = {**pair_distortion(approx[label], exact, per_seed[0].dim, args.seed),
-                                 "key": per_seed[0].key, "seconds_per_sample": seconds[label] / (n * len(per_seed))}
+        result["maps"][label] = {
+            **pair_distortion(approx[label], exact, per_seed[0].dim, args.seed),
+            "key": per_seed[0].key,
+            "seconds_per_sample": seconds[label] / (n * len(per_seed)),
+        }
 
     # TRAK BasicProjector on a slice of the same gradients, extrapolated to the full length: the slice holds
     # TRAK's dense block matrix (slice x block fp32) within what the limit leaves
@@ -377,23 +421,32 @@ def worker_projection(args: argparse.Namespace) -> dict:
 
     first = next(iter(result["maps"].values()))
     # the room is read again now: memory freed by the phases before may not have gone back to the system
-    trak_slice = min(trak_slice, trak_slice_dim(args.trak_slice, grad_dim, limit - _resident(), block,
-                                                args.trak_samples))
+    trak_slice = min(trak_slice, trak_slice_dim(args.trak_slice, grad_dim, limit - _resident(), block, args.trak_samples))
     if trak_slice < 1:
-        raise ValueError(f"a {config.memory_limit_gb:g} GB limit leaves no room for TRAK's matrix beside the "
-                         f"{_resident() / 2**30:.2f} GiB this process holds: raise --memory-limit-gb")
+        raise ValueError(
+            f"a {config.memory_limit_gb:g} GB limit leaves no room for TRAK's matrix beside the "
+            f"{_resident() / 2**30:.2f} GiB this process holds: raise --memory-limit-gb"
+        )
     full = torch.stack([s[:trak_slice] for s in slices]).contiguous()
     del slices
-    projector_trak = BasicProjector(full.shape[1], first["dim"], args.seed, ProjectionType.rademacher,
-                                    torch.device("cpu"), block_size=block)
+    projector_trak = BasicProjector(
+        full.shape[1], first["dim"], args.seed, ProjectionType.rademacher, torch.device("cpu"), block_size=block
+    )
     t0 = time.perf_counter()
     projector_trak.project(full, model_id=0)
     trak_slice_s = time.perf_counter() - t0
     trak_s = trak_slice_s / len(full) * result["grad_dim"] / full.shape[1]
-    result.update(trak_dim=first["dim"], trak_seconds_per_sample_extrapolated=trak_s, trak_slice_dim=int(full.shape[1]),
-                  trak_slice_seconds=trak_slice_s, speedup_vs_trak=trak_s / first["seconds_per_sample"],
-                  peak_rss_mb=_peak_rss_mb(), memory_limit_gb=config.memory_limit_gb,
-                  predicted_peak_bytes=max(predicted.values()), predicted_phase_bytes=predicted)
+    result.update(
+        trak_dim=first["dim"],
+        trak_seconds_per_sample_extrapolated=trak_s,
+        trak_slice_dim=int(full.shape[1]),
+        trak_slice_seconds=trak_slice_s,
+        speedup_vs_trak=trak_s / first["seconds_per_sample"],
+        peak_rss_mb=_peak_rss_mb(),
+        memory_limit_gb=config.memory_limit_gb,
+        predicted_peak_bytes=max(predicted.values()),
+        predicted_phase_bytes=predicted,
+    )
     return result
 
 
@@ -401,13 +454,43 @@ WORKERS = {"engine": worker_engine, "loop": worker_loop, "projection": worker_pr
 
 
 def _run_worker(name: str, args: argparse.Namespace, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "benchmark.speed", "--worker", name, "--out", str(out), *["--fullset"] * args.fullset,
-           "--queries", str(args.queries), "--k", str(args.k), "--loop-queries", str(args.loop_queries),
-           "--proj-dim", args.proj_dim, "--proj-queries", str(args.proj_queries),
-           "--proj-seeds", str(args.proj_seeds), "--trak-slice", str(args.trak_slice),
-           "--trak-samples", str(args.trak_samples), *["--plan"] * args.plan,
-           "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype,
-           "--ops-queries", str(args.ops_queries), "--memory-limit-gb", str(args.memory_limit_gb)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmark.speed",
+        "--worker",
+        name,
+        "--out",
+        str(out),
+        *["--fullset"] * args.fullset,
+        "--queries",
+        str(args.queries),
+        "--k",
+        str(args.k),
+        "--loop-queries",
+        str(args.loop_queries),
+        "--proj-dim",
+        args.proj_dim,
+        "--proj-queries",
+        str(args.proj_queries),
+        "--proj-seeds",
+        str(args.proj_seeds),
+        "--trak-slice",
+        str(args.trak_slice),
+        "--trak-samples",
+        str(args.trak_samples),
+        *["--plan"] * args.plan,
+        "--seed",
+        str(args.seed),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--ops-queries",
+        str(args.ops_queries),
+        "--memory-limit-gb",
+        str(args.memory_limit_gb),
+    ]
     if args.batch_size is not None:
         cmd += ["--batch-size", str(args.batch_size)]
     if args.model:
@@ -449,20 +532,37 @@ def _rel_errors(dots: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> tupl
 
 def _fullset(args: argparse.Namespace, tmp: Path) -> dict:
     """Every original a candidate (Q x Q): the engine against the paper's loop timed on a few queries."""
-    full_args = argparse.Namespace(**{**vars(args), "fullset": True, "queries": args.fullset_queries,
-                                      "k": args.fullset_queries, "loop_queries": args.fullset_loop_queries,
-                                      "proj_dim": ""})
+    full_args = argparse.Namespace(
+        **{
+            **vars(args),
+            "fullset": True,
+            "queries": args.fullset_queries,
+            "k": args.fullset_queries,
+            "loop_queries": args.fullset_loop_queries,
+            "proj_dim": "",
+        }
+    )
     f_engine, f_loop, f_table, f_rel, f_self_rel = _engine_and_loop(full_args, Path(tmp) / "fullset")
     f_engine_s = f_engine["seconds"] - f_engine["timings"]["project_s"]
-    fullset = {"queries": args.fullset_queries, "candidates": args.fullset_queries,
-               "engine_seconds": f_engine_s, "engine_timings": f_engine["timings"],
-               "dot_order": f_table.meta["plan"]["dot_order"], "engine_peak_rss_mb": f_engine["peak_rss_mb"],
-               "engine_memory_limit_gb": f_engine["memory_limit_gb"], "engine_spilled_bytes": f_engine["spilled_bytes"],
-               "loop_queries_timed": f_loop["queries_timed"], "loop_seconds_measured": f_loop["seconds"],
-               "loop_seconds_extrapolated": f_loop["seconds_per_query"] * args.fullset_queries,
-               "loop_peak_rss_mb": f_loop["peak_rss_mb"], "max_rel_error": f_rel, "max_rel_error_self": f_self_rel,
-               "reference": f_loop["reference"], "loop_max_rel_error": f_loop["max_rel_error"],
-               "loop_max_rel_error_self": f_loop["max_rel_error_self"]}
+    fullset = {
+        "queries": args.fullset_queries,
+        "candidates": args.fullset_queries,
+        "engine_seconds": f_engine_s,
+        "engine_timings": f_engine["timings"],
+        "dot_order": f_table.meta["plan"]["dot_order"],
+        "engine_peak_rss_mb": f_engine["peak_rss_mb"],
+        "engine_memory_limit_gb": f_engine["memory_limit_gb"],
+        "engine_spilled_bytes": f_engine["spilled_bytes"],
+        "loop_queries_timed": f_loop["queries_timed"],
+        "loop_seconds_measured": f_loop["seconds"],
+        "loop_seconds_extrapolated": f_loop["seconds_per_query"] * args.fullset_queries,
+        "loop_peak_rss_mb": f_loop["peak_rss_mb"],
+        "max_rel_error": f_rel,
+        "max_rel_error_self": f_self_rel,
+        "reference": f_loop["reference"],
+        "loop_max_rel_error": f_loop["max_rel_error"],
+        "loop_max_rel_error_self": f_loop["max_rel_error_self"],
+    }
     fullset["speedup_vs_loop_fullset"] = fullset["loop_seconds_extrapolated"] / f_engine_s
     fullset.update(_flops(f_engine, f_loop))
     return fullset
@@ -471,34 +571,44 @@ def _fullset(args: argparse.Namespace, tmp: Path) -> dict:
 def _flops(engine: dict, loop: dict) -> dict:
     """Planned flops of the engine against the loop's over every query: the speedup the arithmetic allows."""
     engine_flops = engine["capture_flops"] + engine["dot_flops"]
-    return {"engine_flops": engine_flops, "loop_flops": loop["flops"], "flop_ratio": loop["flops"] / engine_flops,
-            "dot_flops_over_capture_flops": engine["dot_flops"] / engine["capture_flops"]}
+    return {
+        "engine_flops": engine_flops,
+        "loop_flops": loop["flops"],
+        "flop_ratio": loop["flops"] / engine_flops,
+        "dot_flops_over_capture_flops": engine["dot_flops"] / engine["capture_flops"],
+    }
 
 
 def _print_flops(f: dict, speedup: float) -> None:
-    print(f"flops: loop {f['loop_flops'] / 1e12:.1f} TFLOP, engine {f['engine_flops'] / 1e12:.1f} TFLOP (dots "
-          f"{f['dot_flops_over_capture_flops']:.2f} of capture): the arithmetic allows {f['flop_ratio']:.1f}x, "
-          f"measured {speedup:.1f}x")
+    print(
+        f"flops: loop {f['loop_flops'] / 1e12:.1f} TFLOP, engine {f['engine_flops'] / 1e12:.1f} TFLOP (dots "
+        f"{f['dot_flops_over_capture_flops']:.2f} of capture): the arithmetic allows {f['flop_ratio']:.1f}x, "
+        f"measured {speedup:.1f}x"
+    )
 
 
 def print_ops(ops: dict) -> None:
     """One line of the GPU cost proxy (``worker_ops``'s record); ``benchmark/gpu_check.sh`` prints it too."""
-    print(f"aten calls ({ops['queries']}x{ops['pairs'] // max(1, ops['queries'])}, {ops['distinct_samples']} samples, "
-          f"{ops['dot_order']} order): "
-          f"table {ops['table_ops']:,} = {ops['table_ops_over_plain']:.2f}x a plain forward+backward in batches of "
-          f"{ops['plain_batch']} ({ops['plain_ops']:,}), {ops['ops_per_pair']:.0f} a pair; capture "
-          f"{ops['capture_ops_over_plain']:.2f}x the plain pass on its {ops['capture_batches']} batches; tokens/s "
-          f"capture {ops['capture_tokens_per_s']:.0f}, plain {ops['plain_tokens_per_s']:.0f}")
+    print(
+        f"aten calls ({ops['queries']}x{ops['pairs'] // max(1, ops['queries'])}, {ops['distinct_samples']} samples, "
+        f"{ops['dot_order']} order): "
+        f"table {ops['table_ops']:,} = {ops['table_ops_over_plain']:.2f}x a plain forward+backward in batches of "
+        f"{ops['plain_batch']} ({ops['plain_ops']:,}), {ops['ops_per_pair']:.0f} a pair; capture "
+        f"{ops['capture_ops_over_plain']:.2f}x the plain pass on its {ops['capture_batches']} batches; tokens/s "
+        f"capture {ops['capture_tokens_per_s']:.0f}, plain {ops['plain_tokens_per_s']:.0f}"
+    )
 
 
 def _print_fullset(fullset: dict) -> None:
-    print(f"full set {fullset['queries']}x{fullset['candidates']}: engine {fullset['engine_seconds']:.1f}s "
-          f"({fullset['dot_order']} order, peak RSS {fullset['engine_peak_rss_mb']:.0f} MiB, "
-          f"{fullset['engine_spilled_bytes'] / 2**30:.1f} GiB spilled), paper loop "
-          f"{fullset['loop_seconds_measured']:.1f}s for {fullset['loop_queries_timed']} queries -> "
-          f"{fullset['loop_seconds_extrapolated']:.1f}s extrapolated: speedup_vs_loop_fullset "
-          f"{fullset['speedup_vs_loop_fullset']:.1f}x; largest relative difference to {fullset['reference']} "
-          f"{fullset['max_rel_error']:.2e} (the loop's own {fullset['loop_max_rel_error']:.2e})")
+    print(
+        f"full set {fullset['queries']}x{fullset['candidates']}: engine {fullset['engine_seconds']:.1f}s "
+        f"({fullset['dot_order']} order, peak RSS {fullset['engine_peak_rss_mb']:.0f} MiB, "
+        f"{fullset['engine_spilled_bytes'] / 2**30:.1f} GiB spilled), paper loop "
+        f"{fullset['loop_seconds_measured']:.1f}s for {fullset['loop_queries_timed']} queries -> "
+        f"{fullset['loop_seconds_extrapolated']:.1f}s extrapolated: speedup_vs_loop_fullset "
+        f"{fullset['speedup_vs_loop_fullset']:.1f}x; largest relative difference to {fullset['reference']} "
+        f"{fullset['max_rel_error']:.2e} (the loop's own {fullset['loop_max_rel_error']:.2e})"
+    )
     _print_flops(fullset, fullset["speedup_vs_loop_fullset"])
 
 
@@ -509,20 +619,28 @@ def _distortions(maps: dict, proj_dim: str) -> dict:
 
 def _print_projection(proj: dict) -> None:
     maps = proj["maps"]
-    print(f"projection of {proj['samples']} samples ({proj['grad_dim']:,} coords; "
-          f"materialising {proj['materialise_seconds_per_sample']:.2f}"
-          f"s/sample): pair dot distortion as a fraction of |a||b|, mean over {next(iter(maps.values()))['pairs']} pairs:")
+    print(
+        f"projection of {proj['samples']} samples ({proj['grad_dim']:,} coords; "
+        f"materialising {proj['materialise_seconds_per_sample']:.2f}"
+        f"s/sample): pair dot distortion as a fraction of |a||b|, mean over {next(iter(maps.values()))['pairs']} pairs:"
+    )
     for label, m in maps.items():
         lo, hi = m["distortion_vs_dense_jl_95ci"]
-        print(f"  {label} (dim {m['dim']}, {m['seeds']} seed(s)): measured {m['pair_distortion_mean']:.5f} (max "
-              f"{m['pair_distortion_max']:.4f}), dense Gaussian JL expects {m['dense_jl_expected_mean']:.5f} -> "
-              f"distortion_vs_dense_jl {m['distortion_vs_dense_jl']:.3f} (95% bootstrap {lo:.3f}-{hi:.3f}); "
-              f"{m['seconds_per_sample']:.2f}s/sample")
-    print(f"TRAK BasicProjector to {proj['trak_dim']}: {proj['trak_seconds_per_sample_extrapolated']:.1f}s/sample "
-          f"(timed on {proj['trak_slice_dim']} coords, extrapolated linearly) -> sketch {proj['speedup_vs_trak']:.0f}x faster")
+        print(
+            f"  {label} (dim {m['dim']}, {m['seeds']} seed(s)): measured {m['pair_distortion_mean']:.5f} (max "
+            f"{m['pair_distortion_max']:.4f}), dense Gaussian JL expects {m['dense_jl_expected_mean']:.5f} -> "
+            f"distortion_vs_dense_jl {m['distortion_vs_dense_jl']:.3f} (95% bootstrap {lo:.3f}-{hi:.3f}); "
+            f"{m['seconds_per_sample']:.2f}s/sample"
+        )
+    print(
+        f"TRAK BasicProjector to {proj['trak_dim']}: {proj['trak_seconds_per_sample_extrapolated']:.1f}s/sample "
+        f"(timed on {proj['trak_slice_dim']} coords, extrapolated linearly) -> sketch {proj['speedup_vs_trak']:.0f}x faster"
+    )
     if "memory_limit_gb" in proj:
-        print(f"projection worker: peak RSS {proj['peak_rss_mb']:.0f} MiB under a {proj['memory_limit_gb']:g} GB limit "
-              f"(predicted {proj['predicted_peak_bytes'] / 2**20:.0f} MiB)")
+        print(
+            f"projection worker: peak RSS {proj['peak_rss_mb']:.0f} MiB under a {proj['memory_limit_gb']:g} GB limit "
+            f"(predicted {proj['predicted_peak_bytes'] / 2**20:.0f} MiB)"
+        )
 
 
 # EngineConfig's fields set from the command line, for every worker's engine
@@ -542,33 +660,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=PipelineOptions.candidates, help="BM25 top-k candidates per query")
     parser.add_argument("--loop-queries", type=int, default=8, help="queries timed with the per-pair loop")
     parser.add_argument("--proj-dim", default="4096,1%", help="random projection dimensions (counts or percentages)")
-    parser.add_argument("--proj-queries", type=int, default=12,
-                        help="queries whose paraphrase and original are projected (all pairs of the 2x samples)")
+    parser.add_argument(
+        "--proj-queries", type=int, default=12, help="queries whose paraphrase and original are projected (all pairs of the 2x samples)"
+    )
     parser.add_argument("--proj-seeds", type=int, default=3, help="seeds of random_projection per dimension")
-    parser.add_argument("--trak-slice", type=int, default=2_000_000, help="gradient coordinates timed for TRAK "
-                        "(fewer where the memory limit leaves no room for its dense matrix)")
+    parser.add_argument(
+        "--trak-slice",
+        type=int,
+        default=2_000_000,
+        help="gradient coordinates timed for TRAK (fewer where the memory limit leaves no room for its dense matrix)",
+    )
     parser.add_argument("--trak-samples", type=int, default=2, help="samples timed for TRAK")
-    parser.add_argument("--plan", action="store_true",
-                        help="with --only projection: print the projection worker's predicted peak memory (exact dots, "
-                             "projections, TRAK's slice) and exit before any gradient")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="with --only projection: print the projection worker's predicted peak memory (exact dots, "
+        "projections, TRAK's slice) and exit before any gradient",
+    )
     settings_cli.add_arguments(parser, PipelineOptions, ("seed",))
-    settings_cli.add_arguments(parser, EngineConfig, ENGINE_OPTIONS, notes={
-        "memory_limit_gb": "each worker's; the engine's spill writes count as dot time, the projection worker also "
-                           "sizes its code caches and TRAK's timed slice from it",
-        "device": "the engine's and the loop's; the projection comparison stays on the CPU"})
-    settings_cli.add_arguments(parser, PipelineOptions, ("dtype",), notes={
-        "dtype": "the engine and loop workers'; the projection worker stays float32 on CPU"})
-    parser.add_argument("--only", choices=("all", "engine", "projection", "fullset", "ops"), default="all",
-                        help="'engine': only the engine against the loop at --k candidates, no projections; "
-                             "'projection': only the projection's distortion and TRAK timing (minutes, not an hour); "
-                             "'fullset': only the every-original-a-candidate comparison; 'ops': only the aten-call "
-                             "count (--ops-queries)")
-    parser.add_argument("--fullset-queries", type=int, default=32,
-                        help="queries (and originals) of the full-set comparison: every original a candidate")
+    settings_cli.add_arguments(
+        parser,
+        EngineConfig,
+        ENGINE_OPTIONS,
+        notes={
+            "memory_limit_gb": "each worker's; the engine's spill writes count as dot time, the projection worker also "
+            "sizes its code caches and TRAK's timed slice from it",
+            "device": "the engine's and the loop's; the projection comparison stays on the CPU",
+        },
+    )
+    settings_cli.add_arguments(
+        parser, PipelineOptions, ("dtype",), notes={"dtype": "the engine and loop workers'; the projection worker stays float32 on CPU"}
+    )
+    parser.add_argument(
+        "--only",
+        choices=("all", "engine", "projection", "fullset", "ops"),
+        default="all",
+        help="'engine': only the engine against the loop at --k candidates, no projections; "
+        "'projection': only the projection's distortion and TRAK timing (minutes, not an hour); "
+        "'fullset': only the every-original-a-candidate comparison; 'ops': only the aten-call "
+        "count (--ops-queries)",
+    )
+    parser.add_argument(
+        "--fullset-queries", type=int, default=32, help="queries (and originals) of the full-set comparison: every original a candidate"
+    )
     parser.add_argument("--fullset-loop-queries", type=int, default=2, help="full-set queries timed with the loop")
-    parser.add_argument("--ops-queries", type=int, default=16,
-                        help="queries of the aten-call count (0: none; at most --queries), at --k candidates among their own "
-                             "originals; also capture tokens/s")
+    parser.add_argument(
+        "--ops-queries",
+        type=int,
+        default=16,
+        help="queries of the aten-call count (0: none; at most --queries), at --k candidates among their own "
+        "originals; also capture tokens/s",
+    )
     parser.add_argument("--fullset", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -598,9 +740,16 @@ def main(argv: list[str] | None = None) -> int:
             fullset = _fullset(args, Path(tmp))
             _print_fullset(fullset)
             if args.json:
-                Path(args.json).write_text(json.dumps({"model": args.model or "SmolLM2-135M-Instruct", "fullset": fullset,
-                                                       "speedup_vs_loop_fullset": fullset["speedup_vs_loop_fullset"]},
-                                                      indent=2))
+                Path(args.json).write_text(
+                    json.dumps(
+                        {
+                            "model": args.model or "SmolLM2-135M-Instruct",
+                            "fullset": fullset,
+                            "speedup_vs_loop_fullset": fullset["speedup_vs_loop_fullset"],
+                        },
+                        indent=2,
+                    )
+                )
             return 0
         if args.only == "ops":
             if not args.ops_queries:
@@ -608,8 +757,7 @@ def main(argv: list[str] | None = None) -> int:
             ops = _run_worker("ops", args, Path(tmp) / "ops.json")
             print_ops(ops)
             if args.json:
-                Path(args.json).write_text(json.dumps({"model": args.model or "SmolLM2-135M-Instruct", "ops": ops},
-                                                      indent=2))
+                Path(args.json).write_text(json.dumps({"model": args.model or "SmolLM2-135M-Instruct", "ops": ops}, indent=2))
             return 0
         proj = None
         if args.only == "engine":  # the table stores no projections: the engine's own time and memory
@@ -619,17 +767,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             gib = 2**30
             phases = ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in proj["predicted_phase_bytes"].items())
-            print(f"projection worker plan: {proj['samples']} samples, predicted peak "
-                  f"{proj['predicted_peak_bytes'] / gib:.2f} GiB under a {proj['memory_limit_gb']:g} GB limit "
-                  f"(resident {proj['resident_bytes'] / gib:.2f} GiB; {phases}); TRAK timed on "
-                  f"{proj['trak_slice_dim']:,} coordinates")
+            print(
+                f"projection worker plan: {proj['samples']} samples, predicted peak "
+                f"{proj['predicted_peak_bytes'] / gib:.2f} GiB under a {proj['memory_limit_gb']:g} GB limit "
+                f"(resident {proj['resident_bytes'] / gib:.2f} GiB; {phases}); TRAK timed on "
+                f"{proj['trak_slice_dim']:,} coordinates"
+            )
             if args.json:
                 Path(args.json).write_text(json.dumps({"plan": proj}, indent=2))
             return 0
         if args.only == "projection":
-            result = {"model": args.model or "SmolLM2-135M-Instruct", "projection": proj,
-                      "projection_speedup_vs_trak": proj["speedup_vs_trak"],
-                      "distortion_vs_dense_jl": _distortions(proj["maps"], args.proj_dim)}
+            result = {
+                "model": args.model or "SmolLM2-135M-Instruct",
+                "projection": proj,
+                "projection_speedup_vs_trak": proj["speedup_vs_trak"],
+                "distortion_vs_dense_jl": _distortions(proj["maps"], args.proj_dim),
+            }
             _print_projection(proj)
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=2))
@@ -642,47 +795,78 @@ def main(argv: list[str] | None = None) -> int:
     stored = zip(engine["projections"], table.rp_dims, table.rp_similarity) if engine["projections"] else []
     for text, dim, sim in stored:
         err, expected = np.abs(sim - exact_cos), dense_jl_cosine_error(exact_cos, int(dim))
-        table_rp[text] = {"dim": int(dim), "cosine_abs_error_mean": float(err.mean()),
-                          "cosine_abs_error_max": float(err.max()), "dense_jl_expected_mean": float(expected.mean()),
-                          "ratio": float(err.mean() / expected.mean())}
+        table_rp[text] = {
+            "dim": int(dim),
+            "cosine_abs_error_mean": float(err.mean()),
+            "cosine_abs_error_max": float(err.max()),
+            "dense_jl_expected_mean": float(expected.mean()),
+            "ratio": float(err.mean() / expected.mean()),
+        }
     loop_total = loop["seconds_per_query"] * args.queries
     engine_s = engine["seconds"] - engine["timings"]["project_s"]
     result = {
-        "model": args.model or "SmolLM2-135M-Instruct", "queries": args.queries, "k": args.k,
-        "device": args.device, "dtype": args.dtype,
-        "engine_peak_gpu_mb": engine["peak_gpu_mb"], "loop_peak_gpu_mb": loop["peak_gpu_mb"],
-        "engine_seconds": engine_s, "engine_projection_seconds": engine["timings"]["project_s"],
-        "engine_timings": engine["timings"], "engine_distinct_samples": engine["distinct_samples"],
+        "model": args.model or "SmolLM2-135M-Instruct",
+        "queries": args.queries,
+        "k": args.k,
+        "device": args.device,
+        "dtype": args.dtype,
+        "engine_peak_gpu_mb": engine["peak_gpu_mb"],
+        "loop_peak_gpu_mb": loop["peak_gpu_mb"],
+        "engine_seconds": engine_s,
+        "engine_projection_seconds": engine["timings"]["project_s"],
+        "engine_timings": engine["timings"],
+        "engine_distinct_samples": engine["distinct_samples"],
         "engine_materialised_components": engine["materialised_components"],
-        "loop_seconds_measured": loop["seconds"], "loop_queries_timed": loop["queries_timed"],
+        "loop_seconds_measured": loop["seconds"],
+        "loop_queries_timed": loop["queries_timed"],
         "loop_seconds_extrapolated": loop_total,
         "speedup_vs_loop": loop_total / engine_s,
-        "max_rel_error": max_rel, "max_rel_error_self": self_rel, "reference": loop["reference"],
-        "loop_max_rel_error": loop["max_rel_error"], "loop_max_rel_error_self": loop["max_rel_error_self"],
-        "engine_peak_rss_mb": engine["peak_rss_mb"], "loop_peak_rss_mb": loop["peak_rss_mb"],
-        "engine_memory_limit_gb": engine["memory_limit_gb"], "engine_spilled_bytes": engine["spilled_bytes"],
+        "max_rel_error": max_rel,
+        "max_rel_error_self": self_rel,
+        "reference": loop["reference"],
+        "loop_max_rel_error": loop["max_rel_error"],
+        "loop_max_rel_error_self": loop["max_rel_error_self"],
+        "engine_peak_rss_mb": engine["peak_rss_mb"],
+        "loop_peak_rss_mb": loop["peak_rss_mb"],
+        "engine_memory_limit_gb": engine["memory_limit_gb"],
+        "engine_spilled_bytes": engine["spilled_bytes"],
         "dots_over_capture": engine["timings"]["dots_s"] / engine["timings"]["capture_s"],
         **_flops(engine, loop),
     }
     if proj is not None:
-        result.update(projection=proj, projection_speedup_vs_trak=proj["speedup_vs_trak"],
-                      distortion_vs_dense_jl=_distortions(proj["maps"], args.proj_dim), table_rp_cosine=table_rp)
+        result.update(
+            projection=proj,
+            projection_speedup_vs_trak=proj["speedup_vs_trak"],
+            distortion_vs_dense_jl=_distortions(proj["maps"], args.proj_dim),
+            table_rp_cosine=table_rp,
+        )
     if fullset:
         result["fullset"] = fullset
         result["speedup_vs_loop_fullset"] = fullset["speedup_vs_loop_fullset"]
     if ops:
         result["ops"] = ops
-    print(f"engine: {engine_s:.1f}s for {args.queries}x{args.k} ({engine['distinct_samples']} distinct samples; "
-          f"plus {engine['timings']['project_s']:.1f}s projecting), peak RSS {engine['peak_rss_mb']:.0f} MiB under a "
-          f"{engine['memory_limit_gb']:g} GB limit ({engine['spilled_bytes'] / 2**30:.1f} GiB of factors spilled)")
-    print(f"paper loop: {loop['seconds']:.1f}s for {loop['queries_timed']} queries -> {loop_total:.1f}s extrapolated "
-          f"to {args.queries}, peak RSS {loop['peak_rss_mb']:.0f} MiB")
-    print(f"speedup vs loop: {result['speedup_vs_loop']:.2f}x; largest relative difference to {loop['reference']}: "
-          f"{max_rel:.2e} (cross, normalised by norms), {self_rel:.2e} (self dots)"
-          + ("" if args.dtype == "float32" else f"; the {args.dtype} loop's own: {loop['max_rel_error']:.2e}, "
-             f"{loop['max_rel_error_self']:.2e}"))
-    print(f"dots {engine['timings']['dots_s']:.1f}s (of which storing kept factors {engine['timings']['store_s']:.1f}s) "
-          f"against capture {engine['timings']['capture_s']:.1f}s (ratio {result['dots_over_capture']:.2f})")
+    print(
+        f"engine: {engine_s:.1f}s for {args.queries}x{args.k} ({engine['distinct_samples']} distinct samples; "
+        f"plus {engine['timings']['project_s']:.1f}s projecting), peak RSS {engine['peak_rss_mb']:.0f} MiB under a "
+        f"{engine['memory_limit_gb']:g} GB limit ({engine['spilled_bytes'] / 2**30:.1f} GiB of factors spilled)"
+    )
+    print(
+        f"paper loop: {loop['seconds']:.1f}s for {loop['queries_timed']} queries -> {loop_total:.1f}s extrapolated "
+        f"to {args.queries}, peak RSS {loop['peak_rss_mb']:.0f} MiB"
+    )
+    print(
+        f"speedup vs loop: {result['speedup_vs_loop']:.2f}x; largest relative difference to {loop['reference']}: "
+        f"{max_rel:.2e} (cross, normalised by norms), {self_rel:.2e} (self dots)"
+        + (
+            ""
+            if args.dtype == "float32"
+            else f"; the {args.dtype} loop's own: {loop['max_rel_error']:.2e}, {loop['max_rel_error_self']:.2e}"
+        )
+    )
+    print(
+        f"dots {engine['timings']['dots_s']:.1f}s (of which storing kept factors {engine['timings']['store_s']:.1f}s) "
+        f"against capture {engine['timings']['capture_s']:.1f}s (ratio {result['dots_over_capture']:.2f})"
+    )
     _print_flops(result, result["speedup_vs_loop"])
     if ops:
         print_ops(ops)
@@ -691,9 +875,11 @@ def main(argv: list[str] | None = None) -> int:
     if proj is not None:
         _print_projection(proj)
     for text, r in table_rp.items():
-        print(f"table random_projection@{text} (dim {r['dim']}): cosine abs error mean {r['cosine_abs_error_mean']:.5f} "
-              f"(max {r['cosine_abs_error_max']:.4f}), dense Gaussian JL expects {r['dense_jl_expected_mean']:.5f} -> "
-              f"ratio {r['ratio']:.3f}")
+        print(
+            f"table random_projection@{text} (dim {r['dim']}): cosine abs error mean {r['cosine_abs_error_mean']:.5f} "
+            f"(max {r['cosine_abs_error_max']:.4f}), dense Gaussian JL expects {r['dense_jl_expected_mean']:.5f} -> "
+            f"ratio {r['ratio']:.3f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

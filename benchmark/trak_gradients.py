@@ -50,10 +50,16 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[torch.Tensor
     from selproj_plugin.adapters._common import plan, resolve_reducer
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-                         num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=max(256, args.length),
-                         attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 128),
+        max_position_embeddings=max(256, args.length),
+        attn_implementation="eager",
+    )
     model = LlamaForCausalLM(config).to(args.device).eval()
     gen = torch.Generator().manual_seed(args.seed + 1)
     ids = torch.randint(0, args.vocab, (args.batch, args.length), generator=gen)
@@ -127,10 +133,17 @@ def run_method(method: str, args: argparse.Namespace, out_path: str, queue: Any)
         start = time.perf_counter()
         once()
         times.append(time.perf_counter() - start)
-    queue.put({"method": method, "seconds": statistics.median(times), "best": min(times),
-               "peak_bytes": peak, "grad_bytes": grad_bytes,
-               "num_params": sum(p.numel() for p in model.parameters()),
-               "selected_params": sum(dict(model.named_parameters())[n].numel() for n in wrt)})
+    queue.put(
+        {
+            "method": method,
+            "seconds": statistics.median(times),
+            "best": min(times),
+            "peak_bytes": peak,
+            "grad_bytes": grad_bytes,
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "selected_params": sum(dict(model.named_parameters())[n].numel() for n in wrt),
+        }
+    )
 
 
 def measure(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], float]:
@@ -159,17 +172,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     results, diff = measure(args)
     sel, ref = results["selected"], results["grad_wrt"]
     mib = 2**20
-    print(f"model: random-init Llama, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab} "
-          f"({sel['num_params'] / 1e6:.2f}M parameters), device {args.device}, {torch.get_num_threads()} threads")
-    print(f"batch: {args.batch} samples x {args.length} tokens; selection: {args.selection} "
-          f"({sel['selected_params']} parameters, {100 * sel['selected_params'] / sel['num_params']:.2f}%)")
+    print(
+        f"model: random-init Llama, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab} "
+        f"({sel['num_params'] / 1e6:.2f}M parameters), device {args.device}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"batch: {args.batch} samples x {args.length} tokens; selection: {args.selection} "
+        f"({sel['selected_params']} parameters, {100 * sel['selected_params'] / sel['num_params']:.2f}%)"
+    )
     memory = "peak extra GPU memory" if args.device.startswith("cuda") else "peak extra RSS"
     print(f"{'method':<46} {'s/batch median':>15} {'best':>8} {memory + ' (MiB)':>28} {'gradients (MiB)':>16}")
-    for label, r in (("SelectedGradientComputer (selected only)", sel),
-                     ("FunctionalGradientComputer(grad_wrt=selection)", ref)):
+    for label, r in (("SelectedGradientComputer (selected only)", sel), ("FunctionalGradientComputer(grad_wrt=selection)", ref)):
         print(f"{label:<46} {r['seconds']:>15.3f} {r['best']:>8.3f} {r['peak_bytes'] / mib:>28.1f} {r['grad_bytes'] / mib:>16.1f}")
-    print(f"speed-up {ref['seconds'] / sel['seconds']:.2f}x (median), {ref['best'] / sel['best']:.2f}x (best); peak memory "
-          f"{ref['peak_bytes'] / max(sel['peak_bytes'], 1):.2f}x lower; same gradients: max |difference| = {diff:.2e}")
+    print(
+        f"speed-up {ref['seconds'] / sel['seconds']:.2f}x (median), {ref['best'] / sel['best']:.2f}x (best); peak memory "
+        f"{ref['peak_bytes'] / max(sel['peak_bytes'], 1):.2f}x lower; same gradients: max |difference| = {diff:.2e}"
+    )
     print(f"timings over {args.repeats} batches after a warm-up; other processes on the machine inflate them")
     return 0
 

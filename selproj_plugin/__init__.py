@@ -13,7 +13,20 @@ from selproj_plugin.table import ComponentTable, TableError
 
 __version__ = "0.1.0"
 __all__ = [
-    "ComponentTable", "Concatenate", "Reducer", "ReducerError", "Reduction", "StrategyError", "StrategyResult",
-    "TableError", "Transform", "TransformError", "get_strategy", "hookimpl", "list_strategies", "plugin_errors",
-    "reduction", "__version__",
+    "ComponentTable",
+    "Concatenate",
+    "Reducer",
+    "ReducerError",
+    "Reduction",
+    "StrategyError",
+    "StrategyResult",
+    "TableError",
+    "Transform",
+    "TransformError",
+    "get_strategy",
+    "hookimpl",
+    "list_strategies",
+    "plugin_errors",
+    "reduction",
+    "__version__",
 ]

@@ -32,10 +32,12 @@ def units(encoded: Sequence[Encoded], groups: Sequence[list[int]], config: Engin
     return out + [[g] for g in groups if len(g) > 1]
 
 
-def passes(taken_batches: list[list[int]], size: dict[int, int], budget: float,
-           allowance: float) -> Iterator[tuple[list[list[int]], set[int]]]:
+def passes(
+    taken_batches: list[list[int]], size: dict[int, int], budget: float, allowance: float
+) -> Iterator[tuple[list[list[int]], set[int]]]:
     """Whole batches in passes whose predicted factors fit ``budget`` in RAM and ``allowance`` on disk, each
     with the samples it keeps in RAM (at least one batch a pass: one that fits neither is held in RAM)."""
+
     def fit(batch: list[int], room: float) -> tuple[set[int], float, float]:
         held, ram = set(), 0.0
         for i in batch:

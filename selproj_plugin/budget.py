@@ -105,8 +105,8 @@ def batch_tokens(config: EngineConfig, per_token: Callable[[], int]) -> tuple[in
         return CPU_BATCH_TOKENS, f"the default off CUDA ({device.type})"
     free, kept, width = torch.cuda.mem_get_info(device)[0], device_budget(config), per_token()
     return device_batch_tokens(free, kept, width), (
-        f"half of the {free / GiB:.1f} GiB free on {device} less {kept / GiB:.1f} GiB for kept factors, "
-        f"at {width / 2**20:.2f} MiB a token")
+        f"half of the {free / GiB:.1f} GiB free on {device} less {kept / GiB:.1f} GiB for kept factors, at {width / 2**20:.2f} MiB a token"
+    )
 
 
 def sized(prep: "Prepared", config: EngineConfig, world: int = 1) -> tuple[EngineConfig, str]:

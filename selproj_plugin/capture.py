@@ -103,8 +103,12 @@ class SampleFactors:
         return t if at is None else t[at]
 
     def to(self, device: str | torch.device) -> "SampleFactors":
-        return SampleFactors(self.sample_id, {k: t.to(device) for k, t in self.tensors.items()}, self.uses,
-                             {k: v.to(device) for k, v in self.vectors.items()})
+        return SampleFactors(
+            self.sample_id,
+            {k: t.to(device) for k, t in self.tensors.items()},
+            self.uses,
+            {k: v.to(device) for k, v in self.vectors.items()},
+        )
 
     def compact(self) -> "SampleFactors":
         """These factors in memory of their own.  The capture hands out views of its batch's tensors (no copy for
@@ -118,8 +122,9 @@ class SampleFactors:
         def own(t: torch.Tensor) -> torch.Tensor:
             return t.clone() if t.untyped_storage().nbytes() > held[t.untyped_storage().data_ptr()] else t
 
-        return SampleFactors(self.sample_id, {k: own(t) for k, t in self.tensors.items()}, self.uses,
-                             {k: own(v) for k, v in self.vectors.items()})
+        return SampleFactors(
+            self.sample_id, {k: own(t) for k, t in self.tensors.items()}, self.uses, {k: own(v) for k, v in self.vectors.items()}
+        )
 
 
 def matrix_form(spec: ComponentSpec, factors: SampleFactors) -> torch.Tensor:
@@ -127,8 +132,7 @@ def matrix_form(spec: ComponentSpec, factors: SampleFactors) -> torch.Tensor:
     return matrix_rows(spec, factors, 0, spec.rows).view(spec.rows, spec.cols)
 
 
-def matrix_rows(spec: ComponentSpec, factors: SampleFactors, start: int, stop: int,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+def matrix_rows(spec: ComponentSpec, factors: SampleFactors, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``start:stop`` of :func:`matrix_form`, flattened: a big component's gradient a block at a time.
 
     ``out``: a contiguous buffer of ``(stop - start) * cols`` numbers to write the rows into, so a caller
@@ -137,8 +141,9 @@ def matrix_rows(spec: ComponentSpec, factors: SampleFactors, start: int, stop: i
     return stacked_rows([spec], factors, start, stop, None if out is None else out.view(1, -1)).view(-1)
 
 
-def stacked_rows(specs: Sequence[ComponentSpec], factors: SampleFactors, start: int, stop: int,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+def stacked_rows(
+    specs: Sequence[ComponentSpec], factors: SampleFactors, start: int, stop: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`matrix_rows` of several components at once, ``[len(specs), (stop - start) * cols]``: components of
     one shape whose factors lie at the same places of the same stacks (:func:`stack_key`), one batched product
     for all of them."""
@@ -166,8 +171,7 @@ def stacked_rows(specs: Sequence[ComponentSpec], factors: SampleFactors, start: 
             right = _pad_cols(factors.factor(use.right, use.right_at), spec.cols, use.aug == "right")
             block[0].index_add_(0, ids[inside] - start, right[inside])
             continue
-        left = _pad_cols(layers(factors.tensors[use.left], tuple(u[k].left_at for u in uses)), spec.rows,
-                         use.aug == "left")
+        left = _pad_cols(layers(factors.tensors[use.left], tuple(u[k].left_at for u in uses)), spec.rows, use.aug == "left")
         if not left.shape[1]:
             continue
         if use.right is not None:
@@ -199,7 +203,7 @@ def layers(t: torch.Tensor, ats: tuple[int | None, ...]) -> torch.Tensor:
     if ats[0] is None:
         return t.unsqueeze(0)
     if ats == tuple(range(ats[0], ats[0] + len(ats))):
-        return t if len(ats) == t.shape[0] else t[ats[0]: ats[0] + len(ats)]
+        return t if len(ats) == t.shape[0] else t[ats[0] : ats[0] + len(ats)]
     return t[torch.tensor(ats, device=t.device)]
 
 
@@ -266,8 +270,7 @@ class _Geometry:
         if layout == "targets" and t.dim() >= 1 and t.shape[0] == self.n_targets:
             return [t[s].reshape(s.stop - s.start, -1) if t.dim() > 1 else t[s] for s in self.target_slices]
         if layout == "tokens" and t.dim() >= 2 and tuple(t.shape[:2]) == (b, w):
-            return [t[i, : self.lengths[i]].reshape(self.lengths[i], -1) if t.dim() > 2 else t[i, : self.lengths[i]]
-                    for i in range(b)]
+            return [t[i, : self.lengths[i]].reshape(self.lengths[i], -1) if t.dim() > 2 else t[i, : self.lengths[i]] for i in range(b)]
         if layout == "tokens" and t.dim() >= 1 and t.shape[0] == b * w:
             return self.split(t.reshape(b, w, *t.shape[1:]), layout, where)
         raise CaptureError(f"{where}: cannot split a tensor of shape {tuple(t.shape)} into the batch's samples")
@@ -452,8 +455,15 @@ class GradientCapture:
                 f.uses[comp] = uses + mine.get(comp, [])
         return out
 
-    def _collect_embedding(self, h: _Handler, call_no: int, call: dict[str, Any], geometry: _Geometry,
-                           out: list[SampleFactors], own: list[dict[str, list[FactorUse]]]) -> None:
+    def _collect_embedding(
+        self,
+        h: _Handler,
+        call_no: int,
+        call: dict[str, Any],
+        geometry: _Geometry,
+        out: list[SampleFactors],
+        own: list[dict[str, list[FactorUse]]],
+    ) -> None:
         pad = getattr(h.module, "padding_idx", None)
         if getattr(h.module, "scale_grad_by_freq", False):
             raise CaptureError(f"module {h.name}: embeddings with scale_grad_by_freq are not supported")
@@ -567,8 +577,9 @@ class _Stacks:
         return rows
 
 
-def _prune(tensors: dict[str, torch.Tensor],
-           uses: dict[str, list[FactorUse]]) -> tuple[dict[str, torch.Tensor], dict[str, list[FactorUse]]]:
+def _prune(
+    tensors: dict[str, torch.Tensor], uses: dict[str, list[FactorUse]]
+) -> tuple[dict[str, torch.Tensor], dict[str, list[FactorUse]]]:
     """Only the factors ``uses`` still read: a stack keeps the layers some use reads (renumbered)."""
     live: dict[str, set[int | None]] = {}
     for us in uses.values():
@@ -589,8 +600,11 @@ def _prune(tensors: dict[str, torch.Tensor],
         moved[k] = {a: n for n, a in enumerate(order)}
 
     def renumbered(u: FactorUse) -> FactorUse:
-        return dataclasses.replace(u, left_at=moved[u.left][u.left_at] if u.left in moved else u.left_at,
-                                   right_at=moved[u.right][u.right_at] if u.right in moved else u.right_at)
+        return dataclasses.replace(
+            u,
+            left_at=moved[u.left][u.left_at] if u.left in moved else u.left_at,
+            right_at=moved[u.right][u.right_at] if u.right in moved else u.right_at,
+        )
 
     return kept, ({c: [renumbered(u) for u in us] for c, us in uses.items()} if moved else uses)
 

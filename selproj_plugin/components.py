@@ -16,8 +16,20 @@ from typing import Iterable, Sequence
 import torch
 
 KINDS: tuple[str, ...] = (
-    "embed", "q", "k", "v", "o", "gate", "up", "down", "norm", "lm_head",
-    "qkv", "mlp_in", "mlp_out", "other",
+    "embed",
+    "q",
+    "k",
+    "v",
+    "o",
+    "gate",
+    "up",
+    "down",
+    "norm",
+    "lm_head",
+    "qkv",
+    "mlp_in",
+    "mlp_out",
+    "other",
 )
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)(?:\.|$)")
@@ -115,11 +127,12 @@ def catalogue(model: torch.nn.Module, scope: str = "paper") -> list[Component]:
         if kind == "other":
             out.extend(Component(n, "other", layer, (n,), p.numel()) for n, p in own)
         else:
-            out.append(Component(module_name, kind, layer, tuple(n for n, _ in own),
-                                 sum(p.numel() for _, p in own)))
+            out.append(Component(module_name, kind, layer, tuple(n for n, _ in own), sum(p.numel() for _, p in own)))
     if not out:
-        raise ValueError(f"model {type(model).__name__} has no trainable parameters"
-                         + (" in the paper's component set (try scope 'all')" if paper else ""))
+        raise ValueError(
+            f"model {type(model).__name__} has no trainable parameters"
+            + (" in the paper's component set (try scope 'all')" if paper else "")
+        )
     return out
 
 

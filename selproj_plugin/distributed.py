@@ -94,8 +94,7 @@ def init_from_env(device: str = "cpu") -> tuple[int, int]:
         cuda = str(device).startswith("cuda")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s()))
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s()))
     return rank_world()
 
 
@@ -224,8 +223,7 @@ def session() -> Iterator[tuple[int, int]]:
     except Exception as exc:
         # bound now: _bounded may give up on its thread, which would then outlive the except block and ``exc``
         failed = _Failed(rank_world()[0], one_line(exc))
-        if isinstance(exc, RankError) or (
-                not isinstance(exc, CollectiveError) and _bounded(lambda: _all_gather(failed))):
+        if isinstance(exc, RankError) or (not isinstance(exc, CollectiveError) and _bounded(lambda: _all_gather(failed))):
             _leave()
         raise
     try:

@@ -42,8 +42,19 @@ from selproj_plugin.transforms import Transform
 
 # Prepared and capture_batches are public for the benchmarks, which time capture on the same batches
 __all__ = [
-    "EngineConfig", "FactorStore", "MemoryLimitWarning", "build_table", "plan_table", "sample_features",
-    "projected_features", "pairwise_dots", "iter_factors", "factor_dots", "prepare", "Prepared", "capture_batches",
+    "EngineConfig",
+    "FactorStore",
+    "MemoryLimitWarning",
+    "build_table",
+    "plan_table",
+    "sample_features",
+    "projected_features",
+    "pairwise_dots",
+    "iter_factors",
+    "factor_dots",
+    "prepare",
+    "Prepared",
+    "capture_batches",
 ]
 
 
@@ -91,8 +102,7 @@ def build_table(
     if candidate_index.size and (candidate_index.min() < 0 or candidate_index.max() >= len(candidates)):
         raise ValueError(f"candidate_index holds indices outside 0..{len(candidates) - 1}")
     original = np.asarray(original)
-    is_original = original.astype(bool) if original.shape == (n_q, n_k) else \
-        (np.arange(n_k)[None, :] == original.astype(np.int64)[:, None])
+    is_original = original.astype(bool) if original.shape == (n_q, n_k) else (np.arange(n_k)[None, :] == original.astype(np.int64)[:, None])
 
     prep = prepare(model, tokenizer, components, scope)
     projector = Projector(prep.specs, transforms) if transforms else None
@@ -100,8 +110,7 @@ def build_table(
     # the plan's batches, whatever was asked
     config = dataclasses.replace(config, batch_tokens=plan.batch_tokens, batch_size=plan.batch_size)
     encode_s = time.perf_counter() - t0
-    progress.LOG.info("table: %d queries x %d candidates, %d components, %s order", n_q, n_k, len(prep.specs),
-                      plan.dot_order)
+    progress.LOG.info("table: %d queries x %d candidates, %d components, %s order", n_q, n_k, len(prep.specs), plan.dot_order)
     names = [s.name for s in prep.specs]
     if shard_file is not None and shard_file.is_file():
         shard = TableShard.load(shard_file)
@@ -118,6 +127,7 @@ def build_table(
 
     ids = [s.id for s in plan.samples]
     keys = [[pair_key(ids[q], ids[int(c)]) for c in row] for q, row in zip(plan.q_of, plan.c_of)]
+
     def self_dots(rows: np.ndarray) -> np.ndarray:
         return np.array([merged.self_dots[ids[i]] for i in rows.ravel()]).reshape(*rows.shape, len(names))
 
@@ -131,34 +141,56 @@ def build_table(
     progress.LOG.info("table: built in %.0f s", timings["total_s"])
     comps = [s.component for s in prep.specs]
     meta = {
-        "model": model_name(model), "truncated": n_truncated,
-        "truncated_ids": sorted(e.sample_id for e in plan.encoded if e.truncated), "max_length": config.max_length,
-        "distinct_samples": int(np.count_nonzero(plan.passes)), "batch_size": config.batch_size,
-        "captures": int(shard.meta.get("captures", 0)) if world == 1 else
-        len(plan.kept) + sum(m.get("captures", len(plan.kept)) - len(plan.kept) for m in merged.meta["shards"]),
+        "model": model_name(model),
+        "truncated": n_truncated,
+        "truncated_ids": sorted(e.sample_id for e in plan.encoded if e.truncated),
+        "max_length": config.max_length,
+        "distinct_samples": int(np.count_nonzero(plan.passes)),
+        "batch_size": config.batch_size,
+        "captures": int(shard.meta.get("captures", 0))
+        if world == 1
+        else len(plan.kept) + sum(m.get("captures", len(plan.kept)) - len(plan.kept) for m in merged.meta["shards"]),
         "plan": plan.summary(),
-        "materialised_components": plan.materialised, "mode": config.mode,
-        "spilled_bytes": shard.meta["spilled_bytes"], "timings": timings,
-        "engine": "selproj factor engine", "world_size": world, "component_set": scope,
+        "materialised_components": plan.materialised,
+        "mode": config.mode,
+        "spilled_bytes": shard.meta["spilled_bytes"],
+        "timings": timings,
+        "engine": "selproj factor engine",
+        "world_size": world,
+        "component_set": scope,
         "param_names": {c.name: list(c.param_names) for c in comps},
     }
     if world > 1:
         meta["ranks"] = merged.meta["shards"]
     return ComponentTable(
         cross=np.array([[merged.cross[k] for k in row] for row in keys]).reshape(n_q, n_k, len(names)),
-        query_self=self_dots(np.asarray(plan.q_of, dtype=np.int64)), candidate_self=self_dots(plan.c_of),
-        is_original=is_original, components=np.array([c.name for c in comps]),
+        query_self=self_dots(np.asarray(plan.q_of, dtype=np.int64)),
+        candidate_self=self_dots(plan.c_of),
+        is_original=is_original,
+        components=np.array([c.name for c in comps]),
         num_params=np.array([c.num_params for c in comps], dtype=np.int64),
         query_ids=np.array([s.id for s in queries]),
         candidate_ids=np.array([[candidates[j].id for j in row] for row in candidate_index]).reshape(n_q, n_k),
-        rp_dims=rp_dims, rp_similarity=rp_sim, rp_keys=rp_keys, meta=meta,
+        rp_dims=rp_dims,
+        rp_similarity=rp_sim,
+        rp_keys=rp_keys,
+        meta=meta,
     )
 
 
-def plan_table(model: torch.nn.Module, tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
-               candidate_index: np.ndarray, *, components: Sequence[str] | None = None, scope: str = "paper",
-               transforms: Sequence[Transform] = (), config: EngineConfig | None = None,
-               across_ranks: bool = False) -> TablePlan:
+def plan_table(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    queries: Sequence[Sample],
+    candidates: Sequence[Sample],
+    candidate_index: np.ndarray,
+    *,
+    components: Sequence[str] | None = None,
+    scope: str = "paper",
+    transforms: Sequence[Transform] = (),
+    config: EngineConfig | None = None,
+    across_ranks: bool = False,
+) -> TablePlan:
     """What :func:`build_table` will do with these arguments (kept, spilled and recomputed samples, passes,
     predicted peak memory, the transforms' share of it, FLOPs), decided without computing a gradient."""
     config = config or EngineConfig()
@@ -169,9 +201,16 @@ def plan_table(model: torch.nn.Module, tokenizer: Any, queries: Sequence[Sample]
     return plan_samples(prep, tokenizer, queries, candidates, candidate_index, config, world, projector)[0]
 
 
-def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample],
-                    components: Sequence[str] | None = None, config: EngineConfig | None = None,
-                    *, scope: str = "paper", across_ranks: bool = False) -> dict[str, torch.Tensor]:
+def sample_features(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    samples: Sequence[Sample],
+    components: Sequence[str] | None = None,
+    config: EngineConfig | None = None,
+    *,
+    scope: str = "paper",
+    across_ranks: bool = False,
+) -> dict[str, torch.Tensor]:
     """Materialised per-sample gradients ``{component: [N, num_params]}`` in parameter layout.
 
     Layout matches concatenating ``p.grad.flatten()`` over the component's ``param_names``.
@@ -197,9 +236,16 @@ def sample_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sa
     return out
 
 
-def projected_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample], transform: Transform,
-                       config: EngineConfig | None = None, *, scope: str = "paper",
-                       across_ranks: bool = False) -> torch.Tensor:
+def projected_features(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    samples: Sequence[Sample],
+    transform: Transform,
+    config: EngineConfig | None = None,
+    *,
+    scope: str = "paper",
+    across_ranks: bool = False,
+) -> torch.Tensor:
     """``transform``'s output for each sample, ``[N, transform.dim]`` float64: what ``build_table`` takes cosines of.
 
     ``transform`` is built on this model's catalogue (component set ``scope``), e.g. a
@@ -223,9 +269,17 @@ def projected_features(model: torch.nn.Module, tokenizer: Any, samples: Sequence
     return out
 
 
-def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sample], samples_b: Sequence[Sample],
-                  components: Sequence[str] | None = None, config: EngineConfig | None = None,
-                  *, scope: str = "paper", across_ranks: bool = False) -> np.ndarray:
+def pairwise_dots(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    samples_a: Sequence[Sample],
+    samples_b: Sequence[Sample],
+    components: Sequence[str] | None = None,
+    config: EngineConfig | None = None,
+    *,
+    scope: str = "paper",
+    across_ranks: bool = False,
+) -> np.ndarray:
     """Every ``<g_c(a), g_c(b)>``: [A, B, C] float64 (``samples_a`` factors stored, ``samples_b`` streamed).
 
     A's factors are kept in RAM up to the memory limit and on disk up to the spill allowance; when they do not
@@ -259,6 +313,7 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
             for i, f in capture(prep, encoded, taken, config, materialise, "set A"):
                 store.put(i, f, spill=i not in in_ram)
                 del f
+
             def against_a(b: int, f: SampleFactors) -> None:  # A in chunks: factors read back stay small
                 row = dots.setdefault(b, np.zeros((len(stored), len(prep.specs))))
                 kept_dots(prep, store, members, col, f.to(config.device), row, config.device)
@@ -266,8 +321,9 @@ def pairwise_dots(model: torch.nn.Module, tokenizer: Any, samples_a: Sequence[Sa
             for b in distributed.deal(sorted(set(b_set) & set(members)), across_ranks):
                 against_a(b, store.get(b))
             streamed = sorted(set(b_set) - set(members))
-            for b, f in capture(prep, encoded, distributed.deal(list(batches(encoded, streamed, config)), across_ranks), config,
-                                 materialise, "set B"):
+            for b, f in capture(
+                prep, encoded, distributed.deal(list(batches(encoded, streamed, config)), across_ranks), config, materialise, "set B"
+            ):
                 against_a(b, f)
                 del f
         finally:

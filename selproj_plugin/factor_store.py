@@ -38,8 +38,9 @@ class FactorStore:
     The spill directory goes on close, at exit, or at the next run if this one is killed.
     """
 
-    def __init__(self, limit_bytes: float, spill_dir: str | None = None, *,
-                 device: str | torch.device | None = None, device_bytes: float = 0.0) -> None:
+    def __init__(
+        self, limit_bytes: float, spill_dir: str | None = None, *, device: str | torch.device | None = None, device_bytes: float = 0.0
+    ) -> None:
         self.limit = limit_bytes
         self.device = torch.device(device) if device is not None else None
         self.device_limit = device_bytes if self.device is not None else 0.0
@@ -87,14 +88,15 @@ class FactorStore:
             f = self._items[key]
             if names is None:
                 return f
-            return SampleFactors(f.sample_id, {k: f.tensors[k] for k in names if k in f.tensors}, f.uses,
-                                 {k: f.vectors[k] for k in names if k in f.vectors})
+            return SampleFactors(
+                f.sample_id, {k: f.tensors[k] for k in names if k in f.tensors}, f.uses, {k: f.vectors[k] for k in names if k in f.vectors}
+            )
         shell, path, where = self._files[key]
         wanted = {k: w for k, w in where.items() if names is None or k in names}
         mapped = np.memmap(path, dtype=np.uint8, mode="c") if any(w.nbytes for w in wanted.values()) else None
         out = SampleFactors(shell.sample_id, {}, shell.uses, {})
         for k, w in wanted.items():
-            array = mapped[w.offset: w.offset + w.nbytes].view(w.dtype) if w.nbytes else np.empty(0, w.dtype)
+            array = mapped[w.offset : w.offset + w.nbytes].view(w.dtype) if w.nbytes else np.empty(0, w.dtype)
             (out.vectors if w.vector else out.tensors)[k] = torch.from_numpy(array.reshape(w.shape))
         return out
 

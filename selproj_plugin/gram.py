@@ -32,8 +32,7 @@ MAX_JOINT = 10
 DOT_BLOCK = 4096
 
 
-def choose_modes(specs: Iterable[ComponentSpec], lengths: Sequence[int], n_pairs: int,
-                 tensors: Sequence[FactorTensor]) -> set[str]:
+def choose_modes(specs: Iterable[ComponentSpec], lengths: Sequence[int], n_pairs: int, tensors: Sequence[FactorTensor]) -> set[str]:
     """Names of factor components cheaper to materialise than to keep factored.
 
     ``lengths``: token counts of the distinct samples; ``n_pairs``: number of dot products the caller
@@ -48,8 +47,11 @@ def choose_modes(specs: Iterable[ComponentSpec], lengths: Sequence[int], n_pairs
     if lengths.size == 0 or n_pairs == 0:
         return set()
     per_number = n_pairs * float(np.mean(lengths)) ** 2  # Gram cost of one stored number per row
-    dense = {s.name: (float(np.sum(lengths)) + n_pairs * MEMORY_BOUND_WEIGHT) * s.rows * s.cols / MATERIALISE_MARGIN
-             for s in specs if s.kind == "factor" and s.layout != "bias_only" and s.rows * s.cols <= 64_000_000}
+    dense = {
+        s.name: (float(np.sum(lengths)) + n_pairs * MEMORY_BOUND_WEIGHT) * s.rows * s.cols / MATERIALISE_MARGIN
+        for s in specs
+        if s.kind == "factor" and s.layout != "bias_only" and s.rows * s.cols <= 64_000_000
+    }
     links = [t for t in tensors if t.users & dense.keys()]
 
     def cost(group: frozenset[str], dense_part: frozenset[str]) -> float:
@@ -78,8 +80,7 @@ def _linked(names: Iterable[str], tensors: Sequence[FactorTensor]) -> list[froze
     return sorted(set(group_of.values()), key=sorted)
 
 
-def _gram_t(a: torch.Tensor | None, a_index: bool, bs: Sequence[torch.Tensor] | None, b_index: bool,
-            n_a: int, n_b: int) -> torch.Tensor:
+def _gram_t(a: torch.Tensor | None, a_index: bool, bs: Sequence[torch.Tensor] | None, b_index: bool, n_a: int, n_b: int) -> torch.Tensor:
     """``B A^T`` ([n_b, n_a], float32) with B the rows of ``bs`` one after another, each block written in place
     (no concatenated copy of the partners); dense rows or one-hot rows given as ids."""
     device = a.device if a is not None else bs[0].device if bs else "cpu"
@@ -90,7 +91,7 @@ def _gram_t(a: torch.Tensor | None, a_index: bool, bs: Sequence[torch.Tensor] | 
     out = torch.empty(n_b, n_a, device=device)
     start = 0
     for b in bs:
-        block = out[start: start + b.shape[0]]
+        block = out[start : start + b.shape[0]]
         start += b.shape[0]
         if a_index and b_index:
             torch.eq(b[:, None], a[None, :], out=block)
@@ -129,18 +130,18 @@ def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence
     for size, members in dense.items():  # a few layers at a time, partners' copies within GRAM_STACK_BYTES
         step = max(1, GRAM_STACK_BYTES // (4 * size * len(fjs)))
         for start in range(0, len(members), step):
-            block = [specs[c].name for c in members[start: start + step]]
+            block = [specs[c].name for c in members[start : start + step]]
             a = torch.stack([fi.vectors[n] for n in block])
             b = torch.stack([f.vectors[n] for f in fjs for n in block]).view(len(fjs), len(block), -1)
             done.append(_dense_dots(a, b).T)
-            order += members[start: start + step]
+            order += members[start : start + step]
     blocks = []  # a group's components a few layers at a time: its Grams stay within GRAM_STACK_BYTES
     for members in groups.values():
         us, vs = fi.uses[specs[members[0]].name], fjs[0].uses[specs[members[0]].name]
         rows_i = max([fi.rows(u.left) for u in us], default=0)
         rows_j = max([sum(f.rows(v.left) for f in fjs) for v in vs], default=0)
         step = max(1, GRAM_STACK_BYTES // max(1, 4 * rows_i * rows_j))
-        blocks += [members[start: start + step] for start in range(0, len(members), step)]
+        blocks += [members[start : start + step] for start in range(0, len(members), step)]
     # a Gram is shared by blocks that read the same factors at the same places (q/k/v's input): count, free after last
     pending: dict[tuple, int] = {}
     for block in blocks:
@@ -180,8 +181,9 @@ def factor_dots(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence
     return np.ascontiguousarray(totals.T.cpu().numpy())
 
 
-def _use_pairs(fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence[ComponentSpec],
-               block: list[int]) -> list[tuple[tuple, tuple]]:
+def _use_pairs(
+    fi: SampleFactors, fjs: Sequence[SampleFactors], specs: Sequence[ComponentSpec], block: list[int]
+) -> list[tuple[tuple, tuple]]:
     """The Gram keys (left, right) of every pair of uses of a block's components, in uses' order."""
     us = [fi.uses[specs[c].name] for c in block]
     vs = [fjs[0].uses[specs[c].name] for c in block]
@@ -205,8 +207,16 @@ def _ats(uses: Sequence[Sequence[FactorUse]], n: int, side: str) -> tuple[int, .
     return None if ats[0] is None else ats
 
 
-def _stacked_gram(fi: SampleFactors, fjs: Sequence[SampleFactors], ki: str | None, kj: str | None, i_index: bool,
-                  j_index: bool, ats_i: tuple[int, ...] | None, ats_j: tuple[int, ...] | None) -> torch.Tensor | None:
+def _stacked_gram(
+    fi: SampleFactors,
+    fjs: Sequence[SampleFactors],
+    ki: str | None,
+    kj: str | None,
+    i_index: bool,
+    j_index: bool,
+    ats_i: tuple[int, ...] | None,
+    ats_j: tuple[int, ...] | None,
+) -> torch.Tensor | None:
     """``B A^T`` per layer, ``[layers, partners' rows, fi's rows]`` float32, with B the partners' rows one after
     another; token ids stand for one-hot rows."""
     if ki is None or kj is None:
@@ -219,8 +229,7 @@ def _stacked_gram(fi: SampleFactors, fjs: Sequence[SampleFactors], ki: str | Non
         n_b = sum(b.shape[0] for b in bs)
         return _gram_t(a, i_index, bs, j_index, a.shape[0], n_b).unsqueeze(0)
     a = layers(a, ats_i or (None,))
-    b = layers(bs[0], ats_j or (None,)) if len(bs) == 1 else \
-        torch.cat([layers(x, ats_j or (None,)) for x in bs], dim=1)
+    b = layers(bs[0], ats_j or (None,)) if len(bs) == 1 else torch.cat([layers(x, ats_j or (None,)) for x in bs], dim=1)
     return torch.bmm(b, a.transpose(1, 2))
 
 
@@ -232,8 +241,7 @@ def _dense_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     pair's norms), and 6x as fast on a 134M-long pair (0.08 s against 0.49 s on the 2-core CPU)."""
     n = a.shape[-1]
     whole = n - n % DOT_BLOCK
-    pieces = torch.einsum("lkd,jlkd->jlk", a[:, :whole].view(a.shape[0], -1, DOT_BLOCK),
-                          b[:, :, :whole].view(*b.shape[:2], -1, DOT_BLOCK))
+    pieces = torch.einsum("lkd,jlkd->jlk", a[:, :whole].view(a.shape[0], -1, DOT_BLOCK), b[:, :, :whole].view(*b.shape[:2], -1, DOT_BLOCK))
     total = pieces.sum(dim=2, dtype=torch.float64)
     return total + (a[:, whole:] * b[:, :, whole:]).sum(dim=2, dtype=torch.float64) if whole < n else total
 

@@ -42,7 +42,7 @@ def gram_blocks(specs: Sequence[ComponentSpec], shell: SampleFactors, n: int) ->
         per_layer = 4 * spec.rows * spec.cols * n
         if per_layer <= GRAM_BLOCK_BYTES:
             step = GRAM_BLOCK_BYTES // per_layer
-            out += [(members[k: k + step], 0, spec.rows) for k in range(0, len(members), step)]
+            out += [(members[k : k + step], 0, spec.rows) for k in range(0, len(members), step)]
             continue
         rows = max(1, GRAM_BLOCK_BYTES // (4 * spec.cols * n))
         out += [([c], start, min(spec.rows, start + rows)) for c in members for start in range(0, spec.rows, rows)]
@@ -73,8 +73,7 @@ def gram_shard(prep: Prepared, plan: TablePlan, config: EngineConfig, projector:
     timings = Timings()
     try:
         t1 = time.perf_counter()
-        for i, f in capture(prep, plan.encoded, list(batches(plan.encoded, used, config)), config, plan.materialise,
-                            "capture"):
+        for i, f in capture(prep, plan.encoded, list(batches(plan.encoded, used, config)), config, plan.materialise, "capture"):
             t2 = time.perf_counter()
             timings.capture_s += t2 - t1
             if projected is not None:
@@ -93,8 +92,9 @@ def gram_shard(prep: Prepared, plan: TablePlan, config: EngineConfig, projector:
         shells = {i: store.get(i, set()) for i in used}  # each sample's uses, no tensor or vector read
         blocks = gram_blocks(prep.specs, shells[used[0]], len(used))
         # one block's storage for every block: allocated afresh, each of ~240 blocks was page-faulted in again
-        storage = torch.empty(len(used) * max(len(m) * (stop - start) * prep.specs[m[0]].cols
-                                              for m, start, stop in blocks), device=config.device)
+        storage = torch.empty(
+            len(used) * max(len(m) * (stop - start) * prep.specs[m[0]].cols for m, start, stop in blocks), device=config.device
+        )
         for members, start, stop in blocks:  # components of one stack a few layers at a time, or rows of one
             specs = [prep.specs[c] for c in members]
             block = storage[: len(used) * len(members) * (stop - start) * specs[0].cols].view(len(used), len(members), -1)
@@ -123,6 +123,5 @@ def gram_shard(prep: Prepared, plan: TablePlan, config: EngineConfig, projector:
         store.close()
         if projected is not None:
             projected.close()
-    shard.meta = {"rank": 0, "world": 1, "spilled_bytes": int(spilled), "captures": len(used),
-                  "timings": asdict(timings)}
+    shard.meta = {"rank": 0, "world": 1, "spilled_bytes": int(spilled), "captures": len(used), "timings": asdict(timings)}
     return shard

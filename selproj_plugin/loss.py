@@ -84,8 +84,10 @@ def _eos_id(tokenizer: Any) -> int:
 def _bos_id(tokenizer: Any, sample: Sample) -> int:
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
-        raise SampleError(f"sample {sample.id}: empty prompt, and the tokenizer has neither a BOS token nor a "
-                          "chat template to predict the first response token from")
+        raise SampleError(
+            f"sample {sample.id}: empty prompt, and the tokenizer has neither a BOS token nor a "
+            "chat template to predict the first response token from"
+        )
     return int(bos)
 
 
@@ -95,9 +97,7 @@ def encode_sample(tokenizer: Any, sample: Sample, max_length: int) -> Encoded:
         raise SampleError(f"sample {sample.id}: prompt with no response (empty response text)")
     eos = _eos_id(tokenizer)
     if getattr(tokenizer, "chat_template", None):
-        prefix = tokenizer.apply_chat_template(
-            [{"role": "user", "content": sample.prompt}], add_generation_prompt=True, tokenize=False
-        )
+        prefix = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}], add_generation_prompt=True, tokenize=False)
         prompt_ids = _ids(tokenizer, prefix, special=False)
     else:
         prompt_ids = _ids(tokenizer, sample.prompt, special=True)
@@ -111,10 +111,7 @@ def encode_sample(tokenizer: Any, sample: Sample, max_length: int) -> Encoded:
         ids, labels = ids[:max_length], labels[:max_length]
     encoded = Encoded(sample.id, tuple(ids), tuple(labels), truncated)
     if encoded.n_targets == 0:
-        raise SampleError(
-            f"sample {sample.id}: empty response after masking ({len(prompt_ids)} prompt tokens, "
-            f"max_length {max_length})"
-        )
+        raise SampleError(f"sample {sample.id}: empty response after masking ({len(prompt_ids)} prompt tokens, max_length {max_length})")
     return encoded
 
 
@@ -126,8 +123,7 @@ def encode_samples(tokenizer: Any, samples: Sequence[Sample], max_length: int) -
     truncated = [e.sample_id for e in encoded if e.truncated]
     if truncated:
         warnings.warn(
-            f"{len(truncated)} sample(s) longer than max_length={max_length} were truncated "
-            f"(first: {truncated[0]})",
+            f"{len(truncated)} sample(s) longer than max_length={max_length} were truncated (first: {truncated[0]})",
             stacklevel=2,
         )
     return encoded, len(truncated)
@@ -144,8 +140,7 @@ def collate(encoded: Sequence[Encoded], pad_id: int, device: str | torch.device 
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return Batch(ids.to(device), mask.to(device), labels.to(device),
-                 [len(e.input_ids) for e in encoded], [e.sample_id for e in encoded])
+    return Batch(ids.to(device), mask.to(device), labels.to(device), [len(e.input_ids) for e in encoded], [e.sample_id for e in encoded])
 
 
 def pad_token_id(tokenizer: Any) -> int:

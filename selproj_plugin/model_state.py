@@ -22,8 +22,7 @@ class ModelState:
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelState":
-        return cls(tuple(m.training for m in model.modules()), tuple(p.requires_grad for p in model.parameters()),
-                   attention(model))
+        return cls(tuple(m.training for m in model.modules()), tuple(p.requires_grad for p in model.parameters()), attention(model))
 
     def restore(self, model: nn.Module) -> None:
         if attention(model) != self.attention:

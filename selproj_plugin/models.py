@@ -150,8 +150,7 @@ def default_model_dir(cache: str | os.PathLike | None = None, *, broken_build: s
             problem = "it does not load"
         if problem is not None:
             if problem != "missing":
-                print(f"[selproj] model cache {target} is incomplete or corrupt ({problem}): rebuilding it",
-                      file=sys.stderr)
+                print(f"[selproj] model cache {target} is incomplete or corrupt ({problem}): rebuilding it", file=sys.stderr)
                 shutil.rmtree(target, ignore_errors=True)
             print(f"[selproj] converting the embedded {DEFAULT_GGUF} to fp32 in {target} (once)", file=sys.stderr)
             try:
@@ -169,8 +168,11 @@ def _private_entry(target: Path, exc: OSError) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="selproj-model-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     entry = tmp / _CACHE_SUBDIR
-    print(f"[selproj] cannot write the model cache {target} ({one_line(exc)}): converting the embedded "
-          f"{DEFAULT_GGUF} into {entry} for this run only", file=sys.stderr)
+    print(
+        f"[selproj] cannot write the model cache {target} ({one_line(exc)}): converting the embedded "
+        f"{DEFAULT_GGUF} into {entry} for this run only",
+        file=sys.stderr,
+    )
     _write_entry(entry)
     return entry
 

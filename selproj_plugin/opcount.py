@@ -72,18 +72,24 @@ def plain_step(model: torch.nn.Module) -> Callable[[Batch], None]:
         forward_losses(model, batch).sum().backward()
         for p in params:
             p.grad = None
+
     return step
 
 
-def plain_backward(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Any], batch_size: int,
-                   max_length: int = EngineConfig.max_length, device: str | torch.device = EngineConfig.device
-                   ) -> tuple[int, int]:
+def plain_backward(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    samples: Sequence[Any],
+    batch_size: int,
+    max_length: int = EngineConfig.max_length,
+    device: str | torch.device = EngineConfig.device,
+) -> tuple[int, int]:
     """The yardstick: a plain batched forward and backward of ``samples`` in batches of ``batch_size`` in the
     order given: its aten calls and padded tokens."""
     from selproj_plugin.loss import collate, encode_samples, pad_token_id
 
     encoded, _ = encode_samples(tokenizer, samples, max_length)
     pad = pad_token_id(tokenizer)
-    batches = [collate(encoded[k: k + batch_size], pad, device) for k in range(0, len(encoded), batch_size)]
+    batches = [collate(encoded[k : k + batch_size], pad, device) for k in range(0, len(encoded), batch_size)]
     cost = measure(plain_step(model), batches, count=True)
     return cost.ops, cost.tokens

@@ -27,7 +27,13 @@ import torch
 from selproj_plugin import distributed
 from selproj_plugin.batching import batches, units
 from selproj_plugin.budget import (
-    GRAM_BLOCK_BYTES, PAIR_CHUNK_BYTES, device_budget, resident_bytes, sized, spill_allowance, store_budget,
+    GRAM_BLOCK_BYTES,
+    PAIR_CHUNK_BYTES,
+    device_budget,
+    resident_bytes,
+    sized,
+    spill_allowance,
+    store_budget,
 )
 from selproj_plugin.capture import ComponentSpec, GradientCapture
 from selproj_plugin.engine_config import DOT_ORDERS, EngineConfig, MemoryLimitWarning
@@ -118,6 +124,7 @@ def factor_tensors(capture: GradientCapture) -> list[FactorTensor]:
             held.append(x)
             add((h.name, "in"), h.layout, 8, True) if h.kind == "embedding" else add(id(x), h.layout, 4 * x.shape[-1])
             add((h.name, "out"), h.layout, 4 * out.shape[-1])
+
         return hook
 
     handles = [h.module.register_forward_hook(hook_for(h), with_kwargs=True) for h in capture.handlers]
@@ -130,8 +137,9 @@ def factor_tensors(capture: GradientCapture) -> list[FactorTensor]:
     return [FactorTensor(layout, nbytes, frozenset(users), index) for layout, nbytes, users, index in tensors.values()]
 
 
-def factor_widths(capture: GradientCapture, specs: Sequence[ComponentSpec], materialise: Sequence[str] = (),
-                  tensors: Sequence[FactorTensor] | None = None) -> FactorWidths:
+def factor_widths(
+    capture: GradientCapture, specs: Sequence[ComponentSpec], materialise: Sequence[str] = (), tensors: Sequence[FactorTensor] | None = None
+) -> FactorWidths:
     """Per-token factor bytes of ``capture``'s components (``tensors``: :func:`factor_tensors`, traced if not given).
 
     A shared input is stored once; token ids count 8 bytes; components without factors (norms) and the
@@ -149,8 +157,7 @@ def factor_widths(capture: GradientCapture, specs: Sequence[ComponentSpec], mate
     fixed += sum(4 * s.rows * s.cols for s in specs if s.kind == "factor" and s.name in dense)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
-    return FactorWidths(per["tokens"], per["targets"], fixed, matmul + (head.weight.numel() if head is not None else 0),
-                        captured)
+    return FactorWidths(per["tokens"], per["targets"], fixed, matmul + (head.weight.numel() if head is not None else 0), captured)
 
 
 @dataclass
@@ -244,7 +251,7 @@ class TablePlan:
 
     @property
     def spill_bytes(self) -> int:
-        return int(sum(self.sample_bytes[i] for i in self.kept[self.ram_kept:]))
+        return int(sum(self.sample_bytes[i] for i in self.kept[self.ram_kept :]))
 
     @property
     def batch_bytes(self) -> int:
@@ -285,8 +292,7 @@ class TablePlan:
     def device_bytes(self, model_bytes: int) -> int:
         """Predicted accelerator memory: the weights, kept factors held there, the larger of a capture batch and
         a group, pair buffers."""
-        return int(model_bytes + self.device_kept_bytes + max(self.batch_bytes, self.group_bytes)
-                   + 2 * self.pair_buffer_bytes)
+        return int(model_bytes + self.device_kept_bytes + max(self.batch_bytes, self.group_bytes) + 2 * self.pair_buffer_bytes)
 
     def capture_flops(self) -> float:
         """Forward plus input-gradient backward (weights frozen): 4 multiply-adds' flops per weight per token."""
@@ -334,51 +340,85 @@ class TablePlan:
                 break
             ram += sample_bytes[i]
             ram_kept += 1
-        return dataclasses.replace(self, kept=used, ram_kept=ram_kept, groups=[], widths=widths,
-                                   sample_bytes=sample_bytes, materialise=frozenset(),
-                                   passes=(np.asarray(self.passes) > 0).astype(np.int64), dot_order="gram",
-                                   dense_params=int(dense_params),
-                                   notes=[n for n in self.notes if "recomputed" not in n])
+        return dataclasses.replace(
+            self,
+            kept=used,
+            ram_kept=ram_kept,
+            groups=[],
+            widths=widths,
+            sample_bytes=sample_bytes,
+            materialise=frozenset(),
+            passes=(np.asarray(self.passes) > 0).astype(np.int64),
+            dot_order="gram",
+            dense_params=int(dense_params),
+            notes=[n for n in self.notes if "recomputed" not in n],
+        )
 
     def summary(self) -> dict[str, Any]:
         used = np.asarray(self.passes) > 0  # samples given but paired with nothing are not captured
         return {
-            "samples": int(used.sum()), "pairs": self.pairs, "kept_side": "queries" if self.kept_queries else "candidates",
-            "kept": len(self.kept), "kept_in_ram": self.ram_kept, "kept_spilled": len(self.kept) - self.ram_kept,
-            "dot_order": self.dot_order, "streamed_groups": len(self.groups), "captures": int(self.passes.sum()),
-            "recomputed": self.recomputed, "passes_per_sample_max": int(self.passes.max(initial=0)),
+            "samples": int(used.sum()),
+            "pairs": self.pairs,
+            "kept_side": "queries" if self.kept_queries else "candidates",
+            "kept": len(self.kept),
+            "kept_in_ram": self.ram_kept,
+            "kept_spilled": len(self.kept) - self.ram_kept,
+            "dot_order": self.dot_order,
+            "streamed_groups": len(self.groups),
+            "captures": int(self.passes.sum()),
+            "recomputed": self.recomputed,
+            "passes_per_sample_max": int(self.passes.max(initial=0)),
             "passes_per_sample_mean": float(self.passes[used].mean()) if used.any() else 0.0,
             "mean_tokens": float(np.asarray(self.lengths)[used].mean()) if used.any() else 0.0,
-            "factor_bytes_total": int(sum(self.sample_bytes)), "kept_ram_bytes": self.ram_bytes - self.device_kept_bytes,
+            "factor_bytes_total": int(sum(self.sample_bytes)),
+            "kept_ram_bytes": self.ram_bytes - self.device_kept_bytes,
             "kept_device_bytes": self.device_kept_bytes,
-            "spill_bytes": self.spill_bytes, "store_budget_bytes": int(self.store_budget),
-            "spill_allowance_bytes": int(self.spill_allowance), "resident_bytes": self.resident_bytes,
-            "batch_tokens": self.batch_tokens, "batch_tokens_why": self.batch_why,
-            "batch_bytes": self.batch_bytes, "group_bytes": self.group_bytes, "projection_bytes": self.projection_bytes,
-            "predicted_peak_bytes": self.peak_bytes, "capture_flops": self.capture_flops(),
+            "spill_bytes": self.spill_bytes,
+            "store_budget_bytes": int(self.store_budget),
+            "spill_allowance_bytes": int(self.spill_allowance),
+            "resident_bytes": self.resident_bytes,
+            "batch_tokens": self.batch_tokens,
+            "batch_tokens_why": self.batch_why,
+            "batch_bytes": self.batch_bytes,
+            "group_bytes": self.group_bytes,
+            "projection_bytes": self.projection_bytes,
+            "predicted_peak_bytes": self.peak_bytes,
+            "capture_flops": self.capture_flops(),
             "dot_flops": self.dot_flops(),
-            "materialised_components": self.materialised, "notes": list(self.notes),
+            "materialised_components": self.materialised,
+            "notes": list(self.notes),
         }
 
     def describe(self) -> str:
         s = self.summary()
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
-        mode = ("store all, then dots component by component" if self.dot_order == "gram" else "keep all"
-                if not self.recomputed else f"keep {s['kept']} most reused, recompute the rest in query-centred groups")
+        mode = (
+            "store all, then dots component by component"
+            if self.dot_order == "gram"
+            else "keep all"
+            if not self.recomputed
+            else f"keep {s['kept']} most reused, recompute the rest in query-centred groups"
+        )
         lines = [
             f"plan: {s['samples']} distinct samples ({s['mean_tokens']:.0f} tokens mean), {s['pairs']} pairs; "
             f"keep the {s['kept_side']}' factors ({mode})",
             f"  kept: {s['kept_in_ram']} in "
-            + (f"memory ({g(s['kept_device_bytes'])} on the device, {g(s['kept_ram_bytes'])} in RAM"
-               if self.device_budget else f"RAM ({g(s['kept_ram_bytes'])}")
+            + (
+                f"memory ({g(s['kept_device_bytes'])} on the device, {g(s['kept_ram_bytes'])} in RAM"
+                if self.device_budget
+                else f"RAM ({g(s['kept_ram_bytes'])}"
+            )
             + f" of a {g(s['store_budget_bytes'])} budget), "
             f"{s['kept_spilled']} spilled ({g(s['spill_bytes'])} of a {g(s['spill_allowance_bytes'])} allowance)",
             f"  passes: {s['captures']} captures for {s['samples']} samples ({s['recomputed']} recomputed; at most "
             f"{s['passes_per_sample_max']} per sample), in batches of up to {self.batch_tokens:,} padded tokens"
             + (f" ({self.batch_why})" if self.batch_why else ""),
             f"  flops: capture {s['capture_flops'] / 1e12:.1f} TFLOP, dots {s['dot_flops'] / 1e12:.1f} TFLOP "
-            + (f"(every sample's {self.dense_params:,} parameters materialised once, pairs by matrix products)"
-               if self.dot_order == "gram" else f"({s['materialised_components']} components materialised)"),
+            + (
+                f"(every sample's {self.dense_params:,} parameters materialised once, pairs by matrix products)"
+                if self.dot_order == "gram"
+                else f"({s['materialised_components']} components materialised)"
+            ),
             f"  predicted peak {'host ' if self.on_device else ''}memory: {g(s['predicted_peak_bytes'])} (resident "
             f"{g(s['resident_bytes'])} + kept {g(s['kept_ram_bytes'])}"
             + ("" if self.on_device else f" + batch/group {g(max(s['batch_bytes'], s['group_bytes']))}")
@@ -388,9 +428,19 @@ class TablePlan:
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
-def plan_pairs(lengths: Sequence[int], targets: Sequence[int], q_of: Sequence[int], c_of: np.ndarray,
-               widths: FactorWidths, *, store_budget: float, spill_allowance: float, resident_bytes: int,
-               batch_tokens: int, device_budget: float = 0.0) -> TablePlan:
+def plan_pairs(
+    lengths: Sequence[int],
+    targets: Sequence[int],
+    q_of: Sequence[int],
+    c_of: np.ndarray,
+    widths: FactorWidths,
+    *,
+    store_budget: float,
+    spill_allowance: float,
+    resident_bytes: int,
+    batch_tokens: int,
+    device_budget: float = 0.0,
+) -> TablePlan:
     """Decide which side's factors are kept, which kept-side samples are stored (most reused first,
     in memory, then spilled) and which are recomputed with each streamed partner.
 
@@ -435,8 +485,9 @@ def plan_pairs(lengths: Sequence[int], targets: Sequence[int], q_of: Sequence[in
         hubs.setdefault(hub, []).append(member)
     member_of = {m for ms in hubs.values() for m in ms}
     with_kept = {s for s in adjacency if adjacency[s] & kept_set}
-    groups = [[s] + sorted(hubs.get(s, ())) for s in sorted((q_set | c_set) - kept_set)
-              if s in hubs or s in with_kept or s not in member_of]
+    groups = [
+        [s] + sorted(hubs.get(s, ())) for s in sorted((q_set | c_set) - kept_set) if s in hubs or s in with_kept or s not in member_of
+    ]
     passes = np.zeros(len(lengths), dtype=np.int64)
     for i in kept:
         passes[i] += 1
@@ -445,12 +496,30 @@ def plan_pairs(lengths: Sequence[int], targets: Sequence[int], q_of: Sequence[in
     rest = side - kept_set
     notes = []
     if rest:
-        notes.append(f"{len(rest)} of {len(side)} kept-side samples exceed RAM budget and spill allowance: "
-                     "recomputed with each streamed partner")
-    return TablePlan(list(lengths), list(targets), sample_bytes, kept, ram_kept, groups, passes, sorted(pair_set),
-                     kept_queries, store_budget, spill_allowance, resident_bytes, batch_tokens, widths, notes=notes,
-                     device_budget=device_budget, sides=(len(q_set), len(c_set)), q_of=list(q_of),
-                     c_of=np.asarray(c_of, dtype=np.int64))
+        notes.append(
+            f"{len(rest)} of {len(side)} kept-side samples exceed RAM budget and spill allowance: recomputed with each streamed partner"
+        )
+    return TablePlan(
+        list(lengths),
+        list(targets),
+        sample_bytes,
+        kept,
+        ram_kept,
+        groups,
+        passes,
+        sorted(pair_set),
+        kept_queries,
+        store_budget,
+        spill_allowance,
+        resident_bytes,
+        batch_tokens,
+        widths,
+        notes=notes,
+        device_budget=device_budget,
+        sides=(len(q_set), len(c_set)),
+        q_of=list(q_of),
+        c_of=np.asarray(c_of, dtype=np.int64),
+    )
 
 
 def check_order(order: str) -> str:
@@ -460,8 +529,7 @@ def check_order(order: str) -> str:
     return order
 
 
-def choose_order(plan: TablePlan, widths: FactorWidths, dense_params: int, stream_dot_flops: float,
-                 order: str = "auto") -> TablePlan:
+def choose_order(plan: TablePlan, widths: FactorWidths, dense_params: int, stream_dot_flops: float, order: str = "auto") -> TablePlan:
     """The plan in the dot order with fewer FLOPs (capture included): component by component needs every
     sample's factors (``widths``) stored within RAM budget and spill allowance; ``order`` 'stream' or 'gram'
     forces one, except that a forced 'gram' that does not fit streams (with a note): the disk bound holds."""
@@ -472,15 +540,24 @@ def choose_order(plan: TablePlan, widths: FactorWidths, dense_params: int, strea
     if fits and (order == "gram" or (order == "auto" and cheaper)):
         return gram
     if order == "gram":
-        plan.notes.append(f"dot order 'gram' needs every sample's factors ({(gram.ram_bytes + gram.spill_bytes) / GiB:.2f}"
-                          f" GiB) within RAM budget and spill allowance ({(plan.store_budget + plan.spill_allowance) / GiB:.2f}"
-                          " GiB): streaming instead")
+        plan.notes.append(
+            f"dot order 'gram' needs every sample's factors ({(gram.ram_bytes + gram.spill_bytes) / GiB:.2f}"
+            f" GiB) within RAM budget and spill allowance ({(plan.store_budget + plan.spill_allowance) / GiB:.2f}"
+            " GiB): streaming instead"
+        )
     return plan
 
 
-def plan_samples(prep: "Prepared", tokenizer: Any, queries: Sequence[Sample], candidates: Sequence[Sample],
-                 candidate_index: np.ndarray, config: EngineConfig, world: int = 1,
-                 projector: "Projector | None" = None) -> tuple[TablePlan, int]:
+def plan_samples(
+    prep: "Prepared",
+    tokenizer: Any,
+    queries: Sequence[Sample],
+    candidates: Sequence[Sample],
+    candidate_index: np.ndarray,
+    config: EngineConfig,
+    world: int = 1,
+    projector: "Projector | None" = None,
+) -> tuple[TablePlan, int]:
     """The plan of a table of ``queries`` x ``candidates[candidate_index]`` under ``config`` (the budgets of the
     tightest of ``world`` ranks), with the samples it was made for, and how many samples were truncated.  Its
     ``batch_tokens`` are what ``config`` asks for or, left to the engine, what the device allows.
@@ -506,21 +583,37 @@ def plan_samples(prep: "Prepared", tokenizer: Any, queries: Sequence[Sample], ca
     allowance, on_device = spill_allowance(config), device_budget(config)
     if world > 1:  # every rank must make the same plan: plan all with the tightest rank's budget and disk
         budget, allowance, on_device = (min(v) for v in zip(*distributed.gather((budget, allowance, on_device))))
-    table = plan_pairs(lengths, [e.n_targets for e in encoded], q_of, c_of, widths,
-                       store_budget=budget, device_budget=on_device, spill_allowance=allowance,
-                       resident_bytes=resident_bytes(prep.capture.model), batch_tokens=config.batch_tokens)
+    table = plan_pairs(
+        lengths,
+        [e.n_targets for e in encoded],
+        q_of,
+        c_of,
+        widths,
+        store_budget=budget,
+        device_budget=on_device,
+        spill_allowance=allowance,
+        resident_bytes=resident_bytes(prep.capture.model),
+        batch_tokens=config.batch_tokens,
+    )
     table.materialise, table.batch_why, table.batch_size = frozenset(materialise), batch_why, config.batch_size
     table.on_device = torch.device(config.device).type != "cpu"
     table.projection_bytes = projector.held_bytes() if projector is not None else 0
     if world == 1:  # component by component runs in one process
-        table = choose_order(table, prep.widths(), sum(s.rows * s.cols for s in prep.specs),
-                             table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)), config.dot_order)
+        table = choose_order(
+            table,
+            prep.widths(),
+            sum(s.rows * s.cols for s in prep.specs),
+            table.dot_flops(table.pair_weight(MEMORY_BOUND_WEIGHT)),
+            config.dot_order,
+        )
     elif config.dot_order == "gram":
         raise ValueError("dot_order 'gram' runs in one process; use 'stream' or 'auto' under torch.distributed")
     if table.peak_bytes > config.memory_limit_gb * 2**30:
-        note = (f"predicted peak {table.peak_bytes / 2**30:.2f} GiB is over the {config.memory_limit_gb:g} GB memory "
-                "limit: the process and one capture batch need that much with nothing kept (raise the limit; a "
-                "smaller EngineConfig.batch_tokens needs less)")
+        note = (
+            f"predicted peak {table.peak_bytes / 2**30:.2f} GiB is over the {config.memory_limit_gb:g} GB memory "
+            "limit: the process and one capture batch need that much with nothing kept (raise the limit; a "
+            "smaller EngineConfig.batch_tokens needs less)"
+        )
         table.notes.append(note)
         warnings.warn(note, MemoryLimitWarning, stacklevel=3)
     kept = set(table.kept)

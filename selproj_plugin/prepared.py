@@ -69,12 +69,17 @@ def capture_batches(prep: Prepared, tokenizer: Any, samples: Sequence[Sample], c
     """``samples`` collated in the batches the engine captures them in (benchmarks time a plain pass on the same)."""
     config = sized(prep, config)[0]
     encoded, _ = encode_samples(tokenizer, samples, config.max_length)
-    return [collate([encoded[i] for i in idx], prep.pad_id, config.device)
-            for idx in batches(encoded, range(len(encoded)), config)]
+    return [collate([encoded[i] for i in idx], prep.pad_id, config.device) for idx in batches(encoded, range(len(encoded)), config)]
 
 
-def iter_factors(prep: Prepared, encoded: Sequence[Encoded], indices: Sequence[int], config: EngineConfig,
-                 materialise: set[str] = frozenset(), label: str = "capture") -> Iterator[tuple[int, SampleFactors]]:
+def iter_factors(
+    prep: Prepared,
+    encoded: Sequence[Encoded],
+    indices: Sequence[int],
+    config: EngineConfig,
+    materialise: set[str] = frozenset(),
+    label: str = "capture",
+) -> Iterator[tuple[int, SampleFactors]]:
     """Factors of ``encoded[i]`` for each i in ``indices`` (each in memory of its own, safe to keep): one
     forward/backward per length-sorted batch."""
     config = sized(prep, config)[0]
@@ -85,8 +90,14 @@ def iter_factors(prep: Prepared, encoded: Sequence[Encoded], indices: Sequence[i
         del own
 
 
-def capture(prep: Prepared, encoded: Sequence[Encoded], taken: Sequence[Sequence[int]], config: EngineConfig,
-            materialise: set[str] = frozenset(), label: str = "capture") -> Iterator[tuple[int, SampleFactors]]:
+def capture(
+    prep: Prepared,
+    encoded: Sequence[Encoded],
+    taken: Sequence[Sequence[int]],
+    config: EngineConfig,
+    materialise: set[str] = frozenset(),
+    label: str = "capture",
+) -> Iterator[tuple[int, SampleFactors]]:
     """Factors of each sample of the batches ``taken``, one forward/backward per batch, with progress on stderr.
 
     Each is a view of its batch's tensors: drop it (or keep its :meth:`~SampleFactors.compact` copy) before asking

@@ -50,8 +50,16 @@ class Lines:
             return
         self.closed = True
         extra = f", {self.postfix}" if self.postfix else ""
-        LOG.info("%s: %d/%d %s%s in %.0f s%s", self.desc, self.n, self.total, self.unit, "" if self.total == 1 else "s",
-                 time.perf_counter() - self.started, extra)
+        LOG.info(
+            "%s: %d/%d %s%s in %.0f s%s",
+            self.desc,
+            self.n,
+            self.total,
+            self.unit,
+            "" if self.total == 1 else "s",
+            time.perf_counter() - self.started,
+            extra,
+        )
 
 
 class _Stderr(logging.StreamHandler):

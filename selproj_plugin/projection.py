@@ -136,8 +136,9 @@ class _SketchSums(Accumulator):
     def add(self, name: str, block: torch.Tensor) -> None:
         i = self.index.get(name)
         if i is None:
-            raise TransformError(f"{type(self.sketch).__name__} does not project {name}: not one of its "
-                                 f"{len(self.index)} selected components")
+            raise TransformError(
+                f"{type(self.sketch).__name__} does not project {name}: not one of its {len(self.index)} selected components"
+            )
         comp = self.sketch.components[i]
         if block.dim() != 2 or tuple(block.shape) != (self.n, comp.num_params):
             raise TransformError(f"features of {name} must be [{self.n}, {comp.num_params}], got {tuple(block.shape)}")

@@ -54,14 +54,14 @@ class Projector:
         for t in transforms:
             for c in t.components:
                 if c.name not in by_name or by_name[c.name].component.num_params != c.num_params:
-                    raise ValueError(f"transform {t.key} projects {c.name} ({c.num_params} parameters), "
-                                     "which is not a component of this table")
+                    raise ValueError(
+                        f"transform {t.key} projects {c.name} ({c.num_params} parameters), which is not a component of this table"
+                    )
         wanted = {c.name for t in transforms for c in t.components}
         self.specs = [s for s in specs if s.name in wanted]
         self.transforms = list(transforms)
         self.keys = [t.key for t in transforms]
-        self._users = {s.name: [k for k, t in enumerate(transforms) if s.name in {c.name for c in t.components}]
-                       for s in self.specs}
+        self._users = {s.name: [k for k, t in enumerate(transforms) if s.name in {c.name for c in t.components}] for s in self.specs}
         self.form_s = 0.0  # seconds forming components' gradients from factors
         self.transform_s = [0.0] * len(self.transforms)  # seconds in each transform
 

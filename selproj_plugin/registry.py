@@ -124,8 +124,9 @@ def _add_plugin(registry: Registry, name: str, load: Callable[[], object]) -> No
     except Exception as exc:
         results, problems = [], [f"selproj_strategies raised {one_line(exc, with_type=True)}"]
     else:
-        problems = [f"selproj_strategies returned {r!r:.80}, not a list of Reducer classes"
-                    for r in results if not isinstance(r, (list, tuple))]
+        problems = [
+            f"selproj_strategies returned {r!r:.80}, not a list of Reducer classes" for r in results if not isinstance(r, (list, tuple))
+        ]
     classes = [cls for result in results if isinstance(result, (list, tuple)) for cls in result]
     taken = dict(registry.owners)
     for cls in classes:
@@ -146,8 +147,7 @@ def _add_plugin(registry: Registry, name: str, load: Callable[[], object]) -> No
 def _validation_error(manager: pluggy.PluginManager, plugin: object, exc: pluggy.PluginValidationError) -> str:
     """One line for a plugin pluggy refused: its hooks that match no specification, else pluggy's reason."""
     callers = manager.get_hookcallers(plugin) or []  # None when register itself refused the plugin
-    unknown = [c.name for c in callers if not c.has_spec()
-               and any(i.plugin is plugin and not i.optionalhook for i in c.get_hookimpls())]
+    unknown = [c.name for c in callers if not c.has_spec() and any(i.plugin is plugin and not i.optionalhook for i in c.get_hookimpls())]
     if not unknown:  # pluggy's reason spans lines: the hook, its definition, what does not match
         return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     specs = [n for n, c in vars(manager.hook).items() if not n.startswith("_") and c.has_spec()]
@@ -164,14 +164,15 @@ def _check_strategy(cls: Any, taken: dict[str, str]) -> str | None:
     if not (isinstance(cls, type) and issubclass(cls, Reducer)):
         return f"provided {cls!r}, which is not a Reducer dataclass"
     if not own_dataclass(cls):
-        return (f"reducer {cls.__name__} is not itself a dataclass, so its options are not fields: "
-                f"add @dataclass above class {cls.__name__}")
+        return f"reducer {cls.__name__} is not itself a dataclass, so its options are not fields: add @dataclass above class {cls.__name__}"
     if not cls.name or not isinstance(cls.name, str):
         return f"reducer {cls.__name__} has no name"
     legacy = [m for m in LEGACY_METHODS if any(m in vars(k) for k in cls.__mro__ if k is not object)]
     if legacy:
-        return (f"reducer {cls.__name__} defines {legacy[0]}(), which selproj no longer calls: "
-                "put per-sample work in transform() (see CONTRIBUTING.md)")
+        return (
+            f"reducer {cls.__name__} defines {legacy[0]}(), which selproj no longer calls: "
+            "put per-sample work in transform() (see CONTRIBUTING.md)"
+        )
     if cls.name in taken:
         return f"strategy name {cls.name!r} is already registered by {taken[cls.name]}"
     return None
@@ -190,9 +191,11 @@ def registry(reload: bool = False) -> Registry:
             for plugin, errors in _registry.errors.items():
                 warnings.warn(f"selproj plugin {plugin} disabled: {'; '.join(errors)}", PluginWarning, stacklevel=3)
             for name in _registry.unknown_disabled:
-                warnings.warn(f"{DISABLE_ENV} names {name!r}, which is no selproj plugin; plugins: "
-                              f"{', '.join(_registry.known_plugins)}",
-                              PluginWarning, stacklevel=3)
+                warnings.warn(
+                    f"{DISABLE_ENV} names {name!r}, which is no selproj plugin; plugins: {', '.join(_registry.known_plugins)}",
+                    PluginWarning,
+                    stacklevel=3,
+                )
         return _registry
 
 
@@ -282,8 +285,7 @@ def _fits(value: Any, tp: Any) -> bool:
     if tp is type(None):
         return value is None
     if origin in (list, tuple, collections.abc.Sequence):
-        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value) if args else \
-            isinstance(value, (list, tuple))
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
     if tp is float:
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if tp is int:
@@ -300,8 +302,7 @@ def _convert(text: str, tp: Any) -> Any:
         # exact scalars first; then str (a strategy may parse its own text form); lists last,
         # unless the text is a JSON list
         listed = text.strip().startswith("[")
-        for arg in sorted(args, key=lambda a: (-1 if listed else 2) if typing.get_origin(a) is not None
-                          else int(a is str)):
+        for arg in sorted(args, key=lambda a: (-1 if listed else 2) if typing.get_origin(a) is not None else int(a is str)):
             try:
                 return _convert(text, arg)
             except ValueError:

@@ -25,8 +25,12 @@ def cosine_from_sums(cross: np.ndarray, query_self: np.ndarray, candidate_self: 
     return np.divide(cross, den, out=np.zeros(np.broadcast_shapes(cross.shape, den.shape)), where=den > 0)
 
 
-def subset_similarity(table: ComponentTable, components: Sequence[int] | np.ndarray | None = None,
-                      rows: np.ndarray | None = None, weights: np.ndarray | None = None) -> np.ndarray:
+def subset_similarity(
+    table: ComponentTable,
+    components: Sequence[int] | np.ndarray | None = None,
+    rows: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
     """[Q, K] cosine using only ``components`` (indices; None = all), for ``rows`` of queries.
 
     ``weights`` (one per listed component) multiply each component's dot products: the
@@ -137,10 +141,8 @@ def reciprocal_rank(similarity: np.ndarray, is_original: np.ndarray) -> np.ndarr
     return (harmonic[above + tied] - harmonic[above]) / tied
 
 
-def rank_credits(similarity: np.ndarray, is_original: np.ndarray,
-                 cutoffs: tuple[int, ...] = (1, 5, 10)) -> dict[str, np.ndarray]:
+def rank_credits(similarity: np.ndarray, is_original: np.ndarray, cutoffs: tuple[int, ...] = (1, 5, 10)) -> dict[str, np.ndarray]:
     """Per-query reciprocal rank and recall@k of the originals (full-set retrieval); their means are MRR and recall@k."""
     out = {"mrr": reciprocal_rank(similarity, is_original)}
     out.update({f"recall@{k}": recall_at(similarity, is_original, k) for k in cutoffs})
     return out
-

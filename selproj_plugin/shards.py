@@ -54,7 +54,8 @@ class TableShard:
         ids = sorted(self.self_dots)
         c = len(self.components)
         arrays = {
-            "format": np.array(FORMAT), "components": np.array(self.components, dtype=str),
+            "format": np.array(FORMAT),
+            "components": np.array(self.components, dtype=str),
             "self_ids": np.array(ids, dtype=str).reshape(len(ids)),
             "self_dots": np.array([self.self_dots[i] for i in ids], dtype=np.float64).reshape(len(ids), c),
             "pair_ids": np.array(pairs, dtype=str).reshape(len(pairs), 2),
@@ -88,13 +89,18 @@ class TableShard:
             rp_keys=[str(k) for k in a["rp_keys"]] if "rp_keys" in a else [],
         )
 
-    def check(self, path: str | os.PathLike, components: Sequence[str], ids: Iterable[str],
-              pairs: Iterable[Pair], rp_keys: Sequence[str]) -> None:
+    def check(
+        self, path: str | os.PathLike, components: Sequence[str], ids: Iterable[str], pairs: Iterable[Pair], rp_keys: Sequence[str]
+    ) -> None:
         """Raise if this shard is not the share the current run asks of this rank."""
         problem = (
-            "other components" if list(self.components) != list(components) else
-            "other samples" if set(self.self_dots) != set(ids) or set(self.cross) != set(pairs) else
-            "other projections" if list(self.rp_keys) != list(rp_keys) else None
+            "other components"
+            if list(self.components) != list(components)
+            else "other samples"
+            if set(self.self_dots) != set(ids) or set(self.cross) != set(pairs)
+            else "other projections"
+            if list(self.rp_keys) != list(rp_keys)
+            else None
         )
         if problem:
             raise TableError(f"table shard {path} was written for {problem}; delete it to recompute")
@@ -102,8 +108,7 @@ class TableShard:
     @classmethod
     def merge(cls, shards: Sequence["TableShard"]) -> "TableShard":
         """One shard holding every shard's values (a sample computed by several ranks is kept once)."""
-        out = cls(components=list(shards[0].components), meta={"shards": [s.meta for s in shards]},
-                  rp_keys=list(shards[0].rp_keys))
+        out = cls(components=list(shards[0].components), meta={"shards": [s.meta for s in shards]}, rp_keys=list(shards[0].rp_keys))
         for s in shards:
             if list(s.components) != out.components or list(s.rp_keys) != out.rp_keys:
                 raise TableError("cannot merge table shards of different components or projections")

@@ -53,8 +53,7 @@ def remove_stale(parent: str | os.PathLike | None = None) -> int:
         finally:
             lock.release()
     if freed:
-        print(f"[selproj] removed {freed / 2**30:.2f} GB of spill directories left in {parent} by killed runs",
-              file=sys.stderr)
+        print(f"[selproj] removed {freed / 2**30:.2f} GB of spill directories left in {parent} by killed runs", file=sys.stderr)
     return freed
 
 
@@ -82,8 +81,9 @@ class SpillDir:
             path = parent / hidden.name[1:]
             os.rename(hidden, path)
         except OSError as exc:
-            raise SpillError(f"cannot create a spill directory in {parent}: {exc.strerror or exc}; "
-                             "point TMPDIR elsewhere or raise the memory limit") from None
+            raise SpillError(
+                f"cannot create a spill directory in {parent}: {exc.strerror or exc}; point TMPDIR elsewhere or raise the memory limit"
+            ) from None
         self.path = path
         self._finalizer = weakref.finalize(self, _remove, path, lock)  # also runs at interpreter exit
 
@@ -103,8 +103,10 @@ class SpillDir:
                     pos += a.nbytes
         except OSError as exc:
             path.unlink(missing_ok=True)
-            raise SpillError(f"cannot spill gradient factors to {self.path}: {exc.strerror or exc}; "
-                             "free space there, point TMPDIR elsewhere or raise the memory limit") from None
+            raise SpillError(
+                f"cannot spill gradient factors to {self.path}: {exc.strerror or exc}; "
+                "free space there, point TMPDIR elsewhere or raise the memory limit"
+            ) from None
         return path, offsets
 
     def close(self) -> None:

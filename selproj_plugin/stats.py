@@ -44,8 +44,9 @@ def binomial_ci(total: float, n: int, level: float = LEVEL) -> tuple[float, floa
 def bootstrap_ci(values: np.ndarray, seed: int = 0, level: float = LEVEL, draws: int = DRAWS) -> tuple[float, float]:
     """Seeded percentile bootstrap interval of a mean over queries."""
     values = np.asarray(values, dtype=np.float64).ravel()
-    result = _scipy.bootstrap((values,), np.mean, n_resamples=draws, confidence_level=level, method="percentile",
-                              rng=np.random.default_rng(seed))
+    result = _scipy.bootstrap(
+        (values,), np.mean, n_resamples=draws, confidence_level=level, method="percentile", rng=np.random.default_rng(seed)
+    )
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
@@ -65,8 +66,14 @@ class PairedTest:
     basis: str = NOT_FITTED  # which of the strategy's credits: HELD_OUT or NOT_FITTED
 
     def to_json(self) -> dict[str, Any]:
-        return {"p_value": self.p_value, "difference": self.difference, "better": self.better,
-                "worse": self.worse, "method": self.method, "basis": self.basis}
+        return {
+            "p_value": self.p_value,
+            "difference": self.difference,
+            "better": self.better,
+            "worse": self.worse,
+            "method": self.method,
+            "basis": self.basis,
+        }
 
 
 def mcnemar_p(better: int, worse: int) -> float:
@@ -81,9 +88,15 @@ def sign_flip_p(differences: np.ndarray, seed: int = 0, draws: int = DRAWS) -> f
     d = d[d != 0]
     if d.size == 0:
         return 1.0
-    result = _scipy.permutation_test((d,), lambda x, axis: np.abs(x.sum(axis=axis)), permutation_type="samples",
-                                     vectorized=True, n_resamples=draws, alternative="greater",
-                                     rng=np.random.default_rng(seed))
+    result = _scipy.permutation_test(
+        (d,),
+        lambda x, axis: np.abs(x.sum(axis=axis)),
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=draws,
+        alternative="greater",
+        rng=np.random.default_rng(seed),
+    )
     return float(result.pvalue)
 
 

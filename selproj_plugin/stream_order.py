@@ -25,8 +25,7 @@ from selproj_plugin.shards import TableShard, Timings, pair_key
 class _StreamShard:
     """One rank's share in the stream order: the table shard it fills, the kept factors it reads, its timings."""
 
-    def __init__(self, prep: Prepared, plan: TablePlan, config: EngineConfig, projector: Projector | None,
-                 store: FactorStore) -> None:
+    def __init__(self, prep: Prepared, plan: TablePlan, config: EngineConfig, projector: Projector | None, store: FactorStore) -> None:
         self.prep, self.plan, self.config, self.projector, self.store = prep, plan, config, projector, store
         self.ids = [s.id for s in plan.samples]
         self.shard = TableShard(components=[s.name for s in prep.specs], rp_keys=projector.keys if projector else [])
@@ -65,7 +64,7 @@ class _StreamShard:
             rows = factor_dots(f, own + [self.store.get(j).to(self.config.device) for j in chunk], self.prep.specs)
             if own:
                 self.record_self(i, rows[0])
-            for j, row in zip(chunk, rows[len(own):]):
+            for j, row in zip(chunk, rows[len(own) :]):
                 self.put(pair_key(self.ids[i], self.ids[j]), row, i, j)
 
     def group(self, u: int, members: list[int], got: dict[int, SampleFactors]) -> None:
@@ -91,8 +90,7 @@ def _settle(i: int, f: SampleFactors, waiting: dict[tuple[int, int], dict[int, S
             got[i] = own
 
 
-def stream_shard(prep: Prepared, plan: TablePlan, rank: int, world: int, config: EngineConfig,
-                 projector: Projector | None) -> TableShard:
+def stream_shard(prep: Prepared, plan: TablePlan, rank: int, world: int, config: EngineConfig, projector: Projector | None) -> TableShard:
     """This rank's share: every kept sample (all ranks need their factors), its dealt streamed units."""
     store = FactorStore.for_config(plan.store_budget, plan.device_budget, config)
     run = _StreamShard(prep, plan, config, projector, store)
@@ -151,13 +149,13 @@ def stream_shard(prep: Prepared, plan: TablePlan, rank: int, world: int, config:
         if run.projected is not None:
             run.projected.close()
     timings.dots_s -= timings.project_s
-    run.shard.meta = {"rank": rank, "world": world, "spilled_bytes": int(spilled), "captures": captured,
-                      "timings": asdict(timings)}
+    run.shard.meta = {"rank": rank, "world": world, "spilled_bytes": int(spilled), "captures": captured, "timings": asdict(timings)}
     return run.shard
 
 
-def kept_dots(prep: Prepared, store: FactorStore, members: Sequence[int], col: dict[int, int],
-              f: SampleFactors, row: np.ndarray, device: str) -> None:
+def kept_dots(
+    prep: Prepared, store: FactorStore, members: Sequence[int], col: dict[int, int], f: SampleFactors, row: np.ndarray, device: str
+) -> None:
     """``f``'s dots with the stored ``members``, read back a chunk at a time, into ``row[col[member]]``."""
     for chunk in store.chunks(members, PAIR_CHUNK_BYTES):
         row[[col[a] for a in chunk]] = factor_dots(f, [store.get(a).to(device) for a in chunk], prep.specs)

@@ -149,24 +149,37 @@ class ComponentTable:
         want = _ProjectionKey.parse(key)
         if want is None:
             return None
-        same = [(i, have) for i, have in enumerate(map(_ProjectionKey.parse, keys))
-                if have and (have.kind, have.selection) == (want.kind, want.selection)]
+        same = [
+            (i, have)
+            for i, have in enumerate(map(_ProjectionKey.parse, keys))
+            if have and (have.kind, have.selection) == (want.kind, want.selection)
+        ]
         for i, have in same:
             if have.seed == PAPER_SEED and want.seed == DEFAULT_SEED and abs(have.dim - want.dim) <= 0.01 * want.dim:
                 return np.asarray(self.rp_similarity[i], dtype=np.float64)
         if not same:
             return None
         held = ", ".join(f"{have.seed} at dim {have.dim:g}" for _, have in same)
-        raise TableError(f"the table stores no {want.kind} projection {want.seed} at dim {want.dim:g} of this "
-                         f"selection; it holds {held}: ask for one of those, or build a table with this one")
+        raise TableError(
+            f"the table stores no {want.kind} projection {want.seed} at dim {want.dim:g} of this "
+            f"selection; it holds {held}: ask for one of those, or build a table with this one"
+        )
 
     def take(self, rows: np.ndarray) -> "ComponentTable":
         """A table of only the given query rows (for held-out folds); its queries are no longer in groups."""
         return ComponentTable(
-            cross=self.cross[rows], query_self=self.query_self[rows], candidate_self=self.candidate_self[rows],
-            is_original=self.is_original[rows], components=self.components, num_params=self.num_params,
-            kinds=self.kinds, layers=self.layers, query_ids=self.query_ids[rows],
-            candidate_ids=self.candidate_ids[rows], rp_dims=self.rp_dims, rp_keys=self.rp_keys,
+            cross=self.cross[rows],
+            query_self=self.query_self[rows],
+            candidate_self=self.candidate_self[rows],
+            is_original=self.is_original[rows],
+            components=self.components,
+            num_params=self.num_params,
+            kinds=self.kinds,
+            layers=self.layers,
+            query_ids=self.query_ids[rows],
+            candidate_ids=self.candidate_ids[rows],
+            rp_dims=self.rp_dims,
+            rp_keys=self.rp_keys,
             rp_similarity=None if self.rp_similarity is None else self.rp_similarity[:, rows],
             meta={k: v for k, v in self.meta.items() if k != "query_groups"},
         )
@@ -244,10 +257,17 @@ class ComponentTable:
         path = Path(path)
         arrays = {
             "format": np.array(FORMAT),
-            "cross": self.cross, "query_self": self.query_self, "candidate_self": self.candidate_self,
-            "is_original": self.is_original, "components": self.components, "num_params": self.num_params,
-            "kinds": self.kinds, "layers": self.layers, "query_ids": self.query_ids,
-            "candidate_ids": self.candidate_ids, "meta": np.array(json.dumps(self.meta, sort_keys=True)),
+            "cross": self.cross,
+            "query_self": self.query_self,
+            "candidate_self": self.candidate_self,
+            "is_original": self.is_original,
+            "components": self.components,
+            "num_params": self.num_params,
+            "kinds": self.kinds,
+            "layers": self.layers,
+            "query_ids": self.query_ids,
+            "candidate_ids": self.candidate_ids,
+            "meta": np.array(json.dumps(self.meta, sort_keys=True)),
         }
         if self.rp_similarity is not None:
             arrays.update(rp_dims=self.rp_dims, rp_similarity=self.rp_similarity, rp_keys=self.rp_keys)
@@ -264,8 +284,7 @@ class ComponentTable:
                 arrays = {key: data[key] for key in data.files}
         except Exception as exc:  # zip, pickle or header errors all mean "not a table"
             raise TableError(f"cannot read table {path}: {exc}") from None
-        missing = [k for k in ("cross", "query_self", "candidate_self", "is_original", "components", "num_params")
-                   if k not in arrays]
+        missing = [k for k in ("cross", "query_self", "candidate_self", "is_original", "components", "num_params") if k not in arrays]
         if missing:
             raise TableError(f"{path} is not a component table: missing arrays {', '.join(missing)}")
         meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {"source": str(path)}

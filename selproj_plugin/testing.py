@@ -84,9 +84,18 @@ def tiny_model() -> tuple[torch.nn.Module, Any]:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=257, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, attn_implementation="eager")).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=257,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            attn_implementation="eager",
+        )
+    ).eval()
     torch.random.set_rng_state(generator_state)
     return model, tokenizer
 
@@ -106,8 +115,9 @@ def world() -> _World:
     from selproj_plugin.engine import EngineConfig, build_table
 
     model, tokenizer = tiny_model()
-    table = build_table(model, tokenizer, QUERIES, TRAIN, CANDIDATES, np.zeros(len(QUERIES), dtype=int),
-                        config=EngineConfig(progress=False))
+    table = build_table(
+        model, tokenizer, QUERIES, TRAIN, CANDIDATES, np.zeros(len(QUERIES), dtype=int), config=EngineConfig(progress=False)
+    )
     return _World(model, tokenizer, table, tuple(catalogue(model)))
 
 
@@ -152,8 +162,7 @@ def check_class(cls: type[Reducer], options: Mapping[str, Any]) -> None:
     assert isinstance(cls, type) and issubclass(cls, Reducer), f"{cls!r} is not a Reducer subclass"
     assert own_dataclass(cls), f"{cls.__name__} is not itself a dataclass (options are its fields): add @dataclass"
     assert isinstance(cls.name, str) and cls.name, f"{cls.__name__}.name must be a non-empty string"
-    assert isinstance(cls.summary, str) and cls.summary and "\n" not in cls.summary, \
-        f"{cls.__name__}.summary must be one non-empty line"
+    assert isinstance(cls.summary, str) and cls.summary and "\n" not in cls.summary, f"{cls.__name__}.summary must be one non-empty line"
     legacy = [m for m in LEGACY_METHODS if any(m in vars(k) for k in cls.__mro__)]
     assert not legacy, f"{cls.__name__} defines {legacy[0]}(), which selproj never calls: use transform()"
 
@@ -179,8 +188,9 @@ def check_select(cls: type[Reducer], options: Mapping[str, Any]) -> None:
     reducer = instance(cls, options)
     before = tuple(w.catalogue)
     first = reducer.select(w.catalogue)
-    assert isinstance(first, (list, tuple)) and all(isinstance(n, str) for n in first), \
+    assert isinstance(first, (list, tuple)) and all(isinstance(n, str) for n in first), (
         f"select must return a list of names, got {type(first).__name__}"
+    )
     assert tuple(w.catalogue) == before, "select changed the catalogue it was given"
     red = reduction(reducer, w.catalogue)  # raises ReducerError naming an unknown, repeated or empty selection
     assert list(reducer.select(w.catalogue)) == list(first), "select gives different names on a second call"
@@ -195,12 +205,14 @@ def check_transform(cls: type[Reducer], options: Mapping[str, Any]) -> None:
     assert isinstance(t, Transform), f"transform returned {type(t).__name__}, not a Transform"
     feats = _features(red, TRAIN)
     out = t(feats)
-    assert isinstance(out, torch.Tensor) and tuple(out.shape) == (len(TRAIN), t.dim), \
+    assert isinstance(out, torch.Tensor) and tuple(out.shape) == (len(TRAIN), t.dim), (
         f"transform gave shape {tuple(getattr(out, 'shape', ()))} for {len(TRAIN)} samples; declared dim {t.dim}"
+    )
     assert torch.isfinite(out).all(), "transform output holds NaN or inf"
-    single = torch.cat([t({n: v[i:i + 1] for n, v in feats.items()}) for i in range(len(TRAIN))])
-    assert torch.allclose(single.double(), out.double(), rtol=1e-5, atol=1e-7 * float(out.abs().max())), \
+    single = torch.cat([t({n: v[i : i + 1] for n, v in feats.items()}) for i in range(len(TRAIN))])
+    assert torch.allclose(single.double(), out.double(), rtol=1e-5, atol=1e-7 * float(out.abs().max())), (
         "transform mixes samples: a sample's output depends on the rest of its batch"
+    )
     again = reduction(instance(cls, options), w.catalogue).transform(feats)
     assert torch.equal(again, out), "a transform built again for the same model gives other outputs (seed it)"
     assert isinstance(t.key, str) and t.key, "transform.key must name the map (tables store similarities under it)"
@@ -254,8 +266,7 @@ def extra_checks() -> list[CheckFunction]:
 def reducer_checks(cls: type[Reducer], options: Mapping[str, Any] | None = None) -> list[Check]:
     """Every conformance check of ``cls`` (built with ``options``), each a callable named for what it checks."""
     opts = dict(options or {})
-    return [Check(f"{cls.__name__}:{fn.__name__}", functools.partial(fn, cls, opts))
-            for fn in (*CHECKS, *extra_checks())]
+    return [Check(f"{cls.__name__}:{fn.__name__}", functools.partial(fn, cls, opts)) for fn in (*CHECKS, *extra_checks())]
 
 
 def check_reducer(cls: type[Reducer], options: Mapping[str, Any] | None = None) -> None:

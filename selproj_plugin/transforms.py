@@ -104,8 +104,10 @@ class Transform(ABC):
         if list(features) != names:
             missing = [n for n in names if n not in features]
             extra = [n for n in features if n not in names]
-            raise TransformError(f"{type(self).__name__} expects features for {len(names)} selected components in "
-                                 f"selection order; missing {missing[:3]}, unexpected {extra[:3]}")
+            raise TransformError(
+                f"{type(self).__name__} expects features for {len(names)} selected components in "
+                f"selection order; missing {missing[:3]}, unexpected {extra[:3]}"
+            )
         rows = set()
         for c in self.components:
             f = features[c.name]
@@ -137,11 +139,10 @@ class Concatenate(Transform):
 
     def __call__(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         self.check(features)
-        parts = [features[c.name] if w == 1 else features[c.name] * float(w)
-                 for c, w in zip(self.components, self.weights)]
+        parts = [features[c.name] if w == 1 else features[c.name] * float(w) for c, w in zip(self.components, self.weights)]
         return torch.cat(parts, dim=1)
 
     def on_table(self, table: "ComponentTable") -> np.ndarray:
         from selproj_plugin import scoring
 
-        return scoring.subset_similarity(table, table.indices([c.name for c in self.components]), weights=self.weights ** 2)
+        return scoring.subset_similarity(table, table.indices([c.name for c in self.components]), weights=self.weights**2)

@@ -42,9 +42,17 @@ CANDIDATES = [
 def make_model(seed: int = 0, attn: str = "eager") -> LlamaForCausalLM:
     """Tiny random-init Llama (~150k parameters), fp32, eval mode."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=tiny.VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM._from_config(config, attn_implementation=attn).float().eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -60,8 +68,7 @@ def engine_cosines(model, tokenizer, queries, candidates, components=None, weigh
     config = EngineConfig(progress=False, batch_size=4)
     cross = pairwise_dots(model, tokenizer, queries, candidates, components, config, scope=scope)
     q_self = np.einsum("iic->ic", pairwise_dots(model, tokenizer, queries, queries, components, config, scope=scope))
-    k_self = np.einsum("iic->ic", pairwise_dots(model, tokenizer, candidates, candidates, components, config,
-                                                scope=scope))
+    k_self = np.einsum("iic->ic", pairwise_dots(model, tokenizer, candidates, candidates, components, config, scope=scope))
     w = np.ones(cross.shape[2]) if weights is None else np.asarray(weights, dtype=np.float64) ** 2
     num = (cross * w).sum(-1)
     return num / np.sqrt(np.outer((q_self * w).sum(-1), (k_self * w).sum(-1)))
@@ -78,14 +85,17 @@ def trak_scores(model, tokenizer, queries, candidates, tmp_path, strategy, optio
 
     from selproj_plugin.adapters.trak import encode, traker_kwargs
 
-    traker = TRAKer(train_set_size=len(candidates), save_dir=str(tmp_path / "trak"), logging_level=logging.ERROR,
-                    **traker_kwargs(model, strategy, options, **kwargs))
+    traker = TRAKer(
+        train_set_size=len(candidates),
+        save_dir=str(tmp_path / "trak"),
+        logging_level=logging.ERROR,
+        **traker_kwargs(model, strategy, options, **kwargs),
+    )
     traker.load_checkpoint(model.state_dict(), model_id=0)
     device = next(model.parameters()).device
     traker.featurize(batch=encode(tokenizer, candidates, device=device), num_samples=len(candidates))
     traker.finalize_features()
-    traker.start_scoring_checkpoint(exp_name="queries", checkpoint=model.state_dict(), model_id=0,
-                                    num_targets=len(queries))
+    traker.start_scoring_checkpoint(exp_name="queries", checkpoint=model.state_dict(), model_id=0, num_targets=len(queries))
     traker.score(batch=encode(tokenizer, queries, device=device), num_samples=len(queries))
     return np.asarray(traker.finalize_scores(exp_name="queries"), dtype=np.float64).T
 
@@ -98,8 +108,7 @@ def reduced_trak_scores(model, tokenizer, queries, candidates, save_dir, strateg
     traker.load_checkpoint(model.state_dict(), model_id=0)
     traker.featurize(batch=encode(tokenizer, candidates), num_samples=len(candidates))
     traker.finalize_features()
-    traker.start_scoring_checkpoint(exp_name="queries", checkpoint=model.state_dict(), model_id=0,
-                                    num_targets=len(queries))
+    traker.start_scoring_checkpoint(exp_name="queries", checkpoint=model.state_dict(), model_id=0, num_targets=len(queries))
     traker.score(batch=encode(tokenizer, queries), num_samples=len(queries))
     return traker, np.asarray(traker.finalize_scores(exp_name="queries"), dtype=np.float64).T
 
@@ -136,8 +145,11 @@ def assert_same_retrieval(scores: np.ndarray, expected: np.ndarray) -> None:
 
 def state(model: torch.nn.Module) -> tuple:
     """Everything the adapters may touch: each module's training flag, each parameter's requires_grad, attention."""
-    return (tuple(m.training for m in model.modules()), tuple(p.requires_grad for p in model.parameters()),
-            model.config._attn_implementation)
+    return (
+        tuple(m.training for m in model.modules()),
+        tuple(p.requires_grad for p in model.parameters()),
+        model.config._attn_implementation,
+    )
 
 
 # ---- a third-party reducer, installed as a real entry-point plugin by the weighted_plugin fixture ------

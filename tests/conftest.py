@@ -27,8 +27,7 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    skipped = [r for r in terminalreporter.stats.get("skipped", [])
-               if isinstance(r.longrepr, tuple) and r.longrepr[2].endswith(PAPER_SKIP)]
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if isinstance(r.longrepr, tuple) and r.longrepr[2].endswith(PAPER_SKIP)]
     if skipped:
         terminalreporter.write_line(f"{len(skipped)} tests skipped: {PAPER_SKIP}", yellow=True, bold=True)
 
@@ -81,9 +80,16 @@ TOPICS = ["cats sleep", "rivers flow", "bread rises", "stars burn", "coins save"
 def small_dataset(tmp_path_factory) -> Path:
     """Six short samples (the tiny byte-level tokenizer makes long texts long)."""
     path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    rows = [{"id": f"t{i}", "prompt": f"Why {t}?", "response": f"Because {t} a lot.",
-             "paraphrased_prompt": f"Reason {t}?", "paraphrased_response": f"{t} often, that is why."}
-            for i, t in enumerate(TOPICS)]
+    rows = [
+        {
+            "id": f"t{i}",
+            "prompt": f"Why {t}?",
+            "response": f"Because {t} a lot.",
+            "paraphrased_prompt": f"Reason {t}?",
+            "paraphrased_response": f"{t} often, that is why.",
+        }
+        for i, t in enumerate(TOPICS)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 

@@ -49,8 +49,20 @@ def make_arrays(q: int = 6, k: int = 3, c: int = 4, seed: int = 0) -> dict[str, 
 
 def argv(model_dir, dataset, cache, *extra) -> list[str]:
     """``benchmark.retrieval`` arguments for the tiny model and dataset, short and quiet."""
-    return ["--model", str(model_dir), "--dataset", str(dataset), "--cache-dir", str(cache), "--max-length", "160",
-            "--max-new-tokens", "6", "--no-progress", *extra]
+    return [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(dataset),
+        "--cache-dir",
+        str(cache),
+        "--max-length",
+        "160",
+        "--max-new-tokens",
+        "6",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def contributing_python_blocks() -> list[str]:

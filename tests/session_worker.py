@@ -10,8 +10,14 @@ from pathlib import Path
 
 def leave_after_building_a_model(rank: int, world: int, port: int, out: str) -> None:
     """Join as torchrun's workers do, build a model inside the session, leave, then list this process's threads."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     from selproj_plugin import distributed
 
     distributed.init_from_env("cpu")

@@ -27,8 +27,7 @@ def test_the_budget_shrinks_by_what_the_process_holds(model, tokenizer, monkeypa
     for held in (0, GiB // 2):
         monkeypatch.setattr(_common, "resident_bytes", lambda m, held=held: held)
         tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, "full", memory_limit_gb=2)
-        traker = ReducedTRAKer(model, "full", train_set_size=len(CANDIDATES), save_dir=tmp_path / f"t{held}",
-                               memory_limit_gb=2)
+        traker = ReducedTRAKer(model, "full", train_set_size=len(CANDIDATES), save_dir=tmp_path / f"t{held}", memory_limit_gb=2)
         budgets[held] = (tracin.limit_bytes, traker.limit_bytes)
     assert budgets[0] == (2 * GiB, 2 * GiB)
     assert budgets[GiB // 2] == (2 * GiB - GiB // 2, 2 * GiB - GiB // 2)
@@ -41,11 +40,14 @@ def test_the_real_budget_leaves_out_the_models_weights(model):
 
 def test_a_limit_the_process_already_fills_is_one_line(model, tokenizer, monkeypatch, tmp_path):
     monkeypatch.setattr(_common, "resident_bytes", lambda m: 3 * GiB)
-    for build in (lambda: ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, "full", memory_limit_gb=2),
-                  lambda: ReducedTRAKer(model, "full", train_set_size=2, save_dir=tmp_path, memory_limit_gb=2)):
+    for build in (
+        lambda: ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, "full", memory_limit_gb=2),
+        lambda: ReducedTRAKer(model, "full", train_set_size=2, save_dir=tmp_path, memory_limit_gb=2),
+    ):
         with pytest.raises(AdapterError) as err:
             build()
         message = str(err.value)
         assert "\n" not in message
-        assert message == ("memory_limit_gb=2 bounds the whole process, which already holds 3.00 GB with the model "
-                           "loaded; raise memory_limit_gb")
+        assert message == (
+            "memory_limit_gb=2 bounds the whole process, which already holds 3.00 GB with the model loaded; raise memory_limit_gb"
+        )

@@ -12,13 +12,27 @@ pytest.importorskip("captum")
 from captum.influence import TracInCP  # noqa: E402
 
 from selproj_plugin.adapters.captum import (  # noqa: E402
-    AdapterError, ReducedTracInCP, ResponseLoss, dataset, encode, tracin_layers,
+    AdapterError,
+    ReducedTracInCP,
+    ResponseLoss,
+    dataset,
+    encode,
+    tracin_layers,
 )
 from selproj_plugin.adapters.captum import _Logits  # noqa: E402
 from selproj_plugin.components import catalogue  # noqa: E402
 from tests.attribution import (  # noqa: E402
-    CANDIDATES, QUERIES, RP_MIN_CORRELATION, SELECTION, TINY_LIMIT_GB, Recorder, assert_same_retrieval,
-    component_order, engine_cosines, reduced_trak_scores, trak_scores,
+    CANDIDATES,
+    QUERIES,
+    RP_MIN_CORRELATION,
+    SELECTION,
+    TINY_LIMIT_GB,
+    Recorder,
+    assert_same_retrieval,
+    component_order,
+    engine_cosines,
+    reduced_trak_scores,
+    trak_scores,
 )
 from selproj_plugin.engine import EngineConfig, pairwise_dots  # noqa: E402
 
@@ -39,8 +53,7 @@ def tracin_scores(model, tokenizer, checkpoint, strategy, options=None, **kwargs
     """[Q, K] influence of candidates (train) on queries (test) through ReducedTracInCP."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Captum warns that integer token ids take no gradient
-        tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), [checkpoint], strategy, options,
-                                 batch_size=4, **kwargs)
+        tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), [checkpoint], strategy, options, batch_size=4, **kwargs)
         return tracin.influence(encode(tokenizer, QUERIES)).detach().double().numpy()
 
 
@@ -65,8 +78,7 @@ def test_tracin_streams_under_a_memory_limit(model, tokenizer, checkpoint, monke
     spill.mkdir()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, reducer, memory_limit_gb=TINY_LIMIT_GB,
-                                 spill_dir=spill)
+        tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, reducer, memory_limit_gb=TINY_LIMIT_GB, spill_dir=spill)
         streamed = tracin.influence(encode(tokenizer, QUERIES)).detach().double().numpy()
     # built once; one sample's gradients at a time, each computed once (test rows wait on disk), disk cleaned
     assert recorder.built == 1 and tracin.batch_size == 1 and tracin.test_rows == 1
@@ -82,29 +94,32 @@ def test_tracin_parts_give_every_influence_mode(model, tokenizer, checkpoint):
     options = {"selection": LINEAR_SELECTION}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        parts = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, "greedy", options,
-                                memory_limit_gb=TINY_LIMIT_GB)
+        parts = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, "greedy", options, memory_limit_gb=TINY_LIMIT_GB)
         whole = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), [checkpoint], "greedy", options, batch_size=4)
         loader = torch.utils.data.DataLoader(dataset(tokenizer, QUERIES), batch_size=3)
         for inputs in (encode(tokenizer, QUERIES), loader):
             torch.testing.assert_close(parts.influence(inputs), whole.influence(encode(tokenizer, QUERIES)), atol=1e-5, rtol=0)
-        torch.testing.assert_close(parts.influence(loader, aggregate=True),
-                                   whole.influence(encode(tokenizer, QUERIES), aggregate=True), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            parts.influence(loader, aggregate=True), whole.influence(encode(tokenizer, QUERIES), aggregate=True), atol=1e-5, rtol=0
+        )
         a, b = parts.influence(loader, k=3), whole.influence(encode(tokenizer, QUERIES), k=3)
         torch.testing.assert_close(a.influence_scores, b.influence_scores, atol=1e-5, rtol=0)
         assert torch.equal(a.indices, b.indices)
         a, b = parts.influence(loader, k=2, aggregate=True), whole.influence(encode(tokenizer, QUERIES), k=2, aggregate=True)
         assert torch.equal(a.indices, b.indices)
-        torch.testing.assert_close(parts.self_influence(encode(tokenizer, QUERIES)),
-                                   whole.self_influence(encode(tokenizer, QUERIES)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            parts.self_influence(encode(tokenizer, QUERIES)), whole.self_influence(encode(tokenizer, QUERIES)), atol=1e-5, rtol=0
+        )
     assert parts.test_rows == 1 and whole.test_rows >= len(QUERIES)
 
 
 def test_tracin_batch_over_the_memory_limit_is_one_line_error(model, tokenizer):
-    with pytest.raises(AdapterError, match=r"a training batch of 4 samples holds 4 x [\d,]+ reduced floats .* "
-                                           r"use batch_size<=1 or batch_size=None") as err:
-        ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, "full", batch_size=4,
-                        memory_limit_gb=TINY_LIMIT_GB)
+    with pytest.raises(
+        AdapterError,
+        match=r"a training batch of 4 samples holds 4 x [\d,]+ reduced floats .* "
+        r"use batch_size<=1 or batch_size=None",
+    ) as err:
+        ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, "full", batch_size=4, memory_limit_gb=TINY_LIMIT_GB)
     assert "\n" not in str(err.value)
     with pytest.raises(AdapterError, match="checkpoints_load_func needs checkpoints"):
         ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, "full", checkpoints_load_func=lambda m, p: 1.0)
@@ -114,15 +129,21 @@ def test_tracin_batch_over_the_memory_limit_is_one_line_error(model, tokenizer):
 
 def test_per_sample_trick_on_linear_layers_matches(model, tokenizer, checkpoint):
     expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, component_order(model, LINEAR_SELECTION))
-    trick = tracin_scores(model, tokenizer, checkpoint, "greedy", {"selection": LINEAR_SELECTION},
-                          sample_wise_grads_per_batch=True)
+    trick = tracin_scores(model, tokenizer, checkpoint, "greedy", {"selection": LINEAR_SELECTION}, sample_wise_grads_per_batch=True)
     assert_same_retrieval(trick, expected)
 
 
 def test_per_sample_trick_refuses_non_linear_layers(model, tokenizer, checkpoint):
     with pytest.raises(AdapterError, match=r"supports only nn.Linear/nn.Conv2d layers; model.norm is LlamaRMSNorm"):
-        ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), [checkpoint], "greedy", {"selection": SELECTION}, scope="all",
-                        sample_wise_grads_per_batch=True)
+        ReducedTracInCP(
+            model,
+            dataset(tokenizer, CANDIDATES),
+            [checkpoint],
+            "greedy",
+            {"selection": SELECTION},
+            scope="all",
+            sample_wise_grads_per_batch=True,
+        )
 
 
 def test_unnormalised_scores_are_gradient_dot_products(model, tokenizer, checkpoint):
@@ -146,8 +167,7 @@ def test_third_party_reducer_works_in_captum(model, tokenizer, checkpoint, weigh
 
 
 def test_layers_for_plain_tracincp(model, tokenizer, checkpoint):
-    layers = tracin_layers(model, "greedy", {"selection": ["model.layers.1.mlp.down_proj.weight", "model.norm"]},
-                           scope="all")
+    layers = tracin_layers(model, "greedy", {"selection": ["model.layers.1.mlp.down_proj.weight", "model.norm"]}, scope="all")
     assert layers == ["model.layers.1.mlp.down_proj", "model.norm"]
     assert tracin_layers(model, "full") == [c.name for c in catalogue(model)]
     wrapped = tracin_layers(model, "greedy", {"selection": LINEAR_SELECTION}, prefix="model.")
@@ -155,12 +175,19 @@ def test_layers_for_plain_tracincp(model, tokenizer, checkpoint):
     # plain Captum with these layers computes the selected components' gradient dot products
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plain = TracInCP(_Logits(model), dataset(tokenizer, CANDIDATES), [checkpoint],
-                         checkpoints_load_func=lambda m, path: (m.model.load_state_dict(torch.load(path)), 1.0)[1],
-                         layers=wrapped, loss_fn=ResponseLoss("none"), batch_size=4)
+        plain = TracInCP(
+            _Logits(model),
+            dataset(tokenizer, CANDIDATES),
+            [checkpoint],
+            checkpoints_load_func=lambda m, path: (m.model.load_state_dict(torch.load(path)), 1.0)[1],
+            layers=wrapped,
+            loss_fn=ResponseLoss("none"),
+            batch_size=4,
+        )
         scores = plain.influence(encode(tokenizer, QUERIES)).detach().double().numpy()
-    dots = pairwise_dots(model, tokenizer, QUERIES, CANDIDATES, component_order(model, LINEAR_SELECTION),
-                         EngineConfig(progress=False)).sum(-1)
+    dots = pairwise_dots(model, tokenizer, QUERIES, CANDIDATES, component_order(model, LINEAR_SELECTION), EngineConfig(progress=False)).sum(
+        -1
+    )
     np.testing.assert_allclose(scores, dots, rtol=1e-4, atol=1e-6 * np.abs(dots).max())
 
 
@@ -182,10 +209,12 @@ def test_a_row_without_response_tokens_is_a_one_line_error(model, tokenizer):
     computer = SelectedGradientComputer(model, CausalLMOutput(), grad_wrt=["model.norm.weight"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES[:2]), None, "greedy",
-                                 {"selection": LINEAR_SELECTION})
-        calls = [lambda: computer.compute_per_sample_grad(batch), lambda: tracin.influence(batch),
-                 lambda: ResponseLoss("none")(torch.zeros(3, input_ids.shape[1], 8), labels)]
+        tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES[:2]), None, "greedy", {"selection": LINEAR_SELECTION})
+        calls = [
+            lambda: computer.compute_per_sample_grad(batch),
+            lambda: tracin.influence(batch),
+            lambda: ResponseLoss("none")(torch.zeros(3, input_ids.shape[1], 8), labels),
+        ]
         for call in calls:
             with pytest.raises(AdapterError, match=message) as err:
                 call()
@@ -237,8 +266,13 @@ def test_cosines_of_long_rows_are_summed_in_float64(model, tokenizer, tmp_path):
         warnings.simplefilter("ignore")
         tracin = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, reducer, batch_size=4)
         captum = tracin.influence(encode(tokenizer, QUERIES)).detach().double().numpy()
-        spilled = ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, reducer, memory_limit_gb=0.05,
-                                  spill_dir=tmp_path).influence(encode(tokenizer, QUERIES)).detach().double().numpy()
+        spilled = (
+            ReducedTracInCP(model, dataset(tokenizer, CANDIDATES), None, reducer, memory_limit_gb=0.05, spill_dir=tmp_path)
+            .influence(encode(tokenizer, QUERIES))
+            .detach()
+            .double()
+            .numpy()
+        )
     _, reduced = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "r", reducer)
     plain = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "p", reducer, memory_limit_gb=1.0)
     paths = {"ReducedTracInCP": captum, "ReducedTracInCP spilled": spilled, "ReducedTRAKer": reduced, "TRAKer": plain}

@@ -20,9 +20,14 @@ def test_every_private_symbol_the_adapters_use_is_there():
         resolve(symbol)  # raises ImportError naming the symbol and the version
 
 
-@pytest.mark.parametrize("symbol", [Private("captum", "captum.influence", "TracInCP._gone"),
-                                    Private("traker", "trak.traker", "TRAKer._gone", instance=True),
-                                    Private("captum", "captum._no_such_module", "_f")])
+@pytest.mark.parametrize(
+    "symbol",
+    [
+        Private("captum", "captum.influence", "TracInCP._gone"),
+        Private("traker", "trak.traker", "TRAKer._gone", instance=True),
+        Private("captum", "captum._no_such_module", "_f"),
+    ],
+)
 def test_a_missing_symbol_is_one_line_naming_it_and_the_version(symbol):
     version = importlib.metadata.version(symbol.package)
     with pytest.raises(ImportError) as err:
@@ -41,8 +46,16 @@ def test_no_other_adapter_module_touches_a_private_trak_or_captum_symbol():
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("trak", "captum"):
-                assert "._" not in node.module and not any(a.name.startswith("_") for a in node.names), \
+                assert "._" not in node.module and not any(a.name.startswith("_") for a in node.names), (
                     f"{path.name}:{node.lineno} imports a private name from {node.module}"
-            used = node.attr if isinstance(node, ast.Attribute) else node.name if isinstance(node, ast.FunctionDef) \
-                else node.id if isinstance(node, ast.Name) else None
+                )
+            used = (
+                node.attr
+                if isinstance(node, ast.Attribute)
+                else node.name
+                if isinstance(node, ast.FunctionDef)
+                else node.id
+                if isinstance(node, ast.Name)
+                else None
+            )
             assert used not in names, f"{path.name}:{node.lineno} reaches {used} outside _private.py"

@@ -17,7 +17,10 @@ from trak import TRAKer  # noqa: E402
 
 from selproj_plugin.adapters.captum import ReducedTracInCP, dataset  # noqa: E402
 from selproj_plugin.adapters.trak import (  # noqa: E402
-    CausalLMOutput, SelectedGradientComputer, encode, traker_kwargs,
+    CausalLMOutput,
+    SelectedGradientComputer,
+    encode,
+    traker_kwargs,
 )
 
 from tests.attribution import state  # noqa: E402
@@ -53,8 +56,7 @@ def test_trak_gradients_are_the_eval_mode_gradients_and_the_flags_stay(tokenizer
 def test_plain_traker_checkpoints_keep_the_training_flags(tokenizer, tmp_path):
     model = gpt2()
     before = state(model)
-    traker = TRAKer(train_set_size=2, save_dir=str(tmp_path), logging_level=logging.ERROR,
-                    **traker_kwargs(model, "full"))
+    traker = TRAKer(train_set_size=2, save_dir=str(tmp_path), logging_level=logging.ERROR, **traker_kwargs(model, "full"))
     traker.load_checkpoint(model.state_dict(), model_id=0)  # TRAK calls model.eval() here
     assert state(model) == before
     traker.featurize(batch=encode(tokenizer, tiny.SAMPLES[:2]), num_samples=2)
@@ -76,8 +78,7 @@ def test_captum_influence_is_the_eval_mode_influence_and_the_flags_stay(tokenize
         first, second = tracin.influence(queries), tracin.influence(queries)
         assert state(model) == before
         model.eval()
-        reference = ReducedTracInCP(model, dataset(tokenizer, tiny.SAMPLES[2:]), None, "full",
-                                    normalize=False).influence(queries)
+        reference = ReducedTracInCP(model, dataset(tokenizer, tiny.SAMPLES[2:]), None, "full", normalize=False).influence(queries)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first, reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max()))
 

@@ -17,8 +17,18 @@ import torch
 
 from selproj_plugin.components import catalogue, select
 from tests.attribution import (
-    CANDIDATES, QUERIES, RP_MIN_CORRELATION, SELECTION, TINY_LIMIT_GB, Recorder, assert_same_retrieval,
-    component_order, engine_cosines, make_model, reduced_trak_scores, trak_scores,
+    CANDIDATES,
+    QUERIES,
+    RP_MIN_CORRELATION,
+    SELECTION,
+    TINY_LIMIT_GB,
+    Recorder,
+    assert_same_retrieval,
+    component_order,
+    engine_cosines,
+    make_model,
+    reduced_trak_scores,
+    trak_scores,
 )
 
 trak = pytest.importorskip("trak")
@@ -27,8 +37,15 @@ from trak.gradient_computers import FunctionalGradientComputer  # noqa: E402
 
 from selproj_plugin.adapters._rows import RowFile  # noqa: E402
 from selproj_plugin.adapters.trak import (  # noqa: E402
-    AdapterError, CausalLMOutput, CosineScoreComputer, ReducedTRAKer, ReducerProjector, SelectedGradientComputer,
-    check_fast_jl_dim, encode, traker_kwargs,
+    AdapterError,
+    CausalLMOutput,
+    CosineScoreComputer,
+    ReducedTRAKer,
+    ReducerProjector,
+    SelectedGradientComputer,
+    check_fast_jl_dim,
+    encode,
+    traker_kwargs,
 )
 
 # TINY_LIMIT_GB is a budget beside the model, as the process held nothing (test_adapters_budget.py: what it holds)
@@ -79,8 +96,9 @@ def test_reduced_traker_streams_and_ranks_like_the_engine(model, tokenizer, tmp_
     columns = RowFile.columns
     monkeypatch.setattr(RowFile, "columns", lambda self, a, b: widths.append(b - a) or columns(self, a, b))
     scope = "paper" if strategy == "full" else "all"
-    traker, scores = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "store", reducer,
-                                         memory_limit_gb=TINY_LIMIT_GB, scope=scope)
+    traker, scores = reduced_trak_scores(
+        model, tokenizer, QUERIES, CANDIDATES, tmp_path / "store", reducer, memory_limit_gb=TINY_LIMIT_GB, scope=scope
+    )
     assert_same_retrieval(scores, engine_cosines(model, tokenizer, QUERIES, CANDIDATES, names, scope=scope))
     # the transform is built once, then applied to one sample's gradients at a time
     assert recorder.built == 1
@@ -100,32 +118,44 @@ def test_random_projection_is_built_once_and_cut_anywhere(model, tokenizer, tmp_
 
     reducer = get_strategy("random_projection", dim=512, seed=3)
     recorder = Recorder(monkeypatch, reducer)
-    _, streamed = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "a", reducer,
-                                      memory_limit_gb=TINY_LIMIT_GB)
+    _, streamed = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "a", reducer, memory_limit_gb=TINY_LIMIT_GB)
     assert recorder.built == 1 and recorder.rows == [1] * (len(CANDIDATES) + len(QUERIES))
-    _, whole = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "b", "random_projection",
-                                   {"dim": 512, "seed": 3})
+    _, whole = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "b", "random_projection", {"dim": 512, "seed": 3})
     np.testing.assert_allclose(streamed, whole, atol=1e-5)  # seeded: the same map however batches are cut
-    _, other_seed = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "c", "random_projection",
-                                        {"dim": 512, "seed": 4})
+    _, other_seed = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "c", "random_projection", {"dim": 512, "seed": 4})
     assert np.abs(other_seed - whole).max() > 1e-3
 
 
 def test_trak_score_keeps_trak_stores(model, tokenizer, tmp_path):
     options = {"dim": 8, "seed": 1}  # fewer dimensions than samples: X^T X inverts
-    _, reduced = reduced_trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "a", "random_projection",
-                                     options, score="trak", memory_limit_gb=TINY_LIMIT_GB * 1e3)
-    plain = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "b", "random_projection", options,
-                        score="trak")
+    _, reduced = reduced_trak_scores(
+        model,
+        tokenizer,
+        QUERIES,
+        CANDIDATES,
+        tmp_path / "a",
+        "random_projection",
+        options,
+        score="trak",
+        memory_limit_gb=TINY_LIMIT_GB * 1e3,
+    )
+    plain = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "b", "random_projection", options, score="trak")
     np.testing.assert_allclose(reduced, plain, rtol=1e-4, atol=1e-6)
 
 
 def test_plain_traker_refuses_a_batch_over_the_memory_limit(model, tokenizer, tmp_path):
-    traker = TRAKer(train_set_size=len(CANDIDATES), save_dir=str(tmp_path), logging_level=logging.ERROR,
-                    **traker_kwargs(model, "full", memory_limit_gb=TINY_LIMIT_GB))
+    traker = TRAKer(
+        train_set_size=len(CANDIDATES),
+        save_dir=str(tmp_path),
+        logging_level=logging.ERROR,
+        **traker_kwargs(model, "full", memory_limit_gb=TINY_LIMIT_GB),
+    )
     traker.load_checkpoint(model.state_dict(), model_id=0)
-    with pytest.raises(AdapterError, match=r"a batch of 3 samples reduces to 3 x [\d,]+ floats .* pass at most 1 per "
-                                           r"call \(ReducedTRAKer splits batches\)") as err:
+    with pytest.raises(
+        AdapterError,
+        match=r"a batch of 3 samples reduces to 3 x [\d,]+ floats .* pass at most 1 per "
+        r"call \(ReducedTRAKer splits batches\)",
+    ) as err:
         traker.featurize(batch=encode(tokenizer, CANDIDATES[:3]), num_samples=3)
     assert "\n" not in str(err.value)
 
@@ -179,21 +209,18 @@ def test_model_output_is_the_engine_loss(model, tokenizer):
 
     input_ids, mask, labels = encode(tokenizer, QUERIES)
     weights, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    ours = torch.stack([CausalLMOutput.get_output(model, weights, buffers, input_ids[i], mask[i], labels[i])
-                        for i in range(len(QUERIES))])
+    ours = torch.stack([CausalLMOutput.get_output(model, weights, buffers, input_ids[i], mask[i], labels[i]) for i in range(len(QUERIES))])
     enc, _ = encode_samples(tokenizer, QUERIES, 512)
     with torch.no_grad():
         theirs = forward_losses(model, collate(enc, pad_token_id(tokenizer)))
     torch.testing.assert_close(ours.detach(), theirs, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(CausalLMOutput().get_out_to_loss_grad(model, weights, buffers, (input_ids,)),
-                               torch.ones(len(QUERIES), 1))
+    torch.testing.assert_close(CausalLMOutput().get_out_to_loss_grad(model, weights, buffers, (input_ids,)), torch.ones(len(QUERIES), 1))
 
 
 def test_projector_takes_both_gradient_forms_and_survives_free_memory(model, tokenizer):
     projector = ReducerProjector(model, "greedy", {"selection": SELECTION}, scope="all")
     wrt = list(projector.plan.param_names)
-    grads = SelectedGradientComputer(model, CausalLMOutput(), grad_wrt=wrt).compute_per_sample_grad(
-        encode(tokenizer, QUERIES))
+    grads = SelectedGradientComputer(model, CausalLMOutput(), grad_wrt=wrt).compute_per_sample_grad(encode(tokenizer, QUERIES))
     by_dict = projector.project(grads, model_id=0)
     flat_selected = torch.cat([grads[n].flatten(1) for n in wrt], 1)
     every = {n: torch.zeros(len(QUERIES), p.numel()) for n, p in model.named_parameters()}
@@ -203,7 +230,7 @@ def test_projector_takes_both_gradient_forms_and_survives_free_memory(model, tok
     assert projector.proj_dim == sum(c.num_params for c in select(catalogue(model, "all"), SELECTION))
     # greedy concatenates in selection order: the first selected component leads
     first = grads["model.layers.1.mlp.down_proj.weight"].flatten(1)
-    torch.testing.assert_close(by_dict[:, :first.shape[1]], first)
+    torch.testing.assert_close(by_dict[:, : first.shape[1]], first)
     torch.testing.assert_close(projector.project(flat_selected, model_id=0), by_dict)
     torch.testing.assert_close(projector.project(flat_model, model_id=1), by_dict)
     projector.free_memory()
@@ -249,11 +276,9 @@ def test_sdpa_model_keeps_sdpa_and_scores_as_eager(model, tokenizer, tmp_path):
     assert sdpa.config._attn_implementation == "sdpa"
     kwargs = traker_kwargs(sdpa, "greedy", {"selection": SELECTION}, scope="all")
     assert sdpa.config._attn_implementation == "sdpa" and kwargs["model"] is sdpa
-    got = trak_scores(sdpa, tokenizer, QUERIES, CANDIDATES, tmp_path / "sdpa", "greedy", {"selection": SELECTION},
-                      scope="all")
+    got = trak_scores(sdpa, tokenizer, QUERIES, CANDIDATES, tmp_path / "sdpa", "greedy", {"selection": SELECTION}, scope="all")
     assert sdpa.config._attn_implementation == "sdpa"  # eager only while vmap runs (sdpa has no batching rule)
-    want = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "eager", "greedy", {"selection": SELECTION},
-                       scope="all")
+    want = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "eager", "greedy", {"selection": SELECTION}, scope="all")
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
@@ -264,8 +289,9 @@ def test_device_object_becomes_a_string(model, tokenizer, tmp_path):
     assert kwargs["use_half_precision"] is False
     # TRAKer compares the device with "cpu" (pinning memory otherwise): the whole run must work
     options = {"selection": SELECTION}
-    with_object = trak_scores(model, tokenizer, QUERIES, CANDIDATES, tmp_path / "a", "greedy", options,
-                              device=torch.device("cpu"), scope="all")
+    with_object = trak_scores(
+        model, tokenizer, QUERIES, CANDIDATES, tmp_path / "a", "greedy", options, device=torch.device("cpu"), scope="all"
+    )
     expected = engine_cosines(model, tokenizer, QUERIES, CANDIDATES, component_order(model, SELECTION), scope="all")
     assert_same_retrieval(with_object, expected)
 
@@ -294,14 +320,23 @@ def test_projection_dimension_problems_are_one_line_errors(model):
         traker_kwargs(model, "random_projection", {"dim": "0.0001%"})
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+)
 def test_trak_on_a_named_device_matches_the_default(tokenizer, tmp_path, device):
     """A reducer given ``device=`` scores as on the default CPU path (on CUDA up to float error)."""
-    want = trak_scores(make_model(), tokenizer, QUERIES, CANDIDATES, tmp_path / "default", "greedy",
-                       {"selection": SELECTION}, scope="all")
-    got = trak_scores(make_model().to(device), tokenizer, QUERIES, CANDIDATES, tmp_path / device, "greedy",
-                      {"selection": SELECTION}, scope="all", device=torch.device(device))
+    want = trak_scores(make_model(), tokenizer, QUERIES, CANDIDATES, tmp_path / "default", "greedy", {"selection": SELECTION}, scope="all")
+    got = trak_scores(
+        make_model().to(device),
+        tokenizer,
+        QUERIES,
+        CANDIDATES,
+        tmp_path / device,
+        "greedy",
+        {"selection": SELECTION},
+        scope="all",
+        device=torch.device(device),
+    )
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
@@ -319,8 +354,11 @@ def test_fast_jl_is_opt_in_on_cuda(model, monkeypatch):
 def test_half_precision_is_refused_for_unprojected_gradients(model):
     assert torch.tensor(1e-8).half() == 0  # a 135M model's gradient entries are often this small
     for strategy, options in [("full", None), ("greedy", {"selection": SELECTION})]:
-        with pytest.raises(AdapterError, match=rf"strategy '{strategy}' keeps unprojected gradients, whose small "
-                                               r"entries underflow in float16") as err:
+        with pytest.raises(
+            AdapterError,
+            match=rf"strategy '{strategy}' keeps unprojected gradients, whose small "
+            r"entries underflow in float16",
+        ) as err:
             traker_kwargs(model, strategy, options, use_half_precision=True, scope="all")
         assert "\n" not in str(err.value)
     assert traker_kwargs(model, "random_projection", use_half_precision=True)["use_half_precision"] is True

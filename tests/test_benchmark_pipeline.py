@@ -19,16 +19,32 @@ from tests.helpers import one_line_error, argv, install_plugin, synthetic_path
 @pytest.mark.slow
 def test_end_to_end_outputs(tiny_model_dir, small_dataset, tmp_path, capsys):
     out = tmp_path / "out"
-    code = cli(argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--strategy",
-                    "full,greedy,random_projection,random_projection_per_component", "--proj-dim", "64,1%",
-                    "--out", str(out)))
+    code = cli(
+        argv(
+            tiny_model_dir,
+            small_dataset,
+            tmp_path / "cache",
+            "--strategy",
+            "full,greedy,random_projection,random_projection_per_component",
+            "--proj-dim",
+            "64,1%",
+            "--out",
+            str(out),
+        )
+    )
     assert code == 0
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["settings"]) == {"paraphrased", "generated"}
     para = doc["settings"]["paraphrased"]
     assert para["queries"] == 6 and para["candidates"] == 5
-    assert set(para["results"]) == {"full", "greedy", "random_projection@64", "random_projection@1%",
-                                    "random_projection_per_component@64", "random_projection_per_component@1%"}
+    assert set(para["results"]) == {
+        "full",
+        "greedy",
+        "random_projection@64",
+        "random_projection@1%",
+        "random_projection_per_component@64",
+        "random_projection_per_component@1%",
+    }
     assert para["results"]["random_projection@64"]["dim"] == 64
     assert para["results"]["random_projection_per_component@64"]["dim"] == 64
     greedy = para["results"]["greedy"]
@@ -42,8 +58,7 @@ def test_end_to_end_outputs(tiny_model_dir, small_dataset, tmp_path, capsys):
     assert doc["identity"]["dataset_samples"] == 6 and doc["identity"]["model"] == str(tiny_model_dir)
     assert {"dataset", "model", "candidates", "generate", "table", "evaluate"} <= set(doc["stages"])
     assert doc["peak_memory"]["rss_gb"] > 0
-    for name in ("components-paraphrased.png", "greedy-generated.png", "report.md",
-                 "selection-paraphrased-greedy.json"):
+    for name in ("components-paraphrased.png", "greedy-generated.png", "report.md", "selection-paraphrased-greedy.json"):
         assert (out / name).is_file(), name
     selection = json.loads((out / "selection-paraphrased-greedy.json").read_text())
     assert selection["components"] == para["results"]["greedy"]["components"]
@@ -80,8 +95,24 @@ def test_a_dot_order_asked_for_gets_its_own_table(tiny_model_dir, small_dataset,
     docs = {}
     for order in ("auto", "stream", "auto"):
         out = tmp_path / f"{order}.json"
-        assert cli(argv(tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full",
-                        "--dot-order", order, "--json", str(out))) == 0
+        assert (
+            cli(
+                argv(
+                    tiny_model_dir,
+                    small_dataset,
+                    cache,
+                    "--setting",
+                    "paraphrased",
+                    "--strategy",
+                    "full",
+                    "--dot-order",
+                    order,
+                    "--json",
+                    str(out),
+                )
+            )
+            == 0
+        )
         docs[order] = json.loads(out.read_text())
         table = ComponentTable.load(docs[order]["run"]["table_cache"])
         assert table.meta["plan"]["dot_order"] == ("gram" if order == "auto" else "stream")
@@ -94,8 +125,24 @@ def test_components_all_adds_norms_under_its_own_cache_key(tiny_model_dir, small
     docs = {}
     for scope in ("paper", "all"):
         out = tmp_path / f"{scope}.json"
-        assert cli(argv(tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full",
-                        "--components", scope, "--json", str(out))) == 0
+        assert (
+            cli(
+                argv(
+                    tiny_model_dir,
+                    small_dataset,
+                    cache,
+                    "--setting",
+                    "paraphrased",
+                    "--strategy",
+                    "full",
+                    "--components",
+                    scope,
+                    "--json",
+                    str(out),
+                )
+            )
+            == 0
+        )
         docs[scope] = json.loads(out.read_text())
     assert docs["all"]["run"]["table_reused"] is False  # not the paper table from the same cache
     paper, every = (docs[s]["settings"]["paraphrased"] for s in ("paper", "all"))
@@ -140,7 +187,6 @@ def test_interrupted_table_save_leaves_no_table_and_resumes(tiny_model_dir, smal
     assert strip_timings(json.loads(again.read_text())) == strip_timings(json.loads(reference.read_text()))
 
 
-
 @pytest.mark.slow
 def test_bad_input_errors(tiny_model_dir, small_dataset, tmp_path, capsys):
     cache = tmp_path / "cache"
@@ -165,8 +211,23 @@ def test_bad_input_errors(tiny_model_dir, small_dataset, tmp_path, capsys):
 @pytest.mark.slow
 def test_full_set_reports_rank_metrics(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "full.json"
-    assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--setting", "paraphrased", "--full-set",
-                    "--strategy", "full,greedy", "--json", str(out))) == 0
+    assert (
+        cli(
+            argv(
+                tiny_model_dir,
+                small_dataset,
+                tmp_path / "cache",
+                "--setting",
+                "paraphrased",
+                "--full-set",
+                "--strategy",
+                "full,greedy",
+                "--json",
+                str(out),
+            )
+        )
+        == 0
+    )
     section = json.loads(out.read_text())["settings"]["paraphrased"]
     assert section["candidates"] == 6  # every original is a candidate of every query
     full = section["results"]["full"]
@@ -229,8 +290,7 @@ def selproj_strategies():
 
 
 @pytest.mark.slow
-def test_a_transform_no_table_can_express_is_scored_from_gradients(tiny_model_dir, small_dataset, tmp_path,
-                                                                   monkeypatch, capsys):
+def test_a_transform_no_table_can_express_is_scored_from_gradients(tiny_model_dir, small_dataset, tmp_path, monkeypatch, capsys):
     from selproj_plugin import registry as registry_module
     from selproj_plugin.engine import EngineConfig, sample_features
     from selproj_plugin.samples import Sample
@@ -241,8 +301,22 @@ def test_a_transform_no_table_can_express_is_scored_from_gradients(tiny_model_di
     registry_module.registry(reload=True)
     try:
         out = tmp_path / "r.json"
-        assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--setting", "paraphrased",
-                        "--strategy", "sign_mlp,sign_greedy,full", "--json", str(out))) == 0
+        assert (
+            cli(
+                argv(
+                    tiny_model_dir,
+                    small_dataset,
+                    tmp_path / "cache",
+                    "--setting",
+                    "paraphrased",
+                    "--strategy",
+                    "sign_mlp,sign_greedy,full",
+                    "--json",
+                    str(out),
+                )
+            )
+            == 0
+        )
         result = json.loads(out.read_text())["settings"]["paraphrased"]["results"]
         # by hand: signs of the engine's per-sample MLP gradients, cosine of each query with its candidates
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -267,8 +341,7 @@ def test_a_transform_no_table_can_express_is_scored_from_gradients(tiny_model_di
             top = np.isclose(scores, scores.max(), rtol=0, atol=1e-9)
             credits.append(top[orig.argmax()] / top.sum())
         assert result["sign_mlp"]["accuracy"] == pytest.approx(np.mean(credits))
-        assert result["sign_mlp"]["dim"] == sum(p.numel() for n, p in model.named_parameters()
-                                                if any(n.startswith(m) for m in names))
+        assert result["sign_mlp"]["dim"] == sum(p.numel() for n, p in model.named_parameters() if any(n.startswith(m) for m in names))
         assert result["sign_mlp"]["fidelity"] < 0.999  # not the plain concatenation
         assert result["sign_greedy"]["heldout_accuracy"] is not None  # fitted: held-out from gradients per fold
         # the run's table stores the unfitted transform's cosines, so --table mode scores it the same ...
@@ -280,8 +353,10 @@ def test_a_transform_no_table_can_express_is_scored_from_gradients(tiny_model_di
         # ... and a table without them has no gradients to fall back on: one line, never scored as something else
         assert cli(["--table", str(synthetic_path("paraphrased")), "--strategy", "sign_mlp"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith("error: strategy 'sign_mlp': its transform (SignOf, sign@") \
+        assert (
+            err[-1].startswith("error: strategy 'sign_mlp': its transform (SignOf, sign@")
             and "cannot be scored from a component table" in err[-1]
+        )
     finally:
         monkeypatch.undo()
         registry_module.registry(reload=True)
@@ -293,13 +368,35 @@ def test_plan_predicts_the_runs_captures_before_any_gradient(tiny_model_dir, sma
     for extra in ((), ("--memory-limit-gb", "0.01", "--max-spill-gb", "0")):  # keep all; recompute every candidate
         extra = ("--no-pool-ranking", *extra)  # BM25's 5 candidates only, not every original
         plan_json, run_json = tmp_path / "plan.json", tmp_path / "run.json"
-        assert cli(argv(tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full",
-                        "--plan", "--json", str(plan_json), *extra)) == 0
+        assert (
+            cli(
+                argv(
+                    tiny_model_dir,
+                    small_dataset,
+                    cache,
+                    "--setting",
+                    "paraphrased",
+                    "--strategy",
+                    "full",
+                    "--plan",
+                    "--json",
+                    str(plan_json),
+                    *extra,
+                )
+            )
+            == 0
+        )
         assert "predicted peak memory" in capsys.readouterr().out
         assert not list((cache / "benchmark").glob("table-*"))  # planning built nothing
         plan = json.loads(plan_json.read_text())["plan"]
-        assert cli(argv(tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full",
-                        "--json", str(run_json), *extra)) == 0
+        assert (
+            cli(
+                argv(
+                    tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full", "--json", str(run_json), *extra
+                )
+            )
+            == 0
+        )
         assert json.loads(run_json.read_text())["notes"]["captures"] == plan["captures"]
         for table in (cache / "benchmark").glob("table-*"):
             table.unlink()
@@ -314,9 +411,12 @@ def test_no_progress_silences_hugging_face_bars_too(tiny_model_dir, small_datase
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "benchmark.retrieval",
-                           *argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--plan")],
-                          capture_output=True, text=True, cwd=root)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmark.retrieval", *argv(tiny_model_dir, small_dataset, tmp_path / "cache", "--plan")],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "it/s]" not in done.stderr and "Loading weights" not in done.stderr, done.stderr[-500:]
 
@@ -340,13 +440,13 @@ def test_a_table_cached_before_query_groups_were_recorded_is_scored_per_setting(
 
 
 @pytest.mark.slow
-def test_a_cached_table_for_other_candidates_is_rebuilt_not_reused(tiny_model_dir, small_dataset, tmp_path, capsys,
-                                                                    monkeypatch):
+def test_a_cached_table_for_other_candidates_is_rebuilt_not_reused(tiny_model_dir, small_dataset, tmp_path, capsys, monkeypatch):
     """The key holds the candidate count, not which candidates: another BM25 ranking (a bm25s release) gives
     other rows, and their table must be built, not taken from the cache."""
     cache, first, other = tmp_path / "cache", tmp_path / "first.json", tmp_path / "other.json"
-    args = argv(tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full",
-                "--candidates", "3", "--no-pool-ranking")  # a whole-pool table's rows do not depend on BM25
+    args = argv(
+        tiny_model_dir, small_dataset, cache, "--setting", "paraphrased", "--strategy", "full", "--candidates", "3", "--no-pool-ranking"
+    )  # a whole-pool table's rows do not depend on BM25
     from selproj_plugin.table import ComponentTable
 
     assert cli([*args, "--json", str(first)]) == 0

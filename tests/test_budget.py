@@ -15,8 +15,7 @@ def _rss_as_read() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or budget._malloc_trim() is None,
-                    reason="glibc and /proc only")
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or budget._malloc_trim() is None, reason="glibc and /proc only")
 def test_resident_bytes_leaves_out_heap_pages_freed_but_kept_by_the_allocator():
     """An optimiser's states and a backward's temporaries are mid-size blocks glibc keeps resident once freed;
     a budget that counted them would plan as if the memory were still taken (a fine-tune then left a plan

@@ -91,8 +91,17 @@ models.load_model(cache=cache)
 def test_concurrent_first_runs_convert_once(tmp_path, monkeypatch):
     cache, count, go = tmp_path / "cache", tmp_path / "conversions", tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(cache), str(count), str(go)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(cache), str(count), str(go)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     assert [r.stdout.readline().strip() for r in racers] == ["ready", "ready"]
     monkeypatch.setattr(models, "_convert_default", tiny.convert_tiny(count, delay=1.0))
     go.touch()
@@ -129,8 +138,7 @@ def test_a_model_changed_at_the_same_path_gets_new_tables(tmp_path, small_datase
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["table", "generations"])
-def test_unreadable_stage_file_is_reported_and_recomputed(tiny_model_dir, small_dataset, tmp_path, capsys,
-                                                          stage):
+def test_unreadable_stage_file_is_reported_and_recomputed(tiny_model_dir, small_dataset, tmp_path, capsys, stage):
     cache = tmp_path / "cache"
     assert cli(argv(tiny_model_dir, small_dataset, cache, "--json", str(tmp_path / "first.json"))) == 0
     [path] = (cache / "benchmark").glob(f"{stage}-*.{'npz' if stage == 'table' else 'json'}")
@@ -205,21 +213,23 @@ def _refuse_writes_under(root: Path, error: int, suffix: str = ""):
         if Path(root) in Path(path).parents and str(path).endswith(suffix):
             raise OSError(error, os.strerror(error), str(path))
         return real(path, data)
+
     return write
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["read-only", "full for the table", "not a directory"])
-def test_an_unwritable_cache_keeps_the_results_and_says_so_in_one_line(tiny_model_dir, small_dataset, tmp_path,
-                                                                       capsys, monkeypatch, fault):
+def test_an_unwritable_cache_keeps_the_results_and_says_so_in_one_line(tiny_model_dir, small_dataset, tmp_path, capsys, monkeypatch, fault):
     import errno
 
     from benchmark import report
     from selproj_plugin import table as table_module
 
     reference = tmp_path / "reference.json"
-    assert cli(argv(tiny_model_dir, small_dataset, tmp_path / "good-cache", "--json", str(reference),
-                    "--out", str(tmp_path / "reference"))) == 0
+    assert (
+        cli(argv(tiny_model_dir, small_dataset, tmp_path / "good-cache", "--json", str(reference), "--out", str(tmp_path / "reference")))
+        == 0
+    )
     cache = tmp_path / "cache"
     if fault == "not a directory":
         cache, message = _under_a_file(cache), "Not a directory"
@@ -243,8 +253,7 @@ def test_an_unwritable_cache_keeps_the_results_and_says_so_in_one_line(tiny_mode
 
 
 @pytest.mark.parametrize("fault", ["root under a file", "full under the lock"])
-def test_an_unwritable_model_cache_converts_into_a_temporary_directory(tmp_path, fake_convert, capsys, monkeypatch,
-                                                                       fault):
+def test_an_unwritable_model_cache_converts_into_a_temporary_directory(tmp_path, fake_convert, capsys, monkeypatch, fault):
     import errno
 
     cache = tmp_path / "cache"
@@ -257,6 +266,7 @@ def test_an_unwritable_model_cache_converts_into_a_temporary_directory(tmp_path,
             if target.parent == cache:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
             return real(target)
+
         monkeypatch.setattr(models, "_write_entry", full)
         expected = os.strerror(errno.ENOSPC)
     capsys.readouterr()

@@ -18,13 +18,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_json_schema_on_reference(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert cli(["--table", str(reference_path("model_generated")),
-                "--strategy", "full,greedy,random_projection_per_component",
-                "--json", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "--table",
+                str(reference_path("model_generated")),
+                "--strategy",
+                "full,greedy,random_projection_per_component",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(out.read_text())
     greedy = doc["results"]["greedy"]
-    for key in ("accuracy", "accuracy_ci", "heldout_accuracy", "heldout_accuracy_ci", "vs_full", "components",
-                "param_fraction", "fidelity", "seconds"):
+    for key in (
+        "accuracy",
+        "accuracy_ci",
+        "heldout_accuracy",
+        "heldout_accuracy_ci",
+        "vs_full",
+        "components",
+        "param_fraction",
+        "fidelity",
+        "seconds",
+    ):
         assert key in greedy
     assert greedy["components"][:2] == ["model.layers.1.self_attn.o_proj.weight", "model.layers.2.self_attn.q_proj.weight"]
     low, high = greedy["heldout_accuracy_ci"]
@@ -45,16 +64,29 @@ def test_json_schema_on_reference(tmp_path, capsys):
 def test_fixed_selection_reports_no_heldout_and_says_it_learnt_nothing(tmp_path, capsys):
     """A selection fixed in advance is scored on every query: 'not fitted', never 'in-sample' over an empty column."""
     out = tmp_path / "r.json"
-    assert cli(["--table", str(reference_path("paraphrased")), "--strategy", "greedy",
-                "--option", 'greedy.selection=["model.layers.9.mlp.down_proj.weight"]', "--json", str(out),
-                "--out", str(tmp_path / "report")]) == 0
+    assert (
+        cli(
+            [
+                "--table",
+                str(reference_path("paraphrased")),
+                "--strategy",
+                "greedy",
+                "--option",
+                'greedy.selection=["model.layers.9.mlp.down_proj.weight"]',
+                "--json",
+                str(out),
+                "--out",
+                str(tmp_path / "report"),
+            ]
+        )
+        == 0
+    )
     greedy = json.loads(out.read_text())["results"]["greedy"]
     assert greedy["heldout_accuracy"] is None and greedy["heldout_accuracy_ci"] is None
     assert round(greedy["accuracy"], 4) == 0.9980 and greedy["vs_full"]["basis"] == "not fitted"
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("greedy "))
     assert "not fitted" in row and "in-sample" not in row, row
-    markdown = next(line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
-                    if line.startswith("| greedy |"))
+    markdown = next(line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if line.startswith("| greedy |"))
     assert "| not fitted |" in markdown and "in-sample" not in markdown, markdown
 
 
@@ -66,7 +98,6 @@ def test_out_draws_the_greedy_path_only_when_a_strategy_has_one(tmp_path):
     assert "selection-paraphrased-single_component.json" in files  # learnt from the table
     assert "selection-paraphrased-full.json" not in files  # fixed: nothing learnt to export
     assert "greedy-" not in (tmp_path / "a" / "report.md").read_text()  # greedy's plot: test_end_to_end_outputs
-
 
 
 def test_missing_file(capsys, tmp_path):
@@ -95,8 +126,7 @@ def test_unknown_strategy_lists_registered(capsys, tmp_path):
 
 
 def test_bad_option(capsys):
-    assert "has no option nope" in one_line_error(capsys, ["--table", "x.npz", "--strategy", "greedy",
-                                                           "--option", "greedy.nope=1"])
+    assert "has no option nope" in one_line_error(capsys, ["--table", "x.npz", "--strategy", "greedy", "--option", "greedy.nope=1"])
 
 
 @pytest.mark.slow
@@ -107,8 +137,13 @@ def test_broken_plugin_exits_nonzero_without_traceback(tmp_path):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: selproj-bad\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[selproj]\nbad = selproj_bad\n")
     env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "benchmark.retrieval", "--table", "x.npz", "--strategy", "bad"],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmark.retrieval", "--table", "x.npz", "--strategy", "bad"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert "Traceback" not in out.stderr and [line.split(":")[0] for line in lines] == ["warning", "error"]
@@ -126,13 +161,18 @@ def test_argument_errors_are_one_line(capsys):
     assert err == ["error: argument --components: invalid choice: 'bogus' (choose from 'paper', 'all')"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--memory-limit-gb", "0"], "error: --memory-limit-gb must be a positive number of GB, got 0"),
-    (["--memory-limit-gb", "-2", "--table", "x.npz"], "error: --memory-limit-gb must be a positive number of GB, got -2"),
-    (["--folds", "1"], "error: --folds must be at least 2, got 1"),
-    (["--max-samples", "4"], "error: --folds 5 needs at least 5 queries, and --max-samples 4 gives 4: lower --folds "
-                             "or raise --max-samples"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--memory-limit-gb", "0"], "error: --memory-limit-gb must be a positive number of GB, got 0"),
+        (["--memory-limit-gb", "-2", "--table", "x.npz"], "error: --memory-limit-gb must be a positive number of GB, got -2"),
+        (["--folds", "1"], "error: --folds must be at least 2, got 1"),
+        (
+            ["--max-samples", "4"],
+            "error: --folds 5 needs at least 5 queries, and --max-samples 4 gives 4: lower --folds or raise --max-samples",
+        ),
+    ],
+)
 def test_numbers_out_of_range_fail_before_any_work(capsys, monkeypatch, argv, message):
     """A zero limit ran the engine unbounded, a negative one was taken by a cached table, and too many folds
     for the queries failed only after the table was built (194 s at 4 samples)."""
@@ -152,8 +192,7 @@ def test_a_seed_sweep_on_a_table_holding_one_seed_is_a_one_line_error(capsys, tm
     table = ComponentTable(**make_arrays())
     key = reduction(get_strategy("random_projection", dim=8, seed=0), table.component_list).transform.key
     path = tmp_path / "seed0.npz"
-    ComponentTable(**make_arrays(), rp_dims=np.array([8]), rp_similarity=np.full((1, 6, 3), 0.5),
-                   rp_keys=np.array([key])).save(path)
+    ComponentTable(**make_arrays(), rp_dims=np.array([8]), rp_similarity=np.full((1, 6, 3), 0.5), rp_keys=np.array([key])).save(path)
     args = ["--table", str(path), "--strategy", "random_projection", "--proj-dim", "8"]
     assert cli([*args, "--json", str(tmp_path / "seed0.json")]) == 0
     err = one_line_error(capsys, [*args, "--option", "random_projection.seed=1"])

@@ -47,8 +47,7 @@ def test_family_specifics():
     qwen = {c.kind: c for c in catalogue(tiny.model("qwen2"), "all") if c.layer == 0}
     assert [p.rsplit(".", 1)[1] for p in qwen["q"].param_names] == ["weight", "bias"]
     olmo2 = [c for c in catalogue(tiny.model("olmo2"), "all") if c.layer == 1 and c.kind == "norm"]
-    assert {c.name.rsplit(".", 1)[1] for c in olmo2} == {"q_norm", "k_norm", "post_attention_layernorm",
-                                                         "post_feedforward_layernorm"}
+    assert {c.name.rsplit(".", 1)[1] for c in olmo2} == {"q_norm", "k_norm", "post_attention_layernorm", "post_feedforward_layernorm"}
     gpt2 = {c.name: c for c in catalogue(tiny.model("gpt2"), "all")}
     assert gpt2["transformer.h.0.attn.c_attn"].kind == "qkv"
     assert gpt2["transformer.h.0.attn.c_proj"].kind == "o"
@@ -79,7 +78,10 @@ def test_unknown_architecture_falls_back_to_one_component_per_tensor():
 
     comps = catalogue(Odd(), "all")
     assert [(c.name, c.kind, c.num_params) for c in comps] == [
-        ("scale", "other", 2), ("mixer.weight", "other", 12), ("mixer.bias", "other", 4)]
+        ("scale", "other", 2),
+        ("mixer.weight", "other", 12),
+        ("mixer.bias", "other", 4),
+    ]
     assert kind_and_layer("blocks.7.mystery.weight") == ("other", 7)
 
 

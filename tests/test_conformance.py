@@ -125,16 +125,19 @@ class Undecorated(Reducer):  # no @dataclass of its own: ``layers`` is a class a
     layers: int = 2
 
 
-@pytest.mark.parametrize("cls, check, message", [
-    (UnknownName, "check_select", "selects 'model.layers.99.mlp.down_proj', which is not a component"),
-    (WrongDim, "check_transform", "declared dim"),
-    (BatchMixing, "check_transform", "transform mixes samples"),
-    (Unseeded, "check_transform", "built again"),
-    (TableDisagrees, "check_table", "table scoring and the transform on per-sample gradients disagree"),
-    (Legacy, "check_class", "defines reduce(), which selproj never calls"),
-    (Undecorated, "check_class", "Undecorated is not itself a dataclass"),
-    (Undecorated, "check_registers", "registry refused Undecorated: reducer Undecorated is not itself a dataclass"),
-])
+@pytest.mark.parametrize(
+    "cls, check, message",
+    [
+        (UnknownName, "check_select", "selects 'model.layers.99.mlp.down_proj', which is not a component"),
+        (WrongDim, "check_transform", "declared dim"),
+        (BatchMixing, "check_transform", "transform mixes samples"),
+        (Unseeded, "check_transform", "built again"),
+        (TableDisagrees, "check_table", "table scoring and the transform on per-sample gradients disagree"),
+        (Legacy, "check_class", "defines reduce(), which selproj never calls"),
+        (Undecorated, "check_class", "Undecorated is not itself a dataclass"),
+        (Undecorated, "check_registers", "registry refused Undecorated: reducer Undecorated is not itself a dataclass"),
+    ],
+)
 def test_broken_reducers_fail_by_name(cls, check, message):
     with pytest.raises(ReducerCheckError) as err:
         check_reducer(cls)
@@ -151,8 +154,7 @@ def test_legacy_reducer_is_also_refused_by_the_registry():
 # ---- checks from other packages, found through the selproj.checks entry point ------------------
 def test_the_adapters_add_the_trak_and_captum_checks_to_any_reducer():
     names = [str(c).split(":", 1)[1] for c in reducer_checks(UnknownName)]
-    assert names == ["check_class", "check_registers", "check_select", "check_transform", "check_table",
-                     "check_trak", "check_captum"]
+    assert names == ["check_class", "check_registers", "check_select", "check_transform", "check_table", "check_trak", "check_captum"]
     trak = next(c for c in reducer_checks(UnknownName) if str(c).endswith("check_trak"))
     assert trak.run.func.__module__ == "selproj_plugin.adapters.conformance"
 
@@ -170,7 +172,8 @@ def test_a_package_adds_its_own_check(tmp_path, monkeypatch):
     (tmp_path / "selproj_extra_checks.py").write_text(
         "def check_no_embedding(cls, options):\n"
         "    assert cls.name != 'broken_unknown', 'no embedding here'\n"
-        "CHECKS = (check_no_embedding,)\n")
+        "CHECKS = (check_no_embedding,)\n"
+    )
     _checks_package(tmp_path, "extra = selproj_extra_checks:CHECKS")
     monkeypatch.syspath_prepend(str(tmp_path))
     checks = {str(c): c for c in reducer_checks(UnknownName)}
@@ -184,6 +187,8 @@ def test_a_checks_entry_point_that_does_not_load_is_a_failing_check(tmp_path, mo
     monkeypatch.syspath_prepend(str(tmp_path))
     check = next(c for c in reducer_checks(UnknownName) if "broken" in str(c))
     assert str(check) == "UnknownName:check_broken_loads"
-    with pytest.raises(AssertionError, match="the selproj.checks entry point 'broken' does not load: "
-                                             "ModuleNotFoundError: No module named 'selproj_no_such_checks'"):
+    with pytest.raises(
+        AssertionError,
+        match="the selproj.checks entry point 'broken' does not load: ModuleNotFoundError: No module named 'selproj_no_such_checks'",
+    ):
         check()

@@ -32,14 +32,28 @@ def test_documented_plugin_in_the_cli_table_mode(attention_plugin, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(attention_plugin), str(ROOT)])}
     out_json = tmp_path / "out.json"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmark.retrieval", "--table", str(synthetic_path("paraphrased")),
-         "--strategy", "attention_only", "--option", "attention_only.layers=4", "--json", str(out_json)],
-        capture_output=True, text=True, env=env, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "benchmark.retrieval",
+            "--table",
+            str(synthetic_path("paraphrased")),
+            "--strategy",
+            "attention_only",
+            "--option",
+            "attention_only.layers=4",
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(out_json.read_text())["results"]["attention_only"]
     table = ComponentTable.load(synthetic_path("paraphrased"))
-    expected = [str(n) for n, k, layer in zip(table.components, table.kinds, table.layers)
-                if k in {"q", "k", "v", "o"} and 0 <= layer < 4]
+    expected = [str(n) for n, k, layer in zip(table.components, table.kinds, table.layers) if k in {"q", "k", "v", "o"} and 0 <= layer < 4]
     assert result["components"] == expected and len(expected) == 16
 
 
@@ -55,16 +69,27 @@ def test_documented_plugin_by_name_in_trak_and_captum(attention_plugin, tmp_path
     from selproj_plugin.testing import QUERIES, TRAIN, tiny_model
 
     model, tokenizer = tiny_model()
-    names = [c for c in ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
-                         "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj"]]
+    names = [
+        c
+        for c in [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.0.self_attn.o_proj",
+        ]
+    ]
     config = EngineConfig(progress=False)
     cross = pairwise_dots(model, tokenizer, QUERIES, TRAIN, names, config).sum(-1)
     q_self = np.einsum("iic->i", pairwise_dots(model, tokenizer, QUERIES, QUERIES, names, config))
     t_self = np.einsum("iic->i", pairwise_dots(model, tokenizer, TRAIN, TRAIN, names, config))
     expected = cross / np.sqrt(np.outer(q_self, t_self))
 
-    traker = TRAKer(train_set_size=len(TRAIN), save_dir=str(tmp_path / "trak"), logging_level=logging.ERROR,
-                    **traker_kwargs(model, "attention_only", {"layers": 1}))
+    traker = TRAKer(
+        train_set_size=len(TRAIN),
+        save_dir=str(tmp_path / "trak"),
+        logging_level=logging.ERROR,
+        **traker_kwargs(model, "attention_only", {"layers": 1}),
+    )
     traker.load_checkpoint(model.state_dict(), model_id=0)
     traker.featurize(batch=encode(tokenizer, TRAIN), num_samples=len(TRAIN))
     traker.finalize_features()
@@ -112,8 +137,13 @@ def test_documented_conformance_test_runs_under_pytest(attention_plugin, tmp_pat
     test_file = tmp_path / "test_plugin_conforms.py"
     test_file.write_text(textwrap.dedent(CONFORMANCE))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(attention_plugin), str(ROOT)])}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout[-2000:]
     assert "7 passed" in done.stdout
 
@@ -129,12 +159,27 @@ def test_documented_pyproject_installs_a_plugin_pip_finds(tmp_path):
     (source / "pyproject.toml").write_text(toml)
     site = tmp_path / "site"
     installed = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(site), str(source)], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert installed.returncode == 0, installed.stderr[-2000:]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
-    listed = subprocess.run([sys.executable, "-m", "benchmark.retrieval", "--list-strategies"],
-                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    listed = subprocess.run(
+        [sys.executable, "-m", "benchmark.retrieval", "--list-strategies"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
     at = lines.index("attention_only  [plugin: attention]")  # the entry point's name, from the documented toml

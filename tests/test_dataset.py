@@ -46,9 +46,7 @@ def test_paraphrases_differ_from_their_sources(embedded):
         assert jaccard(r.prompt, r.paraphrased_prompt) <= 0.6, r.id
         assert jaccard(r.response, r.paraphrased_response) <= 0.6, r.id
     # and they are paraphrases, not unrelated text: each is closer to its own source than to others
-    hits = sum(
-        max(embedded, key=lambda o: jaccard(o.response, r.paraphrased_response)).id == r.id for r in embedded
-    )
+    hits = sum(max(embedded, key=lambda o: jaccard(o.response, r.paraphrased_response)).id == r.id for r in embedded)
     assert hits / len(embedded) > 0.9
 
 
@@ -75,8 +73,10 @@ def chat(row):
     return {
         "id": row["id"],
         "messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}],
-        "paraphrased_messages": [{"role": "user", "content": row["paraphrased_prompt"]},
-                                 {"role": "assistant", "content": row["paraphrased_response"]}],
+        "paraphrased_messages": [
+            {"role": "user", "content": row["paraphrased_prompt"]},
+            {"role": "assistant", "content": row["paraphrased_response"]},
+        ],
     }
 
 
@@ -121,11 +121,14 @@ def test_model_generated_messages_are_kept(tmp_path):
     assert load_records(str(write(tmp_path / "d.jsonl", [row])))[0].model_generated_response == "G1"
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda rows: rows[1].pop("paraphrased_prompt"), "d.jsonl:2: missing field 'paraphrased_prompt'"),
-    (lambda rows: rows[0].update(response="  "), "d.jsonl:1 (id 'a'): field 'response' is empty"),
-    (lambda rows: rows[1].update(id="a"), "d.jsonl:2: duplicate id 'a' (first at"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda rows: rows[1].pop("paraphrased_prompt"), "d.jsonl:2: missing field 'paraphrased_prompt'"),
+        (lambda rows: rows[0].update(response="  "), "d.jsonl:1 (id 'a'): field 'response' is empty"),
+        (lambda rows: rows[1].update(id="a"), "d.jsonl:2: duplicate id 'a' (first at"),
+    ],
+)
 def test_validation_errors_name_file_line_and_id(tmp_path, mutate, message):
     rows = [dict(r) for r in ROWS]
     mutate(rows)

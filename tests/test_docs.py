@@ -62,12 +62,17 @@ def test_check_fails_when_a_table_is_edited_by_hand(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "docs/benchmarks.md differs from its records: run python -m benchmark.docs"
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.pop("machine"), "quickstart-2-as-loaded.json: missing 1 required positional argument: 'machine'"),
-    (lambda d: d.update(tabel="x"), "quickstart-2-as-loaded.json: unknown field(s) tabel"),
-    (lambda d: d["result"]["settings"]["generated"].update(queries="many"),
-     "quickstart-2-as-loaded.json: result.settings.generated.queries: expected int, got 'many'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.pop("machine"), "quickstart-2-as-loaded.json: missing 1 required positional argument: 'machine'"),
+        (lambda d: d.update(tabel="x"), "quickstart-2-as-loaded.json: unknown field(s) tabel"),
+        (
+            lambda d: d["result"]["settings"]["generated"].update(queries="many"),
+            "quickstart-2-as-loaded.json: result.settings.generated.queries: expected int, got 'many'",
+        ),
+    ],
+)
 def test_a_bad_record_is_one_line_naming_it(tmp_path, capsys, change, message):
     root = copy_repo(tmp_path)
     record = root / "benchmark" / "records" / "quickstart-2-as-loaded.json"
@@ -88,13 +93,24 @@ def test_a_marker_naming_no_table_is_an_error(tmp_path, capsys):
 
 def test_readme_table_holds_the_quick_start_figures_as_measured():
     # the figures the two runs printed, so a rendering that rounds, swaps runs or swaps columns fails
-    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line
-            for line in README.read_text().splitlines() if line.startswith("| ")}
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in README.read_text().splitlines() if line.startswith("| ")}
     expected = {
-        ("generated", "fine-tuned (default)"): ("0.734 [0.609, 0.837]", "0.578 [0.448, 0.701]", "+23.4 pts, p = 0.014",
-                                                "0.344 [0.229, 0.473]", "0.766 [0.643, 0.862]", "L4 down, L23 o"),
-        ("generated", "as loaded"): ("0.484 [0.358, 0.613]", "0.328 [0.216, 0.457]", "+14.1 pts, p = 0.049",
-                                     "0.188 [0.101, 0.305]", "0.766 [0.643, 0.862]", "L3 down, L6 up"),
+        ("generated", "fine-tuned (default)"): (
+            "0.734 [0.609, 0.837]",
+            "0.578 [0.448, 0.701]",
+            "+23.4 pts, p = 0.014",
+            "0.344 [0.229, 0.473]",
+            "0.766 [0.643, 0.862]",
+            "L4 down, L23 o",
+        ),
+        ("generated", "as loaded"): (
+            "0.484 [0.358, 0.613]",
+            "0.328 [0.216, 0.457]",
+            "+14.1 pts, p = 0.049",
+            "0.188 [0.101, 0.305]",
+            "0.766 [0.643, 0.862]",
+            "L3 down, L6 up",
+        ),
         ("paraphrased", "fine-tuned (default)"): ("1.000 [0.944, 1.000]", "0.984 [0.916, 1.000]", "tied with 21 others"),
         ("paraphrased", "as loaded"): ("1.000 [0.944, 1.000]", "0.969 [0.892, 0.996]", "L23 o", "tied with 52 others"),
     }
@@ -120,8 +136,7 @@ def test_docs_prose_has_no_hash_or_date_outside_the_generated_lines():
 
 def anchors(page: Path) -> set[str]:
     """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
-    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-            for h in re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)}
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)}
 
 
 def test_links_between_the_pages_resolve():
@@ -160,9 +175,31 @@ def test_what_benchmark_retrieval_writes_is_a_record(tiny_model_dir, small_datas
 @pytest.mark.slow
 def test_what_benchmark_speed_writes_is_a_record(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "speed.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--model", str(tiny_model_dir),
-                           "--dataset", str(small_dataset), "--queries", "2", "--k", "2", "--loop-queries", "1",
-                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmark.speed",
+            "--only",
+            "engine",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(small_dataset),
+            "--queries",
+            "2",
+            "--k",
+            "2",
+            "--loop-queries",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     written = json.loads(out.read_text())
     row = docs.speed_engine([record("speed-engine", written)]).splitlines()[-1]
@@ -175,8 +212,7 @@ def test_what_benchmark_speed_writes_is_a_record(tiny_model_dir, small_dataset, 
 
 
 def test_what_the_adapter_and_fault_benchmarks_write_are_records():
-    cell = Cell("greedy", "trak", seconds=3.0, peak_rss_bytes=2**30, hits=2, engine_hits=2, queries=2, dim=10,
-                store_bytes=2**29)
+    cell = Cell("greedy", "trak", seconds=3.0, peak_rss_bytes=2**30, hits=2, engine_hits=2, queries=2, dim=10, store_bytes=2**29)
     assert "| greedy | trak | 10 | 3 | 1.00 GB | 2/2 | 2/2 | 0.50 GB |" in docs.adapters([record("adapters", {"cells": [asdict(cell)]})])
     row = Row("a fault", "exit 1", 2.25, "kept all", True)
     assert "| a fault | exit 1 | 2.2 | kept all |" in docs.faults([record("faults", [asdict(row)])])
@@ -185,9 +221,13 @@ def test_what_the_adapter_and_fault_benchmarks_write_are_records():
 def test_what_benchmark_parity_writes_is_a_record():
     from benchmark.parity import Difference
 
-    written = {"differences": [asdict(Difference("greedy", "TRAKer", "train/sdpa", 2.5e-6, True)),
-                               asdict(Difference("full", "TRAKer", "train/sdpa", 3.0e-7, False)),
-                               asdict(Difference("greedy", "TRAKer", "eval/eager", 0.0, True))]}
+    written = {
+        "differences": [
+            asdict(Difference("greedy", "TRAKer", "train/sdpa", 2.5e-6, True)),
+            asdict(Difference("full", "TRAKer", "train/sdpa", 3.0e-7, False)),
+            asdict(Difference("greedy", "TRAKer", "eval/eager", 0.0, True)),
+        ]
+    }
     table = docs.parity([record("parity", written)])
     assert "| greedy | TRAKer | 2.5e-06 | 0.0e+00 |" in table and "| full | TRAKer | 3.0e-07 (state changed) |  |" in table
     summary = docs.parity_summary([record("parity", written)])
@@ -200,8 +240,21 @@ def test_the_paper_record_still_holds_on_the_reference_tables(tmp_path):
     """The committed figures, recomputed from the paper's published dot products by today's command."""
     out = tmp_path / "paper.json"
     tables = [str(reference_path("paraphrased")), str(reference_path("model_generated"))]
-    assert cli(["--table", tables[0], "--table", tables[1], "--strategy",
-                "full,greedy,greedy_fidelity,random_projection_per_component", "--json", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "--table",
+                tables[0],
+                "--table",
+                tables[1],
+                "--strategy",
+                "full,greedy,greedy_fidelity,random_projection_per_component",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     fresh = docs.paper([record("paper", json.loads(out.read_text()))])
     committed = docs.paper([r for r in docs.load_records(ROOT / "benchmark" / "records") if r.table == "paper"])
     p_value = re.compile(r"p = ([0-9.e+-]+)")

@@ -41,8 +41,9 @@ def test_features_and_dots_match_naive_loop(family, tied):
     ref = tiny.naive_dots(model, comps, naive[:2], naive)
     norms = np.sqrt(np.stack([tiny.naive_dots(model, comps, [g], [g])[0, 0] for g in naive]))
     for mode in ("factored", "materialised", "auto"):
-        got = pairwise_dots(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES,
-                            config=EngineConfig(batch_size=2, progress=False, mode=mode), scope="all")
+        got = pairwise_dots(
+            model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, config=EngineConfig(batch_size=2, progress=False, mode=mode), scope="all"
+        )
         assert got.shape == ref.shape
         assert _rel(got, ref, norms[:2], norms) <= TOL, mode
         self_err = np.max(np.abs(got[[0, 1], [0, 1]] - ref[[0, 1], [0, 1]]) / ref[[0, 1], [0, 1]])
@@ -106,12 +107,21 @@ def test_spill_to_disk_gives_same_dots():
     model = tiny.model("llama")
     tok = tiny.tokenizer()
     ram = pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[2:], config=CFG, scope="all")
-    disk = pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[2:],
-                         config=EngineConfig(batch_size=3, progress=False, memory_limit_gb=0.0), scope="all")
+    disk = pairwise_dots(
+        model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[2:], config=EngineConfig(batch_size=3, progress=False, memory_limit_gb=0.0), scope="all"
+    )
     np.testing.assert_allclose(disk, ram, rtol=1e-12, atol=0)
     with pytest.warns(MemoryLimitWarning, match="over the 0 GB memory limit"):  # nothing fits: said, then run
-        table = build_table(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, np.array([[0, 1], [1, 2]]), np.array([0, 0]),
-                            config=EngineConfig(batch_size=2, progress=False, memory_limit_gb=0.0), scope="all")
+        table = build_table(
+            model,
+            tok,
+            tiny.SAMPLES[:2],
+            tiny.SAMPLES,
+            np.array([[0, 1], [1, 2]]),
+            np.array([0, 0]),
+            config=EngineConfig(batch_size=2, progress=False, memory_limit_gb=0.0),
+            scope="all",
+        )
     assert table.meta["spilled_bytes"] > 0
 
 
@@ -124,8 +134,16 @@ def test_truncation_warns_counts_and_matches_truncated_naive():
     assert count == 1 and len(enc[0].input_ids) == 40 and enc[0].labels[-1] != tok.eos_token_id
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        table = build_table(model, tok, [long], [tiny.SAMPLES[0], long], np.array([[0, 1]]), np.array([1]),
-                            config=EngineConfig(max_length=40, progress=False), scope="all")
+        table = build_table(
+            model,
+            tok,
+            [long],
+            [tiny.SAMPLES[0], long],
+            np.array([[0, 1]]),
+            np.array([1]),
+            config=EngineConfig(max_length=40, progress=False),
+            scope="all",
+        )
         feats = sample_features(model, tok, [long], config=EngineConfig(max_length=40, progress=False), scope="all")
     assert table.meta["truncated"] == 1
     ref = tiny.naive_grads(model, enc[0])
@@ -139,7 +157,7 @@ def test_loss_masks_prompt_and_adds_eos():
     enc = encode_sample(tok, Sample("a", "hi", "yo"), 512)
     prefix = tok("<|user|>hi<|assistant|>", add_special_tokens=False)["input_ids"]
     assert list(enc.input_ids) == prefix + tok("yo", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert list(enc.labels) == [IGNORE] * len(prefix) + list(enc.input_ids[len(prefix):])
+    assert list(enc.labels) == [IGNORE] * len(prefix) + list(enc.input_ids[len(prefix) :])
     plain = tiny.tokenizer(chat=False, bos=True)
     enc = encode_sample(plain, Sample("b", "hi", "yo"), 512)
     assert enc.input_ids[0] == plain.bos_token_id and enc.input_ids[-1] == plain.eos_token_id
@@ -149,15 +167,20 @@ def test_loss_masks_prompt_and_adds_eos():
 # ---- bad input: one-line errors naming the sample or the model -------------------------
 def test_empty_response_text_names_sample():
     with pytest.raises(SampleError, match=r"sample nores: prompt with no response") as info:
-        sample_features(tiny.model("llama"), tiny.tokenizer(), [tiny.SAMPLES[0], Sample("nores", "a prompt", "")],
-                        config=CFG, scope="all")
+        sample_features(tiny.model("llama"), tiny.tokenizer(), [tiny.SAMPLES[0], Sample("nores", "a prompt", "")], config=CFG, scope="all")
     assert "\n" not in str(info.value)
 
 
 def test_empty_response_after_masking_names_sample():
     with pytest.raises(SampleError, match=r"sample longprompt: empty response after masking") as info:
-        pairwise_dots(tiny.model("llama"), tiny.tokenizer(), [Sample("longprompt", "p" * 100, "answer")],
-                      tiny.SAMPLES[:1], config=EngineConfig(max_length=30, progress=False), scope="all")
+        pairwise_dots(
+            tiny.model("llama"),
+            tiny.tokenizer(),
+            [Sample("longprompt", "p" * 100, "answer")],
+            tiny.SAMPLES[:1],
+            config=EngineConfig(max_length=30, progress=False),
+            scope="all",
+        )
     assert "\n" not in str(info.value)
 
 
@@ -261,8 +284,7 @@ def test_capture_hands_out_views_and_whatever_keeps_a_sample_copies_it_out():
     cfg = EngineConfig(batch_size=3, progress=False)
 
     def owns(f):
-        return all(t.untyped_storage().nbytes() == t.numel() * t.element_size()
-                   for t in (*f.tensors.values(), *f.vectors.values()))
+        return all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in (*f.tensors.values(), *f.vectors.values()))
 
     def storages(f):
         return {t.untyped_storage().data_ptr() for t in f.tensors.values() if t.is_floating_point()}
@@ -281,12 +303,16 @@ def test_capture_hands_out_views_and_whatever_keeps_a_sample_copies_it_out():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [
-    EngineConfig(batch_size=2, progress=False, dot_order="stream"),
-    EngineConfig(batch_size=2, progress=False, dot_order="gram"),
-    EngineConfig(batch_size=2, progress=False, dot_order="stream", memory_limit_gb=0.0),  # kept side spilled
-    EngineConfig(batch_size=2, progress=False, memory_limit_gb=0.0, max_spill_gb=0.0),  # recomputed in groups
-], ids=["stream", "gram", "spilled", "recomputed"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        EngineConfig(batch_size=2, progress=False, dot_order="stream"),
+        EngineConfig(batch_size=2, progress=False, dot_order="gram"),
+        EngineConfig(batch_size=2, progress=False, dot_order="stream", memory_limit_gb=0.0),  # kept side spilled
+        EngineConfig(batch_size=2, progress=False, memory_limit_gb=0.0, max_spill_gb=0.0),  # recomputed in groups
+    ],
+    ids=["stream", "gram", "spilled", "recomputed"],
+)
 def test_no_batchs_tensors_live_on_into_the_next_capture(monkeypatch, config):
     """The factors are views of their batch's tensors; a sample still held by a loop variable (or a finished group)
     while the next batch ran kept its whole batch alive: 0.2 GiB more peak RSS on the SmolLM2 full set."""
@@ -325,8 +351,7 @@ def test_capture_runs_sdpa_and_gives_the_model_back_eager():
 
     model, tok = tiny.model("llama"), tiny.tokenizer()
     seen = []
-    hook = model.model.layers[0].self_attn.register_forward_pre_hook(
-        lambda module, args: seen.append(module.config._attn_implementation))
+    hook = model.model.layers[0].self_attn.register_forward_pre_hook(lambda module, args: seen.append(module.config._attn_implementation))
     enc, _ = encode_samples(tok, tiny.SAMPLES[:2], 512)
     list(iter_factors(prepare(model, tok, None), enc, range(2), CFG))
     hook.remove()
@@ -407,15 +432,21 @@ def test_pairwise_dots_spill_no_more_than_allowed_and_give_the_same_dots(monkeyp
     tok = tiny.tokenizer()
     ram = pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[1:], config=CFG, scope="all")
     written = _spill_counter(monkeypatch)
-    pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[1:], scope="all",
-                  config=EngineConfig(batch_size=1, progress=False, memory_limit_gb=0.0))
+    pairwise_dots(
+        model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[1:], scope="all", config=EngineConfig(batch_size=1, progress=False, memory_limit_gb=0.0)
+    )
     everything = sum(written)
     assert everything > 0 and len(written) == 3
     written.clear()
     allowance = everything * 0.5
-    bounded = pairwise_dots(model, tok, tiny.SAMPLES[:3], tiny.SAMPLES[1:], scope="all",
-                            config=EngineConfig(batch_size=1, progress=False, memory_limit_gb=0.0,
-                                                max_spill_gb=allowance / 2**30))
+    bounded = pairwise_dots(
+        model,
+        tok,
+        tiny.SAMPLES[:3],
+        tiny.SAMPLES[1:],
+        scope="all",
+        config=EngineConfig(batch_size=1, progress=False, memory_limit_gb=0.0, max_spill_gb=allowance / 2**30),
+    )
     assert 0 < sum(written) <= allowance
     norms = np.sqrt(np.abs(np.stack([ram[i, i - 1] for i in (1, 2)])))  # self dots of samples 1 and 2
     scale = np.maximum(norms.max(axis=0), 1e-30) ** 2
@@ -426,19 +457,42 @@ def test_a_forced_component_order_spills_no_more_than_allowed(monkeypatch):
     model = tiny.model("llama")
     tok = tiny.tokenizer()
     index, original = np.array([[1, 2, 3], [2, 3, 1]]), np.array([0, 0])
-    stream = build_table(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, index, original, scope="all",
-                         config=EngineConfig(batch_size=2, progress=False, dot_order="stream"))
+    stream = build_table(
+        model,
+        tok,
+        tiny.SAMPLES[:2],
+        tiny.SAMPLES,
+        index,
+        original,
+        scope="all",
+        config=EngineConfig(batch_size=2, progress=False, dot_order="stream"),
+    )
     written = _spill_counter(monkeypatch)
     with pytest.warns(MemoryLimitWarning):
-        everything = build_table(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, index, original, scope="all",
-                                 config=EngineConfig(batch_size=2, progress=False, dot_order="gram", memory_limit_gb=0.0))
+        everything = build_table(
+            model,
+            tok,
+            tiny.SAMPLES[:2],
+            tiny.SAMPLES,
+            index,
+            original,
+            scope="all",
+            config=EngineConfig(batch_size=2, progress=False, dot_order="gram", memory_limit_gb=0.0),
+        )
     assert everything.meta["plan"]["dot_order"] == "gram" and sum(written) > 0
     allowance = sum(written) * 0.5
     written.clear()
     with pytest.warns(MemoryLimitWarning):
-        bounded = build_table(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, index, original, scope="all",
-                              config=EngineConfig(batch_size=2, progress=False, dot_order="gram", memory_limit_gb=0.0,
-                                                  max_spill_gb=allowance / 2**30))
+        bounded = build_table(
+            model,
+            tok,
+            tiny.SAMPLES[:2],
+            tiny.SAMPLES,
+            index,
+            original,
+            scope="all",
+            config=EngineConfig(batch_size=2, progress=False, dot_order="gram", memory_limit_gb=0.0, max_spill_gb=allowance / 2**30),
+        )
     assert sum(written) <= allowance
     assert any("dot order 'gram'" in n for n in bounded.meta["plan"]["notes"])
     scale = np.sqrt(stream.query_self[:, None, :] * stream.candidate_self)
@@ -462,6 +516,13 @@ def test_a_table_builds_with_the_default_config_in_batches_of_eight(order):
     model, tok = tiny.model("llama", tied=True), tiny.tokenizer()
     queries = [Sample(f"q{i}", f"Question {i}?", "Answer.") for i in range(10)]
     index = np.arange(10)[:, None] % len(tiny.SAMPLES)
-    table = build_table(model, tok, queries, tiny.SAMPLES, index, index == np.arange(10)[:, None] % len(tiny.SAMPLES),
-                        config=EngineConfig(progress=False, dot_order=order))
+    table = build_table(
+        model,
+        tok,
+        queries,
+        tiny.SAMPLES,
+        index,
+        index == np.arange(10)[:, None] % len(tiny.SAMPLES),
+        config=EngineConfig(progress=False, dot_order=order),
+    )
     assert table.meta["batch_size"] == 8 and table.meta["plan"]["dot_order"] == order

@@ -11,12 +11,15 @@ from benchmark import peak
 from selproj_plugin.errors import one_line
 
 
-@pytest.mark.parametrize("exc, plain, typed", [
-    (ValueError("bad table\nTraceback follows"), "bad table", "ValueError: bad table"),
-    (KeyError("x"), "'x'", "KeyError: 'x'"),
-    (RuntimeError(""), "RuntimeError", "RuntimeError"),
-    (OSError("  \n  disk full  \n more"), "disk full", "OSError: disk full"),
-])
+@pytest.mark.parametrize(
+    "exc, plain, typed",
+    [
+        (ValueError("bad table\nTraceback follows"), "bad table", "ValueError: bad table"),
+        (KeyError("x"), "'x'", "KeyError: 'x'"),
+        (RuntimeError(""), "RuntimeError", "RuntimeError"),
+        (OSError("  \n  disk full  \n more"), "disk full", "OSError: disk full"),
+    ],
+)
 def test_one_line(exc, plain, typed):
     assert one_line(exc) == plain
     assert one_line(exc, with_type=True) == typed
@@ -25,9 +28,12 @@ def test_one_line(exc, plain, typed):
 def test_every_module_uses_the_one_helper():
     """No module writes its own: the helper is defined once and imported everywhere else."""
     root = Path(__file__).resolve().parents[1]
-    defined = [str(p.relative_to(root)) for folder in ("selproj_plugin", "adapters", "benchmark")
-               for p in (root / folder).rglob("*.py") if "def one_line(" in p.read_text()
-               or "def _one_line(" in p.read_text()]
+    defined = [
+        str(p.relative_to(root))
+        for folder in ("selproj_plugin", "adapters", "benchmark")
+        for p in (root / folder).rglob("*.py")
+        if "def one_line(" in p.read_text() or "def _one_line(" in p.read_text()
+    ]
     assert defined == ["selproj_plugin/errors.py"]
 
 

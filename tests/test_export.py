@@ -13,11 +13,16 @@ from selproj_plugin.components import catalogue, resolve
 from selproj_plugin.export import selection_export
 
 
-@pytest.mark.parametrize("names, globs", [
-    (["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"],
-     ["model.layers.*.mlp.down_proj", "model.layers.0.self_attn.q_proj"]),
-    (["L1 down", "embed"], ["model.layers.1.mlp.down_proj", "model.embed_tokens"]),
-])
+@pytest.mark.parametrize(
+    "names, globs",
+    [
+        (
+            ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"],
+            ["model.layers.*.mlp.down_proj", "model.layers.0.self_attn.q_proj"],
+        ),
+        (["L1 down", "embed"], ["model.layers.1.mlp.down_proj", "model.embed_tokens"]),
+    ],
+)
 def test_export_forms_agree_with_the_model_and_the_adapters(names, globs):
     model = tiny.model("llama", tied=True)
     comps = catalogue(model)

@@ -31,8 +31,7 @@ def _naive_rows(model, tok, samples, names, max_length=512):
     enc, _ = encode_samples(tok, samples, max_length)
     params = dict(model.named_parameters())
     grads = [tiny.naive_grads(model, e) for e in enc]
-    return {n: torch.stack([g[n].reshape(-1) if n in g else torch.zeros(params[n].numel()) for g in grads])
-            for n in names}
+    return {n: torch.stack([g[n].reshape(-1) if n in g else torch.zeros(params[n].numel()) for g in grads]) for n in names}
 
 
 def test_a_parameter_the_forward_never_uses_has_zero_gradient():
@@ -46,8 +45,9 @@ def test_a_parameter_the_forward_never_uses_has_zero_gradient():
     down = "model.layers.1.mlp.down_proj"
     ref = _naive_rows(model, tok, tiny.SAMPLES, [f"{down}.weight"])[f"{down}.weight"]
     torch.testing.assert_close(feats[down], ref, rtol=1e-5, atol=1e-6)
-    table = build_table(model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, np.array([[0, 1, 2], [1, 2, 3]]),
-                        np.zeros(2, dtype=int), config=CFG, scope="all")
+    table = build_table(
+        model, tok, tiny.SAMPLES[:2], tiny.SAMPLES, np.array([[0, 1, 2], [1, 2, 3]]), np.zeros(2, dtype=int), config=CFG, scope="all"
+    )
     used = list(table.components).index(down)
     extra = list(table.components).index("extra.weight")
     assert float(np.abs(table.cross[..., extra]).max()) == 0.0 and float(np.abs(table.cross[..., used]).min()) > 0
@@ -74,8 +74,9 @@ def test_split_does_not_guess_from_shapes_when_dimensions_coincide():
         enc, _ = encode_samples(tok, samples, 16)
         assert [len(e.input_ids) for e in enc] == [16, 16] and [e.n_targets for e in enc] == [1, 1]
         assert model.config.hidden_size == 16
-        feats = sample_features(model, tok, samples, components=["lm_head"],
-                                config=EngineConfig(batch_size=2, max_length=16, progress=False))
+        feats = sample_features(
+            model, tok, samples, components=["lm_head"], config=EngineConfig(batch_size=2, max_length=16, progress=False)
+        )
     ref = _naive_rows(model, tok, samples, ["lm_head.weight"], max_length=16)["lm_head.weight"]
     torch.testing.assert_close(feats["lm_head"], ref, rtol=1e-5, atol=1e-6)
 
@@ -97,8 +98,12 @@ def test_spill_dir_is_removed_on_close_and_factors_read_back(tmp_path):
     back = store.get("k")
     assert torch.equal(back.tensors["t"], f.tensors["t"]) and torch.equal(back.vectors["v"], f.vectors["v"])
     # one file holds a sample's tensors of any dtype and size; a partial read returns just the named ones
-    mixed = SampleFactors("m", {"ids": torch.tensor([3, 1, 4], dtype=torch.int64), "none": torch.zeros(0, 5),
-                                "x": torch.randn(3, 7)}, {}, {"v": torch.randn(11)})
+    mixed = SampleFactors(
+        "m",
+        {"ids": torch.tensor([3, 1, 4], dtype=torch.int64), "none": torch.zeros(0, 5), "x": torch.randn(3, 7)},
+        {},
+        {"v": torch.randn(11)},
+    )
     store.put("m", mixed)
     part = store.get("m", {"ids", "none", "v"})
     assert set(part.tensors) == {"ids", "none"} and set(part.vectors) == {"v"}
@@ -124,8 +129,13 @@ time.sleep(120)
 
 
 def _child(parent: Path, how: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(parent), how], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(parent), how],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.stdout.readline().strip() == "spilled"
     return proc
 
@@ -174,8 +184,14 @@ def build_tables(opts):
 retrieval.build_tables = build_tables
 sys.exit(retrieval.cli(["--no-progress"]))
 """
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.stdout.readline().strip() == "spilled" and len(_spill_dirs(tmp_path)) == 1
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 130
@@ -215,8 +231,20 @@ def test_fault_table_fast_rows_on_a_tiny_model(tiny_model_dir, small_dataset, ca
     benchmark's figure, not a test's: this machine is shared)."""
     from benchmark import faults
 
-    code = faults.main(["--only", "full-disk,nan-loss", "--model", str(tiny_model_dir), "--dataset",
-                        str(small_dataset), "--max-length", "160", "--max-new-tokens", "6"])
+    code = faults.main(
+        [
+            "--only",
+            "full-disk,nan-loss",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(small_dataset),
+            "--max-length",
+            "160",
+            "--max-new-tokens",
+            "6",
+        ]
+    )
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| ") and "fault" not in line]
     assert code == 0 and len(rows) == 2, table

@@ -29,8 +29,9 @@ FAST = FinetuneSettings(epochs=2, lr=1e-3, batch_size=2, save_every=1, max_lengt
 
 def run_finetune(cache_dir: Path, settings: FinetuneSettings = FAST, **kwargs):
     model = tiny.model("llama", tied=True)
-    result = finetune(model, tiny.tokenizer(), ORIGINALS, PARAPHRASES, settings, cache=StageCache(cache_dir),
-                      base=BASE, progress=False, **kwargs)
+    result = finetune(
+        model, tiny.tokenizer(), ORIGINALS, PARAPHRASES, settings, cache=StageCache(cache_dir), base=BASE, progress=False, **kwargs
+    )
     return model, result
 
 
@@ -95,12 +96,21 @@ def test_a_fine_tune_with_other_settings_reuses_the_base_models_losses(tmp_path,
 
 def test_every_setting_changes_the_cache_key(tmp_path):
     cache = StageCache(tmp_path)
+
     def path(s, base=BASE, originals=ORIGINALS):
         return cache.path("finetune", stage_key(s, base, "paper", originals), "json")
 
     seen = {path(FAST)}
-    changed = {"epochs": 3, "lr": 2e-3, "batch_size": 3, "weight_decay": 0.1, "seed": 1, "max_length": 129,
-               "checkpoints": 3, "batch_tokens": 100}
+    changed = {
+        "epochs": 3,
+        "lr": 2e-3,
+        "batch_size": 3,
+        "weight_decay": 0.1,
+        "seed": 1,
+        "max_length": 129,
+        "checkpoints": 3,
+        "batch_tokens": 100,
+    }
     assert set(changed) == set(FAST.key())  # a new setting must be listed here too
     for name, value in changed.items():
         seen.add(path(dataclasses.replace(FAST, **{name: value})))
@@ -174,8 +184,9 @@ def test_a_diverging_fine_tune_stops_before_saving_diverged_weights(tmp_path):
                 model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
 
     with pytest.raises(FinetuneError, match="diverged at step 3 of 6"):
-        finetune(model, tiny.tokenizer(), ORIGINALS, PARAPHRASES, FAST, cache=StageCache(tmp_path), base=BASE,
-                 progress=False, on_step=diverge)
+        finetune(
+            model, tiny.tokenizer(), ORIGINALS, PARAPHRASES, FAST, cache=StageCache(tmp_path), base=BASE, progress=False, on_step=diverge
+        )
     assert not list((tmp_path / "benchmark").glob("finetune-*.json"))
     saved = torch.load(next((tmp_path / "benchmark").glob("*.resume.pt")), weights_only=False)
     assert saved["step"] == 2  # the last resume point holds finite weights
@@ -188,9 +199,16 @@ TOPICS = ["cats sleep", "rivers flow", "bread rises", "stars burn", "coins save"
 
 
 def write_dataset(path: Path, empty_response: bool = False) -> Path:
-    rows = [{"id": f"t{i}", "prompt": f"Why {t}?", "response": f"Because {t} a lot.",
-             "paraphrased_prompt": f"Reason {t}?", "paraphrased_response": f"{t} often, that is why."}
-            for i, t in enumerate(TOPICS)]
+    rows = [
+        {
+            "id": f"t{i}",
+            "prompt": f"Why {t}?",
+            "response": f"Because {t} a lot.",
+            "paraphrased_prompt": f"Reason {t}?",
+            "paraphrased_response": f"{t} often, that is why.",
+        }
+        for i, t in enumerate(TOPICS)
+    ]
     if empty_response:
         rows[2]["response"] = "  "
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -198,16 +216,48 @@ def write_dataset(path: Path, empty_response: bool = False) -> Path:
 
 
 def argv(model_dir, dataset, cache, *extra):
-    return ["--model", str(model_dir), "--dataset", str(dataset), "--cache-dir", str(cache), "--max-length", "160",
-            "--setting", "paraphrased", "--no-progress", "--folds", "2", *extra]
+    return [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(dataset),
+        "--cache-dir",
+        str(cache),
+        "--max-length",
+        "160",
+        "--setting",
+        "paraphrased",
+        "--no-progress",
+        "--folds",
+        "2",
+        *extra,
+    ]
 
 
 def test_cli_checkpoint_study_pool_ranking_and_reuse(tiny_model_dir, tmp_path, capsys):
     data = write_dataset(tmp_path / "d.jsonl")
     out = tmp_path / "out"
-    args = argv(tiny_model_dir, data, tmp_path / "cache", "--strategy", "full,greedy,random_projection",
-                "--proj-dim", "64", "--finetune-epochs", "2", "--finetune-lr", "1e-3", "--finetune-batch-size", "2",
-                "--checkpoints", "3", "--candidates", "3", "--out", str(out))
+    args = argv(
+        tiny_model_dir,
+        data,
+        tmp_path / "cache",
+        "--strategy",
+        "full,greedy,random_projection",
+        "--proj-dim",
+        "64",
+        "--finetune-epochs",
+        "2",
+        "--finetune-lr",
+        "1e-3",
+        "--finetune-batch-size",
+        "2",
+        "--checkpoints",
+        "3",
+        "--candidates",
+        "3",
+        "--out",
+        str(out),
+    )
     assert cli(args) == 0
     doc = json.loads((out / "results.json").read_text())
     ft = doc["finetune"]
@@ -234,12 +284,14 @@ def test_cli_checkpoint_study_pool_ranking_and_reuse(tiny_model_dir, tmp_path, c
     assert "Whole pool" in report and "transfer matrix" in report and "## fine-tune" in report
     # the last checkpoint is the trained model: its results are the run's
     assert section["results"]["greedy"] == study_part["per_checkpoint"][-1]["results"]["greedy"] | {
-        k: v for k, v in section["results"]["greedy"].items() if k == "seconds"}
+        k: v for k, v in section["results"]["greedy"].items() if k == "seconds"
+    }
     from benchmark import docs
     from benchmark.doc_records import Record
 
-    record = Record(table="checkpoints", command="c", machine="m", date="d", commit="x", result=doc, label="tiny",
-                    source="tiny.json")  # what the run wrote is a record the docs' tables read
+    record = Record(
+        table="checkpoints", command="c", machine="m", date="d", commit="x", result=doc, label="tiny", source="tiny.json"
+    )  # what the run wrote is a record the docs' tables read
     assert "2 x 6 originals, lr 0.001, 6 steps" in docs.finetune([record])
     assert "| tiny | paraphrased (6 x 6) | bm25 (baseline) |" in docs.pool([record])
     assert "paraphrased: greedy fitted at 2, held-out at each" in docs.checkpoints([record])
@@ -250,10 +302,9 @@ def test_cli_checkpoint_study_pool_ranking_and_reuse(tiny_model_dir, tmp_path, c
     assert again["checkpoints"]["settings"]["paraphrased"]["transfer"] == study_part["transfer"]
 
 
-def test_cli_empty_response_and_divergence_exit_2_in_one_line_keeping_what_was_written(tiny_model_dir, tmp_path,
-                                                                                      capsys, monkeypatch):
+def test_cli_empty_response_and_divergence_exit_2_in_one_line_keeping_what_was_written(tiny_model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "keep.json"
-    out.write_text("{\"earlier\": true}\n")
+    out.write_text('{"earlier": true}\n')
     bad = write_dataset(tmp_path / "bad.jsonl", empty_response=True)
     assert cli(argv(tiny_model_dir, bad, tmp_path / "cache", "--finetune-epochs", "1", "--json", str(out))) == 2
     assert "'response' is empty" in error_line(capsys.readouterr().err)
@@ -261,18 +312,32 @@ def test_cli_empty_response_and_divergence_exit_2_in_one_line_keeping_what_was_w
     from selproj_plugin import loss
 
     real = loss.forward_losses
-    monkeypatch.setattr(loss, "forward_losses",  # training diverges: NaN losses once gradients are taken
-                        lambda model, batch: real(model, batch) * (float("nan") if torch.is_grad_enabled() else 1.0))
+    monkeypatch.setattr(
+        loss,
+        "forward_losses",  # training diverges: NaN losses once gradients are taken
+        lambda model, batch: real(model, batch) * (float("nan") if torch.is_grad_enabled() else 1.0),
+    )
     assert cli(argv(tiny_model_dir, good, tmp_path / "cache", "--finetune-epochs", "1", "--json", str(out))) == 2
     assert "diverged" in error_line(capsys.readouterr().err)
-    assert out.read_text() == "{\"earlier\": true}\n"
+    assert out.read_text() == '{"earlier": true}\n'
     assert (tiny_model_dir / "config.json").is_file()
 
 
 def test_no_progress_logs_each_phase_as_lines_not_bars(tiny_model_dir, tmp_path, capsys):
     """With bars off a long run still says what it is doing: a line as each phase starts and ends, no \\r."""
-    args = argv(tiny_model_dir, write_dataset(tmp_path / "d.jsonl"), tmp_path / "cache", "--strategy", "greedy",
-                "--finetune-epochs", "1", "--finetune-batch-size", "3", "--candidates", "3")
+    args = argv(
+        tiny_model_dir,
+        write_dataset(tmp_path / "d.jsonl"),
+        tmp_path / "cache",
+        "--strategy",
+        "greedy",
+        "--finetune-epochs",
+        "1",
+        "--finetune-batch-size",
+        "3",
+        "--candidates",
+        "3",
+    )
     assert cli(args) == 0
     err = capsys.readouterr().err
     assert "\r" not in err
@@ -282,7 +347,8 @@ def test_no_progress_logs_each_phase_as_lines_not_bars(tiny_model_dir, tmp_path,
     assert any(line.startswith("[selproj] table: 6 queries x 6 candidates") for line in lines), lines
     assert any(line.startswith("[selproj] stage table: done in ") for line in lines), lines
     assert "[selproj] capture: 12 samples" in lines and any(  # the engine's, 6 queries and 6 candidates
-        line.startswith("[selproj] capture: 12/12 samples in ") for line in lines), lines
+        line.startswith("[selproj] capture: 12/12 samples in ") for line in lines
+    ), lines
 
 
 def test_trained_model_is_the_runs_fine_tuned_model_from_its_cache(tiny_model_dir, tmp_path, monkeypatch):
@@ -291,12 +357,33 @@ def test_trained_model_is_the_runs_fine_tuned_model_from_its_cache(tiny_model_di
     from selproj_plugin.models import load_model, weights_fingerprint
 
     data, cache, out = write_dataset(tmp_path / "d.jsonl"), tmp_path / "cache", tmp_path / "run.json"
-    assert cli(argv(tiny_model_dir, data, cache, "--strategy", "greedy", "--finetune-epochs", "1",
-                    "--finetune-batch-size", "3", "--candidates", "3", "--json", str(out))) == 0
+    assert (
+        cli(
+            argv(
+                tiny_model_dir,
+                data,
+                cache,
+                "--strategy",
+                "greedy",
+                "--finetune-epochs",
+                "1",
+                "--finetune-batch-size",
+                "3",
+                "--candidates",
+                "3",
+                "--json",
+                str(out),
+            )
+        )
+        == 0
+    )
     measured = json.loads(out.read_text())["identity"]["weights"]
     monkeypatch.setattr(torch.optim, "AdamW", None)  # any training now fails
-    model, tokenizer = trained_model(PipelineOptions(model=str(tiny_model_dir), dataset=str(data), cache_dir=str(cache),
-                                                     finetune=FinetuneSettings(epochs=1, batch_size=3)))
+    model, tokenizer = trained_model(
+        PipelineOptions(
+            model=str(tiny_model_dir), dataset=str(data), cache_dir=str(cache), finetune=FinetuneSettings(epochs=1, batch_size=3)
+        )
+    )
     assert weights_fingerprint(model) == measured != weights_fingerprint(load_model(str(tiny_model_dir))[0])
     assert not model.training and tokenizer is not None
 
@@ -308,24 +395,54 @@ def test_trained_models_default_is_what_make_bench_runs():
     args, opts = parse_args([]), make_bench_options()
     assert opts.finetune == finetune_settings(args) and opts.finetune.epochs >= 1
     assert (opts.model, opts.dataset, opts.max_samples, opts.scope, opts.dtype, opts.seed) == (
-        args.model, args.dataset, args.max_samples, args.components or "paper", args.dtype, args.seed)
+        args.model,
+        args.dataset,
+        args.max_samples,
+        args.components or "paper",
+        args.dtype,
+        args.seed,
+    )
 
 
 # ---- whole-pool ranking, transfer, Jaccard and TracIn on hand-made tables ------------------------------
 
+
 def one_component_table(cross: np.ndarray, is_original: np.ndarray) -> ComponentTable:
     q, k = cross.shape
-    return ComponentTable(cross=cross[:, :, None].astype(float), query_self=np.ones((q, 1)),
-                          candidate_self=np.ones((q, k, 1)), is_original=is_original,
-                          components=np.array(["model.layers.0.mlp.down_proj"]), num_params=np.array([10]))
+    return ComponentTable(
+        cross=cross[:, :, None].astype(float),
+        query_self=np.ones((q, 1)),
+        candidate_self=np.ones((q, k, 1)),
+        is_original=is_original,
+        components=np.array(["model.layers.0.mlp.down_proj"]),
+        num_params=np.array([10]),
+    )
 
 
 def test_a_checkpoint_study_with_a_generated_setting_writes_its_report(tiny_model_dir, tmp_path):
     """Generated queries differ by checkpoint, so that setting has no study; the report and plots still come out."""
     out = tmp_path / "out"
-    args = argv(tiny_model_dir, write_dataset(tmp_path / "d.jsonl"), tmp_path / "cache", "--strategy", "full,greedy",
-                "--setting", "paraphrased,generated", "--max-new-tokens", "8", "--finetune-epochs", "1",
-                "--finetune-batch-size", "3", "--checkpoints", "2", "--candidates", "3", "--out", str(out))
+    args = argv(
+        tiny_model_dir,
+        write_dataset(tmp_path / "d.jsonl"),
+        tmp_path / "cache",
+        "--strategy",
+        "full,greedy",
+        "--setting",
+        "paraphrased,generated",
+        "--max-new-tokens",
+        "8",
+        "--finetune-epochs",
+        "1",
+        "--finetune-batch-size",
+        "3",
+        "--checkpoints",
+        "2",
+        "--candidates",
+        "3",
+        "--out",
+        str(out),
+    )
     assert cli(args) == 0
     doc = json.loads((out / "results.json").read_text())
     assert "skipped" in doc["checkpoints"]["settings"]["generated"]
@@ -335,14 +452,17 @@ def test_a_checkpoint_study_with_a_generated_setting_writes_its_report(tiny_mode
 
 
 def test_pool_mrr_and_recall_match_hand_computed_ranks():
-    scores = np.array([[0.9, 0.5, 0.1, 0.2],    # original first: rank 1
-                       [0.8, 0.3, 0.9, 0.1],    # two above: rank 3
-                       [0.5, 0.5, 0.5, 0.9]])   # one above, three-way tie: ranks 2, 3, 4 equally likely
+    scores = np.array(
+        [
+            [0.9, 0.5, 0.1, 0.2],  # original first: rank 1
+            [0.8, 0.3, 0.9, 0.1],  # two above: rank 3
+            [0.5, 0.5, 0.5, 0.9],
+        ]
+    )  # one above, three-way tie: ranks 2, 3, 4 equally likely
     is_original = np.eye(3, 4, dtype=bool)
     # BM25: q0 and q2 have one candidate above and a three-way tie (ranks 2-4), q1 ranks its original first
     bm25 = np.array([[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    pool = pool_section(one_component_table(scores, is_original), bm25, [Run("full", "full")], folds=2, seed=0,
-                        similarity=None)
+    pool = pool_section(one_component_table(scores, is_original), bm25, [Run("full", "full")], folds=2, seed=0, similarity=None)
     full = pool["results"]["full"]
     assert full["mrr"] == pytest.approx((1 + 1 / 3 + (1 / 2 + 1 / 3 + 1 / 4) / 3) / 3)
     assert full["recall@1"] == pytest.approx(1 / 3)
@@ -361,10 +481,14 @@ def two_component_table(good: int) -> ComponentTable:
     cross = np.zeros((4, 2, 2))
     cross[:, 0, good], cross[:, 1, good] = 1.0, -1.0
     cross[:, 0, 1 - good], cross[:, 1, 1 - good] = -1.0, 1.0
-    return ComponentTable(cross=cross, query_self=np.ones((4, 2)), candidate_self=np.ones((4, 2, 2)),
-                          is_original=np.tile([True, False], (4, 1)),
-                          components=np.array(["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]),
-                          num_params=np.array([10, 10]))
+    return ComponentTable(
+        cross=cross,
+        query_self=np.ones((4, 2)),
+        candidate_self=np.ones((4, 2, 2)),
+        is_original=np.tile([True, False], (4, 1)),
+        components=np.array(["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]),
+        num_params=np.array([10, 10]),
+    )
 
 
 def test_transfer_matrix_and_jaccard_on_a_hand_made_pair_of_checkpoints():
@@ -385,11 +509,15 @@ def test_transfer_matrix_and_jaccard_on_a_hand_made_pair_of_checkpoints():
 
 def test_tracin_sums_the_checkpoints_dot_products_weighted_by_learning_rate():
     # one query, one candidate, one component: gradients q=(1,0), c=(1,1) at checkpoint 0; q=(0,2), c=(1,0) at 1
-    a = ComponentTable(cross=np.array([[[1.0]]]), query_self=np.array([[1.0]]), candidate_self=np.array([[[2.0]]]),
-                       is_original=np.array([[True]]), components=np.array(["model.layers.0.mlp.down_proj"]),
-                       num_params=np.array([2]))
-    b = dataclasses.replace(a, cross=np.array([[[0.0]]]), query_self=np.array([[4.0]]),
-                            candidate_self=np.array([[[1.0]]]))
+    a = ComponentTable(
+        cross=np.array([[[1.0]]]),
+        query_self=np.array([[1.0]]),
+        candidate_self=np.array([[[2.0]]]),
+        is_original=np.array([[True]]),
+        components=np.array(["model.layers.0.mlp.down_proj"]),
+        num_params=np.array([2]),
+    )
+    b = dataclasses.replace(a, cross=np.array([[[0.0]]]), query_self=np.array([[4.0]]), candidate_self=np.array([[[1.0]]]))
     t = study.tracin_table([a, b], [1.0, 0.25])
     assert t.cross[0, 0, 0] == 1.0 and t.query_self[0, 0] == 2.0 and t.candidate_self[0, 0, 0] == 2.25
     from selproj_plugin import scoring

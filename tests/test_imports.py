@@ -33,8 +33,7 @@ def module_files(root: Path, packages: dict[str, str]) -> dict[str, Path]:
 
 
 def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _imports(tree: ast.AST):
@@ -103,8 +102,7 @@ def graph():
 
 
 def test_the_walk_sees_every_package(graph):
-    assert {"selproj_plugin.engine", "selproj_plugin.strategies.base", "selproj_plugin.adapters.trak",
-            "benchmark.retrieval"} <= set(graph)
+    assert {"selproj_plugin.engine", "selproj_plugin.strategies.base", "selproj_plugin.adapters.trak", "benchmark.retrieval"} <= set(graph)
     assert "selproj_plugin.capture" in graph["selproj_plugin.engine"]
     assert "selproj_plugin.strategies.base" in graph["selproj_plugin.adapters._common"]
     assert [layer(n) for n in ("selproj_plugin.table", "selproj_plugin.adapters.trak", "benchmark.docs")] == [0, 1, 2]
@@ -128,25 +126,31 @@ def _package(tmp_path: Path, files: dict[str, str]) -> dict[str, set[str]]:
 
 
 def test_a_circle_through_a_function_level_import_is_found(tmp_path):
-    graph = _package(tmp_path, {
-        "selproj_plugin/__init__.py": "",
-        "selproj_plugin/a.py": "from selproj_plugin.b import f\n",
-        "selproj_plugin/b.py": "def f():\n    from . import c\n",
-        "selproj_plugin/c.py": "import selproj_plugin.a\n",
-        "selproj_plugin/d.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from selproj_plugin import a\n",
-    })
+    graph = _package(
+        tmp_path,
+        {
+            "selproj_plugin/__init__.py": "",
+            "selproj_plugin/a.py": "from selproj_plugin.b import f\n",
+            "selproj_plugin/b.py": "def f():\n    from . import c\n",
+            "selproj_plugin/c.py": "import selproj_plugin.a\n",
+            "selproj_plugin/d.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from selproj_plugin import a\n",
+        },
+    )
     assert graph["selproj_plugin.b"] == {"selproj_plugin.c"}
     assert graph["selproj_plugin.d"] == set()  # type-only imports never run
     assert set(find_cycle(graph)) == {"selproj_plugin.a", "selproj_plugin.b", "selproj_plugin.c"}
 
 
 def test_an_upward_import_inside_a_function_is_found(tmp_path):
-    graph = _package(tmp_path, {
-        "selproj_plugin/__init__.py": "",
-        "selproj_plugin/kit.py": "def check():\n    from benchmark.tool import run\n",
-        "benchmark/__init__.py": "",
-        "benchmark/tool.py": "from selproj_plugin import kit\n",
-    })
+    graph = _package(
+        tmp_path,
+        {
+            "selproj_plugin/__init__.py": "",
+            "selproj_plugin/kit.py": "def check():\n    from benchmark.tool import run\n",
+            "benchmark/__init__.py": "",
+            "benchmark/tool.py": "from selproj_plugin import kit\n",
+        },
+    )
     assert upward_imports(graph) == ["selproj_plugin.kit -> benchmark.tool"]
 
 

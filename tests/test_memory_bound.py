@@ -55,8 +55,9 @@ print(json.dumps({"hwm": hwm, "predicted": table.meta["plan"]["predicted_peak_by
 
 def _run(mode: str, limit_gb: float, order: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", WORKER, mode, str(limit_gb), order], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER, mode, str(limit_gb), order], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -77,6 +77,5 @@ def test_default_model_loads_from_cache():
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
-    leftovers = [p.name for p in cache_dir().iterdir()
-                 if "SmolLM2" in p.name and p.name.startswith(".") and not p.name.endswith(".lock")]
+    leftovers = [p.name for p in cache_dir().iterdir() if "SmolLM2" in p.name and p.name.startswith(".") and not p.name.endswith(".lock")]
     assert not leftovers  # no temporary conversion left (the lock file stays, as file locks do)

@@ -37,8 +37,15 @@ def test_a_table_dispatches_at_most_half_again_a_plain_backwards_ops(order):
     model, tok = _model(6), tiny.tokenizer()
     plain, _ = plain_backward(model, tok, QUERIES + ORIGINALS, 4)
     with OpCounter() as counter:
-        table = build_table(model, tok, QUERIES, ORIGINALS, INDEX, np.zeros(16, dtype=int),
-                            config=EngineConfig(batch_size=4, progress=False, dot_order=order))
+        table = build_table(
+            model,
+            tok,
+            QUERIES,
+            ORIGINALS,
+            INDEX,
+            np.zeros(16, dtype=int),
+            config=EngineConfig(batch_size=4, progress=False, dot_order=order),
+        )
     assert table.meta["plan"]["dot_order"] == order and table.meta["distinct_samples"] == 32
     assert counter.total <= 1.5 * plain, (counter.total, plain, counter.by_op.most_common(8))
 

@@ -30,8 +30,7 @@ def test_factor_widths_predict_the_bytes_the_capture_stores(family, tied):
     dense = [s.name for s in prep.specs if s.kind == "factor"][1::3]  # some components materialised
     for materialise in ((), dense):
         widths = factor_widths(prep.capture, prep.specs, materialise)
-        got = {i: f.nbytes for i, f in iter_factors(prep, encoded, range(len(encoded)), EngineConfig(progress=False),
-                                                  set(materialise))}
+        got = {i: f.nbytes for i, f in iter_factors(prep, encoded, range(len(encoded)), EngineConfig(progress=False), set(materialise))}
         for i, e in enumerate(encoded):
             assert widths.sample_bytes(len(e.input_ids), e.n_targets) == got[i], (family, i, len(materialise))
 
@@ -39,8 +38,9 @@ def test_factor_widths_predict_the_bytes_the_capture_stores(family, tied):
 def test_olmo_1b_geometry_from_its_config_without_weights():
     from transformers import AutoModelForCausalLM, OlmoConfig
 
-    cfg = OlmoConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
-                     vocab_size=50304, tie_word_embeddings=True)
+    cfg = OlmoConfig(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16, vocab_size=50304, tie_word_embeddings=True
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     comps = catalogue(model)
@@ -67,15 +67,15 @@ def test_plan_keeps_the_most_reused_and_recomputes_the_rest_with_each_partner():
     lengths = [10] * 7
     q_of = [0, 1, 2, 3]
     c_of = np.array([[4, 5], [4, 5], [4, 6], [4, 6]])
-    plan = plan_pairs(lengths, [0] * 7, q_of, c_of, _widths(100), store_budget=1000, spill_allowance=1000,
-                      resident_bytes=0, batch_tokens=10)
+    plan = plan_pairs(
+        lengths, [0] * 7, q_of, c_of, _widths(100), store_budget=1000, spill_allowance=1000, resident_bytes=0, batch_tokens=10
+    )
     assert not plan.kept_queries  # 3 candidates < 4 queries
     assert plan.kept == [4, 5] and plan.ram_kept == 1  # most reused first: RAM, then disk; 6 fits neither
     assert plan.groups == [[0], [1], [2, 6], [3, 6]]
     assert plan.passes.tolist() == [1, 1, 1, 1, 1, 1, 2]
     assert plan.spill_bytes == 1000 and plan.ram_bytes == 1000
-    nothing = plan_pairs(lengths, [0] * 7, q_of, c_of, _widths(100), store_budget=0, spill_allowance=0,
-                         resident_bytes=0, batch_tokens=10)
+    nothing = plan_pairs(lengths, [0] * 7, q_of, c_of, _widths(100), store_budget=0, spill_allowance=0, resident_bytes=0, batch_tokens=10)
     assert nothing.kept == [] and nothing.passes.tolist() == [1, 1, 1, 1, 4, 2, 2]
     assert nothing.group_bytes == 3 * 1000  # a query with its two candidates
 
@@ -84,8 +84,9 @@ def test_plan_summary_counts_only_the_samples_it_captures():
     # sample 7 is given (a candidate pool can be larger than the candidates used) but paired with nothing
     q_of = [0, 1, 2, 3]
     c_of = np.array([[4, 5], [4, 5], [4, 6], [4, 6]])
-    plan = plan_pairs([10] * 7 + [50], [0] * 8, q_of, c_of, _widths(100), store_budget=1000, spill_allowance=1000,
-                      resident_bytes=0, batch_tokens=10)
+    plan = plan_pairs(
+        [10] * 7 + [50], [0] * 8, q_of, c_of, _widths(100), store_budget=1000, spill_allowance=1000, resident_bytes=0, batch_tokens=10
+    )
     summary = plan.summary()
     assert plan.passes.tolist() == [1, 1, 1, 1, 1, 1, 2, 0]
     assert summary["samples"] == 7 and summary["recomputed"] == 1 and summary["captures"] == 8
@@ -97,8 +98,17 @@ def test_component_order_reports_its_own_flops():
     """The plan's dots FLOPs are those of the order it runs: component by component, every sample's gradient
     is materialised once and the pairs are matrix products, not the factored Grams of streaming."""
     q_of = [0, 1]  # 2 queries, each with all 3 candidates; 5 samples of 10..50 tokens (150 in all)
-    plan = plan_pairs([10, 20, 30, 40, 50], [0] * 5, q_of, np.array([[2, 3, 4], [2, 3, 4]]), _widths(4),
-                      store_budget=1e9, spill_allowance=0, resident_bytes=0, batch_tokens=64)
+    plan = plan_pairs(
+        [10, 20, 30, 40, 50],
+        [0] * 5,
+        q_of,
+        np.array([[2, 3, 4], [2, 3, 4]]),
+        _widths(4),
+        store_budget=1e9,
+        spill_allowance=0,
+        resident_bytes=0,
+        batch_tokens=64,
+    )
     gram = plan.in_gram_order(_widths(4), dense_params=1000)
     # 1000 parameters x 150 tokens materialised, 2 x 3 products and 5 squared norms: 2 flops a multiply-add
     assert gram.dot_flops() == gram.summary()["dot_flops"] == 2 * 1000 * (150 + 6 + 5)
@@ -157,8 +167,7 @@ def test_recomputed_table_equals_the_naive_loop_and_the_kept_table():
     cands = tiny.SAMPLES[:3]
     index = np.array([[0, 1], [1, 2], [0, 2], [2, 0], [1, 0]])  # the last query is also its own candidate
     original = np.zeros(5, dtype=int)
-    kept = build_table(model, tok, queries, cands, index, original, config=EngineConfig(batch_size=3, progress=False),
-                       scope="all")
+    kept = build_table(model, tok, queries, cands, index, original, config=EngineConfig(batch_size=3, progress=False), scope="all")
     none = EngineConfig(batch_size=3, progress=False, memory_limit_gb=0.0, max_spill_gb=0.0)
     with pytest.warns(MemoryLimitWarning):
         recomputed = build_table(model, tok, queries, cands, index, original, config=none, scope="all")
@@ -190,11 +199,30 @@ def test_component_by_component_order_equals_the_naive_loop_and_the_streamed_tab
     cands = tiny.SAMPLES
     index = np.array([[0, 1, 2, 3], [1, 2, 3, 0], [3, 2, 1, 0], [1, 0, 2, 3]])  # every candidate; q3 is also one
     sketch = CountSketch(comps, 16, seed=3)
-    disjoint = build_table(model, tok, queries[:3], cands, index[:3], np.zeros(3, dtype=int), scope="all",
-                           config=EngineConfig(batch_size=3, progress=False, dot_order="gram"))
-    tables = {order: build_table(model, tok, queries, cands, index, np.zeros(4, dtype=int), scope="all",
-                                 transforms=[sketch], config=EngineConfig(batch_size=3, progress=False, dot_order=order))
-              for order in ("stream", "gram")}
+    disjoint = build_table(
+        model,
+        tok,
+        queries[:3],
+        cands,
+        index[:3],
+        np.zeros(3, dtype=int),
+        scope="all",
+        config=EngineConfig(batch_size=3, progress=False, dot_order="gram"),
+    )
+    tables = {
+        order: build_table(
+            model,
+            tok,
+            queries,
+            cands,
+            index,
+            np.zeros(4, dtype=int),
+            scope="all",
+            transforms=[sketch],
+            config=EngineConfig(batch_size=3, progress=False, dot_order=order),
+        )
+        for order in ("stream", "gram")
+    }
     scale = np.sqrt(disjoint.query_self[:, None, :] * disjoint.candidate_self)  # queries apart from candidates:
     assert np.max(np.abs(disjoint.cross - tables["gram"].cross[:3]) / np.maximum(scale, 1e-30)) <= tiny.NAIVE_TOL  # no copies
     assert tables["gram"].meta["plan"]["dot_order"] == "gram" and tables["stream"].meta["plan"]["dot_order"] == "stream"
@@ -262,10 +290,12 @@ def test_bad_dot_order_and_spill_limit_are_one_line_errors():
     tok = tiny.tokenizer()
     from selproj_plugin.engine import plan_table
 
-    for config, words in ((EngineConfig(dot_order="diagonal"), "unknown dot order 'diagonal'"),
-                          (EngineConfig(max_spill_gb=-1), "max_spill_gb must be at least 0"),
-                          (EngineConfig(memory_limit_gb=-1), "memory_limit_gb must be at least 0"),
-                          (EngineConfig(device_memory_gb=-2), "device_memory_gb must be at least 0")):
+    for config, words in (
+        (EngineConfig(dot_order="diagonal"), "unknown dot order 'diagonal'"),
+        (EngineConfig(max_spill_gb=-1), "max_spill_gb must be at least 0"),
+        (EngineConfig(memory_limit_gb=-1), "memory_limit_gb must be at least 0"),
+        (EngineConfig(device_memory_gb=-2), "device_memory_gb must be at least 0"),
+    ):
         with pytest.raises(ValueError, match=words) as err:
             plan_table(model, tok, tiny.SAMPLES[:1], tiny.SAMPLES[1:2], np.array([[0]]), config=config)
         assert "\n" not in str(err.value)
@@ -276,9 +306,15 @@ def test_streamed_units_report_one_progress_count(caplog):
     tok = tiny.tokenizer()
     queries = [Sample(f"q{i}", f"Question number {i}?", f"Answer {i} is here.") for i in range(4)]
     with pytest.warns(MemoryLimitWarning), caplog.at_level("INFO", logger="selproj"):
-        build_table(model, tok, queries, tiny.SAMPLES[:3], np.array([[0, 1], [1, 2], [0, 2], [2, 0]]),
-                    np.zeros(4, dtype=int), config=EngineConfig(batch_size=3, memory_limit_gb=0.0, max_spill_gb=0.0,
-                                                                progress=False))
+        build_table(
+            model,
+            tok,
+            queries,
+            tiny.SAMPLES[:3],
+            np.array([[0, 1], [1, 2], [0, 2], [2, 0]]),
+            np.zeros(4, dtype=int),
+            config=EngineConfig(batch_size=3, memory_limit_gb=0.0, max_spill_gb=0.0, progress=False),
+        )
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("queries: ")]
     assert lines[0] == "queries: 12 samples"  # 4 queries + 8 recomputed candidates, one count
     assert len(lines) == 2 and lines[1].startswith("queries: 12/12 samples in "), lines
@@ -311,8 +347,9 @@ def test_a_capture_batch_counts_every_captured_factor_and_one_materialised_sampl
     """With every component materialised no factor is stored, yet a batch captures them all before one
     sample at a time becomes whole gradients: the plan had counted 0 bytes for it."""
     widths = FactorWidths(0, 0, 5000, 1, captured_per_token=100)
-    plan = plan_pairs([10, 10], [0, 0], [0], np.array([[1]]), widths, store_budget=10**6, spill_allowance=0,
-                      resident_bytes=0, batch_tokens=8)
+    plan = plan_pairs(
+        [10, 10], [0, 0], [0], np.array([[1]]), widths, store_budget=10**6, spill_allowance=0, resident_bytes=0, batch_tokens=8
+    )
     assert plan.batch_bytes == 10 * 2 * 100 + 5000  # the longest sample's tokens, two copies, one whole sample
 
 
@@ -329,9 +366,17 @@ def _smollm2_on_meta() -> torch.nn.Module:
     """SmolLM2-135M's geometry, no weights: what the measured runs below used."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                  num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                  tie_word_embeddings=True, max_position_embeddings=8192)
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    )
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -347,8 +392,14 @@ def test_every_original_a_candidate_plans_component_by_component_at_any_limit(li
     n = 32
     queries = [Sample(f"q{i}", f"Paraphrased question {i:02d} " + "w" * 50, "r" * 100) for i in range(n)]
     originals = [Sample(f"o{i}", f"Original question {i:02d} " + "w" * 52, "r" * 100) for i in range(n)]
-    plan = plan_table(_smollm2_on_meta(), tiny.tokenizer(), queries, originals, np.tile(np.arange(n), (n, 1)),
-                      config=EngineConfig(memory_limit_gb=limit_gb, max_spill_gb=21.5))
+    plan = plan_table(
+        _smollm2_on_meta(),
+        tiny.tokenizer(),
+        queries,
+        originals,
+        np.tile(np.arange(n), (n, 1)),
+        config=EngineConfig(memory_limit_gb=limit_gb, max_spill_gb=21.5),
+    )
     assert 170 <= np.mean(plan.lengths) <= 185
     assert plan.dot_order == "gram"
 

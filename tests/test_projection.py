@@ -30,10 +30,8 @@ def _heavy_small_components() -> tuple[list[Component], dict, dict]:
     """One big component with little of the norm and ten small ones with most of it (like a model's norms)."""
     comps = _comps([4000] + [20] * 10)
     gen = torch.Generator().manual_seed(0)
-    a = {c.name: torch.randn(1, c.num_params, generator=gen, dtype=torch.float64) * (0.05 if i == 0 else 1.0)
-         for i, c in enumerate(comps)}
-    b = {n: 0.6 * v + torch.randn(v.shape, generator=gen, dtype=torch.float64) * (0.05 if n == "c0" else 1.0)
-         for n, v in a.items()}
+    a = {c.name: torch.randn(1, c.num_params, generator=gen, dtype=torch.float64) * (0.05 if i == 0 else 1.0) for i, c in enumerate(comps)}
+    b = {n: 0.6 * v + torch.randn(v.shape, generator=gen, dtype=torch.float64) * (0.05 if n == "c0" else 1.0) for n, v in a.items()}
     return comps, a, b
 
 
@@ -44,7 +42,7 @@ def _flat(x: dict) -> torch.Tensor:
 def _block_variance(a: torch.Tensor, b: torch.Tensor, buckets: int) -> float:
     """Count-sketch variance of <Pa, Pb> for one block of ``buckets`` (fully random hashes and signs)."""
     na, nb, ab = float(a @ a), float(b @ b), float(a @ b)
-    return (na * nb + ab ** 2 - 2 * float((a * a) @ (b * b))) / buckets
+    return (na * nb + ab**2 - 2 * float((a * a) @ (b * b))) / buckets
 
 
 def _estimates(make, a: dict, b: dict) -> np.ndarray:
@@ -65,7 +63,7 @@ def test_count_sketch_is_unbiased_with_the_count_sketch_variance():
     assert abs(est.mean() - exact) < 4 * np.sqrt(expected_var / SEEDS)
     # sample variance of 400 draws is within ~7% (1 sigma) of the truth
     assert 0.75 < est.var() / expected_var < 1.25
-    dense = (float(fa @ fa) * float(fb @ fb) + exact ** 2) / dim  # dense Gaussian projection at the same dim
+    dense = (float(fa @ fa) * float(fb @ fb) + exact**2) / dim  # dense Gaussian projection at the same dim
     assert est.var() < 1.25 * dense
 
 
@@ -119,21 +117,24 @@ def test_engine_stores_cosines_of_the_same_map_within_the_jl_bound():
     queries = [Sample("q0", "Tell me about the sky", "It is blue."), tiny.SAMPLES[2]]
     index = np.array([[0, 1, 2], [2, 3, 1]])
     cfg = EngineConfig(batch_size=3, progress=False)
-    table = build_table(model, tok, queries, tiny.SAMPLES, index, np.array([0, 0]), transforms=[transform], config=cfg,
-                        scope="all")
+    table = build_table(model, tok, queries, tiny.SAMPLES, index, np.array([0, 0]), transforms=[transform], config=cfg, scope="all")
     assert list(table.rp_keys) == [transform.key] and list(table.rp_dims) == [dim]
     stored = table.rp_similarity[0]
     # one map everywhere: the stored cosine is that of transform(sample_features(...)) ...
     feats = sample_features(model, tok, queries + tiny.SAMPLES, config=cfg, scope="all")
     projected = transform(feats)
-    assert torch.allclose(projected_features(model, tok, queries + tiny.SAMPLES, transform, cfg, scope="all"), projected,
-                          rtol=1e-5, atol=1e-5 * float(projected.abs().max()))
+    assert torch.allclose(
+        projected_features(model, tok, queries + tiny.SAMPLES, transform, cfg, scope="all"),
+        projected,
+        rtol=1e-5,
+        atol=1e-5 * float(projected.abs().max()),
+    )
     p = torch.nn.functional.normalize(projected, dim=1)
     expected = np.array([[float(p[q] @ p[len(queries) + int(c)]) for c in row] for q, row in enumerate(index)])
     np.testing.assert_allclose(stored, expected, atol=1e-5)
     # ... and within the JL bound of the exact cosine at this dim (std of a projected cosine <= (1 - cos^2) / sqrt(dim))
     exact = table.cross.sum(-1) / np.sqrt(table.query_self.sum(-1)[:, None] * table.candidate_self.sum(-1))
-    assert np.all(np.abs(stored - exact) <= 5 * (1 - exact ** 2) / np.sqrt(dim) + 1e-6)
+    assert np.all(np.abs(stored - exact) <= 5 * (1 - exact**2) / np.sqrt(dim) + 1e-6)
     assert np.any(np.abs(stored - exact) > 1e-6)  # projected, not exact
 
 
@@ -141,5 +142,13 @@ def test_a_transform_of_other_components_is_refused():
     model = tiny.model("llama")
     other = CountSketch(_comps([10]), 4)
     with pytest.raises(ValueError, match="not a component of this table"):
-        build_table(model, tiny.tokenizer(), tiny.SAMPLES[:1], tiny.SAMPLES[:2], np.array([[0, 1]]), np.array([0]),
-                    transforms=[other], config=EngineConfig(progress=False))
+        build_table(
+            model,
+            tiny.tokenizer(),
+            tiny.SAMPLES[:1],
+            tiny.SAMPLES[:2],
+            np.array([[0, 1]]),
+            np.array([0]),
+            transforms=[other],
+            config=EngineConfig(progress=False),
+        )

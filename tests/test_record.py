@@ -21,8 +21,24 @@ def test_a_record_carries_the_run_and_its_cost_and_loads_back(tmp_path):
     (tmp_path / "time.txt").write_text(TIME_V)
     out = tmp_path / "records" / "quickstart-1.json"
     out.parent.mkdir()
-    assert record.main([str(out), "--table", "quickstart", "--command", "make bench", "--json", str(run),
-                        "--time", str(tmp_path / "time.txt"), "--label", "fine-tuned"]) == 0
+    assert (
+        record.main(
+            [
+                str(out),
+                "--table",
+                "quickstart",
+                "--command",
+                "make bench",
+                "--json",
+                str(run),
+                "--time",
+                str(tmp_path / "time.txt"),
+                "--label",
+                "fine-tuned",
+            ]
+        )
+        == 0
+    )
     [loaded] = load_records(out.parent)
     assert (loaded.table, loaded.command, loaded.label) == ("quickstart", "make bench", "fine-tuned")
     assert loaded.result == {"settings": {"paraphrased": {"queries": 3}}}

@@ -32,10 +32,13 @@ def test_greedy_model_generated_path(model_generated):
     assert result.heldout_accuracy is not None and result.heldout_accuracy <= result.accuracy
 
 
-@pytest.mark.parametrize("setting, first, value", [
-    ("paraphrased", L.format(6, "mlp.up_proj"), 0.9956),
-    ("model_generated", L.format(3, "mlp.down_proj"), 0.8836),
-])
+@pytest.mark.parametrize(
+    "setting, first, value",
+    [
+        ("paraphrased", L.format(6, "mlp.up_proj"), 0.9956),
+        ("model_generated", L.format(3, "mlp.down_proj"), 0.8836),
+    ],
+)
 def test_greedy_fidelity_first_pick(setting, first, value, request):
     table = request.getfixturevalue(setting)
     result = get_strategy("greedy_fidelity", budget=1).evaluate(table)
@@ -69,7 +72,8 @@ def with_constant_component(table: ComponentTable) -> ComponentTable:
         cross=np.concatenate([np.full((q, k, 1), 2.0), table.cross], axis=2),
         query_self=np.concatenate([np.full((q, 1), 3.0), table.query_self], axis=1),
         candidate_self=np.concatenate([np.full((q, k, 1), 3.0), table.candidate_self], axis=2),
-        is_original=table.is_original, components=np.r_[["model.constant.weight"], table.components],
+        is_original=table.is_original,
+        components=np.r_[["model.constant.weight"], table.components],
         num_params=np.r_[[1000], table.num_params],
     )
 

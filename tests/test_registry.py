@@ -45,12 +45,18 @@ def test_entry_point_plugin_is_a_strategy(site, synthetic_paraphrased):
 
 def test_broken_plugins_are_reported_and_others_keep_working(site):
     install_plugin(site, "selproj-broken-import", "broken_import", "selproj_broken_a", "import does_not_exist_xyz\n")
-    install_plugin(site, "selproj-broken-hook", "broken_hook", "selproj_broken_b", """
+    install_plugin(
+        site,
+        "selproj-broken-hook",
+        "broken_hook",
+        "selproj_broken_b",
+        """
         from selproj_plugin import hookimpl
         @hookimpl
         def selproj_strategies():
             raise RuntimeError("boom")
-    """)
+    """,
+    )
     registry_module.registry(reload=True)
     errors = plugin_errors()
     assert len(errors["broken_import"]) == 1 and "ModuleNotFoundError" in errors["broken_import"][0]
@@ -69,13 +75,16 @@ def test_disable_by_name(site, monkeypatch):
         get_strategy("attention_only")
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"patience": "3"}, "option greedy.patience expects int, got '3'"),
-    ({"patience": True}, "option greedy.patience expects int, got True"),
-    ({"budget": "0.01"}, "option greedy.budget expects float or none, got '0.01'"),
-    ({"selection": 3}, "option greedy.selection expects str or a comma-separated list of str or none, got 3"),
-    ({"selection": ["L3 down", 4]}, "expects str or a comma-separated list of str or none, got ['L3 down', 4]"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"patience": "3"}, "option greedy.patience expects int, got '3'"),
+        ({"patience": True}, "option greedy.patience expects int, got True"),
+        ({"budget": "0.01"}, "option greedy.budget expects float or none, got '0.01'"),
+        ({"selection": 3}, "option greedy.selection expects str or a comma-separated list of str or none, got 3"),
+        ({"selection": ["L3 down", 4]}, "expects str or a comma-separated list of str or none, got ['L3 down', 4]"),
+    ],
+)
 def test_python_api_refuses_option_values_of_the_wrong_type(options, message):
     with pytest.raises(StrategyError) as err:
         get_strategy("greedy", **options)
@@ -90,7 +99,12 @@ def test_python_api_accepts_values_of_the_declared_types():
 
 
 def test_duplicate_strategy_name_is_refused(site):
-    install_plugin(site, "selproj-dupe", "dupe", "selproj_dupe", """
+    install_plugin(
+        site,
+        "selproj-dupe",
+        "dupe",
+        "selproj_dupe",
+        """
         from dataclasses import dataclass
         from selproj_plugin import Reducer, hookimpl
         @dataclass
@@ -99,7 +113,8 @@ def test_duplicate_strategy_name_is_refused(site):
         @hookimpl
         def selproj_strategies():
             return [Again]
-    """)
+    """,
+    )
     registry_module.registry(reload=True)
     assert plugin_errors()["dupe"] == ["strategy name 'greedy' is already registered by builtin"]
     assert get_strategy("greedy").__class__.__module__ == "selproj_plugin.strategies.greedy"
@@ -110,8 +125,11 @@ def test_cli_runs_a_plugin_strategy(tmp_path):
     install_plugin(tmp_path, "selproj-attn", "attn", "selproj_attn_cli", PLUGIN)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     out = subprocess.run(
-        [sys.executable, "-m", "benchmark.retrieval", "--table", str(synthetic_path("paraphrased")),
-         "--strategy", "attention_only,full"], capture_output=True, text=True, env=env, cwd=ROOT,
+        [sys.executable, "-m", "benchmark.retrieval", "--table", str(synthetic_path("paraphrased")), "--strategy", "attention_only,full"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
     assert "attention_only" in out.stdout
@@ -124,12 +142,21 @@ def test_python_api_warns_about_broken_plugins_and_unknown_disabled_names(site, 
         registry_module.registry(reload=True)
     messages = [str(w.message) for w in caught]
     assert any(m.startswith("selproj plugin broken_warn disabled: failed to load: ModuleNotFoundError") for m in messages)
-    assert any(m.startswith("SELPROJ_DISABLE_PLUGINS names 'biultin', which is no selproj plugin; plugins: ")
-               and "broken_warn" in m and "builtin" in m for m in messages)
+    assert any(
+        m.startswith("SELPROJ_DISABLE_PLUGINS names 'biultin', which is no selproj plugin; plugins: ")
+        and "broken_warn" in m
+        and "builtin" in m
+        for m in messages
+    )
 
 
 def test_legacy_reduce_is_refused_at_registration(site):
-    install_plugin(site, "selproj-old", "old", "selproj_old", """
+    install_plugin(
+        site,
+        "selproj-old",
+        "old",
+        "selproj_old",
+        """
         from dataclasses import dataclass
         from selproj_plugin import Reducer, hookimpl
         @dataclass
@@ -141,17 +168,21 @@ def test_legacy_reduce_is_refused_at_registration(site):
         @hookimpl
         def selproj_strategies():
             return [Old]
-    """)
+    """,
+    )
     registry_module.registry(reload=True)
     assert "old_weighted" not in list_strategies()
     [error] = plugin_errors()["old"]
     assert error.startswith("reducer Old defines reduce(), which selproj no longer calls")
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ({"patience": "3", "budget": "0.25"}, {"patience": 3, "budget": 0.25}),
-    ({"budget": "none", "selection": "a,b"}, {"budget": None, "selection": "a,b"}),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"patience": "3", "budget": "0.25"}, {"patience": 3, "budget": 0.25}),
+        ({"budget": "none", "selection": "a,b"}, {"budget": None, "selection": "a,b"}),
+    ],
+)
 def test_option_text_is_converted_to_the_field_type(raw, expected):
     assert registry_module.convert_options("greedy", raw) == expected
     assert registry_module.convert_options("random_projection", {"dim": "4096"}) == {"dim": 4096}
@@ -167,12 +198,20 @@ def test_option_text_that_fits_no_type_is_one_line():
 
 def reducer_plugin(body: str, provided: str) -> str:
     """A plugin module's source: the imports, ``body`` (classes, extra hooks) and the hook returning ``provided``."""
-    return ("from dataclasses import dataclass\nfrom selproj_plugin import Reducer, hookimpl\n"
-            f"{textwrap.dedent(body)}\n@hookimpl\ndef selproj_strategies():\n    return [{provided}]\n")
+    return (
+        "from dataclasses import dataclass\nfrom selproj_plugin import Reducer, hookimpl\n"
+        f"{textwrap.dedent(body)}\n@hookimpl\ndef selproj_strategies():\n    return [{provided}]\n"
+    )
 
 
 def test_misspelled_hook_is_that_plugins_one_line_error(site):
-    install_plugin(site, "selproj-typo", "typo", "selproj_typo", reducer_plugin("""
+    install_plugin(
+        site,
+        "selproj-typo",
+        "typo",
+        "selproj_typo",
+        reducer_plugin(
+            """
         @dataclass
         class Kept(Reducer):
             name = "typo_kept"
@@ -180,7 +219,10 @@ def test_misspelled_hook_is_that_plugins_one_line_error(site):
         @hookimpl
         def selproj_strategie():
             return [Kept]
-    """, "Kept"))
+    """,
+            "Kept",
+        ),
+    )
     with pytest.warns(registry_module.PluginWarning, match="selproj plugin typo disabled"):
         registry_module.registry(reload=True)
     assert plugin_errors()["typo"] == ["unknown hook 'selproj_strategie'; selproj's hooks are: selproj_strategies"]
@@ -190,7 +232,13 @@ def test_misspelled_hook_is_that_plugins_one_line_error(site):
 
 
 def test_a_plugin_with_one_broken_class_is_refused_whole_with_every_error(site):
-    install_plugin(site, "selproj-mixed", "mixed", "selproj_mixed", reducer_plugin("""
+    install_plugin(
+        site,
+        "selproj-mixed",
+        "mixed",
+        "selproj_mixed",
+        reducer_plugin(
+            """
         @dataclass
         class Good(Reducer):
             name = "mixed_good"
@@ -204,14 +252,17 @@ def test_a_plugin_with_one_broken_class_is_refused_whole_with_every_error(site):
             summary = "0.1-style reducer"
             def similarity(self, a, b):
                 return a @ b.T
-    """, "Good, Nameless, Old"))
-    with pytest.warns(registry_module.PluginWarning, match="selproj plugin mixed disabled: reducer Nameless has no name; "
-                                                          "reducer Old defines similarity"):
+    """,
+            "Good, Nameless, Old",
+        ),
+    )
+    with pytest.warns(
+        registry_module.PluginWarning, match="selproj plugin mixed disabled: reducer Nameless has no name; reducer Old defines similarity"
+    ):
         registry_module.registry(reload=True)
     assert plugin_errors()["mixed"] == [
         "reducer Nameless has no name",
-        "reducer Old defines similarity(), which selproj no longer calls: put per-sample work in transform() "
-        "(see CONTRIBUTING.md)",
+        "reducer Old defines similarity(), which selproj no longer calls: put per-sample work in transform() (see CONTRIBUTING.md)",
     ]
     assert not {"mixed_good", "mixed_old"} & set(list_strategies())
     assert not registry_module.registry().manager.has_plugin("mixed")
@@ -220,7 +271,13 @@ def test_a_plugin_with_one_broken_class_is_refused_whole_with_every_error(site):
 
 
 def test_a_reducer_subclass_without_its_own_dataclass_decorator_is_refused(site):
-    install_plugin(site, "selproj-undecorated", "undecorated", "selproj_undecorated", reducer_plugin("""
+    install_plugin(
+        site,
+        "selproj-undecorated",
+        "undecorated",
+        "selproj_undecorated",
+        reducer_plugin(
+            """
         from selproj_plugin.strategies.greedy import Greedy
         class Bare(Reducer):  # Reducer is a dataclass, so is_dataclass(Bare) is true by inheritance
             name = "bare_layers"
@@ -229,10 +286,14 @@ def test_a_reducer_subclass_without_its_own_dataclass_decorator_is_refused(site)
         class GreedierBare(Greedy):
             name = "greedier_bare"
             summary = "a built-in's subclass, undecorated"
-    """, "Bare, GreedierBare"))
+    """,
+            "Bare, GreedierBare",
+        ),
+    )
     with pytest.warns(registry_module.PluginWarning, match="selproj plugin undecorated disabled"):
         registry_module.registry(reload=True)
     assert plugin_errors()["undecorated"] == [
         f"reducer {name} is not itself a dataclass, so its options are not fields: add @dataclass above class {name}"
-        for name in ("Bare", "GreedierBare")]
+        for name in ("Bare", "GreedierBare")
+    ]
     assert not {"bare_layers", "greedier_bare"} & set(list_strategies())

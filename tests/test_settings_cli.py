@@ -27,11 +27,26 @@ def test_retrieval_pipeline_defaults_are_the_dataclasses():
 
 
 def test_retrieval_engine_options_reach_the_engine_config():
-    args = retrieval.parse_args(["--batch-size", "3", "--max-length", "64", "--memory-limit-gb", "2.5",
-                                 "--max-spill-gb", "0", "--dot-order", "gram", "--device", "cuda:1", "--no-progress"])
-    assert retrieval.engine_settings(args) == EngineConfig(batch_size=3, max_length=64, memory_limit_gb=2.5,
-                                                           max_spill_gb=0.0, dot_order="gram", device="cuda:1",
-                                                           progress=False)
+    args = retrieval.parse_args(
+        [
+            "--batch-size",
+            "3",
+            "--max-length",
+            "64",
+            "--memory-limit-gb",
+            "2.5",
+            "--max-spill-gb",
+            "0",
+            "--dot-order",
+            "gram",
+            "--device",
+            "cuda:1",
+            "--no-progress",
+        ]
+    )
+    assert retrieval.engine_settings(args) == EngineConfig(
+        batch_size=3, max_length=64, memory_limit_gb=2.5, max_spill_gb=0.0, dot_order="gram", device="cuda:1", progress=False
+    )
 
 
 def test_retrieval_finetune_defaults_are_the_dataclasses():

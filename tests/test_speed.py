@@ -13,12 +13,33 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_engine_only_times_engine_and_loop_and_checks_them_against_each_other(tiny_model_dir, small_dataset,
-                                                                              tmp_path):
+def test_engine_only_times_engine_and_loop_and_checks_them_against_each_other(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "speed.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--model", str(tiny_model_dir),
-                           "--dataset", str(small_dataset), "--queries", "3", "--k", "2", "--loop-queries", "2", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmark.speed",
+            "--only",
+            "engine",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(small_dataset),
+            "--queries",
+            "3",
+            "--k",
+            "2",
+            "--loop-queries",
+            "2",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["k"] == 2 and result["loop_queries_timed"] == 2
@@ -45,9 +66,29 @@ def test_engine_only_times_engine_and_loop_and_checks_them_against_each_other(ti
 @pytest.mark.slow
 def test_only_ops_counts_the_table_in_the_plain_passes_batches(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "ops.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "ops", "--model", str(tiny_model_dir),
-                           "--dataset", str(small_dataset), "--queries", "3", "--k", "2", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmark.speed",
+            "--only",
+            "ops",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(small_dataset),
+            "--queries",
+            "3",
+            "--k",
+            "2",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert set(result) == {"model", "ops"} and "aten calls" in proc.stdout and "speedup" not in proc.stdout
@@ -58,8 +99,13 @@ def test_only_ops_counts_the_table_in_the_plain_passes_batches(tiny_model_dir, s
 
 @pytest.mark.slow
 def test_a_bad_dataset_is_one_line_before_any_worker(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--dataset",
-                           str(tmp_path / "missing.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmark.speed", "--only", "engine", "--dataset", str(tmp_path / "missing.jsonl")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: dataset file not found: {tmp_path / 'missing.jsonl'}"
 
@@ -69,9 +115,33 @@ def test_bfloat16_errors_are_measured_against_a_float32_reference(tiny_model_dir
     """Two bfloat16 runs differ by bfloat16's own error: the engine and the loop are each measured against
     a float32 loop on the same weights, side by side (on an H200 the bf16 loop alone gave a 0.51 'error')."""
     out = tmp_path / "speed.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--model", str(tiny_model_dir),
-                           "--dataset", str(small_dataset), "--queries", "2", "--k", "2", "--loop-queries", "2",
-                           "--dtype", "bfloat16", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmark.speed",
+            "--only",
+            "engine",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(small_dataset),
+            "--queries",
+            "2",
+            "--k",
+            "2",
+            "--loop-queries",
+            "2",
+            "--dtype",
+            "bfloat16",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["reference"] == "a float32 loop on the same weights"
@@ -81,17 +151,39 @@ def test_bfloat16_errors_are_measured_against_a_float32_reference(tiny_model_dir
 
 
 @pytest.mark.slow
-def test_the_engines_memory_limit_is_an_option_and_its_spill_is_reported(tiny_model_dir, small_dataset,
-                                                                          tmp_path):
+def test_the_engines_memory_limit_is_an_option_and_its_spill_is_reported(tiny_model_dir, small_dataset, tmp_path):
     """--memory-limit-gb bounds every worker; the engine's decides whether its kept factors spill (their writes
     count as dot time), so a side-by-side run states it."""
     spilled = {}
     for limit in ("0", "8"):
         out = tmp_path / f"speed-{limit}.json"
-        proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--model", str(tiny_model_dir),
-                               "--dataset", str(small_dataset), "--queries", "2", "--k", "2", "--loop-queries", "1",
-                               "--memory-limit-gb", limit, "--json", str(out)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmark.speed",
+                "--only",
+                "engine",
+                "--model",
+                str(tiny_model_dir),
+                "--dataset",
+                str(small_dataset),
+                "--queries",
+                "2",
+                "--k",
+                "2",
+                "--loop-queries",
+                "1",
+                "--memory-limit-gb",
+                limit,
+                "--json",
+                str(out),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         result = json.loads(out.read_text())
         assert result["engine_memory_limit_gb"] == float(limit)
@@ -101,8 +193,13 @@ def test_the_engines_memory_limit_is_an_option_and_its_spill_is_reported(tiny_mo
 
 @pytest.mark.slow
 def test_a_negative_memory_limit_is_one_line_before_any_worker():
-    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "engine", "--memory-limit-gb", "-1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmark.speed", "--only", "engine", "--memory-limit-gb", "-1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --memory-limit-gb must be at least 0, got -1"
 
@@ -124,12 +221,31 @@ def test_loop_flops_count_six_per_weight_and_token_of_every_pass():
 
 
 @pytest.mark.slow
-def test_fullset_compares_every_original_as_a_candidate_and_states_the_flop_bound(tiny_model_dir, small_dataset,
-                                                                                tmp_path):
+def test_fullset_compares_every_original_as_a_candidate_and_states_the_flop_bound(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "fullset.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmark.speed", "--only", "fullset", "--model", str(tiny_model_dir),
-                           "--dataset", str(small_dataset), "--fullset-queries", "3", "--fullset-loop-queries", "1",
-                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmark.speed",
+            "--only",
+            "fullset",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(small_dataset),
+            "--fullset-queries",
+            "3",
+            "--fullset-loop-queries",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     fullset = json.loads(out.read_text())["fullset"]
     assert fullset["queries"] == fullset["candidates"] == 3 and fullset["max_rel_error"] <= 1e-4
@@ -141,22 +257,41 @@ def test_fullset_compares_every_original_as_a_candidate_and_states_the_flop_boun
 def test_projection_worker_plans_and_holds_its_limit(tiny_model_dir, small_dataset, tmp_path):  # noqa: F811
     """--only projection: --plan predicts the worker's peak without a gradient; the run stays under a limit a
     little above what the process holds, and every map is still measured."""
-    base = [sys.executable, "-m", "benchmark.speed", "--only", "projection", "--model", str(tiny_model_dir),
-            "--dataset", str(small_dataset), "--proj-queries", "3", "--proj-seeds", "2", "--proj-dim", "64,10%"]
+    base = [
+        sys.executable,
+        "-m",
+        "benchmark.speed",
+        "--only",
+        "projection",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(small_dataset),
+        "--proj-queries",
+        "3",
+        "--proj-seeds",
+        "2",
+        "--proj-dim",
+        "64,10%",
+    ]
     plan_out, run_out = tmp_path / "plan.json", tmp_path / "run.json"
-    proc = subprocess.run(base + ["--plan", "--json", str(plan_out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(base + ["--plan", "--json", str(plan_out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     plan = json.loads(plan_out.read_text())["plan"]
     assert "predicted peak" in proc.stdout and "maps" not in plan
     limit_gb = (plan["resident_bytes"] + 300 * 2**20) / 2**30
-    proc = subprocess.run(base + ["--memory-limit-gb", f"{limit_gb:.3f}", "--json", str(run_out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        base + ["--memory-limit-gb", f"{limit_gb:.3f}", "--json", str(run_out)], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     proj = json.loads(run_out.read_text())["projection"]
     assert proj["peak_rss_mb"] <= 1.05 * limit_gb * 1024
-    assert set(proj["maps"]) == {"random_projection@64", "random_projection@10%", "random_projection_per_component@64",
-                                 "random_projection_per_component@10%"}
+    assert set(proj["maps"]) == {
+        "random_projection@64",
+        "random_projection@10%",
+        "random_projection_per_component@64",
+        "random_projection_per_component@10%",
+    }
     assert [proj["maps"][k]["seeds"] for k in sorted(proj["maps"])] == [2, 2, 1, 1]
     assert "under a" in proc.stdout
 

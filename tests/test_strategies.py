@@ -21,7 +21,10 @@ def signal_table(q=40, k=4, signal=(2,), noise_scale=1.0, seed=0, c=5, num_param
         cross[:, :, s] = 0.0
         cross[np.arange(q), original, s] = 1.0
     return ComponentTable(
-        cross=cross, query_self=np.ones((q, c)), candidate_self=np.ones((q, k, c)), is_original=is_original,
+        cross=cross,
+        query_self=np.ones((q, c)),
+        candidate_self=np.ones((q, k, c)),
+        is_original=is_original,
         components=np.array([f"model.layers.{i}.self_attn.q_proj.weight" for i in range(c)]),
         num_params=np.array(num_params or [100] * c, dtype=np.int64),
     )
@@ -62,7 +65,10 @@ def first_column_table(q=40, k=5, seed=1):
     is_original = np.zeros((q, k), dtype=bool)
     is_original[:, 0] = True
     return ComponentTable(
-        cross=cross, query_self=np.ones((q, 4)), candidate_self=np.ones((q, k, 4)), is_original=is_original,
+        cross=cross,
+        query_self=np.ones((q, 4)),
+        candidate_self=np.ones((q, k, 4)),
+        is_original=is_original,
         components=np.array(["model.embed_tokens"] + [f"model.layers.{i}.mlp.down_proj" for i in range(3)]),
         num_params=np.full(4, 100, dtype=np.int64),
     )
@@ -187,11 +193,17 @@ def test_projection_percentage_that_rounds_to_nothing_is_one_line():
     assert str(err.value).endswith("projection dimension must be at least 1: 0.001% of 12,272 parameters gives 0")
 
 
-@pytest.mark.parametrize("dim, problem", [
-    ("0%", "a percentage must be above 0 and at most 100"), ("150%", "a percentage must be above 0 and at most 100"),
-    ("nan%", "a percentage must be above 0 and at most 100"), (0, "a count must be a positive whole number"),
-    ("12.5", "a count must be a positive whole number"), ("lots", "a count or a percentage like 1%"),
-])
+@pytest.mark.parametrize(
+    "dim, problem",
+    [
+        ("0%", "a percentage must be above 0 and at most 100"),
+        ("150%", "a percentage must be above 0 and at most 100"),
+        ("nan%", "a percentage must be above 0 and at most 100"),
+        (0, "a count must be a positive whole number"),
+        ("12.5", "a count must be a positive whole number"),
+        ("lots", "a count or a percentage like 1%"),
+    ],
+)
 def test_projection_dimension_syntax_is_checked_at_construction(dim, problem):
     with pytest.raises(StrategyError) as err:
         get_strategy("random_projection", dim=dim)

@@ -35,13 +35,14 @@ def _cosines(projected: torch.Tensor, n_q: int, index: np.ndarray) -> np.ndarray
 def test_streamed_cosines_equal_those_of_materialised_gradients(order):
     model, tok = tiny.model("qwen2", tied=True), tiny.tokenizer()  # biases: parameter layout differs from matrix form
     comps = catalogue(model, "all")
-    maps = [reduction(get_strategy("random_projection", dim=512, seed=1), comps).transform,
-            reduction(get_strategy("random_projection_per_component", dim="10%", seed=2), comps).transform]
+    maps = [
+        reduction(get_strategy("random_projection", dim=512, seed=1), comps).transform,
+        reduction(get_strategy("random_projection_per_component", dim="10%", seed=2), comps).transform,
+    ]
     queries = [Sample("q0", "Tell me about the sky", "It is blue."), tiny.SAMPLES[2]]
     index = np.array([[0, 1, 2, 3], [2, 3, 1, 0]])
     cfg = EngineConfig(batch_size=3, progress=False, dot_order=order)
-    table = build_table(model, tok, queries, tiny.SAMPLES[:4], index, np.array([0, 0]), transforms=maps, config=cfg,
-                        scope="all")
+    table = build_table(model, tok, queries, tiny.SAMPLES[:4], index, np.array([0, 0]), transforms=maps, config=cfg, scope="all")
     assert table.meta["plan"]["dot_order"] == order
     feats = sample_features(model, tok, queries + tiny.SAMPLES[:4], config=cfg, scope="all")
     for r, t in enumerate(maps):
@@ -82,13 +83,12 @@ def test_a_transform_that_is_not_additive_gets_its_components_gathered():
     prep = prepare(model, tok, None)
     comps = [s.component for s in prep.specs][1:4]
     concat = Concatenate(comps, weights=[1.0, 2.0, 0.5])
-    feats = sample_features(model, tok, tiny.SAMPLES[:2], components=[c.name for c in comps],
-                            config=EngineConfig(progress=False))
+    feats = sample_features(model, tok, tiny.SAMPLES[:2], components=[c.name for c in comps], config=EngineConfig(progress=False))
     encoded, _ = encode_samples(tok, tiny.SAMPLES[:2], 512)
     projector = Projector(prep.specs, [concat, CountSketch(comps, 16)])
     for i, f in iter_factors(prep, encoded, [0, 1], EngineConfig(progress=False)):
         out = projector(f)
-        expected = concat({n: v[i: i + 1] for n, v in feats.items()})[0]
+        expected = concat({n: v[i : i + 1] for n, v in feats.items()})[0]
         torch.testing.assert_close(out[0].double(), expected.double(), rtol=1e-6, atol=1e-7)
 
 

@@ -51,14 +51,17 @@ def test_the_synthetic_tables_have_the_papers_schema():
         np.testing.assert_array_equal(paper["num_params"], synthetic["num_params"])
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda a: a.update(query_self=a["query_self"][:, :2]), "shapes disagree: query_self"),
-    (lambda a: a["is_original"].__setitem__((2, 1), True), "has 2 originals"),
-    (lambda a: a["is_original"].__setitem__((3, 0), False), "has 0 originals"),
-    (lambda a: a["cross"].__setitem__((1, 1, 1), np.nan), "cross holds NaN or inf at index (1, 1, 1)"),
-    (lambda a: a["candidate_self"].__setitem__((0, 2, 3), np.inf), "candidate_self holds NaN or inf"),
-    (lambda a: a["query_self"].__setitem__((4, 0), -1.0), "query_self is negative at index (4, 0)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(query_self=a["query_self"][:, :2]), "shapes disagree: query_self"),
+        (lambda a: a["is_original"].__setitem__((2, 1), True), "has 2 originals"),
+        (lambda a: a["is_original"].__setitem__((3, 0), False), "has 0 originals"),
+        (lambda a: a["cross"].__setitem__((1, 1, 1), np.nan), "cross holds NaN or inf at index (1, 1, 1)"),
+        (lambda a: a["candidate_self"].__setitem__((0, 2, 3), np.inf), "candidate_self holds NaN or inf"),
+        (lambda a: a["query_self"].__setitem__((4, 0), -1.0), "query_self is negative at index (4, 0)"),
+    ],
+)
 def test_validation_errors_are_one_line(tmp_path, change, message):
     arrays = make_arrays()
     change(arrays)
@@ -111,7 +114,7 @@ def test_parts_split_the_recorded_query_groups_in_row_order(tmp_path):
     parts = ComponentTable.load(tmp_path / "t.npz").parts()
     assert list(parts) == ["second", "first"]  # the recorded order, not sorted
     np.testing.assert_array_equal(parts["second"].cross, arrays["cross"][: q - 2])
-    np.testing.assert_array_equal(parts["first"].cross, arrays["cross"][q - 2:])
+    np.testing.assert_array_equal(parts["first"].cross, arrays["cross"][q - 2 :])
     assert "query_groups" not in parts["first"].meta  # its rows are one group now
     assert list(ComponentTable(**make_arrays()).parts()) == [""]
     with pytest.raises(TableError, match=f"count {q + 1} queries, the table {q}"):

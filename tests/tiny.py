@@ -10,8 +10,15 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import (
-    AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Olmo2Config, OlmoConfig,
-    PreTrainedTokenizerFast, Qwen2Config,
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    OlmoConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
 )
 
 from selproj_plugin.loss import IGNORE, Encoded
@@ -37,10 +44,12 @@ def tokenizer(chat: bool = True, bos: bool = False) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
-                                   bos_token="<bos>", additional_special_tokens=SPECIALS[3:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>", additional_special_tokens=SPECIALS[3:]
+    )
     if bos:
         from tokenizers.processors import TemplateProcessing
+
         fast._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
     if chat:
         fast.chat_template = CHAT_TEMPLATE
@@ -48,8 +57,18 @@ def tokenizer(chat: bool = True, bos: bool = False) -> PreTrainedTokenizerFast:
 
 
 def _common(**kw):
-    return dict(vocab_size=VOCAB, bos_token_id=258, eos_token_id=257, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **kw)
+    return dict(
+        vocab_size=VOCAB,
+        bos_token_id=258,
+        eos_token_id=257,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **kw,
+    )
 
 
 def config(family: str, tied: bool = False):
@@ -65,12 +84,21 @@ def config(family: str, tied: bool = False):
     if family == "mistral":
         return MistralConfig(**_common(tie_word_embeddings=tied, sliding_window=None))
     if family == "gpt_neox":
-        return GPTNeoXConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                             num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=tied,
-                             bos_token_id=258, eos_token_id=257)
+        return GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            tie_word_embeddings=tied,
+            bos_token_id=258,
+            eos_token_id=257,
+        )
     if family == "gpt2":
-        return GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=4, n_positions=256,
-                          tie_word_embeddings=True, bos_token_id=258, eos_token_id=257)
+        return GPT2Config(
+            vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=4, n_positions=256, tie_word_embeddings=True, bos_token_id=258, eos_token_id=257
+        )
     raise ValueError(family)
 
 
@@ -125,8 +153,7 @@ def naive(model, tok, samples, max_length=512) -> list[dict[str, torch.Tensor]]:
 def component_vector(model, grads, comp) -> torch.Tensor:
     """One component's gradient as a float64 vector (zeros for parameters that took no gradient)."""
     params = dict(model.named_parameters())
-    return torch.cat([grads[p].reshape(-1) if p in grads else torch.zeros(params[p].numel())
-                      for p in comp.param_names]).double()
+    return torch.cat([grads[p].reshape(-1) if p in grads else torch.zeros(params[p].numel()) for p in comp.param_names]).double()
 
 
 def naive_dots(model, comps, ga, gb):
@@ -145,4 +172,5 @@ def convert_tiny(count, delay: float = 0.0):
             fh.write("x")
         time.sleep(delay)
         return model("llama", tied=True), tokenizer()
+
     return convert

@@ -71,11 +71,16 @@ class StrategyResult:
 
     def to_json(self) -> dict[str, Any]:
         out = {
-            "accuracy": self.accuracy, "accuracy_ci": _pair(self.accuracy_ci),
-            "heldout_accuracy": self.heldout_accuracy, "heldout_accuracy_ci": _pair(self.heldout_accuracy_ci),
+            "accuracy": self.accuracy,
+            "accuracy_ci": _pair(self.accuracy_ci),
+            "heldout_accuracy": self.heldout_accuracy,
+            "heldout_accuracy_ci": _pair(self.heldout_accuracy_ci),
             "vs_full": None if self.vs_full is None else self.vs_full.to_json(),
-            "components": self.components, "param_fraction": self.param_fraction,
-            "fidelity": self.fidelity, "dim": self.dim, "seconds": self.seconds,
+            "components": self.components,
+            "param_fraction": self.param_fraction,
+            "fidelity": self.fidelity,
+            "dim": self.dim,
+            "seconds": self.seconds,
         }
         if self.path is not None:
             out["path"] = self.path
@@ -113,8 +118,9 @@ class Reducer:
         return Concatenate(selected)
 
     # ---- evaluation on a component table ------------------------------------------
-    def evaluate(self, table: ComponentTable, *, folds: int | None = None, seed: int = 0,
-                 similarity: "Similarity | None" = None) -> StrategyResult:
+    def evaluate(
+        self, table: ComponentTable, *, folds: int | None = None, seed: int = 0, similarity: "Similarity | None" = None
+    ) -> StrategyResult:
         """Score on ``table``: accuracy, fidelity to the full gradient, cost, held-out accuracy.
 
         ``similarity(reduction, rows)`` gives [len(rows), K] cosines from per-sample gradients
@@ -149,8 +155,7 @@ class Reducer:
             heldout_similarity=held,
         )
 
-    def heldout_similarity(self, table: ComponentTable, folds: int, seed: int,
-                           similarity: "Similarity | None" = None) -> np.ndarray:
+    def heldout_similarity(self, table: ComponentTable, folds: int, seed: int, similarity: "Similarity | None" = None) -> np.ndarray:
         """[Q, K] similarities by k-fold over queries: each fold scored by a fresh copy fitted on the others."""
         out = np.zeros(table.is_original.shape)
         for test in scoring.kfold_rows(table.n_queries, folds, seed):
@@ -172,8 +177,7 @@ class Reducer:
     @classmethod
     def options(cls) -> dict[str, Any]:
         """Option names and defaults (the dataclass fields)."""
-        return {f.name: (f.default if f.default is not dataclasses.MISSING else None)
-                for f in dataclasses.fields(cls) if f.init}
+        return {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(cls) if f.init}
 
 
 @dataclass(frozen=True)
@@ -222,8 +226,10 @@ def reduction(reducer: Reducer, catalogue: Sequence[Component]) -> Reduction:
         selected = tuple(resolve(catalogue, names))
     except ValueError:
         unknown = [n for n in names if not _resolves(catalogue, n)]
-        raise ReducerError(f"strategy {label!r} selects {unknown[0]!r}, which is not a component here "
-                           f"({len(unknown)} unknown; see selproj_plugin.components.catalogue or --list-components)") from None
+        raise ReducerError(
+            f"strategy {label!r} selects {unknown[0]!r}, which is not a component here "
+            f"({len(unknown)} unknown; see selproj_plugin.components.catalogue or --list-components)"
+        ) from None
     if len({c.name for c in selected}) != len(selected):
         dup = next(c.name for i, c in enumerate(selected) if c.name in {d.name for d in selected[:i]})
         raise ReducerError(f"strategy {label!r} selects component {dup} twice")
@@ -232,8 +238,9 @@ def reduction(reducer: Reducer, catalogue: Sequence[Component]) -> Reduction:
     except (ValueError, TypeError) as exc:
         raise ReducerError(f"strategy {label!r}: transform failed: {one_line(exc)}") from None
     if not isinstance(transform, Transform):
-        raise ReducerError(f"strategy {label!r}: transform must return a selproj_plugin.transforms.Transform, "
-                           f"got {type(transform).__name__}")
+        raise ReducerError(
+            f"strategy {label!r}: transform must return a selproj_plugin.transforms.Transform, got {type(transform).__name__}"
+        )
     if not isinstance(transform.dim, (int, np.integer)) or transform.dim < 1:
         raise ReducerError(f"strategy {label!r}: transform declares dimension {transform.dim!r}; need a positive int")
     if tuple(transform.components) != selected:
@@ -241,8 +248,9 @@ def reduction(reducer: Reducer, catalogue: Sequence[Component]) -> Reduction:
     return Reduction(reducer, catalogue, selected, transform)
 
 
-def table_similarity(red: Reduction, table: ComponentTable, similarity: Similarity | None = None,
-                     rows: np.ndarray | None = None) -> np.ndarray:
+def table_similarity(
+    red: Reduction, table: ComponentTable, similarity: Similarity | None = None, rows: np.ndarray | None = None
+) -> np.ndarray:
     """[Q, K] cosine of a reduction on ``table``: from the table when the transform allows, else from gradients."""
     sim = red.transform.on_table(table)
     if sim is not None:
@@ -250,7 +258,8 @@ def table_similarity(red: Reduction, table: ComponentTable, similarity: Similari
     if similarity is None:
         raise ReducerError(
             f"strategy {_label(red.reducer)!r}: its transform ({type(red.transform).__name__}, {red.transform.key}) "
-            "cannot be scored from a component table; run it on a model (without --table) so per-sample gradients are used")
+            "cannot be scored from a component table; run it on a model (without --table) so per-sample gradients are used"
+        )
     rows = np.arange(table.n_queries) if rows is None else rows
     return np.asarray(similarity(red, rows), dtype=np.float64)
 
@@ -261,5 +270,3 @@ def _resolves(catalogue: Sequence[Component], name: str) -> bool:
     except ValueError:
         return False
     return True
-
-

@@ -88,8 +88,9 @@ class Greedy(Reducer):
         path: list[dict[str, Any]] = []
         best, best_len, params = -np.inf, 0, 0
         while True:
-            remaining = np.array([i for i in range(c) if i not in order
-                                  and allowed(params + int(table.num_params[i]), len(order) + 1)], dtype=int)
+            remaining = np.array(
+                [i for i in range(c) if i not in order and allowed(params + int(table.num_params[i]), len(order) + 1)], dtype=int
+            )
             if remaining.size == 0:
                 break
             sims = scoring.cosine_from_sums(
@@ -106,11 +107,17 @@ class Greedy(Reducer):
             sum_q += table.query_self[:, i]
             sum_c += table.candidate_self[:, :, i]
             chosen = sims[:, :, pick]
-            path.append({"component": str(table.components[i]), "objective": float(scores[pick]),
-                         "accuracy": scoring.accuracy(chosen, table.is_original),
-                         "margin": float(scoring.mean_margin(chosen, table.is_original)), "tied": tied,
-                         "fidelity": scoring.fidelity(chosen, full),
-                         "param_fraction": params / table.total_params})
+            path.append(
+                {
+                    "component": str(table.components[i]),
+                    "objective": float(scores[pick]),
+                    "accuracy": scoring.accuracy(chosen, table.is_original),
+                    "margin": float(scoring.mean_margin(chosen, table.is_original)),
+                    "tied": tied,
+                    "fidelity": scoring.fidelity(chosen, full),
+                    "param_fraction": params / table.total_params,
+                }
+            )
             if scores[pick] > best + scoring.TIE_TOLERANCE:
                 best, best_len = float(scores[pick]), len(order)
             elif len(order) - best_len >= self.patience:
@@ -136,8 +143,7 @@ class Greedy(Reducer):
         """The path with each step's 95% interval (computed here, not in every cross-validation fit)."""
         if not self._path:
             return None
-        return [{**step, "accuracy_ci": list(stats.binomial_ci(step["accuracy"] * self._queries, self._queries))}
-                for step in self._path]
+        return [{**step, "accuracy_ci": list(stats.binomial_ci(step["accuracy"] * self._queries, self._queries))} for step in self._path]
 
 
 @dataclass

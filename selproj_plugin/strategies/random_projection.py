@@ -48,8 +48,7 @@ def parse_dim(dim: int | str, total_params: int) -> int:
         return int(float(str(dim).strip()))
     out = int(round(share * total_params))
     if out < 1:
-        raise ValueError(f"projection dimension must be at least 1: {str(dim).strip()} of {total_params:,} "
-                         f"parameters gives {out}")
+        raise ValueError(f"projection dimension must be at least 1: {str(dim).strip()} of {total_params:,} parameters gives {out}")
     return out
 
 

@@ -24,8 +24,10 @@ LAYERS, HIDDEN, MLP, VOCAB = 16, 2048, 8192, 50304
 RP_DIMS = (11_767_808, 58_838_016)  # the paper's 1% and 5% projections (its README states both)
 # per setting: how much of the query each original keeps (x/8), the noise added, and the cleanest component
 # (which keeps all of it, with little noise)
-SETTINGS = {"paraphrased": (6, 4, "model.layers.9.mlp.down_proj.weight"),
-            "model_generated": (1, 8, "model.layers.1.self_attn.o_proj.weight")}
+SETTINGS = {
+    "paraphrased": (6, 4, "model.layers.9.mlp.down_proj.weight"),
+    "model_generated": (1, 8, "model.layers.1.self_attn.o_proj.weight"),
+}
 
 
 def geometry() -> tuple[np.ndarray, np.ndarray]:
@@ -63,12 +65,18 @@ def table(setting: str, seed: int) -> dict[str, np.ndarray]:
     # a projection's cosines: the full gradient's, off by a little (less at the larger dimension)
     rp_similarity = np.stack([np.round(full + rng.normal(0, s, full.shape), 3) for s in (0.02, 0.01)])
     return {
-        "components": components, "num_params": num_params,
+        "components": components,
+        "num_params": num_params,
         "query_ids": np.array([f"syn_{i}" for i in range(QUERIES)]),
-        "candidate_ids": np.array([[f"syn_{i}" if k == slot[i] else f"syn_{i}_other{k}" for k in range(CANDIDATES)]
-                                   for i in range(QUERIES)]),
-        "is_original": is_original, "cross": cross, "query_self": query_self, "candidate_self": candidate_self,
-        "rp_dims": np.array(RP_DIMS, dtype=np.int64), "rp_similarity": rp_similarity,
+        "candidate_ids": np.array(
+            [[f"syn_{i}" if k == slot[i] else f"syn_{i}_other{k}" for k in range(CANDIDATES)] for i in range(QUERIES)]
+        ),
+        "is_original": is_original,
+        "cross": cross,
+        "query_self": query_self,
+        "candidate_self": candidate_self,
+        "rp_dims": np.array(RP_DIMS, dtype=np.int64),
+        "rp_similarity": rp_similarity,
     }
 
 
