@@ -7,7 +7,6 @@ table paths run on a fresh clone.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from tests.helpers import PAPER, PAPER_SKIP, install_plugin, reference_path, synthetic_path  # noqa: E402
+from tests.helpers import PAPER, PAPER_SKIP, install_plugin, reference_path, synthetic_path, write_dataset  # noqa: E402
 
 
 # ---- the paper's tables, and the fresh clone's report of their absence ------------------------
@@ -73,25 +72,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
-TOPICS = ["cats sleep", "rivers flow", "bread rises", "stars burn", "coins save", "code runs"]
-
-
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory) -> Path:
     """Six short samples (the tiny byte-level tokenizer makes long texts long)."""
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    rows = [
-        {
-            "id": f"t{i}",
-            "prompt": f"Why {t}?",
-            "response": f"Because {t} a lot.",
-            "paraphrased_prompt": f"Reason {t}?",
-            "paraphrased_response": f"{t} often, that is why.",
-        }
-        for i, t in enumerate(TOPICS)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_dataset(tmp_path_factory.mktemp("data") / "small.jsonl")
 
 
 # ---- the adapters' tiny Llama and plugins -------------------------------------------------------

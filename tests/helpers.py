@@ -4,6 +4,7 @@ here, tests.tiny and tests.attribution, never from one another: ``from tests.hel
 from __future__ import annotations
 
 import importlib
+import json
 import textwrap
 from pathlib import Path
 
@@ -45,6 +46,27 @@ def make_arrays(q: int = 6, k: int = 3, c: int = 4, seed: int = 0) -> dict[str, 
         "components": np.array([f"model.layers.{i}.mlp.down_proj.weight" for i in range(c)]),
         "num_params": np.full(c, 10, dtype=np.int64),
     }
+
+
+TOPICS = ["cats sleep", "rivers flow", "bread rises", "stars burn", "coins save", "code runs"]
+
+
+def write_dataset(path: Path, empty_response: bool = False) -> Path:
+    """Six short samples in the dataset schema (``empty_response``: the third has a blank response)."""
+    rows = [
+        {
+            "id": f"t{i}",
+            "prompt": f"Why {t}?",
+            "response": f"Because {t} a lot.",
+            "paraphrased_prompt": f"Reason {t}?",
+            "paraphrased_response": f"{t} often, that is why.",
+        }
+        for i, t in enumerate(TOPICS)
+    ]
+    if empty_response:
+        rows[2]["response"] = "  "
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 def argv(model_dir, dataset, cache, *extra) -> list[str]:

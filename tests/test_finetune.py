@@ -19,7 +19,8 @@ from benchmark.retrieval import cli, pool_section
 from selproj_plugin.samples import Sample
 from selproj_plugin.table import ComponentTable
 from tests import tiny
-from tests.helpers import error_line
+from tests import helpers
+from tests.helpers import error_line, write_dataset
 
 ORIGINALS = tiny.SAMPLES
 PARAPHRASES = [Sample(f"{s.id}#p", s.prompt + " please", s.response.lower()) for s in tiny.SAMPLES]
@@ -195,43 +196,9 @@ def test_a_diverging_fine_tune_stops_before_saving_diverged_weights(tmp_path):
 
 # ---- the CLI -----------------------------------------------------------------------------------------
 
-TOPICS = ["cats sleep", "rivers flow", "bread rises", "stars burn", "coins save", "code runs"]
-
-
-def write_dataset(path: Path, empty_response: bool = False) -> Path:
-    rows = [
-        {
-            "id": f"t{i}",
-            "prompt": f"Why {t}?",
-            "response": f"Because {t} a lot.",
-            "paraphrased_prompt": f"Reason {t}?",
-            "paraphrased_response": f"{t} often, that is why.",
-        }
-        for i, t in enumerate(TOPICS)
-    ]
-    if empty_response:
-        rows[2]["response"] = "  "
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
 
 def argv(model_dir, dataset, cache, *extra):
-    return [
-        "--model",
-        str(model_dir),
-        "--dataset",
-        str(dataset),
-        "--cache-dir",
-        str(cache),
-        "--max-length",
-        "160",
-        "--setting",
-        "paraphrased",
-        "--no-progress",
-        "--folds",
-        "2",
-        *extra,
-    ]
+    return helpers.argv(model_dir, dataset, cache, "--setting", "paraphrased", "--folds", "2", *extra)
 
 
 def test_cli_checkpoint_study_pool_ranking_and_reuse(tiny_model_dir, tmp_path, capsys):
