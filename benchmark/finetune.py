@@ -347,7 +347,7 @@ def finetune(
                 step += 1
                 losses.append(loss)
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.set_postfix(batch_loss=f"{losses[-1]:.3f}")  # one batch's: it goes up and down
                 if step in steps:
                     _save_torch(ckpt_path(step), _weights(model))
                 if step % settings.save_every == 0 or step in steps or step == total:

@@ -384,6 +384,8 @@ def _measure(
     whole_pool = opts.full_set or opts.pool_ranking
     topk = top_k(bm25, min(opts.candidates, n), force=list(range(n)))
     candidate_index = np.tile(np.arange(n), (n, 1)) if whole_pool else topk
+    if whole_pool:  # the engine's log then counts every original as a candidate of every query
+        progress.LOG.info("candidates: the whole pool of %d originals, BM25's top %d taken from it", n, min(opts.candidates, n))
     lap("candidates")
 
     generations: dict[str, str] = {}

@@ -49,6 +49,11 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+def _tied(tied: int | None) -> str:
+    """`` (tied with 21 others)`` when other components shared the step's best accuracy, as the docs' tables say it."""
+    return f" (tied with {tied - 1} others)" if tied and tied > 1 else ""
+
+
 def ci_text(interval: tuple[float, float] | list[float] | None, percent: bool = True) -> str:
     """``[84.8, 98.3]`` in percent (or ``[0.848, 0.983]``), or empty."""
     if interval is None:
@@ -125,9 +130,9 @@ def format_setting(
         )
     for name, r in results.items():
         if r.path:
-            steps = "; ".join(f"{labels.get(s['component'], s['component'])} {_pct(s['accuracy'])} (tied {s['tied']})" for s in r.path[:8])
+            steps = "; ".join(f"{labels.get(s['component'], s['component'])} {_pct(s['accuracy'])}{_tied(s['tied'])}" for s in r.path[:8])
             more = f"; ... ({len(r.path)} steps)" if len(r.path) > 8 else ""
-            lines.append(f"{name} path (in-sample accuracy %, components tied on it): {steps}{more}")
+            lines.append(f"{name} path (in-sample accuracy %): {steps}{more}")
         elif "tied" in r.extra:
             lines.append(f"{name}: picked among {r.extra['tied']} tied on the best accuracy, by mean margin")
     return "\n".join(lines)

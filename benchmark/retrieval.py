@@ -412,6 +412,17 @@ def _markdown(document: dict[str, Any], images: dict[str, list[str]]) -> str:
     return "\n".join(lines)
 
 
+def format_finetune(record: dict[str, Any]) -> str:
+    """The fine-tune in one line: what it trained, and the mean loss before and after on originals and paraphrases."""
+    before, after = record["loss_before"], record["loss_after"]
+    losses = "; ".join(f"{k} {before[k]:.3f} -> {after[k]:.3f}" for k in before)
+    cached = ", reused from the cache" if record.get("reused") else ""
+    return (
+        f"fine-tune: {record['steps']} steps on {record['samples']} originals ({record['epochs']} epoch(s), lr "
+        f"{record['lr']:g}{cached}); mean loss {losses}"
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     names = strategy_names(args.strategy)
     options = parse_options(args.option, names)
@@ -468,6 +479,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             document["finetune"] = built.finetune
         if not distributed.is_main():  # rank 0 reports for everyone
             return document
+        if built.finetune and built.finetune.get("epochs"):
+            print(format_finetune(built.finetune), end="\n\n")
     out = Path(args.out) if args.out else None
     images: dict[str, list[str]] = {}
     evaluate_start = time.perf_counter()

@@ -35,9 +35,10 @@ class Lines:
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.postfix = ""
         self.started = time.perf_counter()
-        self.closed = False
-        done = f" ({initial} done)" if initial else ""
-        LOG.info("%s: %d %s%s%s", desc, total, unit, "" if total == 1 else "s", done)
+        self.closed = not total  # nothing to do (all cached): no lines
+        if total:
+            done = f" ({initial} done)" if initial else ""
+            LOG.info("%s: %d %s%s%s", desc, total, unit, "" if total == 1 else "s", done)
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -75,10 +76,9 @@ class _Stderr(logging.StreamHandler):
 
 
 def log_to_stderr() -> None:
-    """Show the ``selproj`` logger's INFO lines on stderr as ``[selproj] ...``, once per process."""
+    """Show the ``selproj`` logger's INFO lines on stderr as ``[selproj] 14:03:07 ...``, once per process."""
     if not any(isinstance(h, _Stderr) for h in LOG.handlers):
         handler = _Stderr()
-        handler.setFormatter(logging.Formatter("[selproj] %(message)s"))
+        handler.setFormatter(logging.Formatter("[selproj] %(asctime)s %(message)s", datefmt="%H:%M:%S"))
         LOG.addHandler(handler)
     LOG.setLevel(logging.INFO)
-    LOG.propagate = False  # a root handler the user set up would print each line twice

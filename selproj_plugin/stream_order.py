@@ -97,7 +97,9 @@ def stream_shard(prep: Prepared, plan: TablePlan, rank: int, world: int, config:
     timings = run.timings
     in_ram = set(plan.kept[: plan.ram_kept])
     my_units, kept_pairs = plan.share(rank, world)
-    kept_label, streamed_label = ("queries", "candidates") if plan.kept_queries else ("candidates", "queries")
+    kept_label, streamed_label = (
+        ("capture queries", "capture candidates") if plan.kept_queries else ("capture candidates", "capture queries")
+    )
     captured = 0
     try:
         t1 = time.perf_counter()

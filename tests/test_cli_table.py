@@ -197,3 +197,14 @@ def test_a_seed_sweep_on_a_table_holding_one_seed_is_a_one_line_error(capsys, tm
     assert cli([*args, "--json", str(tmp_path / "seed0.json")]) == 0
     err = one_line_error(capsys, [*args, "--option", "random_projection.seed=1"])
     assert "no count_sketch projection seed1 at dim 8" in err and "it holds seed0 at dim 8" in err
+
+
+def test_the_greedy_path_counts_ties_as_the_docs_tables_do():
+    """A step tied with 21 other components reads 'tied with 21 others' in the console, as in the README's table."""
+    from benchmark.report import format_setting
+    from selproj_plugin.strategies.base import StrategyResult
+
+    path = [{"component": "a", "accuracy": 1.0, "tied": 22}, {"component": "b", "accuracy": 0.5, "tied": 1}]
+    result = StrategyResult("greedy", 1.0, 1.0, ["a", "b"], 0.01, 10, 0.0, path=path)
+    line = next(x for x in format_setting("paraphrased", {"greedy": result}, {}).splitlines() if "path" in x)
+    assert line.endswith(": a 100.00 (tied with 21 others); b 50.00"), line

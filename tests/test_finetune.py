@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -306,16 +307,25 @@ def test_no_progress_logs_each_phase_as_lines_not_bars(tiny_model_dir, tmp_path,
         "3",
     )
     assert cli(args) == 0
-    err = capsys.readouterr().err
-    assert "\r" not in err
-    lines = err.splitlines()
-    assert "[selproj] fine-tune: 2 steps" in lines, lines
-    assert any(line.startswith("[selproj] fine-tune: 2/2 steps in ") and "loss=" in line for line in lines), lines
-    assert any(line.startswith("[selproj] table: 6 queries x 6 candidates") for line in lines), lines
-    assert any(line.startswith("[selproj] stage table: done in ") for line in lines), lines
-    assert "[selproj] capture: 12 samples" in lines and any(  # the engine's, 6 queries and 6 candidates
-        line.startswith("[selproj] capture: 12/12 samples in ") for line in lines
+    printed = capsys.readouterr()
+    assert "\r" not in printed.err
+    stamped = [re.fullmatch(r"\[selproj\] \d\d:\d\d:\d\d (.*)", line) for line in printed.err.splitlines()]
+    assert all(stamped), printed.err  # every line timed, for a log file
+    lines = [m.group(1) for m in stamped]
+    assert "fine-tune: 2 steps" in lines, lines
+    assert any(line.startswith("fine-tune: 2/2 steps in ") and "batch_loss=" in line for line in lines), lines
+    assert any(line.startswith("table: 6 queries x 6 candidates") for line in lines), lines
+    assert any(line.startswith("stage table: done in ") for line in lines), lines
+    assert "capture: 12 samples" in lines and any(  # the engine's, 6 queries and 6 candidates
+        line.startswith("capture: 12/12 samples in ") for line in lines
     ), lines
+    assert not any(line.startswith("generate") for line in lines), lines  # paraphrased only: nothing to generate
+    # the run's output says what the fine-tune did to the loss, as the report's table does
+    summary = next(line for line in printed.out.splitlines() if line.startswith("fine-tune: "))
+    record = json.loads(next((tmp_path / "cache" / "benchmark").glob("finetune-*.json")).read_text())
+    before, after = record["loss_before"]["originals"], record["loss_after"]["originals"]
+    assert summary.startswith("fine-tune: 2 steps on 6 originals (1 epoch(s), lr 0.0001)"), summary
+    assert f"originals {before:.3f} -> {after:.3f}" in summary, summary
 
 
 def test_trained_model_is_the_runs_fine_tuned_model_from_its_cache(tiny_model_dir, tmp_path, monkeypatch):

@@ -315,9 +315,9 @@ def test_streamed_units_report_one_progress_count(caplog):
             np.zeros(4, dtype=int),
             config=EngineConfig(batch_size=3, memory_limit_gb=0.0, max_spill_gb=0.0, progress=False),
         )
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("queries: ")]
-    assert lines[0] == "queries: 12 samples"  # 4 queries + 8 recomputed candidates, one count
-    assert len(lines) == 2 and lines[1].startswith("queries: 12/12 samples in "), lines
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("capture queries: ")]
+    assert lines[0] == "capture queries: 12 samples"  # 4 queries + 8 recomputed candidates, one count
+    assert len(lines) == 2 and lines[1].startswith("capture queries: 12/12 samples in "), lines
 
 
 def test_component_order_norms_are_accumulated_in_float64():
