@@ -107,6 +107,11 @@ class PipelineOptions:
     finetune: FinetuneSettings | None = None  # train on the originals first (None or 0 epochs: as loaded)
     cache_dir: str | None = None
 
+    @property
+    def trains(self) -> bool:
+        """Whether the model is fine-tuned before it is measured."""
+        return self.finetune is not None and self.finetune.epochs > 0
+
 
 def engine_config(opts: PipelineOptions) -> EngineConfig:
     """The engine config of this process: the machine's memory limit shared by its processes, its own device."""
@@ -171,13 +176,16 @@ class Loaded:
     opts: PipelineOptions
 
     def load(self) -> tuple[Any, Any]:
-        """The base model afresh (the checkpoints' step 0), rank 0 converting the default model once."""
-        from selproj_plugin import distributed
-        from selproj_plugin.models import load_model
+        """The base model afresh (the checkpoints' step 0)."""
+        return _load_model(self.opts, self.config)
 
-        return distributed.main_first(
-            lambda: load_model(self.opts.model, dtype=self.opts.dtype, device=self.config.device, cache=self.opts.cache_dir)
-        )
+
+def _load_model(opts: PipelineOptions, config: EngineConfig) -> tuple[Any, Any]:
+    """The model as loaded and its tokenizer, rank 0 converting the default model once."""
+    from selproj_plugin import distributed
+    from selproj_plugin.models import load_model
+
+    return distributed.main_first(lambda: load_model(opts.model, dtype=opts.dtype, device=config.device, cache=opts.cache_dir))
 
 
 def load(opts: PipelineOptions, lap: Any = None) -> Loaded:
@@ -187,21 +195,21 @@ def load(opts: PipelineOptions, lap: Any = None) -> Loaded:
     lap = lap or (lambda name: None)
     dataset = load_dataset(opts.dataset, max_samples=opts.max_samples)
     lap("dataset")
-    loaded = Loaded(dataset, engine_config(opts), StageCache(opts.cache_dir), None, None, {}, opts)
-    loaded.model, loaded.tokenizer = loaded.load()
+    config = engine_config(opts)
+    model, tokenizer = _load_model(opts, config)
     lap("model")
-    loaded.identity = {
+    identity = {
         "model": opts.model or DEFAULT_MODEL_NAME,
-        "weights": weights_fingerprint(loaded.model),
+        "weights": weights_fingerprint(model),
         "dtype": opts.dtype,
         "dataset": dataset.name,
         "dataset_samples": len(dataset),
         "dataset_digest": digest([dataclasses.asdict(r) for r in dataset.records]),
         # samples are tokenised, and prompts wrapped, by these: generations and tables depend on them
-        "tokenizer": tokenizer_digest(loaded.tokenizer),
-        "chat_template": digest(getattr(loaded.tokenizer, "chat_template", None)),
+        "tokenizer": tokenizer_digest(tokenizer),
+        "chat_template": digest(getattr(tokenizer, "chat_template", None)),
     }
-    return loaded
+    return Loaded(dataset, config, StageCache(opts.cache_dir), model, tokenizer, identity, opts)
 
 
 def finetune(loaded: Loaded) -> FinetuneResult:
@@ -236,7 +244,7 @@ def trained_model(opts: PipelineOptions | None = None) -> tuple[Any, Any]:
     (minutes on a CPU).  With ``opts.finetune`` unset or at 0 epochs it is the model as loaded."""
     opts = opts or make_bench_options()
     loaded = load(opts)
-    if opts.finetune is not None and opts.finetune.epochs > 0:
+    if opts.trains:
         finetune(loaded)
     return loaded.model, loaded.tokenizer
 
@@ -260,10 +268,9 @@ def build_tables(opts: PipelineOptions) -> PipelineResult:
         loaded.cache,
         loaded.identity,
     )
-    settings = opts.finetune
-    if settings is None or settings.epochs == 0 or opts.plan_only:
+    if not opts.trains or opts.plan_only:
         result = _measure(model, tokenizer, dataset, opts, config, cache, identity, stages, lap)
-        if settings is not None and settings.epochs == 0:
+        if opts.finetune is not None and opts.finetune.epochs == 0:
             result.finetune = {"epochs": 0, "base_weights": identity["weights"]}
         return result
 
