@@ -198,6 +198,10 @@ def test_a_diverging_fine_tune_stops_before_saving_diverged_weights(tmp_path):
 # ---- the CLI -----------------------------------------------------------------------------------------
 
 
+# greedy on 6 samples after a 2-step fine-tune, 3 candidates a query
+ONE_EPOCH_GREEDY = ("--strategy", "greedy", "--finetune-epochs", "1", "--finetune-batch-size", "3", "--candidates", "3")
+
+
 def argv(model_dir, dataset, cache, *extra):
     return helpers.argv(model_dir, dataset, cache, "--setting", "paraphrased", "--folds", "2", *extra)
 
@@ -293,20 +297,7 @@ def test_cli_empty_response_and_divergence_exit_2_in_one_line_keeping_what_was_w
 
 def test_no_progress_logs_each_phase_as_lines_not_bars(tiny_model_dir, tmp_path, capsys):
     """With bars off a long run still says what it is doing: a line as each phase starts and ends, no \\r."""
-    args = argv(
-        tiny_model_dir,
-        write_dataset(tmp_path / "d.jsonl"),
-        tmp_path / "cache",
-        "--strategy",
-        "greedy",
-        "--finetune-epochs",
-        "1",
-        "--finetune-batch-size",
-        "3",
-        "--candidates",
-        "3",
-    )
-    assert cli(args) == 0
+    assert cli(argv(tiny_model_dir, write_dataset(tmp_path / "d.jsonl"), tmp_path / "cache", *ONE_EPOCH_GREEDY)) == 0
     printed = capsys.readouterr()
     assert "\r" not in printed.err
     stamped = [re.fullmatch(r"\[selproj\] \d\d:\d\d:\d\d (.*)", line) for line in printed.err.splitlines()]
@@ -334,26 +325,7 @@ def test_trained_model_is_the_runs_fine_tuned_model_from_its_cache(tiny_model_di
     from selproj_plugin.models import load_model, weights_fingerprint
 
     data, cache, out = write_dataset(tmp_path / "d.jsonl"), tmp_path / "cache", tmp_path / "run.json"
-    assert (
-        cli(
-            argv(
-                tiny_model_dir,
-                data,
-                cache,
-                "--strategy",
-                "greedy",
-                "--finetune-epochs",
-                "1",
-                "--finetune-batch-size",
-                "3",
-                "--candidates",
-                "3",
-                "--json",
-                str(out),
-            )
-        )
-        == 0
-    )
+    assert cli(argv(tiny_model_dir, data, cache, *ONE_EPOCH_GREEDY, "--json", str(out))) == 0
     measured = json.loads(out.read_text())["identity"]["weights"]
     monkeypatch.setattr(torch.optim, "AdamW", None)  # any training now fails
     model, tokenizer = trained_model(
