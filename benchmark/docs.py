@@ -38,6 +38,7 @@ from benchmark.doc_records import (
     typed,
 )
 from benchmark.faults import Row as Fault
+from benchmark.report import tied_with
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -90,7 +91,7 @@ def quickstart(records: list[Record]) -> str:
             picked = ", ".join(_label(c) for c in greedy.components)
             tied = greedy.path[0].tied if greedy.path and len(greedy.components) == 1 else None
             sample = f"{_acc(greedy.accuracy, greedy.accuracy_ci)} ({picked}; {100 * greedy.param_fraction:.2g}% of parameters"
-            sample += f"; tied with {tied - 1} others)" if tied and tied > 1 else ")"
+            sample += f"; {tied_with(tied)})" if tied_with(tied) else ")"
             held = (
                 f"{_acc(greedy.heldout_accuracy, greedy.heldout_accuracy_ci)}; vs full "
                 f"{100 * greedy.vs_full.difference:+.1f} pts, {_p(greedy.vs_full)}"

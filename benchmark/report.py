@@ -49,9 +49,17 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def _tied(tied: int | None) -> str:
-    """`` (tied with 21 others)`` when other components shared the step's best accuracy, as the docs' tables say it."""
-    return f" (tied with {tied - 1} others)" if tied and tied > 1 else ""
+def tied_with(tied: int | None) -> str:
+    """``tied with 21 others`` when ``tied`` components (this one included) shared a step's best accuracy, else ''."""
+    if not tied or tied < 2:
+        return ""
+    return f"tied with {tied - 1} other{'s' if tied > 2 else ''}"
+
+
+def _path_step(step: Mapping[str, Any], labels: Mapping[str, str]) -> str:
+    """``L23 o 100.00 (tied with 21 others)``: a greedy step's component, in-sample accuracy % and ties."""
+    tie = tied_with(step["tied"])
+    return f"{labels.get(step['component'], step['component'])} {_pct(step['accuracy'])}" + (f" ({tie})" if tie else "")
 
 
 def ci_text(interval: tuple[float, float] | list[float] | None, percent: bool = True) -> str:
@@ -130,7 +138,7 @@ def format_setting(
         )
     for name, r in results.items():
         if r.path:
-            steps = "; ".join(f"{labels.get(s['component'], s['component'])} {_pct(s['accuracy'])}{_tied(s['tied'])}" for s in r.path[:8])
+            steps = "; ".join(_path_step(s, labels) for s in r.path[:8])
             more = f"; ... ({len(r.path)} steps)" if len(r.path) > 8 else ""
             lines.append(f"{name} path (in-sample accuracy %): {steps}{more}")
         elif "tied" in r.extra:

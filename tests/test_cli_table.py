@@ -204,7 +204,11 @@ def test_the_greedy_path_counts_ties_as_the_docs_tables_do():
     from benchmark.report import format_setting
     from selproj_plugin.strategies.base import StrategyResult
 
-    path = [{"component": "a", "accuracy": 1.0, "tied": 22}, {"component": "b", "accuracy": 0.5, "tied": 1}]
-    result = StrategyResult("greedy", 1.0, 1.0, ["a", "b"], 0.01, 10, 0.0, path=path)
+    path = [
+        {"component": "a", "accuracy": 1.0, "tied": 22},
+        {"component": "b", "accuracy": 0.5, "tied": 1},
+        {"component": "c", "accuracy": 0.25, "tied": 2},
+    ]
+    result = StrategyResult("greedy", 1.0, 1.0, ["a", "b", "c"], 0.01, 10, 0.0, path=path)
     line = next(x for x in format_setting("paraphrased", {"greedy": result}, {}).splitlines() if "path" in x)
-    assert line.endswith(": a 100.00 (tied with 21 others); b 50.00"), line
+    assert line.endswith(": a 100.00 (tied with 21 others); b 50.00; c 25.00 (tied with 1 other)"), line
